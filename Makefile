@@ -1,0 +1,41 @@
+# AMP Workbook. `make sweep` runs the main job, `make test` the checks; both set up .venv first.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch
+KERNEL     ?= amp-workbook
+SWEEP_ARGS ?=
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+export WANDB_MODE  ?= offline
+export WANDB_SILENT ?= true
+
+.PHONY: setup test sweep lab bench mutation clean
+
+setup: $(STAMP)
+
+# Re-runs only when .venv is missing or pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "AMP Workbook (Python 3)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+sweep: setup
+	$(PY) -m amp_lib.sweep --out sweeps/default $(SWEEP_ARGS)
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup
+	$(PY) -m amp_lib.bench
+
+mutation: setup
+	$(PY) -m amp_lib.mutation
+
+clean:
+	rm -rf $(VENV) sweeps .pytest_cache .coverage htmlcov mutants

@@ -1,0 +1,249 @@
+"""Precision names, hardware capabilities and their resolution into a `PrecisionPlan`.
+
+Capabilities are plain data so that every fallback branch can be exercised on a CPU-only machine
+without patching torch; `probe()` is the only function here that looks at the running hardware.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CANONICAL: tuple[str, ...] = (
+    "fp32",
+    "tf32",
+    "fp16-mixed",
+    "bf16-mixed",
+    "fp16-true",
+    "bf16-true",
+    "fp8-mixed",
+)
+
+# Lightning strings and ints, Hugging Face words, and the seed's "16_true".
+ALIASES: dict[str | int, str] = {
+    "fp32": "fp32",
+    "32-true": "fp32",
+    "32": "fp32",
+    32: "fp32",
+    "no": "fp32",
+    "float32": "fp32",
+    "tf32": "tf32",
+    "fp16-mixed": "fp16-mixed",
+    "16-mixed": "fp16-mixed",
+    "16": "fp16-mixed",
+    16: "fp16-mixed",
+    "fp16": "fp16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "bf16": "bf16-mixed",
+    "fp16-true": "fp16-true",
+    "16-true": "fp16-true",
+    "16_true": "fp16-true",
+    "bf16-true": "bf16-true",
+    "fp8-mixed": "fp8-mixed",
+    "fp8": "fp8-mixed",
+}
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class PrecisionUnavailableError(ValueError):
+    """Raised by `resolve_precision(..., strict=True)` instead of falling back."""
+
+
+def valid_precision_names() -> list[str]:
+    """Every accepted spelling, canonical names first, as they would be typed."""
+    others = [repr(k) if isinstance(k, int) else k for k in ALIASES if k not in CANONICAL]
+    return list(CANONICAL) + others
+
+
+def parse_precision(value: Any) -> str:
+    """Return the canonical name for any accepted spelling; raise `ValueError` otherwise."""
+    key: str | int | None = None
+    if isinstance(value, str):
+        key = value.strip().lower()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        key = value
+    if key is None or key not in ALIASES:
+        raise ValueError(
+            f"invalid precision {value!r}; valid values are: {', '.join(valid_precision_names())}"
+        )
+    return ALIASES[key]
+
+
+def is_fp16(value: Any) -> bool:
+    """True for every fp16 spelling ('16', 16, '16-mixed', 'fp16-mixed', '16_true', ...)."""
+    try:
+        return parse_precision(value).startswith("fp16")
+    except ValueError:
+        return False
+
+
+def compute_effective_precision(
+    requested_precision: Any, use_amp: bool | None, cuda_available: bool, use_gpu: bool
+) -> Any:
+    """Seed-compatible helper: the Lightning precision flag a legacy `use_amp` switch implies."""
+    parse_precision(requested_precision)
+    if use_amp is None:
+        return requested_precision
+    if use_amp and cuda_available and use_gpu:
+        return "16"
+    return "32"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the device can do, as plain data (so tests can describe hardware they don't have)."""
+
+    device_type: str = "cpu"
+    cuda_available: bool = False
+    device_name: str = "cpu"
+    compute_capability: tuple[int, int] | None = None
+    bf16_supported: bool = True
+    fp16_fast: bool = False
+    fp8_backend: bool = False  # torchao's float8 training is importable
+
+    def __post_init__(self) -> None:
+        if self.device_type not in ("cpu", "cuda"):
+            raise ValueError(f"invalid device_type {self.device_type!r}; valid: 'cpu', 'cuda'")
+        if self.device_type == "cuda" and not self.cuda_available:
+            raise ValueError("device_type 'cuda' needs cuda_available=True")
+
+    def cc_at_least(self, major: int, minor: int) -> bool:
+        return self.compute_capability is not None and tuple(self.compute_capability) >= (major, minor)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def probe(device: str | torch.device | None = None) -> Capabilities:
+    """Read the capabilities of `device` (default: CUDA when available, else CPU)."""
+    if device is None or str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    fp8_backend = importlib.util.find_spec("torchao") is not None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return Capabilities(
+            device_type="cuda",
+            cuda_available=True,
+            device_name=torch.cuda.get_device_name(index),
+            compute_capability=tuple(torch.cuda.get_device_capability(index)),
+            bf16_supported=torch.cuda.is_bf16_supported(),
+            fp16_fast=True,
+            fp8_backend=fp8_backend,
+        )
+    if dev.type != "cpu":
+        raise ValueError(f"invalid device {str(device)!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
+    flags = _cpu_flags()
+    return Capabilities(
+        device_type="cpu",
+        cuda_available=torch.cuda.is_available(),
+        device_name=torch.backends.cpu.get_cpu_capability(),
+        bf16_supported=True,  # CPU autocast runs bf16 everywhere (fast with avx512_bf16 / AMX)
+        fp16_fast=bool(flags & {"avx512_fp16", "amx_fp16"}),
+        fp8_backend=fp8_backend,
+    )
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """What a run will actually do, and why it differs from the request if it does."""
+
+    requested: str
+    effective: str
+    device_type: str
+    device_name: str
+    autocast_dtype: torch.dtype | None
+    param_dtype: torch.dtype
+    use_loss_scaler: bool
+    fallback_reason: str | None = None
+
+    @property
+    def fell_back(self) -> bool:
+        return self.fallback_reason is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["autocast_dtype"] = str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else None
+        d["param_dtype"] = str(self.param_dtype).removeprefix("torch.")
+        return d
+
+
+def _plan(requested: Any, effective: str, caps: Capabilities, reason: str | None) -> PrecisionPlan:
+    family, _, mode = effective.partition("-")
+    half = HALF_DTYPES.get(family)
+    if family == "fp8":
+        half = torch.bfloat16  # fp8 matmuls inside bf16 autocast (torchao float8 training)
+    return PrecisionPlan(
+        requested=str(requested),
+        effective=effective,
+        device_type=caps.device_type,
+        device_name=caps.device_name,
+        autocast_dtype=half if mode == "mixed" else None,
+        param_dtype=half if mode == "true" else torch.float32,
+        use_loss_scaler=effective == "fp16-mixed",
+        fallback_reason=reason,
+    )
+
+
+def _fallback(name: str, caps: Capabilities, allow_slow: bool = False) -> tuple[str, str] | None:
+    """The precision to use instead of `name` on `caps`, with the reason; None if `name` runs."""
+    family, _, mode = name.partition("-")
+    where = f"{caps.device_type} ({caps.device_name})"
+    if name == "tf32" and not (caps.device_type == "cuda" and caps.cc_at_least(8, 0)):
+        return "fp32", f"tf32 needs an Ampere or newer GPU (compute capability 8.0+); running on {where}"
+    if name == "fp8-mixed":
+        if not (caps.device_type == "cuda" and caps.cc_at_least(8, 9)):
+            return "bf16-mixed", f"fp8 needs a GPU with compute capability 8.9+ (Ada/Hopper); running on {where}"
+        if not caps.fp8_backend:
+            return "bf16-mixed", "fp8 training needs torchao (pip install torchao); it is not installed"
+    if family == "fp16" and caps.device_type == "cpu" and not caps.fp16_fast and not allow_slow:
+        if caps.bf16_supported:
+            return f"bf16-{mode}", f"this CPU has no fast fp16 (avx512_fp16/amx_fp16): fp16 autocast would be far slower than fp32; using bf16-{mode}"
+        return "fp32", "this CPU has neither fast fp16 nor bf16; using fp32"
+    if family == "bf16" and not caps.bf16_supported:
+        if caps.device_type == "cuda":
+            return f"fp16-{mode}", f"{caps.device_name} does not support bf16; using fp16-{mode}"
+        return "fp32", f"{where} does not support bf16; using fp32"
+    return None
+
+
+def resolve_precision(
+    requested: Any, caps: Capabilities | None = None, *, strict: bool = False, allow_slow: bool = False
+) -> PrecisionPlan:
+    """Resolve a requested precision against the hardware; fallbacks carry their reason.
+
+    `allow_slow` runs fp16 on a CPU without fast fp16 anyway (correct, just slow): useful to study
+    loss-scale dynamics on a laptop. Precisions the hardware cannot run at all still fall back.
+    """
+    name = parse_precision(requested)
+    caps = caps if caps is not None else probe()
+    reasons: list[str] = []
+    effective = name
+    while (step := _fallback(effective, caps, allow_slow)) is not None:
+        if strict:
+            raise PrecisionUnavailableError(f"precision {requested!r} is unavailable: {step[1]}")
+        effective, reason = step
+        reasons.append(reason)
+    return _plan(requested, effective, caps, "; then ".join(reasons) or None)
+
+
+def native_precisions(caps: Capabilities | None = None) -> list[str]:
+    """The precisions this device runs without falling back (the default sweep)."""
+    caps = caps if caps is not None else probe()
+    candidates = ["fp32", "tf32", "fp16-mixed", "bf16-mixed"]
+    return [p for p in candidates if _fallback(p, caps) is None]
