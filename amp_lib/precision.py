@@ -57,7 +57,7 @@ class PrecisionUnavailableError(ValueError):
 def valid_precision_names() -> list[str]:
     """Every accepted spelling, canonical names first, as they would be typed."""
     others = [repr(k) if isinstance(k, int) else k for k in ALIASES if k not in CANONICAL]
-    return list(CANONICAL) + others
+    return list(dict.fromkeys([*CANONICAL, *others]))  # "32" and 32 read the same: list once
 
 
 def parse_precision(value: Any) -> str:
