@@ -1,0 +1,169 @@
+"""`make bench`: fp32 vs bf16-mixed vs fp16-mixed on a built-in model, in one process.
+
+Prints median step time, throughput, the ratio to fp32 measured in the same process, peak memory,
+and the overhead of `amp_lib.train`'s loop against a bare `torch.autocast` + `GradScaler` loop on
+the same model and batches (the loop's bookkeeping should cost under 3%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from amp_lib.models import BUILTIN_MODELS, build_workload, default_model_for
+from amp_lib.precision import PrecisionPlan, probe, resolve_precision
+from amp_lib.train import PeakMemory, RunConfig, StepTimer, make_optimizer, resolve_device, seed_everything, tf32_matmuls, train
+
+DEFAULT_PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    precision: str
+    effective: str
+    step_ms: float
+    bare_step_ms: float
+    items_per_s: float
+    peak_memory_mb: float | None
+    eval_loss: float | None
+    fallback_reason: str | None
+    unit: str = "tokens"
+
+    @property
+    def overhead(self) -> float:
+        """How much slower amp_lib's loop is than the bare loop (0.01 = 1%)."""
+        return self.step_ms / self.bare_step_ms - 1.0
+
+
+def bare_loop_step_ms(config: RunConfig, plan: PrecisionPlan) -> float:
+    """Median step time of the textbook AMP loop: autocast, GradScaler, unscale, clip, step, update."""
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    work = build_workload(config, device)
+    model = work.model.to(device=device, dtype=plan.param_dtype)
+    optimizer = make_optimizer(model, config.lr, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.use_loss_scaler)
+    autocast = torch.autocast(device.type, dtype=plan.autocast_dtype or torch.float32, enabled=plan.autocast_dtype is not None)
+    timer = StepTimer(device)
+    times: list[float] = []
+    with tf32_matmuls(plan.effective == "tf32"):
+        for step in range(config.steps):
+            if step >= config.warmup_steps:
+                timer.start()
+            x, y = work.train_batches[step]
+            with autocast:
+                loss = work.loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= config.warmup_steps:
+                timer.stop()
+            if (step + 1) % config.log_every == 0:
+                times.extend(timer.read_ms())
+        times.extend(timer.read_ms())
+    return statistics.median(times)
+
+
+def bench(base: RunConfig, precisions: Sequence[str], repeats: int = 3) -> list[BenchRow]:
+    """Alternate amp_lib and bare runs `repeats` times per precision; keep the median of each."""
+    device = resolve_device(base.device)
+    caps = probe(device)
+    rows = []
+    for precision in precisions:
+        config = replace(base, precision=precision)
+        plan = resolve_precision(precision, caps, allow_slow=config.allow_slow)
+        lib_ms, bare_ms, results = [], [], []
+        for _ in range(repeats):
+            result = train(config, write=False)
+            if not result.ok:
+                raise RuntimeError(f"{precision}: run ended {result.status}: {result.error}")
+            results.append(result)
+            lib_ms.append(result.metrics.step_time_ms_median)
+            bare_ms.append(bare_loop_step_ms(config, plan))
+        step_ms = statistics.median(lib_ms)
+        last = results[-1].metrics
+        items_per_step = last.tokens_per_s * last.step_time_ms_median / 1e3
+        rows.append(
+            BenchRow(
+                precision=precision,
+                effective=plan.effective,
+                step_ms=step_ms,
+                bare_step_ms=statistics.median(bare_ms),
+                items_per_s=items_per_step / (step_ms / 1e3),
+                peak_memory_mb=statistics.median(r.metrics.peak_memory_mb or 0.0 for r in results),
+                eval_loss=last.eval_loss,
+                fallback_reason=plan.fallback_reason,
+                unit=last.throughput_unit,
+            )
+        )
+        del results
+        PeakMemory(device).reset()
+    return rows
+
+
+def format_table(rows: Sequence[BenchRow], device_name: str) -> str:
+    fp32 = next((r for r in rows if r.effective == "fp32"), None)
+    unit = rows[0].unit if rows else "tokens"
+    lines = [
+        f"device: {device_name}, torch {torch.__version__}",
+        f"| precision | effective | step ms (median) | {unit}/s | speedup vs fp32 | peak MiB | memory vs fp32 | eval loss | loop overhead vs bare |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speed = f"{r.items_per_s / fp32.items_per_s:.2f}x" if fp32 else "n/a"
+        mem = (
+            f"{r.peak_memory_mb / fp32.peak_memory_mb:.2f}x"
+            if fp32 and r.peak_memory_mb and fp32.peak_memory_mb
+            else "n/a"
+        )
+        lines.append(
+            f"| {r.precision} | {r.effective} | {r.step_ms:.2f} | {r.items_per_s:,.0f} | {speed} | "
+            f"{r.peak_memory_mb or 0:.0f} | {mem} | {r.eval_loss:.4f} | {r.overhead:+.1%} |"
+        )
+    notes = [f"- {r.precision}: {r.fallback_reason}" for r in rows if r.fallback_reason]
+    return "\n".join(lines + (["", "fallbacks:", *notes] if notes else []))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m amp_lib.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=BUILTIN_MODELS, default=default_model_for("cuda" if cuda else "cpu"))
+    parser.add_argument("--precisions", nargs="+", default=list(DEFAULT_PRECISIONS))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16 if cuda else 8)
+    parser.add_argument("--seq-len", type=int, default=1024 if cuda else 128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--allow-slow", action="store_true", help="run fp16 even on a CPU without fast fp16")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    base = RunConfig(
+        model=args.model,
+        steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        device=args.device,
+        log_every=10,
+        allow_slow=args.allow_slow,
+    )
+    rows = bench(base, args.precisions, args.repeats)
+    print(format_table(rows, probe(resolve_device(base.device)).device_name))
+    if args.json:
+        args.json.write_text(json.dumps([{**r.__dict__, "overhead": r.overhead} for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
