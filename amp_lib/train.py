@@ -372,6 +372,16 @@ def train(config: RunConfig, observers: Sequence[RunObserver] = (), *, write: bo
     return result
 
 
+def _convert_to_float8(model: torch.nn.Module) -> None:
+    """Swap linears whose sizes fp8 matmuls take (multiples of 16) for torchao's Float8Linear."""
+    from torchao.float8 import convert_to_float8_training
+
+    def eligible(module: torch.nn.Module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(model, module_filter_fn=eligible)
+
+
 def _partial_metrics(history: list[HistoryRow], state: dict[str, Any]) -> Metrics:
     scales = [r.loss_scale for r in history if r.loss_scale is not None]
     return Metrics(
@@ -396,9 +406,7 @@ def _run(
     state["unit"] = workload.item_unit
     model = workload.model.to(device=device, dtype=plan.param_dtype)
     if plan.effective == "fp8-mixed":
-        from torchao.float8 import convert_to_float8_training
-
-        convert_to_float8_training(model)
+        _convert_to_float8(model)
     optimizer = make_optimizer(model, config.lr, device)
     scaler = AmpScaler(
         device.type, enabled=plan.use_loss_scaler, init_scale=config.init_scale, growth_interval=config.growth_interval
