@@ -1,0 +1,177 @@
+"""Weights & Biases tracking: one offline-by-default W&B run per training run, logged from host-side rows.
+
+`WandbTracker` is a `RunObserver` for `amp_lib.train`: `train()` already hands observers the history
+rows it moved to the host every `log_every` steps, so logging adds no host-device sync of its own.
+The Lightning `AmpWandbCallback` lives in `amp_lib.lightning_callback` and is re-exported here lazily,
+so `import amp_lib.tracking` works (and stays fast) without Lightning installed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from amp_lib.precision import PrecisionPlan
+from amp_lib.results import HistoryRow, RunResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from amp_lib.lightning_callback import AmpWandbCallback
+    from amp_lib.train import RunConfig
+
+WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
+DEFAULT_PROJECT = "amp-workbook"
+
+__all__ = ["DEFAULT_PROJECT", "WANDB_MODES", "AmpWandbCallback", "WandbTracker", "finite_or_none", "resolve_wandb_mode"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the Lightning callback only when asked for, so amp_lib works without Lightning."""
+    if name == "AmpWandbCallback":
+        from amp_lib.lightning_callback import AmpWandbCallback
+
+        return AmpWandbCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def resolve_wandb_mode(mode: str | None = None) -> str:
+    """The W&B mode to use: the argument, else `$WANDB_MODE`, else "offline" (no network needed, ever)."""
+    source = "mode"
+    if mode is None or mode == "":
+        mode, source = os.environ.get("WANDB_MODE") or "offline", "WANDB_MODE"
+    if not isinstance(mode, str) or mode.strip().lower() not in WANDB_MODES:
+        raise ValueError(f"invalid W&B {source} {mode!r}; valid values are: {', '.join(WANDB_MODES)}")
+    return mode.strip().lower()
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A float for a finite number, None for anything else (NaN/inf are not a loss scale, nor a timing)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def history_row_metrics(row: HistoryRow, items_per_step: int, use_loss_scaler: bool) -> dict[str, Any]:
+    """The W&B keys for one history row (pure: the tests and the tracker share it)."""
+    data: dict[str, Any] = {
+        "train/loss": row.loss if row.loss is not None else float("nan"),
+        "amp/skipped_steps": int(row.skipped_steps),
+    }
+    grad_norm = finite_or_none(row.grad_norm)
+    if grad_norm is not None:
+        data["train/grad_norm"] = grad_norm
+    scale = finite_or_none(row.loss_scale)
+    if use_loss_scaler and scale is not None:
+        data["amp/loss_scale"] = scale
+    step_ms = finite_or_none(row.step_time_ms)
+    if step_ms is not None and step_ms > 0:
+        data["perf/step_time_ms"] = step_ms
+        data["perf/tokens_per_s"] = items_per_step / (step_ms / 1e3)
+    return data
+
+
+def result_summary(result: RunResult) -> dict[str, Any]:
+    """Summary values mirroring the result JSON: `status`, `error`, `metrics/<name>`, `plan/<name>`."""
+    d = result.to_dict()
+    summary: dict[str, Any] = {"status": d["status"], "error": d["error"], "schema_version": d["schema_version"]}
+    summary.update({f"metrics/{k}": v for k, v in d["metrics"].items()})
+    summary.update({f"plan/{k}": v for k, v in d["plan"].items()})
+    return summary
+
+
+class WandbTracker:
+    """A `RunObserver` that mirrors one `train()` run into one W&B run.
+
+    `mode` None means `$WANDB_MODE`, else "offline"; "disabled" makes every call a cheap no-op.
+    Use it as an observer (`train(config, observers=[tracker])`); the run is finished in `on_end`.
+    As a context manager it also finishes (as failed) a run that an exception cut short.
+    """
+
+    def __init__(
+        self,
+        mode: str | None = None,
+        project: str | None = None,
+        group: str | None = None,
+        dir: str | os.PathLike[str] | None = None,  # noqa: A002 - wandb.init's own name
+        *,
+        name: str | None = None,
+        tags: Sequence[str] = (),
+        job_type: str | None = None,
+    ) -> None:
+        self.mode = resolve_wandb_mode(mode)
+        self.project = project or DEFAULT_PROJECT
+        self.group = group or None
+        self.dir = None if dir is None else str(dir)
+        self.name = name
+        self.tags = list(tags)
+        self.job_type = job_type
+        self.run: Any = None
+        self.run_id: str | None = None
+        self.run_dir: Path | None = None  # the offline run's folder (holds run-<id>.wandb); None when disabled
+        self._plan: PrecisionPlan | None = None
+
+    # RunObserver ---------------------------------------------------------------------------------
+    def on_start(self, config: RunConfig, plan: PrecisionPlan) -> None:
+        """Open the W&B run with the full RunConfig and PrecisionPlan (fallback reason included) as config."""
+        import wandb
+
+        self.finish()  # one W&B run per training run, even when a tracker object is reused
+        self._plan = plan
+        if self.dir is not None:
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+        run_config = {**config.to_dict(), "plan": plan.to_dict()}
+        notes = f"precision fallback: {plan.fallback_reason}" if plan.fallback_reason else None
+        self.run = wandb.init(
+            project=self.project,
+            group=self.group,
+            name=self.name or config.name,
+            job_type=self.job_type,
+            tags=self.tags or None,
+            notes=notes,
+            config=run_config,
+            dir=self.dir,
+            mode=self.mode,  # type: ignore[arg-type]
+            reinit="create_new",  # never log into (or finish) a run the user has open
+        )
+        self.run_id = getattr(self.run, "id", None)
+        self.run_dir = None
+        if self.mode != "disabled":
+            sync_dir = getattr(getattr(self.run, "settings", None), "sync_dir", None)
+            self.run_dir = Path(sync_dir) if sync_dir else None
+
+    def on_log(self, rows: Sequence[HistoryRow], items_per_step: int) -> None:
+        """Log each host-side row at its own training step (step=row.step)."""
+        if self.run is None:
+            return
+        use_scaler = bool(self._plan and self._plan.use_loss_scaler)
+        for row in rows:
+            self.run.log(history_row_metrics(row, items_per_step, use_scaler), step=row.step)
+
+    def on_end(self, result: RunResult) -> None:
+        """Write summary values that match the result JSON, then finish (failed unless status is ok)."""
+        if self.run is None:
+            return
+        self.run.summary.update(result_summary(result))
+        self.finish(exit_code=0 if result.ok else 1)
+
+    # lifecycle -----------------------------------------------------------------------------------
+    def finish(self, exit_code: int | None = None) -> None:
+        """Finish the open run, if any (idempotent)."""
+        run, self.run = self.run, None
+        if run is not None:
+            run.finish(exit_code=exit_code)
+
+    def __enter__(self) -> WandbTracker:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.finish(exit_code=1 if exc_type is not None else None)
