@@ -124,8 +124,11 @@ class WandbTracker:
 
         self.finish()  # one W&B run per training run, even when a tracker object is reused
         self._plan = plan
-        if self.dir is not None:
-            Path(self.dir).mkdir(parents=True, exist_ok=True)
+        # wandb reads $WANDB_DIR once per process (its settings singleton); read it per run instead, so a
+        # sweep or a test that points WANDB_DIR elsewhere between runs is obeyed.
+        run_root = self.dir if self.dir is not None else os.environ.get("WANDB_DIR") or None
+        if run_root is not None:
+            Path(run_root).mkdir(parents=True, exist_ok=True)
         run_config = {**config.to_dict(), "plan": plan.to_dict()}
         notes = f"precision fallback: {plan.fallback_reason}" if plan.fallback_reason else None
         self.run = wandb.init(
@@ -136,7 +139,7 @@ class WandbTracker:
             tags=self.tags or None,
             notes=notes,
             config=run_config,
-            dir=self.dir,
+            dir=run_root,
             mode=self.mode,  # type: ignore[arg-type]
             reinit="create_new",  # never log into (or finish) a run the user has open
         )
