@@ -59,6 +59,7 @@ class RunConfig:
     init_scale: float = 2.0**16
     growth_interval: int = 2000
     allow_slow: bool = False  # run fp16 on a CPU without fast fp16 instead of falling back to bf16
+    compile: bool = False  # torch.compile the model (fp8 needs it to be fast)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -372,14 +373,16 @@ def train(config: RunConfig, observers: Sequence[RunObserver] = (), *, write: bo
     return result
 
 
-def _convert_to_float8(model: torch.nn.Module) -> None:
-    """Swap linears whose sizes fp8 matmuls take (multiples of 16) for torchao's Float8Linear."""
-    from torchao.float8 import convert_to_float8_training
+def prepare_model(model: torch.nn.Module, plan: PrecisionPlan, compile: bool) -> torch.nn.Module:
+    """fp8: swap linears whose sizes fp8 matmuls take (multiples of 16) for torchao's Float8Linear."""
+    if plan.effective == "fp8-mixed":
+        from torchao.float8 import convert_to_float8_training
 
-    def eligible(module: torch.nn.Module, fqn: str) -> bool:
-        return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+        def eligible(module: torch.nn.Module, fqn: str) -> bool:
+            return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
-    convert_to_float8_training(model, module_filter_fn=eligible)
+        convert_to_float8_training(model, module_filter_fn=eligible)
+    return torch.compile(model) if compile else model
 
 
 def _partial_metrics(history: list[HistoryRow], state: dict[str, Any]) -> Metrics:
@@ -405,8 +408,7 @@ def _run(
     workload = state["workload"] = build_workload(config, device)
     state["unit"] = workload.item_unit
     model = workload.model.to(device=device, dtype=plan.param_dtype)
-    if plan.effective == "fp8-mixed":
-        _convert_to_float8(model)
+    model = prepare_model(model, plan, config.compile)
     optimizer = make_optimizer(model, config.lr, device)
     scaler = AmpScaler(
         device.type, enabled=plan.use_loss_scaler, init_scale=config.init_scale, growth_interval=config.growth_interval

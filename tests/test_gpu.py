@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_each_gpu_precision_trains_and_reports_cuda_memory(tmp_path, precision) 
     result = train(gpu_config(tmp_path, precision=precision))
     assert result.status == "ok", result.error
     assert result.plan["effective"] == resolve_precision(precision, probe("cuda")).effective
-    assert result.history[-1].loss < result.history[0].loss - 0.5
+    assert result.history[-1].loss < 0.9 * result.history[0].loss
     assert result.metrics.peak_memory_kind == "cuda_allocated" and result.metrics.peak_memory_mb > 0
     assert result.metrics.mfu is None or 0 < result.metrics.mfu < 1
     scales = [row.loss_scale for row in result.history]
@@ -59,17 +60,34 @@ def test_fp16_overflow_on_gpu_backs_off_the_scale(tmp_path) -> None:
     assert first_skip.loss_scale == 2.0**39
 
 
-def test_hot_loop_syncs_once_per_log_interval_not_per_step(tmp_path) -> None:
-    """With a fused optimizer, GradScaler needs no sync; readings cross to the host every log_every steps."""
-    steps, log_every = 40, 20
-    config = gpu_config(tmp_path, precision="fp16-mixed", steps=steps, warmup_steps=2, log_every=log_every)
-    train(config, write=False)  # warm caches and kernels
+def _count_syncs(config: RunConfig) -> int:
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train(config, write=False)
+            result = train(config, write=False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) < steps // 2, f"{len(syncs)} syncs in {steps} steps"
+    assert result.status == "ok", result.error
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
+def test_hot_loop_adds_no_sync_per_step(tmp_path, precision) -> None:
+    """Fused AdamW takes GradScaler's inf check on the device; readings cross every log_every steps.
+
+    Model set-up copies sync too, so compare two runs that differ only by 40 steps (two flushes).
+    """
+    short = gpu_config(tmp_path, precision=precision, steps=20, warmup_steps=2, log_every=20)
+    train(short, write=False)  # warm caches and kernels
+    extra = _count_syncs(replace(short, steps=60)) - _count_syncs(short)
+    assert extra <= 8, f"40 more steps added {extra} synchronizations"
+
+
+def test_fp8_mixed_trains_where_the_hardware_has_it(tmp_path) -> None:
+    plan = resolve_precision("fp8-mixed", probe("cuda"))
+    if plan.effective != "fp8-mixed":
+        pytest.skip(plan.fallback_reason)
+    result = train(gpu_config(tmp_path, precision="fp8-mixed"))
+    assert result.status == "ok", result.error
+    assert result.history[-1].loss < 0.9 * result.history[0].loss
