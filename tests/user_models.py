@@ -1,0 +1,87 @@
+"""User model factories for the tests, imported as "user_models:<name>" (tests put this folder on sys.path)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amp_lib.models import Workload
+
+
+def _regression(config, n_batches: int = 4):
+    gen = torch.Generator().manual_seed(config.seed)
+    w = torch.randn(8, 1, generator=gen)
+    batches = []
+    for _ in range(n_batches):
+        x = torch.randn(config.batch_size, 8, generator=gen)
+        batches.append((x, x @ w))
+    torch.manual_seed(config.seed)
+    return nn.Linear(8, 1), batches
+
+
+def build_ok(config):
+    model, batches = _regression(config)
+    return model, batches, F.mse_loss
+
+
+def nan_loss(output, target):
+    return F.mse_loss(output.float(), target) * float("nan")
+
+
+def build_nan(config):
+    """Every loss is NaN: an fp32 run must end 'diverged'."""
+    model, batches = _regression(config)
+    return model, batches, nan_loss
+
+
+def build_oom(config):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (test)")
+
+
+def build_fail(config):
+    raise RuntimeError("user factory exploded on purpose")
+
+
+def build_bad_return(config):
+    return 42
+
+
+def build_empty(config):
+    return nn.Linear(8, 1), [], F.mse_loss
+
+
+def build_workload(config):
+    """A Workload is taken as is: its train batches must cover every (micro-)step of the run."""
+    model, batches = _regression(config, n_batches=config.steps * config.grad_accum)
+    return Workload(model=model, train_batches=batches, eval_batches=batches, loss_fn=F.mse_loss,
+                    items_per_batch=config.batch_size, item_unit="rows")
+
+
+def build_callable(config):
+    """Batches as a function of the step index."""
+    model, batches = _regression(config)
+    return model, (lambda i: batches[i % len(batches)]), F.mse_loss
+
+
+def build_iterable(config):
+    """Batches as a one-shot iterable (no __getitem__)."""
+    model, batches = _regression(config)
+    return model, iter(batches), F.mse_loss
+
+
+def build_fails_mid_run(config):
+    """The loss raises on its 6th call: the run fails after some history was flushed."""
+    model, batches = _regression(config)
+    calls = {"n": 0}
+
+    def loss_fn(output, target):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise ArithmeticError("loss blew up at call 6")
+        return F.mse_loss(output.float(), target)
+
+    return model, batches, loss_fn
+
+
+not_callable = 3
