@@ -1,0 +1,189 @@
+"""The thin layer the notebooks call: parameter validation, live progress, report assembly, views.
+
+A notebook cell should be one call here and one display; anything worth testing lives in this module
+(or below it), where pytest reaches it without a kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import types
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amp_lib.plots import run_figure, save_figure, save_report_figures
+from amp_lib.precision import PrecisionPlan, probe, resolve_precision
+from amp_lib.report import DEFAULT_TOLERANCE, Recommendation, Row, comparison_table, format_table, load_sweep
+from amp_lib.report import recommendations as _recommendations
+from amp_lib.report import run_table
+from amp_lib.results import HistoryRow, RunResult
+from amp_lib.train import RunConfig, resolve_device, train
+
+# Notebook parameters that are not RunConfig fields, with their defaults.
+NOTEBOOK_EXTRAS: dict[str, Any] = {"wandb_mode": None, "wandb_project": "amp-workbook", "wandb_group": None}
+# The tiny demo compare.ipynb runs when it is given no sweep_dir: seconds on a 2-core CPU.
+DEMO_CONFIG: dict[str, Any] = {"model": "gpt-tiny", "steps": 8, "warmup_steps": 2, "batch_size": 4, "seq_len": 32, "log_every": 2}
+DEMO_PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed")
+
+
+def parameter_names() -> list[str]:
+    """Every name train.ipynb accepts as a parameter."""
+    return [*RunConfig.field_names(), *NOTEBOOK_EXTRAS]
+
+
+@dataclass(frozen=True)
+class NotebookRun:
+    """A train.ipynb run after validation: the config, its resolved plan and the W&B settings."""
+
+    config: RunConfig
+    plan: PrecisionPlan
+    wandb_mode: str | None = None
+    wandb_project: str = "amp-workbook"
+    wandb_group: str | None = None
+
+
+def run_notebook_parameters(namespace: Mapping[str, Any], before: Collection[str]) -> NotebookRun:
+    """Validate a notebook's parameters: `namespace` is its `globals()`, `before` the names it had
+    before the parameters cell. Any new name that is not a parameter (a typo papermill injected, which
+    papermill itself only warns about) is an error naming it and the valid names."""
+    valid = parameter_names()
+    new = {k for k, v in namespace.items() if k not in before and not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    unknown = sorted(new - set(valid))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(valid)}")
+    config = RunConfig.from_dict({k: namespace[k] for k in RunConfig.field_names() if k in namespace})
+    extras = {k: namespace.get(k, default) for k, default in NOTEBOOK_EXTRAS.items()}
+    for key, value in extras.items():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key}={value!r} has type {type(value).__name__}; expected str or None")
+    plan = resolve_precision(config.precision, probe(resolve_device(config.device)), allow_slow=config.allow_slow)
+    return NotebookRun(config=config, plan=plan, **extras)
+
+
+class ProgressBar:
+    """A `RunObserver` that advances a `tqdm.auto` bar (a widget in Jupyter) each time rows are logged."""
+
+    def __init__(self, **tqdm_kwargs: Any) -> None:
+        self.tqdm_kwargs = tqdm_kwargs
+        self.bar: Any = None
+
+    def on_start(self, config: RunConfig, plan: PrecisionPlan) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=config.steps, desc=f"{config.name} [{plan.effective}]", unit="step", **self.tqdm_kwargs)
+
+    def on_log(self, rows: Sequence[HistoryRow], items_per_step: int) -> None:
+        if self.bar is None or not rows:
+            return
+        last = rows[-1]
+        postfix = {"loss": f"{last.loss:.4f}" if last.loss is not None else "nan"}
+        if last.loss_scale is not None:
+            postfix.update(scale=f"{last.loss_scale:g}", skipped=last.skipped_steps)
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(len(rows))
+
+    def on_end(self, result: RunResult) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(status=result.status)
+            self.bar.close()
+
+
+def figure_path(config: RunConfig) -> Path:
+    """Where a run's figure goes: beside its result JSON."""
+    return config.result_path.with_suffix(".png")
+
+
+def save_run_figure(result: RunResult, config: RunConfig) -> Path:
+    return save_figure(run_figure(result), figure_path(config))
+
+
+# -- views (IPython display objects) -------------------------------------------------------------
+
+
+def plan_markdown(plan: PrecisionPlan) -> str:
+    line = f"**Precision plan:** requested `{plan.requested}` → effective **`{plan.effective}`** on {plan.device_type} ({plan.device_name})"
+    line += f"; autocast {plan.autocast_dtype or 'off'}, parameters {plan.param_dtype}, loss scaler {'on' if plan.use_loss_scaler else 'off'}"
+    line = line.replace("torch.", "")
+    return line + (f"\n\n**Fallback:** {plan.fallback_reason}" if plan.fallback_reason else "")
+
+
+def result_markdown(result: RunResult) -> str:
+    m = result.metrics
+    lines = [f"**Status:** {result.status}" + (f" — {result.error.strip().splitlines()[0]}" if result.error else "")]
+    if m.tokens_per_s is not None:
+        lines.append(f"- throughput: {m.tokens_per_s:,.0f} {m.throughput_unit}/s (median step {m.step_time_ms_median:.2f} ms)")
+    if m.peak_memory_mb is not None:
+        lines.append(f"- peak memory: {m.peak_memory_mb:,.1f} MB ({m.peak_memory_kind})")
+    for label, value in (("final train loss", m.final_train_loss), ("eval loss", m.eval_loss)):
+        if value is not None:
+            lines.append(f"- {label}: {value:.4f}")
+    if m.final_loss_scale is not None:
+        lines.append(f"- loss scale: final {m.final_loss_scale:g}, min {m.min_loss_scale:g}; skipped steps: {m.skipped_steps}")
+    return "\n".join(lines)
+
+
+def markdown(text: str) -> Any:
+    from IPython.display import Markdown
+
+    return Markdown(text)
+
+
+def table_html(rows: Sequence[Row]) -> Any:
+    from IPython.display import HTML
+
+    return HTML(format_table(rows, "html"))
+
+
+def show_images(paths: Sequence[str | os.PathLike[str]]) -> None:
+    from IPython.display import Image, display
+
+    display(*(Image(filename=str(p)) for p in paths))
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything compare.ipynb shows, built from the result files of one folder."""
+
+    sweep_dir: Path
+    results: tuple[RunResult, ...]
+    runs: tuple[Row, ...]  # one row per run
+    table: tuple[Row, ...]  # one row per setting and precision, seeds aggregated
+    recommendations: tuple[Recommendation, ...]
+    tolerance: float
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    def recommendation_markdown(self) -> str:
+        return "\n\n".join(r.to_markdown() for r in self.recommendations)
+
+
+def demo_sweep(directory: str | os.PathLike[str]) -> Path:
+    """Two tiny runs (fp32 and bf16-mixed, in-process) into `<directory>/results`: the report's demo data."""
+    out = Path(directory)
+    for precision in DEMO_PRECISIONS:
+        config = RunConfig(precision=precision, run_name=f"demo-{precision}", out_dir=str(out / "results"), **DEMO_CONFIG)
+        train(config)
+    return out
+
+
+def build_report(sweep_dir: str = "", tolerance: float = DEFAULT_TOLERANCE, figures_dir: str = "") -> Report:
+    """Load a sweep folder ("" runs the tiny demo into a temp folder), tabulate, recommend, draw the figures."""
+    folder = Path(sweep_dir) if sweep_dir else demo_sweep(tempfile.mkdtemp(prefix="amp-demo-"))
+    results = load_sweep(folder)
+    if not results:
+        raise ValueError(f"no result JSON files in {str(folder)!r} (nor in its results/ folder)")
+    figures = save_report_figures(results, Path(figures_dir) if figures_dir else folder / "figures")
+    return Report(
+        sweep_dir=folder,
+        results=tuple(results),
+        runs=tuple(run_table(results)),
+        table=tuple(comparison_table(results)),
+        recommendations=tuple(_recommendations(results, tolerance)),
+        tolerance=tolerance,
+        figures=figures,
+    )
