@@ -1,0 +1,248 @@
+"""Built-in models and data, and the user-factory hook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amp_lib.data import CharTokenizer, TensorBatches, TokenBatches, corpus
+from amp_lib.models import (
+    BUILTIN_MODELS,
+    GPT,
+    GPT_SIZES,
+    GPTConfig,
+    Workload,
+    build_workload,
+    class_loss,
+    count_parameters,
+    default_model_for,
+    lm_loss,
+    load_user_factory,
+)
+from amp_lib.train import RunConfig
+
+HERE = Path(__file__).parent
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def user_models(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+
+
+def tiny_gpt(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=11, block_size=12, **kw))
+
+
+# --- GPT ---------------------------------------------------------------------------------------
+
+
+def test_gpt_forward_shape_and_weight_tying():
+    model = tiny_gpt()
+    idx = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(0))
+    logits = model(idx)
+    assert logits.shape == (3, 7, 11)
+    assert model.wte.weight is model.lm_head.weight
+
+
+def test_gpt_is_causal():
+    model = tiny_gpt().eval()
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 11, (1, 8), generator=gen)
+    changed = idx.clone()
+    changed[0, 5:] = (changed[0, 5:] + 1) % 11
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_gpt_init():
+    model = tiny_gpt()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            assert torch.count_nonzero(module.bias) == 0
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.25)
+
+
+def test_flops_per_token_follows_the_nanogpt_formula():
+    model = tiny_gpt()
+    cfg = model.cfg
+    n = sum(p.numel() for p in model.parameters()) - cfg.block_size * cfg.n_embd
+    for t in (1, 8):
+        assert model.flops_per_token(t) == 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * t
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_builtin_model_names():
+    assert set(GPT_SIZES) | {"mlp"} == set(BUILTIN_MODELS)
+    assert default_model_for("cpu") == "gpt-tiny" and default_model_for("cuda") == "gpt2-124m"
+    assert default_model_for("cpu") in BUILTIN_MODELS and default_model_for("cuda") in BUILTIN_MODELS
+
+
+def test_losses_compute_in_fp32():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 5, generator=gen).bfloat16()
+    targets = torch.randint(0, 5, (2, 3), generator=gen)
+    loss = lm_loss(logits, targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float().reshape(-1, 5), targets.reshape(-1)))
+    flat = class_loss(logits[:, 0], targets[:, 0])
+    assert flat.dtype == torch.float32
+
+
+# --- built-in workloads --------------------------------------------------------------------------
+
+
+def test_gpt_tiny_workload():
+    config = RunConfig(model="gpt-tiny", steps=5, warmup_steps=1, batch_size=3, seq_len=16, grad_accum=2, device="cpu")
+    w = build_workload(config, CPU)
+    assert w.item_unit == "tokens" and w.items_per_batch == 3 * 16
+    assert len(w.train_batches) == config.steps * config.grad_accum
+    assert len(w.eval_batches) == 4
+    x, y = w.train_batches[0]
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.long
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    vocab = CharTokenizer.for_text(corpus()).vocab_size
+    assert w.model.lm_head.out_features == vocab
+    assert int(x.max()) < vocab
+    assert w.flops_per_item == w.model.flops_per_token(16)
+    assert w.loss_fn is lm_loss
+
+
+def test_gpt_workload_rejects_seq_len_beyond_block_size():
+    config = RunConfig(model="gpt-tiny", seq_len=GPT_SIZES["gpt-tiny"].block_size + 1, device="cpu")
+    with pytest.raises(ValueError, match="block size"):
+        build_workload(config, CPU)
+
+
+def test_mlp_workload():
+    config = RunConfig(model="mlp", steps=3, warmup_steps=0, batch_size=5, device="cpu")
+    w = build_workload(config, CPU)
+    x, y = w.train_batches[1]
+    assert x.shape == (5, 256) and y.shape == (5,)
+    assert w.model(x).shape == (5, 16)
+    assert 0 <= int(y.min()) and int(y.max()) < 16
+    assert w.item_unit == "samples" and w.items_per_batch == 5
+    assert w.flops_per_item == 6.0 * count_parameters(w.model)
+
+
+# --- user factories ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec,text",
+    [
+        ("no_colon", "package.module:function"),
+        (":fn", "package.module:function"),
+        ("mod:", "package.module:function"),
+        ("no_such_module_xyz:fn", "cannot import 'no_such_module_xyz'"),
+        ("user_models:missing", "no callable 'missing'"),
+        ("user_models:not_callable", "no callable 'not_callable'"),
+    ],
+)
+def test_load_user_factory_errors_name_the_spec(user_models, spec, text):
+    with pytest.raises(ValueError) as info:
+        load_user_factory(spec)
+    assert repr(spec) in str(info.value) and text in str(info.value)
+
+
+def test_load_user_factory_imports_a_function(user_models):
+    import user_models as um
+
+    assert load_user_factory("user_models:build_ok") is um.build_ok
+
+
+def user_config(name: str, **kw) -> RunConfig:
+    return RunConfig(model=f"user_models:{name}", steps=6, warmup_steps=1, batch_size=4, device="cpu", **kw)
+
+
+def test_user_tuple_batches_are_cycled(user_models):
+    w = build_workload(user_config("build_ok"), CPU)
+    assert isinstance(w, Workload)
+    assert len(w.train_batches) == 4 and w.items_per_batch == 4
+    for i in range(4):
+        assert w.train_batches[i + 4][0] is w.train_batches[i][0]
+    assert w.eval_batches is w.train_batches
+
+
+def test_user_callable_batches(user_models):
+    w = build_workload(user_config("build_callable"), CPU)
+    assert len(w.eval_batches) == 4
+    torch.testing.assert_close(w.train_batches[5][0], w.train_batches[1][0])
+
+
+def test_user_iterable_batches_become_a_list(user_models):
+    w = build_workload(user_config("build_iterable"), CPU)
+    assert len(w.train_batches) == 4
+    torch.testing.assert_close(w.train_batches[6][1], w.train_batches[2][1])
+
+
+def test_user_workload_is_taken_as_is(user_models):
+    w = build_workload(user_config("build_workload"), CPU)
+    assert w.item_unit == "rows"
+
+
+@pytest.mark.parametrize("name,error,text", [("build_bad_return", TypeError, "must return"),
+                                             ("build_empty", ValueError, "no batches")])
+def test_user_factory_bad_returns(user_models, name, error, text):
+    with pytest.raises(error, match=text):
+        build_workload(user_config(name), CPU)
+
+
+def test_examples_linear_regression_workload():
+    config = RunConfig(model="amp_lib.examples:linear_regression", batch_size=6, device="cpu")
+    w = build_workload(config, CPU)
+    x, y = w.train_batches[0]
+    assert x.shape == (6, 32) and y.shape == (6, 1)
+    assert w.items_per_batch == 6 and w.item_unit == "samples"
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def test_corpus_is_deterministic_and_sized():
+    text = corpus()
+    assert len(text) == 200_000
+    assert corpus(n_chars=5000, seed=1234) == text[:5000]
+    assert corpus(n_chars=5000, seed=99) != text[:5000]
+
+
+def test_char_tokenizer_round_trip():
+    tok = CharTokenizer.for_text("hello world")
+    assert tok.vocab_size == len(set("hello world"))
+    ids = tok.encode("low droll")
+    assert tok.decode(ids.tolist()) == "low droll"
+    assert list(tok.chars) == sorted(set("hello world"))
+
+
+def test_token_batches_are_deterministic_windows():
+    tokens = torch.arange(100)
+    a = TokenBatches(tokens, num_batches=3, batch_size=2, seq_len=5, seed=7)
+    b = TokenBatches(tokens, num_batches=3, batch_size=2, seq_len=5, seed=7)
+    c = TokenBatches(tokens, num_batches=3, batch_size=2, seq_len=5, seed=8)
+    assert len(a) == 3
+    for i in range(3):
+        assert torch.equal(a[i][0], b[i][0])
+        x, y = a[i]
+        assert torch.equal(y, x + 1)  # contiguous windows of arange: targets are the next tokens
+    assert any(not torch.equal(a[i][0], c[i][0]) for i in range(3))
+    assert torch.equal(a[4][0], a[1][0])  # wraps around
+
+
+def test_token_batches_reject_too_short_streams():
+    with pytest.raises(ValueError, match="seq_len=10"):
+        TokenBatches(torch.arange(11), num_batches=1, batch_size=1, seq_len=10, seed=0)
+
+
+def test_tensor_batches():
+    a = TensorBatches(num_batches=2, batch_size=4, in_features=3, num_classes=5, seed=0)
+    b = TensorBatches(num_batches=2, batch_size=4, in_features=3, num_classes=5, seed=0)
+    assert len(a) == 2
+    assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[1][1], b[1][1])
+    assert torch.equal(a[2][0], a[0][0])
+    assert a[0][1].dtype == torch.long and int(a[0][1].max()) < 5
