@@ -82,10 +82,13 @@ class AmpScaler:
         else:
             grad_norm = total_grad_norm(params)
         self.scaler.step(optimizer)
+        if self.enabled:
+            # GradScaler's own decision: inf/NaN found while unscaling (device tensors, no sync). Not the
+            # norm: finite grads above ~1e19 overflow the fp32 norm, yet GradScaler steps on them.
+            found = self.scaler._found_inf_per_device(optimizer).values()
+            skipped = torch.stack([f.to(grad_norm.device) for f in found]).sum() > 0
         self.scaler.update()
         if self.enabled:
-            # GradScaler skips exactly when the unscaled grads hold inf/NaN, i.e. their norm is not finite.
-            skipped = ~torch.isfinite(grad_norm)
             scale = self.scaler._scale.detach().clone()  # device tensor: no sync (get_scale() syncs)
             self._pending_scales.append(scale)
         else:

@@ -216,6 +216,23 @@ def test_extreme_finite_gradients_are_clipped_to_max_after_unscale():
     assert scaler.get_scale() == DEFAULT_INIT
 
 
+@pytest.mark.parametrize("factor", [1.0, 1e6, 1e25, float("inf"), float("nan")], ids=repr)
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no-clip", "clip"])
+def test_skipped_is_exactly_gradscalers_decision(factor, max_grad_norm):
+    # 1e25: every gradient is finite (GradScaler steps and keeps its scale) though their fp32 norm overflows
+    model, (x, y) = make_model(), make_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-30)
+    scaler = AmpScaler("cpu")
+    outcome = scaler.step(fp32_loss(model, x, y) * factor, opt, max_grad_norm)
+    grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    backed_off = scaler.get_scale() < DEFAULT_INIT
+    assert bool(outcome.skipped) is backed_off
+    assert backed_off is (not math.isfinite(factor))
+    assert scaler.skipped_steps == int(backed_off)
+    if factor == 1e25:
+        assert grads_finite
+
+
 def test_zero_gradients_norm_zero_and_clipping_changes_nothing():
     model, (x, y) = make_model(), make_batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # no weight decay, no momentum: zero grad, no move
