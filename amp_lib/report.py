@@ -52,8 +52,9 @@ class Stat:
         return cls(statistics.fmean(clean), std, len(clean))
 
     def format(self, spec: str = ".4g", suffix: str = "") -> str:
-        text = f"{self.mean:{spec}}{suffix}"
-        return text if self.std is None else f"{text} ± {self.std:{spec}}{suffix}"
+        if self.std is None:
+            return f"{self.mean:{spec}}{suffix}"
+        return f"{self.mean:{spec}} ± {self.std:{spec.lstrip('+')}}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def _per_run(run: _Run, runs: Sequence[_Run]) -> dict[str, float | None]:
 
 def _status(results: Sequence[RunResult]) -> str:
     counts = Counter(r.status for r in results)
-    if len(results) == 1:
+    if len(counts) == 1:
         return results[0].status
     return ", ".join(f"{s}×{n}" for s, n in sorted(counts.items(), key=lambda kv: (kv[0] != "ok", kv[0])))
 
