@@ -28,6 +28,12 @@ HERE = Path(__file__).parent
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Model construction draws from torch's global RNG: seed it in every test."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def user_models(monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))

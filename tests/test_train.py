@@ -108,6 +108,26 @@ def test_fp16_on_this_cpu_falls_back_without_allow_slow(tiny_config):
         assert all(row.loss_scale is None for row in result.history)
 
 
+def test_bf16_true_trains_bf16_parameters(tiny_config):
+    config = tiny_config(precision="bf16-true", lr=3e-3, steps=10)
+    result = train(config, write=False)
+    assert result.status == "ok", result.error
+    assert result.plan["param_dtype"] == "bfloat16" and result.plan["autocast_dtype"] is None
+    assert result.history[-1].loss < result.history[0].loss
+    assert all(row.loss_scale is None for row in result.history)
+
+
+@pytest.mark.parametrize("requested,effective", [("tf32", "fp32"), ("fp8", "bf16-mixed")])
+def test_fallback_is_recorded_in_the_result(tiny_config, requested, effective):
+    config = tiny_config(precision=requested, steps=3, warmup_steps=0)
+    result = train(config)
+    assert result.status == "ok", result.error
+    assert result.plan["requested"] == requested and result.plan["effective"] == effective
+    assert result.plan["fallback_reason"]
+    assert RunResult.load(config.result_path).plan["fallback_reason"] == result.plan["fallback_reason"]
+    assert result.metrics.timed_steps == 3  # warmup_steps=0: every step is timed
+
+
 # --- determinism ---------------------------------------------------------------------------------
 
 
