@@ -27,16 +27,16 @@ def tiny_config(tmp_path) -> Callable[..., Any]:
     from amp_lib.train import RunConfig
 
     def make(out_dir: Any = None, /, **overrides: Any) -> RunConfig:
-        values: dict[str, Any] = dict(
-            model="gpt-tiny",
-            steps=8,
-            warmup_steps=2,
-            batch_size=4,
-            seq_len=32,
-            log_every=2,
-            device="cpu",
-            out_dir=str(tmp_path if out_dir is None else out_dir),
-        )
+        values: dict[str, Any] = {
+            "model": "gpt-tiny",
+            "steps": 8,
+            "warmup_steps": 2,
+            "batch_size": 4,
+            "seq_len": 32,
+            "log_every": 2,
+            "device": "cpu",
+            "out_dir": str(tmp_path if out_dir is None else out_dir),
+        }
         values.update(overrides)
         return RunConfig(**values)
 

@@ -193,8 +193,9 @@ def test_user_workload_is_taken_as_is(user_models):
     assert w.item_unit == "rows"
 
 
-@pytest.mark.parametrize("name,error,text", [("build_bad_return", TypeError, "must return"),
-                                             ("build_empty", ValueError, "no batches")])
+@pytest.mark.parametrize(
+    "name,error,text", [("build_bad_return", TypeError, "must return"), ("build_empty", ValueError, "no batches")]
+)
 def test_user_factory_bad_returns(user_models, name, error, text):
     with pytest.raises(error, match=text):
         build_workload(user_config(name), CPU)

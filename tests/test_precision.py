@@ -27,31 +27,64 @@ CPU_SLOW_FP16 = Capabilities(device_type="cpu", device_name="AVX2", bf16_support
 CPU_NO_BF16 = Capabilities(device_type="cpu", device_name="old-cpu", bf16_supported=False, fp16_fast=False)
 CPU_FAST_FP16 = Capabilities(device_type="cpu", device_name="AMX", bf16_supported=True, fp16_fast=True)
 TURING = Capabilities(
-    device_type="cuda", cuda_available=True, device_name="Tesla T4", compute_capability=(7, 5),
-    bf16_supported=False, fp16_fast=True,
+    device_type="cuda",
+    cuda_available=True,
+    device_name="Tesla T4",
+    compute_capability=(7, 5),
+    bf16_supported=False,
+    fp16_fast=True,
 )
 AMPERE = Capabilities(
-    device_type="cuda", cuda_available=True, device_name="NVIDIA A100", compute_capability=(8, 0),
-    bf16_supported=True, fp16_fast=True,
+    device_type="cuda",
+    cuda_available=True,
+    device_name="NVIDIA A100",
+    compute_capability=(8, 0),
+    bf16_supported=True,
+    fp16_fast=True,
 )
 ADA = Capabilities(
-    device_type="cuda", cuda_available=True, device_name="NVIDIA L4", compute_capability=(8, 9),
-    bf16_supported=True, fp16_fast=True, fp8_backend=True,
+    device_type="cuda",
+    cuda_available=True,
+    device_name="NVIDIA L4",
+    compute_capability=(8, 9),
+    bf16_supported=True,
+    fp16_fast=True,
+    fp8_backend=True,
 )
 HOPPER_NO_TORCHAO = Capabilities(
-    device_type="cuda", cuda_available=True, device_name="NVIDIA H100", compute_capability=(9, 0),
-    bf16_supported=True, fp16_fast=True, fp8_backend=False,
+    device_type="cuda",
+    cuda_available=True,
+    device_name="NVIDIA H100",
+    compute_capability=(9, 0),
+    bf16_supported=True,
+    fp16_fast=True,
+    fp8_backend=False,
 )
 HOPPER = Capabilities(
-    device_type="cuda", cuda_available=True, device_name="NVIDIA H100", compute_capability=(9, 0),
-    bf16_supported=True, fp16_fast=True, fp8_backend=True,
+    device_type="cuda",
+    cuda_available=True,
+    device_name="NVIDIA H100",
+    compute_capability=(9, 0),
+    bf16_supported=True,
+    fp16_fast=True,
+    fp8_backend=True,
 )
 
 # What DESIGN.md promises, written out independently of ALIASES so a dropped alias is caught.
 DOCUMENTED_ALIASES = {
-    "32-true": "fp32", "32": "fp32", 32: "fp32", "16-mixed": "fp16-mixed", "16": "fp16-mixed",
-    16: "fp16-mixed", "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed", "16-true": "fp16-true",
-    "bf16-true": "bf16-true", "no": "fp32", "fp16": "fp16-mixed", "16_true": "fp16-true",
+    "32-true": "fp32",
+    "32": "fp32",
+    32: "fp32",
+    "16-mixed": "fp16-mixed",
+    "16": "fp16-mixed",
+    16: "fp16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "bf16": "bf16-mixed",
+    "16-true": "fp16-true",
+    "bf16-true": "bf16-true",
+    "no": "fp32",
+    "fp16": "fp16-mixed",
+    "16_true": "fp16-true",
 }
 
 
@@ -100,7 +133,9 @@ def test_valid_precision_names_lists_canonical_first_then_every_alias():
     assert len(names) == len(set(names)), "each spelling is listed once"
 
 
-@pytest.mark.parametrize("value", ["16", 16, "16-mixed", "fp16-mixed", "fp16", "16-true", "16_true", "fp16-true"], ids=repr)
+@pytest.mark.parametrize(
+    "value", ["16", 16, "16-mixed", "fp16-mixed", "fp16", "16-true", "16_true", "fp16-true"], ids=repr
+)
 def test_is_fp16_true_for_every_fp16_spelling(value):
     assert is_fp16(value)
 

@@ -20,13 +20,31 @@ from amp_lib.results import (
 
 def sample_result(status: str = "ok", **metric_overrides) -> RunResult:
     rows = tuple(
-        HistoryRow(step=i, loss=3.0 - 0.25 * i, loss_scale=65536.0 / (2 if i >= 2 else 1), grad_norm=0.5 + i,
-                   step_time_ms=None if i == 0 else 10.0 + i, skipped=i == 2, skipped_steps=int(i >= 2))
+        HistoryRow(
+            step=i,
+            loss=3.0 - 0.25 * i,
+            loss_scale=65536.0 / (2 if i >= 2 else 1),
+            grad_norm=0.5 + i,
+            step_time_ms=None if i == 0 else 10.0 + i,
+            skipped=i == 2,
+            skipped_steps=int(i >= 2),
+        )
         for i in range(4)
     )
-    metrics = dict(tokens_per_s=1234.5, step_time_ms_median=11.5, step_time_ms_p10=11.1, step_time_ms_p90=12.9,
-                   timed_steps=3, peak_memory_mb=321.0, peak_memory_kind="cpu_rss", final_train_loss=2.25,
-                   eval_loss=2.5, skipped_steps=1, final_loss_scale=32768.0, min_loss_scale=32768.0)
+    metrics = {
+        "tokens_per_s": 1234.5,
+        "step_time_ms_median": 11.5,
+        "step_time_ms_p10": 11.1,
+        "step_time_ms_p90": 12.9,
+        "timed_steps": 3,
+        "peak_memory_mb": 321.0,
+        "peak_memory_kind": "cpu_rss",
+        "final_train_loss": 2.25,
+        "eval_loss": 2.5,
+        "skipped_steps": 1,
+        "final_loss_scale": 32768.0,
+        "min_loss_scale": 32768.0,
+    }
     metrics.update(metric_overrides)
     return RunResult(
         config={"precision": "16", "model": "gpt-tiny", "steps": 4, "grad_clip": None, "allow_slow": True},
@@ -62,8 +80,10 @@ def test_non_finite_floats_become_null(tmp_path):
         config=result.config,
         plan=result.plan,
         metrics=result.metrics,
-        history=(*result.history, HistoryRow(step=4, loss=math.nan, loss_scale=math.inf, grad_norm=-math.inf,
-                                             step_time_ms=1.0)),
+        history=(
+            *result.history,
+            HistoryRow(step=4, loss=math.nan, loss_scale=math.inf, grad_norm=-math.inf, step_time_ms=1.0),
+        ),
         status="diverged",
         error="loss became nan",
     )
@@ -72,8 +92,15 @@ def test_non_finite_floats_become_null(tmp_path):
     assert d["metrics"]["eval_loss"] is None
     assert d["metrics"]["min_loss_scale"] is None
     assert d["metrics"]["tokens_per_s"] == result.metrics.tokens_per_s  # finite values untouched
-    assert d["history"][-1] == {"step": 4, "loss": None, "loss_scale": None, "grad_norm": None, "step_time_ms": 1.0,
-                                "skipped": False, "skipped_steps": 0}
+    assert d["history"][-1] == {
+        "step": 4,
+        "loss": None,
+        "loss_scale": None,
+        "grad_norm": None,
+        "step_time_ms": 1.0,
+        "skipped": False,
+        "skipped_steps": 0,
+    }
     path = result.save(tmp_path / "d.json")
     no_nan_constants(path.read_text())
     loaded = RunResult.load(path)

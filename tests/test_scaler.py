@@ -234,7 +234,7 @@ def test_skipped_is_exactly_gradscalers_decision(factor, max_grad_norm):
 
 
 def test_zero_gradients_norm_zero_and_clipping_changes_nothing():
-    model, (x, y) = make_model(), make_batch()
+    model, (x, _) = make_model(), make_batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # no weight decay, no momentum: zero grad, no move
     scaler = AmpScaler("cpu")
     before = params_of(model)
@@ -298,7 +298,10 @@ def test_gradscaler_knobs_pass_through():
     gs = scaler.scaler
     assert isinstance(gs, torch.amp.GradScaler)
     assert (gs.get_scale(), gs.get_growth_factor(), gs.get_backoff_factor(), gs.get_growth_interval()) == (
-        128.0, 4.0, 0.25, 2,
+        128.0,
+        4.0,
+        0.25,
+        2,
     )
     # and they act: backoff by 0.25, growth by 4 after 2 clean steps
     model, (x, y) = make_model(), make_batch()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from amp_lib.models import build_workload, lm_loss
+from amp_lib.models import build_workload
 from amp_lib.precision import Capabilities, resolve_precision
 from amp_lib.results import RunResult
 from amp_lib.train import (
@@ -290,7 +290,9 @@ def test_nan_loss_user_model_diverges(tiny_config, user_models):
 
 def test_nan_loss_under_fp16_ends_diverged_not_ok(tiny_config, user_models):
     # every fp16 step is skipped (the scaler tolerates it), but the run must not be reported 'ok'
-    config = tiny_config(model="user_models:build_nan", precision="fp16-mixed", allow_slow=True, steps=4, warmup_steps=1)
+    config = tiny_config(
+        model="user_models:build_nan", precision="fp16-mixed", allow_slow=True, steps=4, warmup_steps=1
+    )
     result = train(config)
     assert result.status == "diverged"
     assert result.metrics.skipped_steps == len(result.history) == 4
@@ -299,8 +301,14 @@ def test_nan_loss_under_fp16_ends_diverged_not_ok(tiny_config, user_models):
 
 def test_collapsed_loss_scale_diverges(tiny_config, user_models):
     # start just above the collapse threshold: two skipped steps push the scale below it
-    config = tiny_config(model="user_models:build_nan", precision="fp16-mixed", allow_slow=True,
-                         init_scale=COLLAPSED_SCALE * 2, steps=6, warmup_steps=1)
+    config = tiny_config(
+        model="user_models:build_nan",
+        precision="fp16-mixed",
+        allow_slow=True,
+        init_scale=COLLAPSED_SCALE * 2,
+        steps=6,
+        warmup_steps=1,
+    )
     result = train(config)
     assert result.status == "diverged"
     assert "collapsed" in result.error
@@ -480,8 +488,18 @@ def test_warmup_must_leave_timed_steps(warmup):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("grad_clip", None), ("grad_clip", 0), ("grad_clip", 0.5), ("lr", 1), ("precision", 16), ("precision", "bf16"),
-     ("device", "cuda:1"), ("device", "auto"), ("model", "my_pkg.mod:build"), ("run_name", "a.b=c+d-e_f")],
+    [
+        ("grad_clip", None),
+        ("grad_clip", 0),
+        ("grad_clip", 0.5),
+        ("lr", 1),
+        ("precision", 16),
+        ("precision", "bf16"),
+        ("device", "cuda:1"),
+        ("device", "auto"),
+        ("model", "my_pkg.mod:build"),
+        ("run_name", "a.b=c+d-e_f"),
+    ],
     ids=lambda v: repr(v),
 )
 def test_accepted_values(field, value):
@@ -516,11 +534,10 @@ def test_resolve_device():
 
 def test_tf32_matmuls_restores_the_settings():
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    with pytest.raises(RuntimeError):
-        with tf32_matmuls(not saved[0]):
-            assert torch.backends.cuda.matmul.allow_tf32 is (not saved[0])
-            assert torch.backends.cudnn.allow_tf32 is (not saved[0])
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError), tf32_matmuls(not saved[0]):
+        assert torch.backends.cuda.matmul.allow_tf32 is (not saved[0])
+        assert torch.backends.cudnn.allow_tf32 is (not saved[0])
+        raise RuntimeError("inside")
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
 
 
@@ -533,12 +550,28 @@ def test_percentile_interpolates():
 
 
 def test_peak_tflops_by_gpu_name_and_family():
-    h100 = Capabilities(device_type="cuda", cuda_available=True, device_name="NVIDIA H100 80GB HBM3",
-                        compute_capability=(9, 0), fp16_fast=True, fp8_backend=True)
-    for name, family in [("fp32", "fp32"), ("tf32", "tf32"), ("bf16-mixed", "bf16"), ("fp16-mixed", "fp16"),
-                         ("fp8-mixed", "fp8")]:
+    h100 = Capabilities(
+        device_type="cuda",
+        cuda_available=True,
+        device_name="NVIDIA H100 80GB HBM3",
+        compute_capability=(9, 0),
+        fp16_fast=True,
+        fp8_backend=True,
+    )
+    for name, family in [
+        ("fp32", "fp32"),
+        ("tf32", "tf32"),
+        ("bf16-mixed", "bf16"),
+        ("fp16-mixed", "fp16"),
+        ("fp8-mixed", "fp8"),
+    ]:
         assert peak_tflops(resolve_precision(name, h100)) == PEAK_TFLOPS["H100"][family]
-    a100 = Capabilities(device_type="cuda", cuda_available=True, device_name="NVIDIA A100-SXM4-40GB",
-                        compute_capability=(8, 0), fp16_fast=True)
+    a100 = Capabilities(
+        device_type="cuda",
+        cuda_available=True,
+        device_name="NVIDIA A100-SXM4-40GB",
+        compute_capability=(8, 0),
+        fp16_fast=True,
+    )
     assert peak_tflops(resolve_precision("bf16", a100)) == PEAK_TFLOPS["A100"]["bf16"]
     assert peak_tflops(resolve_precision("bf16", Capabilities())) is None  # a CPU

@@ -54,8 +54,14 @@ def build_empty(config):
 def build_workload(config):
     """A Workload is taken as is: its train batches must cover every (micro-)step of the run."""
     model, batches = _regression(config, n_batches=config.steps * config.grad_accum)
-    return Workload(model=model, train_batches=batches, eval_batches=batches, loss_fn=F.mse_loss,
-                    items_per_batch=config.batch_size, item_unit="rows")
+    return Workload(
+        model=model,
+        train_batches=batches,
+        eval_batches=batches,
+        loss_fn=F.mse_loss,
+        items_per_batch=config.batch_size,
+        item_unit="rows",
+    )
 
 
 def build_callable(config):
