@@ -36,10 +36,17 @@ def active_wandb_run() -> Any:
     return wandb.run
 
 
+def _attr(obj: Any, name: str) -> Any:
+    """getattr that also swallows errors raised by properties (e.g. a strategy not yet attached)."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
 def trainer_scaler(trainer: Any) -> Any:
     """`trainer.strategy.precision_plugin.scaler`, or None wherever one of those is missing."""
-    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
-    return getattr(plugin, "scaler", None)
+    return _attr(_attr(_attr(trainer, "strategy"), "precision_plugin"), "scaler")
 
 
 class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
@@ -105,7 +112,9 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         self._scale_before = current.detach().clone() if current is not None else None
 
     def _after_step(self, trainer: Any) -> None:
-        step = int(getattr(trainer, "global_step", 0))
+        step = _attr(trainer, "global_step")
+        if not isinstance(step, int):
+            return
         if step == self._last_step:  # gradient accumulation: no optimizer step happened
             return
         self._last_step = step
@@ -146,10 +155,10 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
             if scale is not None:
                 row["amp/loss_scale"] = scale
             row["amp/skipped_steps"] = int(self._skipped)
-        step = getattr(trainer, "global_step", None)
+        step = _attr(trainer, "global_step")
         if isinstance(step, int):
             row["trainer/global_step"] = step
-        epoch = getattr(trainer, "current_epoch", None)
+        epoch = _attr(trainer, "current_epoch")
         if isinstance(epoch, int):
             row["epoch"] = epoch
         self._log(row)

@@ -185,7 +185,7 @@ def test_fp16_run_logs_every_row_scale_and_skips_and_summary_matches_result_json
 
 
 def test_fp32_run_has_no_loss_scale_anywhere(wandb_dir: Path, tmp_path: Path) -> None:
-    config = tiny(tmp_path, precision="32-true")
+    config = tiny(tmp_path, precision="32-true", steps=5, warmup_steps=1)
     tracker = WandbTracker(project="amp-test")  # mode from $WANDB_MODE (offline), default dir = $WANDB_DIR
     result = train(config, observers=[tracker])
     assert result.status == "ok"
