@@ -116,7 +116,7 @@ class Workload:
     """A model with its batches and loss: everything `train` needs besides the precision."""
 
     model: nn.Module
-    train_batches: Any  # indexable: batch i of the run (cycled)
+    train_batches: Any  # indexable and sized: the loop cycles through it
     eval_batches: Any  # indexable and sized
     loss_fn: Callable[[Any, Any], torch.Tensor]
     items_per_batch: int

@@ -432,7 +432,7 @@ def _run(
                 timer.start()
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
-                x, y = batches[step * accum + micro]
+                x, y = batches[(step * accum + micro) % len(batches)]
                 with autocast:
                     loss = workload.loss_fn(model(x), y) / accum
                 outcome = scaler.step(loss, optimizer, clip, update=micro == accum - 1)
