@@ -40,7 +40,7 @@ def _attr(obj: Any, name: str) -> Any:
     """getattr that also swallows errors raised by properties (e.g. a strategy not yet attached)."""
     try:
         return getattr(obj, name, None)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any error here just means: no such attribute
         return None
 
 
@@ -92,7 +92,7 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
     def _guard(self, fn: Any, trainer: Any) -> None:
         try:
             fn(trainer)
-        except Exception as exc:  # never let tracking break training
+        except Exception as exc:  # noqa: BLE001 - tracking must never break training
             if not self._warned:
                 self._warned = True
                 log.warning("AmpWandbCallback: logging failed and is skipped: %s: %s", type(exc).__name__, exc)

@@ -19,6 +19,8 @@ from amp_lib.precision import PrecisionPlan
 from amp_lib.results import HistoryRow, RunResult
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Self
+
     from amp_lib.lightning_callback import AmpWandbCallback
     from amp_lib.train import RunConfig
 
@@ -99,7 +101,7 @@ class WandbTracker:
         mode: str | None = None,
         project: str | None = None,
         group: str | None = None,
-        dir: str | os.PathLike[str] | None = None,  # noqa: A002 - wandb.init's own name
+        dir: str | os.PathLike[str] | None = None,  # wandb.init's own name
         *,
         name: str | None = None,
         tags: Sequence[str] = (),
@@ -171,7 +173,7 @@ class WandbTracker:
         if run is not None:
             run.finish(exit_code=exit_code)
 
-    def __enter__(self) -> WandbTracker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import wandb
+from wandb_readback import only_run_dir, read_run, read_summary
 
 from amp_lib.precision import PrecisionPlan, resolve_precision
 from amp_lib.results import HistoryRow, RunResult
@@ -24,7 +25,6 @@ from amp_lib.tracking import (
     result_summary,
 )
 from amp_lib.train import RunConfig, train
-from wandb_readback import only_run_dir, read_run, read_summary
 
 WANDB_ENV = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")
 
@@ -44,9 +44,16 @@ def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 
 
 def tiny(tmp_path: Path, **overrides: Any) -> RunConfig:
-    values: dict[str, Any] = dict(
-        model="gpt-tiny", steps=8, warmup_steps=2, batch_size=4, seq_len=32, log_every=2, device="cpu", seed=0
-    )
+    values: dict[str, Any] = {
+        "model": "gpt-tiny",
+        "steps": 8,
+        "warmup_steps": 2,
+        "batch_size": 4,
+        "seq_len": 32,
+        "log_every": 2,
+        "device": "cpu",
+        "seed": 0,
+    }
     values.update(overrides)
     return RunConfig(out_dir=str(tmp_path / "results"), **values)
 
@@ -87,7 +94,16 @@ def test_invalid_mode_names_the_value_and_the_valid_ones(monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(2.0, 2.0), (3, 3.0), (math.nan, None), (math.inf, None), (-math.inf, None), (None, None), (True, None), ("x", None)],
+    [
+        (2.0, 2.0),
+        (3, 3.0),
+        (math.nan, None),
+        (math.inf, None),
+        (-math.inf, None),
+        (None, None),
+        (True, None),
+        ("x", None),
+    ],
 )
 def test_finite_or_none(value: Any, expected: float | None) -> None:
     assert finite_or_none(value) == expected
@@ -111,7 +127,9 @@ def test_row_metrics_drop_nonfinite_scale_and_untimed_steps() -> None:
 # --- real offline runs --------------------------------------------------------------------------
 
 
-def assert_history_matches(record_history: list[dict[str, Any]], result: RunResult, items_per_step: int, fp16: bool) -> None:
+def assert_history_matches(
+    record_history: list[dict[str, Any]], result: RunResult, items_per_step: int, fp16: bool
+) -> None:
     """Each result history row appears once in W&B, at its own step, with exactly these values."""
     logged = {row["_step"]: row for row in record_history}
     assert sorted(logged) == [row.step for row in result.history]
@@ -191,7 +209,7 @@ def test_fp32_run_has_no_loss_scale_anywhere(wandb_dir: Path, tmp_path: Path) ->
     assert result.status == "ok"
     assert tracker.run_dir is not None and tracker.run_dir.is_relative_to(os.environ["WANDB_DIR"])
     record = read_run(tracker.run_dir)
-    assert "amp/loss_scale" not in record.keys()
+    assert "amp/loss_scale" not in record.metric_keys()
     assert_history_matches(record.history, result, config.batch_size * config.seq_len, fp16=False)
     assert record.config["plan"]["use_loss_scaler"] is False
     summary = read_summary(tracker.run_dir)
@@ -279,6 +297,6 @@ def test_result_summary_flattens_the_result_json() -> None:
     summary = result_summary(result)
     assert summary["status"] == "diverged" and summary["error"] == "loss became nan"
     assert summary["plan/effective"] == "fp32" and summary["metrics/skipped_steps"] == 0
-    assert set(summary) == {"status", "error", "schema_version"} | {f"metrics/{k}" for k in result.to_dict()["metrics"]} | {
-        f"plan/{k}" for k in plan.to_dict()
-    }
+    assert set(summary) == {"status", "error", "schema_version"} | {
+        f"metrics/{k}" for k in result.to_dict()["metrics"]
+    } | {f"plan/{k}" for k in plan.to_dict()}

@@ -63,7 +63,7 @@ class RunRecord:
     def rows_with(self, key: str) -> list[dict[str, Any]]:
         return [row for row in self.history if key in row]
 
-    def keys(self) -> set[str]:
+    def metric_keys(self) -> set[str]:
         return {key for row in self.history for key in row}
 
 
