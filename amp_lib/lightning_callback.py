@@ -139,9 +139,7 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         before = self._scale_before
         if before is None:
             before = torch.full_like(after, float(getattr(scaler, "_init_scale", after)))
-        backoff = float(getattr(scaler, "_backoff_factor", 0.5))
-        if backoff < 1.0:
-            self._skipped = self._skipped + (after < before).to(torch.int64).sum()
+        self._skipped = self._skipped + (after < before).to(torch.int64).sum()
         self._scale_before = None
 
     def _epoch_end(self, trainer: Any) -> None:

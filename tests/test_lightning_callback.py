@@ -241,9 +241,9 @@ def odd_trainers() -> list[Any]:
         SimpleNamespace(strategy=SimpleNamespace(precision_plugin=SimpleNamespace())),  # no scaler
         SimpleNamespace(strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))),
         SimpleNamespace(strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))),
-        SimpleNamespace(strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=off_scaler))),
-        SimpleNamespace(strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=nan_scaler))),
-        SimpleNamespace(strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=inf_scaler))),
+        SimpleNamespace(strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=off_scaler)), global_step=1),
+        SimpleNamespace(strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=nan_scaler)), global_step=1),
+        SimpleNamespace(strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=inf_scaler)), global_step=1),
         Exploding(),
         SimpleNamespace(global_step="7", current_epoch=None),
     ]
@@ -261,8 +261,10 @@ def test_trainers_without_a_usable_scaler_log_no_scale_and_never_raise(
             callback.on_train_epoch_end(trainer, None)
         run_dir = Path(run.settings.sync_dir)
     record = logged(run_dir)
-    assert [(r["amp/enabled"], r["amp/precision"]) for r in record.history] == [(1, "16-mixed")] * len(trainers)
+    assert [(r["amp/enabled"], r["amp/precision"]) for r in epoch_rows(record)] == [(1, "16-mixed")] * len(trainers)
     assert "amp/loss_scale" not in record.metric_keys()
+    # the NaN and inf scalers are enabled GradScalers: their step rows carry the skip count, but no scale
+    assert [(r["trainer/global_step"], r["amp/skipped_steps"]) for r in step_rows(record)] == [(1, 0), (1, 0)]
     assert not [r for r in caplog.records if "logging failed" in r.getMessage()]  # handled, not swallowed
 
 

@@ -218,7 +218,7 @@ def test_fp32_run_has_no_loss_scale_anywhere(wandb_dir: Path, tmp_path: Path) ->
 
 
 def test_fallback_reason_is_in_run_config_and_notes(wandb_dir: Path, tmp_path: Path) -> None:
-    config = tiny(tmp_path, precision="tf32", steps=3, warmup_steps=1)  # no TF32 on a CPU: falls back to fp32
+    config = tiny(tmp_path, precision="tf32", steps=2, warmup_steps=1)  # no TF32 on a CPU: falls back to fp32
     tracker = WandbTracker(dir=wandb_dir)
     result = train(config, observers=[tracker])
     reason = result.plan["fallback_reason"]
@@ -266,7 +266,7 @@ def test_reused_tracker_opens_one_run_per_training_run(wandb_dir: Path, tmp_path
     tracker = WandbTracker(dir=wandb_dir, group="g")
     dirs = []
     for seed in (1, 2):
-        config = tiny(tmp_path, steps=3, warmup_steps=1, seed=seed)
+        config = tiny(tmp_path, steps=2, warmup_steps=1, seed=seed)
         assert train(config, observers=[tracker]).status == "ok"
         assert tracker.run_dir is not None
         dirs.append(tracker.run_dir)
@@ -275,7 +275,7 @@ def test_reused_tracker_opens_one_run_per_training_run(wandb_dir: Path, tmp_path
 
 
 def test_disabled_mode_writes_nothing(wandb_dir: Path, tmp_path: Path) -> None:
-    config = tiny(tmp_path, steps=3, warmup_steps=1)
+    config = tiny(tmp_path, steps=2, warmup_steps=1)
     tracker = WandbTracker(mode="disabled", dir=wandb_dir)
     result = train(config, observers=[tracker])
     assert result.status == "ok"
