@@ -73,7 +73,13 @@ def _plot_scale(ax: Axes, results: Sequence[RunResult]) -> None:
         ax.plot([r.step for r in rows], [r.loss_scale for r in rows], "-", color=_color(result), label=_label(result))
         skipped = [r for r in rows if r.skipped]
         if skipped:
-            ax.plot([r.step for r in skipped], [r.loss_scale for r in skipped], "x", color="black", label=f"skipped ({_label(result)})")
+            ax.plot(
+                [r.step for r in skipped],
+                [r.loss_scale for r in skipped],
+                "x",
+                color="black",
+                label=f"skipped ({_label(result)})",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss scale")
     ax.set_title("loss scale vs step (x = skipped step)")
@@ -81,7 +87,14 @@ def _plot_scale(ax: Axes, results: Sequence[RunResult]) -> None:
         ax.set_yscale("log", base=2)
         ax.legend(fontsize="small")
     else:
-        ax.text(0.5, 0.5, "no run used a loss scaler (only fp16-mixed does)", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no run used a loss scaler (only fp16-mixed does)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
 
 
 def run_figure(result: RunResult) -> Figure:
@@ -92,7 +105,9 @@ def run_figure(result: RunResult) -> Figure:
     if panels == 2:
         _plot_scale(axes[1], [result])
     plan = result.plan
-    fig.suptitle(f"{result.config.get('run_name') or ''}: {plan.get('requested')} → {plan.get('effective')} [{result.status}]")
+    fig.suptitle(
+        f"{result.config.get('run_name') or ''}: {plan.get('requested')} → {plan.get('effective')} [{result.status}]"
+    )
     return fig
 
 
@@ -116,7 +131,10 @@ def throughput_memory_figure(rows: Sequence[Row]) -> Figure:
     labels = [f"{r.requested}\n{r.setting}" if len({x.setting for x in rows}) > 1 else r.requested for r in rows]
     colors = [_COLORS.get(str(r.effective), "tab:gray") for r in rows]
     unit = rows[0].throughput_unit if rows else "tokens"
-    for ax, attr, title in ((left, "tokens_per_s", f"throughput ({unit}/s)"), (right, "peak_memory_mb", "peak memory (MB)")):
+    for ax, attr, title in (
+        (left, "tokens_per_s", f"throughput ({unit}/s)"),
+        (right, "peak_memory_mb", "peak memory (MB)"),
+    ):
         stats = [getattr(r, attr) for r in rows]
         values = [s.mean if s else 0.0 for s in stats]
         errors = [s.std or 0.0 if s else 0.0 for s in stats]

@@ -110,7 +110,8 @@ class Recommendation:
     def to_markdown(self) -> str:
         where = f" ({self.setting})" if self.setting else ""
         head = f"**Recommendation{where}: {self.precision or 'none'}** — {self.reason}"
-        return "\n".join([head, "", *(f"- {line}" for line in self.evidence)])
+        rule = f"_Tolerance: eval loss within {100 * self.tolerance:g}% of fp32's. Evidence:_"
+        return "\n".join([head, "", rule, "", *(f"- {line}" for line in self.evidence)])
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -175,7 +176,10 @@ def _baseline_for(run: _Run, runs: Sequence[_Run]) -> list[RunResult]:
     pool = [
         r.result
         for r in runs
-        if r.setting == run.setting and r.requested == BASELINE and r.result.ok and r.result.plan.get("effective") == BASELINE
+        if r.setting == run.setting
+        and r.requested == BASELINE
+        and r.result.ok
+        and r.result.plan.get("effective") == BASELINE
     ]
     same_seed = [r for r in pool if r.config.get("seed") == run.seed]
     return same_seed or pool
@@ -200,7 +204,9 @@ def _per_run(run: _Run, runs: Sequence[_Run]) -> dict[str, float | None]:
         "tokens_per_s": m.tokens_per_s,
         "speedup": _ratio(m.tokens_per_s, base_tps),
         "peak_memory_mb": m.peak_memory_mb,
-        "memory_saved_pct": None if m.peak_memory_mb is None or not base_mem else 100 * (base_mem - m.peak_memory_mb) / base_mem,
+        "memory_saved_pct": None
+        if m.peak_memory_mb is None or not base_mem
+        else 100 * (base_mem - m.peak_memory_mb) / base_mem,
         "final_loss": m.final_train_loss,
         "eval_loss": m.eval_loss,
         "loss_diff": None if m.eval_loss is None or base_eval is None else m.eval_loss - base_eval,
@@ -242,7 +248,12 @@ def _row(setting: str, requested: str, members: Sequence[_Run], runs: Sequence[_
 def _runs(results: Sequence[RunResult]) -> list[_Run]:
     labels = setting_labels(results)
     runs = [
-        _Run(r, labels[_setting_key(r)], _canonical(r.config.get("precision", r.plan.get("requested"))), r.config.get("seed"))
+        _Run(
+            r,
+            labels[_setting_key(r)],
+            _canonical(r.config.get("precision", r.plan.get("requested"))),
+            r.config.get("seed"),
+        )
         for r in results
     ]
     return sorted(runs, key=lambda r: (r.setting, _order(r.requested), r.requested, str(r.seed)))
@@ -367,10 +378,21 @@ def recommendations(results: Sequence[RunResult], tolerance: float = DEFAULT_TOL
         evidence = tuple(_evidence(r) for r in rows)
         base = next((r for r in rows if r.is_baseline and r.ok_runs), None)
         if base is None:
-            out.append(Recommendation(setting, None, None, tolerance, "no successful fp32 run to compare against: add fp32 to the sweep", evidence))
+            out.append(
+                Recommendation(
+                    setting,
+                    None,
+                    None,
+                    tolerance,
+                    "no successful fp32 run to compare against: add fp32 to the sweep",
+                    evidence,
+                )
+            )
             continue
         verdicts = [(r, _verdict(r, base, tolerance)) for r in rows if r is not base]
-        winners = sorted((r for r, v in verdicts if v is None), key=lambda r: r.speedup.mean if r.speedup else 0, reverse=True)
+        winners = sorted(
+            (r for r, v in verdicts if v is None), key=lambda r: r.speedup.mean if r.speedup else 0, reverse=True
+        )
         if winners:
             best = winners[0]
             reason = (
@@ -392,7 +414,9 @@ def recommend(results: Sequence[RunResult], tolerance: float = DEFAULT_TOLERANCE
     recs = recommendations(results, tolerance)
     if len(recs) != 1:
         settings = ", ".join(repr(r.setting) for r in recs) or "none (no results)"
-        raise ValueError(f"recommend() needs results of exactly one setting; got {len(recs)}: {settings}; use recommendations()")
+        raise ValueError(
+            f"recommend() needs results of exactly one setting; got {len(recs)}: {settings}; use recommendations()"
+        )
     return recs[0]
 
 

@@ -124,4 +124,4 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
 def load_results(directory: str | os.PathLike[str]) -> list[RunResult]:
     """Every complete result JSON in `directory` (recursively), sorted by path."""
     return [RunResult.load(p) for p in sorted(Path(directory).rglob("*.json")) if not p.name.startswith(".")]
-from amp_lib.report import DEFAULT_TOLERANCE, Recommendation, Row, Stat, comparison_table, format_table, load_sweep, recommend, recommendations, run_table, summary_markdown  # noqa: E402,E501,F401 - re-export: the report is a thin view of these
+from amp_lib.report import DEFAULT_TOLERANCE, Recommendation, Row, Stat, comparison_table, format_table, load_sweep, recommend, recommendations, run_table, summary_markdown  # noqa: F401, I001 - re-export: the report is a thin view of these

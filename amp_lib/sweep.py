@@ -15,10 +15,13 @@ to separate processes with `--workers` because papermill's `cwd` is a process-wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import multiprocessing
 import os
+import queue
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +32,7 @@ from typing import Any
 
 from amp_lib.precision import native_precisions, parse_precision, probe
 from amp_lib.report import DEFAULT_TOLERANCE, load_sweep, recommendations, summary_markdown
-from amp_lib.results import RunResult, write_json_atomic
+from amp_lib.results import RunResult
 from amp_lib.train import RunConfig
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -83,9 +86,13 @@ def parse_params(items: Sequence[str]) -> dict[str, list[Any]]:
         if not sep or not values.strip():
             raise ValueError(f"invalid -p {item!r}; expected key=value[,value...]")
         if key in RESERVED:
-            raise ValueError(f"-p {key}=... is set by the sweep; use --precisions / --seeds (run_name and out_dir follow --out)")
+            raise ValueError(
+                f"-p {key}=... is set by the sweep; use --precisions / --seeds (run_name and out_dir follow --out)"
+            )
         if key not in valid:
-            raise ValueError(f"unknown parameter {key!r}; valid names: {', '.join(k for k in valid if k not in RESERVED)}")
+            raise ValueError(
+                f"unknown parameter {key!r}; valid names: {', '.join(k for k in valid if k not in RESERVED)}"
+            )
         grid[key] = [parse_value(key, v) for v in values.split(",")]
     return grid
 
@@ -132,7 +139,12 @@ def plan_sweep(
         values = {**base, **dict(zip(grid, combo))}
         for precision, seed in itertools.product(precisions, seeds):
             name = "-".join(
-                [_slug(values.get("model", "gpt-tiny")), precision, f"s{seed}", *(_slug(f"{k}={values[k]}") for k in varying)]
+                [
+                    _slug(values.get("model", "gpt-tiny")),
+                    precision,
+                    f"s{seed}",
+                    *(_slug(f"{k}={values[k]}") for k in varying),
+                ]
             )
             parameters = {
                 **values,
@@ -195,7 +207,7 @@ def failed_result(parameters: dict[str, Any], error: str) -> RunResult:
 
         caps = probe(config.get("device", "auto"))
         plan = {**resolve_precision(config["precision"], caps).to_dict(), "torch_version": torch.__version__}
-    except Exception:  # the config itself may be what is broken: record what is known
+    except Exception:  # noqa: BLE001, S110 - the config itself may be what is broken: record what is known
         pass
     return RunResult(config=config, plan=plan, status="failed", error=error)
 
@@ -249,7 +261,7 @@ def execute_run(run: PlannedRun, settings: Settings) -> Outcome:
             )
             error = None
             break
-        except Exception as exc:  # a notebook error of any kind is this run's failure, not the sweep's
+        except Exception as exc:  # noqa: BLE001 - a notebook error of any kind is this run's failure, not the sweep's
             error = _error_text(exc)
             if not (_is_port_race(exc) and attempt + 1 < settings.retries):
                 break
@@ -265,9 +277,12 @@ def execute_run(run: PlannedRun, settings: Settings) -> Outcome:
     return Outcome(run.name, result.status, result.error, notebook=str(notebook))
 
 
-def _assign_gpu(queue: Any) -> None:
-    """Worker initializer: pin this worker process (and the kernels it starts) to one GPU."""
-    gpu = queue.get()
+def _init_worker(gpus: Any, pids: Any) -> None:
+    """Worker initializer: pin this worker (and the kernels it starts) to one GPU, and leave Ctrl-C to
+    the parent, which stops workers itself (a half-interrupted papermill call can linger)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pids.put(os.getpid())
+    gpu = gpus.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
@@ -288,6 +303,7 @@ def _visible_gpus() -> list[str]:
 class SweepResult:
     out: Path
     outcomes: tuple[Outcome, ...]
+    planned: int = 0
     interrupted: bool = False
     report: dict[str, Path] = field(default_factory=dict)
     report_error: str | None = None
@@ -308,7 +324,9 @@ def _line(outcome: Outcome) -> str:
     return f"{outcome.status:8} {outcome.name}" + (f": {first[0]}" if first else "")
 
 
-def run_sweep(runs: Sequence[PlannedRun], settings: Settings, *, workers: int = 1, force: bool = False) -> tuple[list[Outcome], bool]:
+def run_sweep(
+    runs: Sequence[PlannedRun], settings: Settings, *, workers: int = 1, force: bool = False
+) -> tuple[list[Outcome], bool]:
     """Execute `runs` (skipping complete ones unless `force`); returns outcomes and whether interrupted."""
     from tqdm import tqdm
 
@@ -347,11 +365,11 @@ def run_sweep(runs: Sequence[PlannedRun], settings: Settings, *, workers: int = 
 
 def _run_parallel(todo: Sequence[PlannedRun], settings: Settings, workers: int, done: Any) -> bool:
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
-    gpus = _visible_gpus()
-    queue = ctx.Queue()
+    gpus, pids = ctx.Queue(), ctx.Queue()
+    visible = _visible_gpus()
     for i in range(workers):
-        queue.put(gpus[i % len(gpus)] if len(gpus) > 1 else None)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_assign_gpu, initargs=(queue,))
+        gpus.put(visible[i % len(visible)] if len(visible) > 1 else None)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(gpus, pids))
     futures: dict[Future[Outcome], PlannedRun] = {pool.submit(execute_run, run, settings): run for run in todo}
     pending = set(futures)
     try:
@@ -361,13 +379,20 @@ def _run_parallel(todo: Sequence[PlannedRun], settings: Settings, workers: int, 
                 run = futures[future]
                 try:
                     done(future.result())
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as exc:  # the worker process died: record the run, keep going
+                except Exception as exc:  # noqa: BLE001 - the worker process died: record the run, keep going
                     result = failed_result(run.parameters, f"worker process failed: {_error_text(exc)}")
                     result.save(run.result_path)
                     done(Outcome(run.name, result.status, result.error))
     except KeyboardInterrupt:
+        # Unfinished runs write nothing (results are written whole, at the end of a run); their
+        # kernels exit with their worker (ipykernel polls its parent).
+        for _ in range(workers):
+            try:
+                pid = pids.get(timeout=0.2)
+            except queue.Empty:
+                break
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
         pool.shutdown(wait=True, cancel_futures=True)
         return True
     pool.shutdown(wait=True)
@@ -395,7 +420,7 @@ def write_report(out: Path, settings: Settings, tolerance: float = DEFAULT_TOLER
             execution_timeout=settings.timeout,
             progress_bar=False,
         )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any notebook failure: still export what ran, then raise
         error = exc
     if files["notebook"].exists():  # export even a failed report: it shows where it failed
         body, _ = HTMLExporter().from_filename(str(files["notebook"]))
@@ -427,9 +452,9 @@ def sweep(
     if report and not interrupted:
         try:
             files = write_report(out_path, settings, tolerance)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the runs are done and kept whatever the report does
             report_error = str(exc)
-    return SweepResult(out_path, tuple(outcomes), interrupted, files, report_error)
+    return SweepResult(out_path, tuple(outcomes), len(runs), interrupted, files, report_error)
 
 
 def _csv(text: str) -> list[str]:
@@ -441,15 +466,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m amp_lib.sweep",
         description="Run notebooks/train.ipynb over precisions x seeds x parameters with papermill, then the report.",
     )
-    parser.add_argument("--out", required=True, help="sweep folder (runs/, results/, report.html, summary.md, figures/)")
-    parser.add_argument("--precisions", type=_csv, default=None, help="comma-separated; default: what this device runs natively")
-    parser.add_argument("--seeds", type=_csv, default=["0"], help="comma-separated ints (default 0); several give mean ± spread")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=V1[,V2]", help="any RunConfig field (or wandb_mode/project/group); repeatable")
-    parser.add_argument("--workers", type=int, default=1, help="runs in parallel, one process each (one GPU each on multi-GPU machines)")
+    parser.add_argument(
+        "--out", required=True, help="sweep folder (runs/, results/, report.html, summary.md, figures/)"
+    )
+    parser.add_argument(
+        "--precisions", type=_csv, default=None, help="comma-separated; default: what this device runs natively"
+    )
+    parser.add_argument(
+        "--seeds", type=_csv, default=["0"], help="comma-separated ints (default 0); several give mean ± spread"
+    )
+    parser.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=V1[,V2]",
+        help="any RunConfig field (or wandb_mode/project/group); repeatable",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="runs in parallel, one process each (one GPU each on multi-GPU machines)"
+    )
     parser.add_argument("--force", action="store_true", help="re-run runs whose results are already complete")
     parser.add_argument("--kernel", default=KERNEL, help=f"Jupyter kernel to run the notebooks with (default {KERNEL})")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds a notebook cell may run (default 3600)")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="relative eval-loss tolerance vs fp32 for the recommendation")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="relative eval-loss tolerance vs fp32 for the recommendation",
+    )
     parser.add_argument("--no-report", dest="report", action="store_false", help="skip report.ipynb / report.html")
     return parser
 
@@ -475,13 +520,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = result.out
     ran = sum(not o.resumed for o in result.outcomes)
-    print(f"\nsweep {out}: {len(result.outcomes)} runs ({ran} executed, {len(result.outcomes) - ran} resumed), {len(result.failed)} not ok")
+    print(
+        f"\nsweep {out}: {len(result.outcomes)} of {result.planned} runs done "
+        f"({ran} executed, {len(result.outcomes) - ran} resumed), {len(result.failed)} not ok"
+    )
     print(f"  results:   {out / 'results'}/\n  notebooks: {out / 'runs'}/")
     for key, path in result.report.items():
         print(f"  {key + ':':10} {path}")
     if result.outcomes and not result.interrupted:
         for rec in recommendations(load_sweep(out), args.tolerance):
-            print(f"recommendation{f' ({rec.setting})' if rec.setting else ''}: {rec.precision or 'none'} — {rec.reason}")
+            print(
+                f"recommendation{f' ({rec.setting})' if rec.setting else ''}: {rec.precision or 'none'} — {rec.reason}"
+            )
     if result.interrupted:
         print("interrupted: finished results are kept; run the same command again to resume", file=sys.stderr)
     if result.report_error:

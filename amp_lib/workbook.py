@@ -16,16 +16,22 @@ from typing import Any
 
 from amp_lib.plots import run_figure, save_figure, save_report_figures
 from amp_lib.precision import PrecisionPlan, probe, resolve_precision
-from amp_lib.report import DEFAULT_TOLERANCE, Recommendation, Row, comparison_table, format_table, load_sweep
+from amp_lib.report import DEFAULT_TOLERANCE, Recommendation, Row, comparison_table, format_table, load_sweep, run_table
 from amp_lib.report import recommendations as _recommendations
-from amp_lib.report import run_table
 from amp_lib.results import HistoryRow, RunResult
 from amp_lib.train import RunConfig, resolve_device, train
 
 # Notebook parameters that are not RunConfig fields, with their defaults.
 NOTEBOOK_EXTRAS: dict[str, Any] = {"wandb_mode": None, "wandb_project": "amp-workbook", "wandb_group": None}
 # The tiny demo compare.ipynb runs when it is given no sweep_dir: seconds on a 2-core CPU.
-DEMO_CONFIG: dict[str, Any] = {"model": "gpt-tiny", "steps": 8, "warmup_steps": 2, "batch_size": 4, "seq_len": 32, "log_every": 2}
+DEMO_CONFIG: dict[str, Any] = {
+    "model": "gpt-tiny",
+    "steps": 8,
+    "warmup_steps": 2,
+    "batch_size": 4,
+    "seq_len": 32,
+    "log_every": 2,
+}
 DEMO_PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed")
 
 
@@ -50,7 +56,11 @@ def run_notebook_parameters(namespace: Mapping[str, Any], before: Collection[str
     before the parameters cell. Any new name that is not a parameter (a typo papermill injected, which
     papermill itself only warns about) is an error naming it and the valid names."""
     valid = parameter_names()
-    new = {k for k, v in namespace.items() if k not in before and not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    new = {
+        k
+        for k, v in namespace.items()
+        if k not in before and not k.startswith("_") and not isinstance(v, types.ModuleType)
+    }
     unknown = sorted(new - set(valid))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(valid)}")
@@ -114,14 +124,18 @@ def result_markdown(result: RunResult) -> str:
     m = result.metrics
     lines = [f"**Status:** {result.status}" + (f" — {result.error.strip().splitlines()[0]}" if result.error else "")]
     if m.tokens_per_s is not None:
-        lines.append(f"- throughput: {m.tokens_per_s:,.0f} {m.throughput_unit}/s (median step {m.step_time_ms_median:.2f} ms)")
+        lines.append(
+            f"- throughput: {m.tokens_per_s:,.0f} {m.throughput_unit}/s (median step {m.step_time_ms_median:.2f} ms)"
+        )
     if m.peak_memory_mb is not None:
         lines.append(f"- peak memory: {m.peak_memory_mb:,.1f} MB ({m.peak_memory_kind})")
     for label, value in (("final train loss", m.final_train_loss), ("eval loss", m.eval_loss)):
         if value is not None:
             lines.append(f"- {label}: {value:.4f}")
     if m.final_loss_scale is not None:
-        lines.append(f"- loss scale: final {m.final_loss_scale:g}, min {m.min_loss_scale:g}; skipped steps: {m.skipped_steps}")
+        lines.append(
+            f"- loss scale: final {m.final_loss_scale:g}, min {m.min_loss_scale:g}; skipped steps: {m.skipped_steps}"
+        )
     return "\n".join(lines)
 
 
@@ -166,7 +180,9 @@ def demo_sweep(directory: str | os.PathLike[str]) -> Path:
     """Two tiny runs (fp32 and bf16-mixed, in-process) into `<directory>/results`: the report's demo data."""
     out = Path(directory)
     for precision in DEMO_PRECISIONS:
-        config = RunConfig(precision=precision, run_name=f"demo-{precision}", out_dir=str(out / "results"), **DEMO_CONFIG)
+        config = RunConfig(
+            precision=precision, run_name=f"demo-{precision}", out_dir=str(out / "results"), **DEMO_CONFIG
+        )
         train(config)
     return out
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-import amp_lib.report as report
+from amp_lib import report
 from amp_lib import results as results_module
 from amp_lib.plots import REPORT_FIGURES, run_figure, save_report_figures
 from amp_lib.report import (
@@ -54,7 +54,15 @@ def make(
     )
     ok = status == "ok"
     return RunResult(
-        config={"precision": precision, "model": "gpt-tiny", "steps": 5, "seed": seed, "run_name": f"{precision}-s{seed}", "out_dir": "x", **config},
+        config={
+            "precision": precision,
+            "model": "gpt-tiny",
+            "steps": 5,
+            "seed": seed,
+            "run_name": f"{precision}-s{seed}",
+            "out_dir": "x",
+            **config,
+        },
         plan={"requested": precision, "effective": effective, "fallback_reason": reason, "device_type": "cpu"},
         metrics=Metrics(
             tokens_per_s=tps if ok else None,
@@ -100,7 +108,12 @@ def test_stays_in_fp32_when_half_precision_diverges(tmp_path: Path) -> None:
         tmp_path,
         [
             make("fp32"),
-            make("fp16-mixed", status="diverged", tps=3000, error="loss scale collapsed to 9.3e-10 at step 4: fp16 overflows"),
+            make(
+                "fp16-mixed",
+                status="diverged",
+                tps=3000,
+                error="loss scale collapsed to 9.3e-10 at step 4: fp16 overflows",
+            ),
         ],
     )
     rec = recommend(runs)
@@ -198,8 +211,19 @@ def test_table_shows_failed_runs_and_every_column(tmp_path: Path) -> None:
     rows = run_table(runs)
     assert [(r.requested, r.status) for r in rows] == [("fp32", "ok"), ("fp16-mixed", "ok"), ("bf16-true", "oom")]
     md = format_table(rows, "markdown")
-    for column in ("requested", "effective", "status", "speedup vs fp32", "memory saved", "eval loss", "Δ eval vs fp32",
-                   "skipped steps", "final scale", "min scale", "fallback / error"):
+    for column in (
+        "requested",
+        "effective",
+        "status",
+        "speedup vs fp32",
+        "memory saved",
+        "eval loss",
+        "Δ eval vs fp32",
+        "skipped steps",
+        "final scale",
+        "min scale",
+        "fallback / error",
+    ):
         assert column in md
     assert "| oom |" in md and "out of memory: CUDA" in md and "more" not in md
     assert "| 1 |" in md and "3.28e+04" in md  # fp16 skipped steps and loss scale

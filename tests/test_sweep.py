@@ -9,7 +9,16 @@ import pytest
 
 from amp_lib.precision import native_precisions, probe
 from amp_lib.results import RunResult, load_sweep
-from amp_lib.sweep import DEVICE_DEFAULTS, failed_result, is_complete, main, parse_params, plan_sweep
+from amp_lib.sweep import (
+    DEVICE_DEFAULTS,
+    _is_port_race,
+    _visible_gpus,
+    failed_result,
+    is_complete,
+    main,
+    parse_params,
+    plan_sweep,
+)
 
 TINY = ["-p", "steps=8", "-p", "warmup_steps=2", "-p", "batch_size=4", "-p", "seq_len=32", "-p", "log_every=2"]
 QUIET = ["-p", "wandb_mode=disabled"]  # W&B itself is tested in test_tracking; here it would only cost time
@@ -18,9 +27,9 @@ TWO = ["--precisions", "fp32,bf16-mixed", "--seeds", "0", *TINY, *QUIET]
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One two-precision sweep with the report, in two worker processes, shared by this module's tests."""
+    """One two-precision sweep with the report, shared by this module's tests."""
     out = tmp_path_factory.mktemp("sweep")
-    assert main(["--out", str(out), *TWO, "--workers", "2"]) == 0
+    assert main(["--out", str(out), *TWO]) == 0
     return out
 
 
@@ -38,18 +47,24 @@ def test_two_precision_sweep_writes_results_notebooks_and_report(sweep_dir: Path
     assert "amp-comparison" in html and "Recommendation" in html and "data:image/png;base64" in html
     report_nb = json.loads((sweep_dir / "report.ipynb").read_text())
     assert report_nb["metadata"]["papermill"]["parameters"]["sweep_dir"] == str(sweep_dir)
-    assert sorted(p.name for p in (sweep_dir / "figures").glob("*.png")) == ["loss.png", "loss_scale.png", "throughput_memory.png"]
+    assert sorted(p.name for p in (sweep_dir / "figures").glob("*.png")) == [
+        "loss.png",
+        "loss_scale.png",
+        "throughput_memory.png",
+    ]
 
 
 def test_rerun_resumes_without_executing_finished_runs(sweep_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stamps = {p.name: p.stat().st_mtime_ns for p in (sweep_dir / "results").glob("*.json")}
     assert main(["--out", str(sweep_dir), *TWO, "--no-report"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (sweep_dir / "results").glob("*.json")} == stamps
-    assert "2 runs (0 executed, 2 resumed)" in capsys.readouterr().out
+    assert "2 of 2 runs done (0 executed, 2 resumed)" in capsys.readouterr().out
 
 
 def test_completeness_requires_the_same_parameters(sweep_dir: Path) -> None:
-    grid = parse_params(["steps=8", "warmup_steps=2", "batch_size=4", "seq_len=32", "log_every=2", "wandb_mode=disabled"])
+    grid = parse_params(
+        ["steps=8", "warmup_steps=2", "batch_size=4", "seq_len=32", "log_every=2", "wandb_mode=disabled"]
+    )
     (same,) = plan_sweep(sweep_dir, ["fp32"], [0], grid)
     assert is_complete(same)
     (other,) = plan_sweep(sweep_dir, ["fp32"], [0], {**grid, "steps": [9]})
@@ -58,9 +73,9 @@ def test_completeness_requires_the_same_parameters(sweep_dir: Path) -> None:
 
 def test_failing_configs_are_isolated_recorded_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # batch_size=0 fails RunConfig validation before the run writes anything; seq_len=512 exceeds
-    # gpt-tiny's block size inside train(), which writes a `failed` result itself.
+    # gpt-tiny's block size inside train(), which writes a `failed` result itself. Two worker processes.
     args = ["--out", str(tmp_path), "--precisions", "fp32", "-p", "steps=8", "-p", "warmup_steps=2", *QUIET]
-    code = main([*args, "-p", "batch_size=0,4", "-p", "seq_len=512", "--no-report"])
+    code = main([*args, "-p", "batch_size=0,4", "-p", "seq_len=512", "--no-report", "--workers", "2"])
     assert code == 1
     err = capsys.readouterr().err
     failed_lines = [line for line in err.splitlines() if line.startswith("FAILED")]
@@ -106,6 +121,38 @@ def test_default_sweep_uses_native_precisions_and_device_defaults(tmp_path: Path
 
 
 def test_failed_result_records_what_is_known_of_a_broken_config() -> None:
-    result = failed_result({"precision": "fp33", "steps": 3, "wandb_mode": "disabled"}, "ValueError: invalid precision 'fp33'")
+    result = failed_result(
+        {"precision": "fp33", "steps": 3, "wandb_mode": "disabled"}, "ValueError: invalid precision 'fp33'"
+    )
     assert result.status == "failed" and result.config["steps"] == 3 and "wandb_mode" not in result.config
     assert result.plan == {"requested": "fp33", "effective": None, "fallback_reason": None}
+
+
+def test_a_run_that_cannot_start_is_recorded_and_the_report_failure_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--out", str(tmp_path), "--precisions", "fp32", *TINY, "--kernel", "no-such-kernel"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "FAILED failed   gpt-tiny-fp32-s0: NoSuchKernel" in err and "report failed: report notebook failed" in err
+    (result,) = load_sweep(tmp_path)
+    assert result.status == "failed" and "no-such-kernel" in result.error
+    assert (tmp_path / "summary.md").exists()  # written from Python even when the report notebook can't run
+
+
+def test_kernel_port_races_are_recognised_through_exception_chains() -> None:
+    try:
+        try:
+            raise OSError("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5555')")
+        except OSError as inner:
+            raise RuntimeError("kernel start failed") from inner
+    except RuntimeError as outer:
+        assert _is_port_race(outer)
+    assert not _is_port_race(ValueError("batch_size=0 must be >= 1"))
+
+
+def test_each_worker_gets_its_own_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert _visible_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert _visible_gpus() == []

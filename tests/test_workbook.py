@@ -71,7 +71,9 @@ def test_misspelt_parameter_injected_by_papermill_fails_the_notebook(tmp_path: P
             cwd=str(tmp_path),
             progress_bar=False,
         )
-    assert "unknown parameter(s) 'stepz'" in str(info.value.evalue) and "valid names: precision" in str(info.value.evalue)
+    assert "unknown parameter(s) 'stepz'" in str(info.value.evalue) and "valid names: precision" in str(
+        info.value.evalue
+    )
     assert not list(tmp_path.glob("*.json"))  # nothing ran
 
 
@@ -100,7 +102,10 @@ def tmp_config_dir(tmp_path: Path) -> Path:
 def test_plan_and_failure_views_say_why() -> None:
     plan = resolve_precision("fp16-mixed", Capabilities())
     text = workbook.plan_markdown(plan)
-    assert "requested `fp16-mixed` → effective **`bf16-mixed`**" in text and "**Fallback:** this CPU has no fast fp16" in text
+    assert (
+        "requested `fp16-mixed` → effective **`bf16-mixed`**" in text
+        and "**Fallback:** this CPU has no fast fp16" in text
+    )
     failed = RunResult(config={}, plan={}, status="failed", error="ValueError: seq_len=512 exceeds\ntraceback")
     assert workbook.result_markdown(failed) == "**Status:** failed — ValueError: seq_len=512 exceeds"
     assert workbook.markdown("x").data == "x"
