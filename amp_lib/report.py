@@ -282,7 +282,7 @@ COLUMNS: tuple[tuple[str, Callable[[Row], str]], ...] = (
     ("effective", lambda r: r.effective or "?"),
     ("status", lambda r: r.status),
     ("run", lambda r: r.run_names[0] if r.runs == 1 else f"{r.runs} seeds ({', '.join(map(str, r.seeds))})"),
-    ("throughput/s", lambda r: _fmt(r.tokens_per_s, ".4g", f" {r.throughput_unit}")),
+    ("throughput/s", lambda r: _fmt(r.tokens_per_s, ",.0f", f" {r.throughput_unit}")),
     ("speedup vs fp32", lambda r: _fmt(r.speedup, ".2f", "x")),
     ("peak MB", lambda r: _fmt(r.peak_memory_mb, ".1f")),
     ("memory saved", lambda r: _fmt(r.memory_saved_pct, ".1f", "%")),

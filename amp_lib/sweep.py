@@ -404,6 +404,7 @@ def write_report(out: Path, settings: Settings, tolerance: float = DEFAULT_TOLER
     import papermill as pm
     from nbconvert import HTMLExporter
 
+    out = out.resolve()  # the notebook runs with cwd=out: relative paths would point elsewhere
     results = load_sweep(out)
     files = {"summary": out / "summary.md", "notebook": out / "report.ipynb", "html": out / "report.html"}
     tmp = files["summary"].with_suffix(".md.tmp")

@@ -170,7 +170,7 @@ def test_seeds_aggregate_into_mean_and_spread(tmp_path: Path) -> None:
     assert bf16.loss_diff.mean == pytest.approx(0.05)  # (0.0 + 0.1) / 2
     assert fp32.speedup.mean == pytest.approx(1.0) and fp32.loss_diff.mean == pytest.approx(0.0)
     text = format_table(comparison_table(runs), "text")
-    assert "2200 ± 282.8 tokens" in text and "2 seeds (0, 1)" in text
+    assert "2,200 ± 283 tokens" in text and "2 seeds (0, 1)" in text
 
 
 def test_a_seed_that_diverges_disqualifies_the_precision(tmp_path: Path) -> None:

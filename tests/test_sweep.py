@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from amp_lib.precision import native_precisions, probe
 from amp_lib.results import RunResult, load_sweep
 from amp_lib.sweep import (
     DEVICE_DEFAULTS,
+    PlannedRun,
+    Settings,
     _is_port_race,
     _visible_gpus,
     failed_result,
@@ -18,6 +21,7 @@ from amp_lib.sweep import (
     main,
     parse_params,
     plan_sweep,
+    run_sweep,
 )
 
 TINY = ["-p", "steps=8", "-p", "warmup_steps=2", "-p", "batch_size=4", "-p", "seq_len=32", "-p", "log_every=2"]
@@ -27,10 +31,14 @@ TWO = ["--precisions", "fp32,bf16-mixed", "--seeds", "0", *TINY, *QUIET]
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One two-precision sweep with the report, shared by this module's tests."""
-    out = tmp_path_factory.mktemp("sweep")
-    assert main(["--out", str(out), *TWO]) == 0
-    return out
+    """One two-precision sweep with the report, shared by this module's tests (given a relative --out)."""
+    root, cwd = tmp_path_factory.mktemp("sweeps"), os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["--out", "two", *TWO]) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "two"
 
 
 def test_two_precision_sweep_writes_results_notebooks_and_report(sweep_dir: Path) -> None:
@@ -46,7 +54,7 @@ def test_two_precision_sweep_writes_results_notebooks_and_report(sweep_dir: Path
     html = (sweep_dir / "report.html").read_text()
     assert "amp-comparison" in html and "Recommendation" in html and "data:image/png;base64" in html
     report_nb = json.loads((sweep_dir / "report.ipynb").read_text())
-    assert report_nb["metadata"]["papermill"]["parameters"]["sweep_dir"] == str(sweep_dir)
+    assert report_nb["metadata"]["papermill"]["parameters"]["sweep_dir"] == str(sweep_dir.resolve())
     assert sorted(p.name for p in (sweep_dir / "figures").glob("*.png")) == [
         "loss.png",
         "loss_scale.png",
@@ -71,23 +79,22 @@ def test_completeness_requires_the_same_parameters(sweep_dir: Path) -> None:
     assert other.name == same.name and not is_complete(other)  # same name, different run: not skipped
 
 
-def test_failing_configs_are_isolated_recorded_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # batch_size=0 fails RunConfig validation before the run writes anything; seq_len=512 exceeds
-    # gpt-tiny's block size inside train(), which writes a `failed` result itself. Two worker processes.
-    args = ["--out", str(tmp_path), "--precisions", "fp32", "-p", "steps=8", "-p", "warmup_steps=2", *QUIET]
-    code = main([*args, "-p", "batch_size=0,4", "-p", "seq_len=512", "--no-report", "--workers", "2"])
-    assert code == 1
-    err = capsys.readouterr().err
-    failed_lines = [line for line in err.splitlines() if line.startswith("FAILED")]
-    assert failed_lines == [
-        "FAILED failed   gpt-tiny-fp32-s0-batch_size=0: ValueError: batch_size=0 must be >= 1",
-        "FAILED failed   gpt-tiny-fp32-s0-batch_size=4: ValueError: seq_len=512 exceeds gpt-tiny's block size 256",
-    ]
+def test_failing_runs_are_isolated_and_recorded_with_their_error(tmp_path: Path) -> None:
+    # A misspelt parameter fails the notebook before it writes a result (so the sweep writes one);
+    # seq_len=512 exceeds gpt-tiny's block size inside train(), which writes its `failed` result itself.
+    grid = parse_params([*(v for v in TINY if v != "-p"), "seq_len=512", "wandb_mode=disabled"])
+    (too_long,) = plan_sweep(tmp_path, ["fp32"], [0], grid)
+    typo = PlannedRun("typo", {**too_long.parameters, "seq_len": 32, "run_name": "typo", "stepz": 3})
+    outcomes, interrupted = run_sweep([typo, too_long], Settings(), workers=1)
+    assert not interrupted and [(o.name, o.status) for o in outcomes] == [("typo", "failed"), (too_long.name, "failed")]
+    assert outcomes[0].error.startswith(
+        "ValueError: unknown parameter(s) 'stepz'; valid names: precision, model, steps"
+    )
+    assert outcomes[1].error.startswith("ValueError: seq_len=512 exceeds gpt-tiny's block size 256")
     results = {r.config["run_name"]: r for r in load_sweep(tmp_path)}
-    assert {r.status for r in results.values()} == {"failed"}
-    written_by_sweep = results["gpt-tiny-fp32-s0-batch_size=0"]
-    assert written_by_sweep.config["batch_size"] == 0 and written_by_sweep.plan["effective"] == "fp32"
-    assert (tmp_path / "runs" / "gpt-tiny-fp32-s0-batch_size=0.ipynb").exists()  # the executed notebook shows the error
+    assert results["typo"].config["stepz"] == 3 and results["typo"].plan["effective"] == "fp32"  # written by the sweep
+    assert results[too_long.name].config["seq_len"] == 512 and results[too_long.name].history == ()
+    assert (tmp_path / "runs" / "typo.ipynb").exists()  # the executed notebook shows the error
 
 
 def test_bad_command_lines_name_the_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,16 +135,19 @@ def test_failed_result_records_what_is_known_of_a_broken_config() -> None:
     assert result.plan == {"requested": "fp33", "effective": None, "fallback_reason": None}
 
 
-def test_a_run_that_cannot_start_is_recorded_and_the_report_failure_reported(
+def test_runs_that_cannot_start_are_reported_one_line_each_and_exit_nonzero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["--out", str(tmp_path), "--precisions", "fp32", *TINY, "--kernel", "no-such-kernel"])
-    assert code == 1
+    argv = ["--out", str(tmp_path), "--precisions", "fp32,bf16-mixed", *TINY, "--kernel", "no-such-kernel"]
+    assert main([*argv, "--workers", "2"]) == 1  # two worker processes; neither run gets a kernel
     err = capsys.readouterr().err
-    assert "FAILED failed   gpt-tiny-fp32-s0: NoSuchKernel" in err and "report failed: report notebook failed" in err
-    (result,) = load_sweep(tmp_path)
-    assert result.status == "failed" and "no-such-kernel" in result.error
-    assert (tmp_path / "summary.md").exists()  # written from Python even when the report notebook can't run
+    assert [line for line in err.splitlines() if line.startswith("FAILED")] == [
+        "FAILED failed   gpt-tiny-fp32-s0: NoSuchKernel: No such kernel named no-such-kernel",
+        "FAILED failed   gpt-tiny-bf16-mixed-s0: NoSuchKernel: No such kernel named no-such-kernel",
+    ]
+    assert "report failed: report notebook failed" in err
+    assert {r.status for r in load_sweep(tmp_path)} == {"failed"}
+    assert "| failed |" in (tmp_path / "summary.md").read_text()  # written from Python even without the notebook
 
 
 def test_kernel_port_races_are_recognised_through_exception_chains() -> None:

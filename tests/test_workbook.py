@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import nbformat
-import papermill as pm
 import pytest
 
 from amp_lib import workbook
@@ -59,22 +58,6 @@ def test_misspelt_parameter_is_named_with_the_valid_names() -> None:
         workbook.run_notebook_parameters({"wandb_group": 3}, before=set())
     with pytest.raises(ValueError, match=r"invalid precision 'fp33'"):
         workbook.run_notebook_parameters({"precision": "fp33"}, before=set())
-
-
-def test_misspelt_parameter_injected_by_papermill_fails_the_notebook(tmp_path: Path) -> None:
-    with pytest.raises(pm.PapermillExecutionError) as info:
-        pm.execute_notebook(
-            str(NOTEBOOKS / "train.ipynb"),
-            str(tmp_path / "out.ipynb"),
-            parameters={"stepz": 3, "out_dir": str(tmp_path), "wandb_mode": "disabled"},
-            kernel_name="amp-workbook",
-            cwd=str(tmp_path),
-            progress_bar=False,
-        )
-    assert "unknown parameter(s) 'stepz'" in str(info.value.evalue) and "valid names: precision" in str(
-        info.value.evalue
-    )
-    assert not list(tmp_path.glob("*.json"))  # nothing ran
 
 
 def test_progress_bar_follows_a_real_fp16_run_and_the_figure_shows_the_scale(tmp_config_dir: Path) -> None:
