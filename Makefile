@@ -4,6 +4,7 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch
 KERNEL     ?= amp-workbook
 SWEEP_ARGS ?=
+BENCH_ARGS ?=
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 export WANDB_MODE  ?= offline
@@ -32,7 +33,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: setup
-	$(PY) -m amp_lib.bench
+	$(PY) -m amp_lib.bench $(BENCH_ARGS)
 
 mutation: setup
 	$(PY) -m amp_lib.mutation
