@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from amp_lib.precision import (
     is_fp16,
     native_precisions,
     parse_precision,
+    _cpu_flags,
     probe,
     resolve_precision,
     valid_precision_names,
@@ -127,6 +130,8 @@ def test_invalid_precision_names_the_value_and_the_valid_ones(bad):
 
 def test_valid_precision_names_lists_canonical_first_then_every_alias():
     names = valid_precision_names()
+    for name in names:  # every name the error message offers is one the parser takes
+        assert parse_precision(name) in CANONICAL
     assert names[: len(CANONICAL)] == list(CANONICAL)
     for alias in ALIASES:
         assert (repr(alias) if isinstance(alias, int) else alias) in names
@@ -211,12 +216,28 @@ def test_probe_cpu_describes_this_machine():
     assert probe("auto").device_type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_probe_cpu_fields_are_typed_plain_data():
+    caps = probe("cpu")
+    assert caps.device_name == torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512"
+    assert type(caps.fp16_fast) is bool and type(caps.fp8_backend) is bool
+    assert caps.fp8_backend is (importlib.util.find_spec("torchao") is not None)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
+def test_cpu_flags_are_the_flag_words_of_proc_cpuinfo():
+    flags = _cpu_flags()
+    assert flags, "a Linux CPU lists its feature flags"
+    assert all(":" not in f and f == f.lower() for f in flags)
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        assert {"sse2", "avx"} <= flags  # an x86 CPU with AVX kernels lists both
+
+
 def test_probe_rejects_bad_devices():
-    with pytest.raises(ValueError, match="invalid device"):
+    with pytest.raises(ValueError, match="invalid device 'meta'"):
         probe("meta")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            probe("cuda")
+        with pytest.raises(ValueError, match="device 'cuda:1' requested but CUDA is not available"):
+            probe("cuda:1")
 
 
 # --- resolution: each fallback branch -----------------------------------------------------------
