@@ -35,8 +35,11 @@ lab: setup
 bench: setup
 	$(PY) -m amp_lib.bench $(BENCH_ARGS)
 
+# Mutation testing (docs/testing.md): mutmut over the modules listed in pyproject's [tool.mutmut].
+# Resumes where a previous run stopped; `rm -rf mutants` starts over. Not part of .ci/run (slow).
 mutation: setup
-	$(PY) -m amp_lib.mutation
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(or $(MUTATION_JOBS),2); \
+	$(PY) scripts/mutation_score.py
 
 clean:
 	rm -rf $(VENV) sweeps .pytest_cache .coverage htmlcov mutants

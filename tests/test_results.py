@@ -185,6 +185,26 @@ def test_interrupted_write_keeps_the_old_file_and_no_temp_files(tmp_path, bad, e
     assert leftovers(tmp_path) == []
 
 
+def test_a_write_in_progress_is_a_hidden_temp_file_that_load_results_skips(tmp_path):
+    target = tmp_path / "r.json"
+    seen = {}
+
+    class Peek(dict):
+        """json reads a dict subclass through items(): look at the folder mid-write."""
+
+        def items(self):
+            seen["names"] = sorted(p.name for p in tmp_path.iterdir())
+            seen["loaded"] = load_results(tmp_path)
+            return super().items()
+
+    write_json_atomic(target, {"v": Peek(a=1)})
+    (temp,) = seen["names"]  # only the temp file exists while the data is being written
+    assert temp.startswith(".r.json.") and temp.endswith(".tmp")
+    assert seen["loaded"] == []
+    assert json.loads(target.read_text()) == {"v": {"a": 1}}
+    assert leftovers(tmp_path) == []
+
+
 def test_interrupted_first_write_leaves_nothing(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(tmp_path / "new" / "r.json", {"a": 1, "b": Unencodable()})

@@ -247,6 +247,19 @@ def test_zero_gradients_norm_zero_and_clipping_changes_nothing():
     assert same_params(before, params_of(model))
 
 
+@pytest.mark.parametrize("off", [None, 0, 0.0, -1.0], ids=repr)
+def test_max_grad_norm_zero_or_less_means_no_clipping(off):
+    # the same step with clipping off and with a huge limit moves the parameters identically
+    runs = []
+    for max_grad_norm in (off, 1e9):
+        model, (x, y) = make_model(6), make_batch()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        outcome = AmpScaler("cpu").step(fp32_loss(model, x, y) * 100, opt, max_grad_norm)
+        runs.append((params_of(model), float(outcome.grad_norm)))
+    assert same_params(runs[0][0], runs[1][0])
+    assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-6) and runs[0][1] > 1.0
+
+
 def test_total_grad_norm_without_grads_is_zero():
     model = make_model()
     assert float(total_grad_norm(list(model.parameters()))) == 0.0
