@@ -42,7 +42,7 @@ RESERVED = ("precision", "seed", "run_name", "out_dir")  # set by --precisions, 
 # What `make sweep` runs when not told otherwise: sized to finish in seconds on a CPU, to measure on a GPU.
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"steps": 40, "warmup_steps": 8, "batch_size": 8, "seq_len": 64, "log_every": 5},
-    "cuda": {"steps": 60, "warmup_steps": 10, "batch_size": 16, "seq_len": 512, "log_every": 10},
+    "cuda": {"steps": 300, "warmup_steps": 20, "batch_size": 16, "seq_len": 512, "log_every": 25, "lr": 6e-4},
 }
 PORT_RACE = ("Address already in use", "Kernel died before replying to kernel_info")
 
