@@ -31,7 +31,7 @@ def results(mutmut: str) -> dict[str, str]:
 def equivalents(doc: Path) -> set[str]:
     if not doc.exists():
         return set()
-    return set(re.findall(r"^- `(amp_lib\.[^`]+__mutmut_\d+)`", doc.read_text(), re.M))
+    return set(re.findall(r"^- `(amp_lib\.[^`]+__mutmut_\d+)`", doc.read_text(), re.MULTILINE))
 
 
 def module_of(name: str) -> str:

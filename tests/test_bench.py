@@ -32,7 +32,28 @@ def test_bench_table_quotes_ratios_against_the_fp32_row(rows) -> None:
 
 def test_bench_cli_writes_json(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
-    assert main(["--model", "mlp", "--precisions", "fp32", "--steps", "4", "--warmup-steps", "1", "--repeats", "1",
-                 "--batch-size", "2", "--device", "cpu", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "mlp",
+                "--precisions",
+                "fp32",
+                "--steps",
+                "4",
+                "--warmup-steps",
+                "1",
+                "--repeats",
+                "1",
+                "--batch-size",
+                "2",
+                "--device",
+                "cpu",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert '"precision": "fp32"' in out.read_text()
     assert "| fp32 | fp32 |" in capsys.readouterr().out

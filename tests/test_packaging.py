@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,6 @@ def test_ci_runs_the_readme_test_command_with_the_cpu_wheel() -> None:
 
 def test_makefile_reinstalls_only_when_pyproject_changes() -> None:
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^\$\(STAMP\): pyproject\.toml$", makefile, re.M)
+    assert re.search(r"^\$\(STAMP\): pyproject\.toml$", makefile, re.MULTILINE)
     for target in ("test", "sweep", "lab", "bench"):
-        assert re.search(rf"^{target}: setup$", makefile, re.M), target
+        assert re.search(rf"^{target}: setup$", makefile, re.MULTILINE), target

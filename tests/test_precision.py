@@ -15,11 +15,11 @@ from amp_lib.precision import (
     Capabilities,
     PrecisionPlan,
     PrecisionUnavailableError,
+    _cpu_flags,
     compute_effective_precision,
     is_fp16,
     native_precisions,
     parse_precision,
-    _cpu_flags,
     probe,
     resolve_precision,
     valid_precision_names,
@@ -126,6 +126,7 @@ def test_invalid_precision_names_the_value_and_the_valid_ones(bad):
     for name in CANONICAL:
         assert name in message
     assert "16-mixed" in message and "32-true" in message and "16_true" in message
+    assert f"valid values are: {', '.join(CANONICAL)}, " in message  # readable: comma-separated, canonical first
 
 
 def test_valid_precision_names_lists_canonical_first_then_every_alias():
@@ -195,9 +196,9 @@ def test_compute_effective_precision_rejects_invalid_request(bad, use_amp):
 
 
 def test_capabilities_validate_device_type():
-    with pytest.raises(ValueError, match="device_type"):
+    with pytest.raises(ValueError, match=r"^invalid device_type 'tpu'; valid: 'cpu', 'cuda'$"):
         Capabilities(device_type="tpu")
-    with pytest.raises(ValueError, match="cuda_available"):
+    with pytest.raises(ValueError, match=r"^device_type 'cuda' needs cuda_available=True$"):
         Capabilities(device_type="cuda", cuda_available=False)
 
 
@@ -220,6 +221,8 @@ def test_probe_cpu_fields_are_typed_plain_data():
     caps = probe("cpu")
     assert caps.device_name == torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512"
     assert type(caps.fp16_fast) is bool and type(caps.fp8_backend) is bool
+    # fast fp16 on a CPU means AVX512-FP16 or AMX-FP16 in the CPU's flags, nothing else
+    assert caps.fp16_fast is bool(_cpu_flags() & {"avx512_fp16", "amx_fp16"})
     assert caps.fp8_backend is (importlib.util.find_spec("torchao") is not None)
 
 
@@ -275,9 +278,30 @@ def test_chained_fallback_fp8_on_turing_keeps_both_reasons():
     plan = resolve_precision("fp8-mixed", TURING)
     assert plan.effective == "fp16-mixed"
     first, _, second = plan.fallback_reason.partition("; then ")
+    assert first.startswith("fp8 needs") and second.startswith("Tesla T4 does not")
     assert "8.9" in first
     assert "does not support bf16" in second and "Tesla T4" in second
     assert plan.use_loss_scaler  # the chain ends in fp16-mixed, which needs the scaler
+
+
+@pytest.mark.parametrize(
+    "requested,caps,reason",
+    [
+        ("tf32", TURING, "tf32 needs an Ampere or newer GPU (compute capability 8.0+); running on cuda (Tesla T4)"),
+        (
+            "fp8-mixed",
+            AMPERE,
+            "fp8 needs a GPU with compute capability 8.9+ (Ada/Hopper); running on cuda (NVIDIA A100)",
+        ),
+        ("fp8-mixed", HOPPER_NO_TORCHAO, "fp8 training needs torchao (pip install torchao); it is not installed"),
+        ("fp16-mixed", CPU_NO_BF16, "this CPU has neither fast fp16 nor bf16; using fp32"),
+        ("bf16-mixed", CPU_NO_BF16, "cpu (old-cpu) does not support bf16; using fp32"),
+    ],
+    ids=lambda v: v.device_name if isinstance(v, Capabilities) else str(v)[:20],
+)
+def test_fallback_reasons_name_the_device_and_the_way_out(requested, caps, reason):
+    # the reason is shown to the user as is (report, W&B): it says where it ran and what to do
+    assert resolve_precision(requested, caps).fallback_reason == reason
 
 
 def test_chained_fallback_fp8_on_cpu_without_bf16_ends_in_fp32():

@@ -74,6 +74,14 @@ def test_save_load_round_trip(tmp_path, status):
     assert len(data["history"]) == len(result.history)
 
 
+def test_result_files_are_indented_one_field_per_line(tmp_path):
+    # results are read and diffed by people too: two-space indentation, one field per line
+    path = sample_result().save(tmp_path / "r.json")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "{" and lines[-1] == "}"
+    assert '  "status": "ok",' in lines and '    "tokens_per_s": 1234.5,' in lines
+
+
 def test_non_finite_floats_become_null(tmp_path):
     result = sample_result("diverged", final_train_loss=math.nan, eval_loss=math.inf, min_loss_scale=-math.inf)
     result = RunResult(

@@ -260,6 +260,16 @@ def test_max_grad_norm_zero_or_less_means_no_clipping(off):
     assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-6) and runs[0][1] > 1.0
 
 
+def test_total_grad_norm_of_fp16_gradients_is_taken_in_fp32():
+    # fp16-true training: each parameter's gradient norm fits fp16, their total (84853) does not
+    params = [torch.zeros(4, dtype=torch.float16, requires_grad=True) for _ in range(2)]
+    for p in params:
+        p.grad = torch.full((4,), 30000.0, dtype=torch.float16)  # norm 60000 each, fp16 max is 65504
+    norm = total_grad_norm(params)
+    assert norm.dtype == torch.float32
+    assert float(norm) == pytest.approx(60000.0 * math.sqrt(2), rel=1e-3)
+
+
 def test_total_grad_norm_without_grads_is_zero():
     model = make_model()
     assert float(total_grad_norm(list(model.parameters()))) == 0.0
@@ -326,6 +336,16 @@ def test_gradscaler_knobs_pass_through():
     assert scaler.get_scale() == 128.0 * 0.25 * 4.0
 
 
+def test_defaults_are_gradscalers_for_cuda():
+    scaler = AmpScaler()
+    assert scaler.enabled is torch.cuda.is_available()  # like GradScaler: disabled where CUDA is missing
+    fresh = AmpScaler("cpu")
+    gs = torch.amp.GradScaler("cpu")
+    assert fresh.get_scale() == gs.get_scale() == DEFAULT_INIT
+    assert fresh.scaler.get_growth_interval() == gs.get_growth_interval() == 2000
+    assert (fresh.scaler.get_growth_factor(), fresh.scaler.get_backoff_factor()) == (2.0, 0.5)
+
+
 def test_disabled_scaler_is_a_plain_step():
     model, (x, y) = make_model(), make_batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -335,6 +355,7 @@ def test_disabled_scaler_is_a_plain_step():
     before = params_of(model)
     outcome = scaler.step(fp32_loss(model, x, y), opt, max_grad_norm=1e9)
     assert outcome.scale is None and not bool(outcome.skipped)
+    assert outcome.skipped.dtype == torch.bool and outcome.skipped.device == outcome.grad_norm.device
     assert float(outcome.grad_norm) == pytest.approx(expected, rel=1e-6)
     assert not same_params(before, params_of(model))
     assert scaler.get_scale() is None

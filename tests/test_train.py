@@ -502,8 +502,10 @@ def test_warmup_must_leave_timed_steps(warmup):
     ],
     ids=lambda v: repr(v),
 )
-def test_accepted_values(field, value):
-    assert getattr(RunConfig(**{field: value}), field) == value
+def test_accepted_values_survive_the_papermill_round_trip(field, value):
+    # a sweep passes a config as plain JSON parameters: an accepted value comes back as the same config
+    config = RunConfig(**{field: value})
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_name_and_result_path():
