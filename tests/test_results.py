@@ -126,8 +126,7 @@ def test_nested_non_finite_values_in_config_and_plan(tmp_path):
 def test_invalid_status_is_rejected():
     with pytest.raises(ValueError, match="'crashed'") as info:
         RunResult(config={}, plan={}, status="crashed")
-    for status in STATUSES:
-        assert status in str(info.value)
+    assert str(info.value).endswith("valid: " + ", ".join(STATUSES))
 
 
 @pytest.mark.parametrize("version", [None, 0, SCHEMA_VERSION + 1, "1"], ids=repr)
