@@ -322,6 +322,9 @@ def test_oom_in_factory_ends_oom(tiny_config, user_models):
     assert "out of memory" in result.error and "80.00 GiB (test)" in result.error
     assert result.history == ()
     assert_written(config, result)
+    # the process carries on: the next run in it trains normally
+    after = train(tiny_config(steps=3, warmup_steps=1, run_name="after-oom"), write=False)
+    assert after.status == "ok", after.error
 
 
 def test_failing_factory_ends_failed_with_the_error_text(tiny_config, user_models):
