@@ -252,7 +252,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def peak_tflops(plan: PrecisionPlan) -> float | None:
-    family = "fp32" if plan.effective == "fp32" else plan.effective.split("-")[0]
+    family = plan.effective.split("-")[0]  # fp32, tf32, fp16, bf16, fp8
     for fragment, table in PEAK_TFLOPS.items():
         if fragment in plan.device_name:
             return table.get(family)

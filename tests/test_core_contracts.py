@@ -1,0 +1,129 @@
+"""Contracts of the built-in models, data and measurements that mutation testing showed untested."""
+
+from __future__ import annotations
+
+import math
+import resource
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amp_lib.data import CharTokenizer, TokenBatches
+from amp_lib.examples import linear_regression
+from amp_lib.models import GPT, GPT_SIZES, GPTConfig, build_workload, load_user_factory
+from amp_lib.precision import Capabilities, resolve_precision
+from amp_lib.train import PeakMemory, RunConfig, _percentile, peak_tflops
+
+
+def _reference_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A pre-LayerNorm residual block written out with torch.nn.functional, from the block's own weights."""
+    b, t, c = x.shape
+    h = block.n_head
+    q, k, v = F.linear(F.layer_norm(x, (c,), block.ln_1.weight, block.ln_1.bias), block.qkv.weight, block.qkv.bias).split(c, 2)
+    q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(c // h)
+    att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    x = x + F.linear((att @ v).transpose(1, 2).reshape(b, t, c), block.proj.weight, block.proj.bias)
+    fc, proj = block.mlp[0], block.mlp[-1]
+    hidden = F.gelu(F.linear(F.layer_norm(x, (c,), block.ln_2.weight, block.ln_2.bias), fc.weight, fc.bias))
+    return x + F.linear(hidden, proj.weight, proj.bias)
+
+
+def test_gpt_matches_a_written_out_reference_transformer() -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=11, block_size=16)).eval()
+    for module in model.modules():  # non-zero biases, so a dropped bias or a flipped residual shows
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.1)
+    idx = torch.randint(0, 11, (3, 9), generator=torch.Generator().manual_seed(1))
+    x = model.wte(idx) + model.wpe(torch.arange(9))
+    for block in model.blocks:
+        x = _reference_block(block, x)
+    expected = F.linear(F.layer_norm(x, (32,), model.ln_f.weight, model.ln_f.bias), model.wte.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, rtol=1e-4, atol=1e-5)
+    assert model.lm_head.bias is None and len(model.blocks) == 2
+
+
+def test_gpt_init_is_centred() -> None:
+    torch.manual_seed(0)
+    weight = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=128, vocab_size=64)).blocks[0].qkv.weight
+    assert abs(weight.mean().item()) < 2e-3 and weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_attention_flops_grow_by_12_L_d_per_token_of_context() -> None:
+    model = GPT(GPTConfig(n_layer=3, n_head=4, n_embd=64, vocab_size=10))
+    assert model.flops_per_token(200) - model.flops_per_token(100) == 12 * 3 * 64 * 100
+
+
+def test_gpt_accepts_a_sequence_as_long_as_its_block_and_keeps_the_size_block() -> None:
+    config = RunConfig(model="gpt-tiny", seq_len=GPT_SIZES["gpt-tiny"].block_size, steps=2, warmup_steps=0, device="cpu")
+    assert build_workload(config, torch.device("cpu")).train_batches[0][0].shape == (8, 256)
+    small = build_workload(RunConfig(model="gpt-small", seq_len=512, batch_size=1, steps=1, warmup_steps=0, device="cpu"), torch.device("cpu"))
+    assert small.model.cfg.block_size == GPT_SIZES["gpt-small"].block_size
+
+
+def test_token_windows_reach_both_ends_of_the_stream_and_never_past_them() -> None:
+    tokens = torch.arange(7)  # seq_len 4: windows of 5 start at 0 or 1 only
+    batches = TokenBatches(tokens, num_batches=64, batch_size=4, seq_len=4, seed=0)
+    firsts = {int(v) for i in range(len(batches)) for v in batches[i][0][:, 0]}
+    assert firsts == {0, 1}
+    x, y = batches[0]
+    assert torch.equal(y[:, :-1], x[:, 1:]) and x.dtype == torch.long
+
+
+def test_token_stream_must_hold_one_window_and_a_target() -> None:
+    TokenBatches(torch.arange(6), num_batches=1, batch_size=1, seq_len=4, seed=0)  # 6 > 4 + 1
+    with pytest.raises(ValueError, match="seq_len=5"):
+        TokenBatches(torch.arange(6), num_batches=1, batch_size=1, seq_len=5, seed=0)
+
+
+def test_tokenizer_ids_are_embedding_indices() -> None:
+    ids = CharTokenizer.for_text("abca").encode("cab")
+    assert ids.dtype == torch.long and ids.tolist() == [2, 0, 1]
+
+
+def test_example_workload_is_seeded_and_fits_its_targets() -> None:
+    config = RunConfig(model="amp_lib.examples:linear_regression", batch_size=5, device="cpu", seed=3)
+    model, batches, loss_fn = linear_regression(config)
+    again = linear_regression(config)[1]
+    assert len(batches) == 8 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    x, y = batches[0]
+    assert model(x).shape == y.shape == (5, 1) and loss_fn(model(x), y).ndim == 0
+    other = linear_regression(RunConfig(model=config.model, batch_size=5, device="cpu", seed=4))[1]
+    assert not torch.equal(other[0][0], x)
+
+
+def test_errors_list_the_valid_names_separated_by_commas() -> None:
+    with pytest.raises(ValueError, match="gpt-tiny, gpt-small, gpt2-124m, mlp"):
+        load_user_factory("no_colon_here")
+    with pytest.raises(ValueError, match="valid names: precision, model, steps"):
+        RunConfig.from_dict({"stpes": 3})
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert _percentile([30.0, 0.0, 10.0, 20.0], 0.5) == 15.0
+    assert _percentile([0.0, 10.0, 20.0, 30.0], 0.1) == pytest.approx(3.0)
+    assert _percentile([], 0.5) is None
+
+
+def test_mfu_peak_is_the_dense_peak_of_the_precision_in_use() -> None:
+    h100 = Capabilities(device_type="cuda", cuda_available=True, device_name="NVIDIA H100 80GB HBM3",
+                        compute_capability=(9, 0))
+    assert peak_tflops(resolve_precision("fp32", h100)) == 67.0
+    assert peak_tflops(resolve_precision("tf32", h100)) == 494.0
+    assert peak_tflops(resolve_precision("bf16-mixed", h100)) == 989.0
+    assert peak_tflops(resolve_precision("bf16-mixed", Capabilities())) is None
+
+
+def test_cpu_peak_memory_covers_the_timed_region_only() -> None:
+    """After reset, a big allocation freed earlier no longer counts, and the figure is in MiB."""
+    big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB touched
+    big.add_(1)
+    del big
+    meter = PeakMemory(torch.device("cpu"))
+    lifetime_peak_mib = meter.peak_mb()
+    assert lifetime_peak_mib == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rel=0.05)
+    meter.reset()
+    assert 0 < meter.peak_mb() < lifetime_peak_mib - 200
