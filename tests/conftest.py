@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,10 @@ def _wandb_offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
         monkeypatch.setenv(name, str(path))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    if "wandb" in sys.modules:  # wandb reads these once per process set-up: make it read this test's
+        import wandb
+
+        wandb.teardown()
 
 
 @pytest.fixture
