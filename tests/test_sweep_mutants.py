@@ -1,0 +1,395 @@
+"""The sweep's in-process parts, pinned down exactly: grid parsing, planning, resume checks, failure
+records, exit codes and the CLI on already-finished results. No Jupyter kernel is started here (a
+kernel runs the un-mutated package, so kernel tests cannot check these functions under mutation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from amp_lib import sweep as sw
+from amp_lib.precision import native_precisions, probe
+from amp_lib.results import Metrics, RunResult
+from amp_lib.sweep import (
+    COMPLETE,
+    DEVICE_DEFAULTS,
+    Outcome,
+    PlannedRun,
+    Settings,
+    SweepResult,
+    build_parser,
+    failed_result,
+    is_complete,
+    main,
+    parse_params,
+    parse_value,
+    plan_sweep,
+    run_sweep,
+)
+from amp_lib.train import RunConfig
+
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults")
+
+
+# -- values and -p items -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "expected"),
+    [
+        ("steps", " 20 ", 20),
+        ("lr", "1e-3", 0.001),
+        ("grad_clip", "0.5", 0.5),
+        ("grad_clip", "None", None),
+        ("grad_clip", " NULL ", None),
+        ("allow_slow", "TRUE", True),
+        ("allow_slow", "1", True),
+        ("allow_slow", "yes", True),
+        ("allow_slow", "False", False),
+        ("allow_slow", "0", False),
+        ("allow_slow", "no", False),
+        ("device", " cpu ", "cpu"),
+        ("precision", "16", "16"),  # str | int: kept as text, parsed later by parse_precision
+        ("model", "none", "none"),  # a plain str field has no None
+        ("wandb_mode", "none", None),  # notebook extras are str | None
+        ("wandb_project", "Proj", "Proj"),
+    ],
+)
+def test_values_take_the_type_of_their_field(key: str, text: str, expected: Any) -> None:
+    value = parse_value(key, text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "message"),
+    [
+        ("allow_slow", "maybe", "invalid value 'maybe' for allow_slow (expected bool)"),
+        ("steps", "2.5", "invalid value '2.5' for steps (expected int)"),
+        ("steps", "none", "invalid value 'none' for steps (expected int)"),
+        ("lr", "fast", "invalid value 'fast' for lr (expected float)"),
+        ("grad_clip", "x", "invalid value 'x' for grad_clip (expected float | None)"),
+    ],
+)
+def test_bad_values_name_key_and_expected_type(key: str, text: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_value(key, text)
+    assert str(info.value) == message
+
+
+def test_params_split_values_strip_keys_and_later_items_win() -> None:
+    grid = parse_params([" lr =1e-3,3e-3", "steps=20", "steps=9,10", "wandb_mode=disabled"])
+    assert grid == {"lr": [0.001, 0.003], "steps": [9, 10], "wandb_mode": ["disabled"]}
+    assert parse_params([]) == {}
+
+
+@pytest.mark.parametrize("item", ["steps", "steps=", "steps= ", "=3"])
+def test_params_without_key_value_are_rejected(item: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_params([item])
+    message = str(info.value)
+    if item == "=3":  # an empty key is an unknown name
+        assert message.startswith("unknown parameter ''")
+    else:
+        assert message == f"invalid -p {item!r}; expected key=value[,value...]"
+
+
+@pytest.mark.parametrize("key", ["precision", "seed", "run_name", "out_dir"])
+def test_reserved_params_point_to_the_sweep_options(key: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_params([f"{key}=1"])
+    assert str(info.value) == (
+        f"-p {key}=... is set by the sweep; use --precisions / --seeds (run_name and out_dir follow --out)"
+    )
+
+
+def test_unknown_param_lists_every_settable_name_and_no_reserved_one() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_params(["stepz=3"])
+    settable = [k for k in [*RunConfig.field_names(), "wandb_mode", "wandb_project", "wandb_group"]]
+    settable = [k for k in settable if k not in sw.RESERVED]
+    assert str(info.value) == f"unknown parameter 'stepz'; valid names: {', '.join(settable)}"
+
+
+# -- planning ------------------------------------------------------------------------------------
+
+
+def test_planned_run_result_path_is_out_dir_slash_name_json(tmp_path: Path) -> None:
+    run = PlannedRun("a-b", {"out_dir": str(tmp_path / "r")})
+    assert run.result_path == tmp_path / "r" / "a-b.json"
+
+
+def test_slug_keeps_safe_characters_and_replaces_the_rest() -> None:
+    assert sw._slug("pkg.mod:fn") == "pkg.mod.fn"
+    assert sw._slug("lr=0.001") == "lr=0.001"
+    assert sw._slug("a b/c+d-e_f") == "a_b_c+d-e_f"
+
+
+@CPU_ONLY
+def test_plan_orders_grid_then_precisions_then_seeds_and_names_varying_keys(tmp_path: Path) -> None:
+    grid = {"lr": [0.001, 0.01], "steps": [9], "model": ["gpt-tiny"]}
+    runs = plan_sweep(tmp_path / "sw", ["32", "bf16"], [1, 0], grid)
+    assert [r.name for r in runs] == [
+        "gpt-tiny-fp32-s1-lr=0.001",
+        "gpt-tiny-fp32-s0-lr=0.001",
+        "gpt-tiny-bf16-mixed-s1-lr=0.001",
+        "gpt-tiny-bf16-mixed-s0-lr=0.001",
+        "gpt-tiny-fp32-s1-lr=0.01",
+        "gpt-tiny-fp32-s0-lr=0.01",
+        "gpt-tiny-bf16-mixed-s1-lr=0.01",
+        "gpt-tiny-bf16-mixed-s0-lr=0.01",
+    ]
+    first = runs[0].parameters
+    assert first == {
+        **DEVICE_DEFAULTS["cpu"],
+        "model": "gpt-tiny",
+        "steps": 9,  # the grid wins over the device default
+        "lr": 0.001,
+        "precision": "fp32",
+        "seed": 1,
+        "run_name": "gpt-tiny-fp32-s1-lr=0.001",
+        "out_dir": str((tmp_path / "sw").resolve() / "results"),
+        "wandb_group": "sw",
+    }
+    assert runs[0].result_path == (tmp_path / "sw").resolve() / "results" / "gpt-tiny-fp32-s1-lr=0.001.json"
+
+
+@CPU_ONLY
+def test_plan_defaults_and_explicit_group(tmp_path: Path) -> None:
+    runs = plan_sweep(tmp_path / "my sweep", grid={"wandb_group": ["team"]})
+    assert [r.parameters["precision"] for r in runs] == native_precisions(probe("cpu"))
+    assert all(r.parameters["seed"] == 0 and r.parameters["wandb_group"] == "team" for r in runs)
+    assert runs[0].parameters["model"] == "gpt-tiny"
+    assert plan_sweep(tmp_path / "my sweep", ["fp32"])[0].parameters["wandb_group"] == "my_sweep"
+    assert plan_sweep(tmp_path / "x", ["fp32"], grid=None)[0].name == "gpt-tiny-fp32-s0"
+
+
+@CPU_ONLY
+def test_plan_probes_the_one_device_in_the_grid(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        plan_sweep(tmp_path, ["fp32"], [0], {"device": ["cuda"]})
+    runs = plan_sweep(tmp_path, ["fp32"], [0], {"device": ["cpu", "cuda"]})  # several: probe "auto"
+    assert [r.name for r in runs] == ["gpt-tiny-fp32-s0-device=cpu", "gpt-tiny-fp32-s0-device=cuda"]
+
+
+@CPU_ONLY
+def test_plan_model_in_the_name_but_never_twice(tmp_path: Path) -> None:
+    runs = plan_sweep(tmp_path, ["fp32"], [0], {"model": ["gpt-tiny", "tests.user_models:make"]})
+    assert [r.name for r in runs] == ["gpt-tiny-fp32-s0", "tests.user_models.make-fp32-s0"]
+
+
+@CPU_ONLY
+def test_plan_rejects_repeats_and_colliding_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        plan_sweep(tmp_path, ["fp32", "32"], [0])
+    assert str(info.value) == "precisions ['fp32', 'fp32'] and seeds [0] must not repeat"
+    with pytest.raises(ValueError, match=r"precisions \['fp32'\] and seeds \[1, 1\] must not repeat"):
+        plan_sweep(tmp_path, ["fp32"], [1, 1])
+    with pytest.raises(ValueError) as info:
+        plan_sweep(tmp_path, ["fp32"], [0], {"model": ["a:b", "a.b"]})
+    assert str(info.value) == "run names collide: ['a.b-fp32-s0']"
+
+
+# -- resume --------------------------------------------------------------------------------------
+
+
+def _result(run: PlannedRun, status: str = "ok", **changes: Any) -> RunResult:
+    config = {**{k: v for k, v in run.parameters.items() if k in RunConfig.field_names()}, **changes}
+    return RunResult(config=config, plan={"requested": config["precision"], "effective": config["precision"]},
+                     metrics=Metrics(tokens_per_s=1000.0, eval_loss=2.0), status=status,
+                     error=None if status == "ok" else f"{status}: first line\nsecond")  # fmt: skip
+
+
+@CPU_ONLY
+def test_complete_means_same_parameters_and_a_final_status(tmp_path: Path) -> None:
+    (run,) = plan_sweep(tmp_path, ["fp32"], [0], {"steps": [9], "wandb_mode": ["disabled"]})
+    assert not is_complete(run)  # no file
+    run.result_path.parent.mkdir(parents=True)
+    run.result_path.write_text("{not json")
+    assert not is_complete(run)  # half a file
+    run.result_path.write_text('{"schema_version": 1}')
+    assert not is_complete(run)  # missing keys
+    for status in ("ok", "diverged", "oom", "failed"):
+        _result(run, status).save(run.result_path)
+        assert is_complete(run) == (status in COMPLETE)
+    _result(run, steps=10).save(run.result_path)
+    assert not is_complete(run)
+    _result(run, out_dir="/moved/elsewhere").save(run.result_path)
+    assert is_complete(run)  # a moved sweep folder still resumes
+    assert COMPLETE == ("ok", "diverged", "oom")
+
+
+# -- failure records -----------------------------------------------------------------------------
+
+
+def test_failed_result_fills_defaults_and_resolves_the_plan() -> None:
+    result = failed_result(
+        {"precision": "bf16", "device": "cpu", "steps": 3, "wandb_mode": "disabled", "wandb_group": "g", "stepz": 1},
+        "NoSuchKernel: x",
+    )
+    assert result.status == "failed" and result.error == "NoSuchKernel: x"
+    defaults = RunConfig().to_dict()
+    assert result.config == {**defaults, "precision": "bf16", "device": "cpu", "steps": 3, "stepz": 1}
+    assert result.plan["requested"] == "bf16" and result.plan["effective"] == "bf16-mixed"
+    assert result.plan["torch_version"] == torch.__version__ and result.plan["device_type"] == "cpu"
+
+
+def test_failed_result_of_an_unparseable_precision_keeps_the_request() -> None:
+    result = failed_result({"precision": 33, "device": "cpu"}, "boom")
+    assert result.plan == {"requested": "33", "effective": None, "fallback_reason": None}
+    assert failed_result({}, "e").config["precision"] == RunConfig().precision
+
+
+def test_error_text_prefers_the_notebook_error_name_and_value() -> None:
+    class CellError(Exception):
+        ename, evalue = "ValueError", "bad steps"
+
+    assert sw._error_text(CellError("ignored")) == "ValueError: bad steps"
+    assert sw._error_text(RuntimeError("kernel died")) == "RuntimeError: kernel died"
+    assert sw._error_text(RuntimeError()) == "RuntimeError:"
+
+
+def test_port_race_is_found_through_implicit_context_and_both_messages() -> None:
+    try:
+        try:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        except RuntimeError:
+            raise ValueError("start failed")  # noqa: B904 - an implicit __context__ on purpose
+    except ValueError as exc:
+        assert sw._is_port_race(exc)
+    assert sw._is_port_race(OSError("Address already in use"))
+    assert not sw._is_port_race(OSError("Address in use"))
+
+
+def test_stamp_changes_when_a_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    assert sw._stamp(path) is None
+    path.write_text("a")
+    st = path.stat()
+    assert sw._stamp(path) == (st.st_ino, st.st_mtime_ns)
+
+
+# -- outcomes, exit codes ------------------------------------------------------------------------
+
+
+def test_exit_code_interrupted_then_failed_then_report() -> None:
+    ok, bad = Outcome("a", "ok"), Outcome("b", "diverged", "loss became nan\ntrace")
+    assert SweepResult(Path("x"), (ok,)).exit_code == 0
+    assert SweepResult(Path("x"), (ok, bad)).failed == [bad]
+    assert SweepResult(Path("x"), (ok, bad)).exit_code == 1
+    assert SweepResult(Path("x"), (ok,), report_error="boom").exit_code == 1
+    assert SweepResult(Path("x"), (ok, bad), interrupted=True, report_error="boom").exit_code == 130
+    assert SweepResult(Path("x"), ()).planned == 0 and SweepResult(Path("x"), ()).report == {}
+    assert sw._line(bad) == "diverged b: loss became nan"
+    assert sw._line(ok) == "ok       a"
+    assert sw._line(Outcome("c", "failed", "  \n")) == "failed   c"
+
+
+def test_settings_defaults() -> None:
+    s = Settings()
+    assert (s.kernel, s.timeout, s.retries) == ("amp-workbook", 3600.0, 3)
+    assert Path(s.notebooks, "train.ipynb").exists() and Path(s.notebooks, "compare.ipynb").exists()
+
+
+def test_visible_gpus_from_the_environment_or_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, ,1")
+    assert sw._visible_gpus() == ["0", "1"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert sw._visible_gpus() == [str(i) for i in range(torch.cuda.device_count())]
+
+
+def test_csv_and_parser_defaults() -> None:
+    assert sw._csv(" a, ,b ,") == ["a", "b"]
+    args = build_parser().parse_args(["--out", "o"])
+    assert (args.out, args.precisions, args.seeds, args.param) == ("o", None, ["0"], [])
+    assert (args.workers, args.force, args.kernel, args.timeout) == (1, False, "amp-workbook", 3600.0)
+    assert (args.tolerance, args.report) == (0.02, True)
+    args = build_parser().parse_args(
+        ["--out", "o", "--precisions", "fp32, bf16", "--seeds", "1,2", "-p", "a=1", "--param", "b=2", "--workers",
+         "3", "--force", "--kernel", "k", "--timeout", "5", "--tolerance", "0.1", "--no-report"]
+    )  # fmt: skip
+    assert (args.precisions, args.seeds, args.param) == (["fp32", "bf16"], ["1", "2"], ["a=1", "b=2"])
+    assert (args.workers, args.force, args.kernel, args.timeout, args.tolerance, args.report) == (
+        3, True, "k", 5.0, 0.1, False
+    )  # fmt: skip
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])  # --out is required
+
+
+# -- the CLI on finished results (resume: nothing executes) --------------------------------------
+
+
+def _finished_sweep(out: Path, statuses: dict[str, str], tps: dict[str, float]) -> list[PlannedRun]:
+    runs = plan_sweep(out, list(statuses), [0], {"device": ["cpu"], "steps": [9], "wandb_mode": ["disabled"]})
+    for run in runs:
+        result = _result(run, statuses[run.parameters["precision"]])
+        result = RunResult(result.config, result.plan, Metrics(tokens_per_s=tps[run.parameters["precision"]],
+                           eval_loss=2.0 if result.ok else None), (), result.status, result.error)  # fmt: skip
+        result.save(run.result_path)
+    return runs
+
+
+ARGS = ["-p", "device=cpu", "-p", "steps=9", "-p", "wandb_mode=disabled"]
+
+
+def test_resumed_sweep_prints_counts_paths_and_recommendation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sw"
+    _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 1000.0, "bf16-mixed": 1500.0})
+    assert main(["--out", str(out), "--precisions", "fp32,bf16", *ARGS, "--no-report"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == "resuming: 2 of 2 runs already complete (--force re-runs them)"  # tqdm.write: stdout
+    assert lines[1] == ""
+    assert lines[2] == f"sweep {out}: 2 of 2 runs done (0 executed, 2 resumed), 0 not ok"
+    assert lines[3] == f"  results:   {out / 'results'}/"
+    assert lines[4] == f"  notebooks: {out / 'runs'}/"
+    assert lines[5].startswith("recommendation (gpt-tiny): bf16-mixed — the fastest precision") and len(lines) == 6
+    assert "FAILED" not in captured.err and "interrupted" not in captured.err
+
+
+def test_resumed_sweep_with_a_diverged_run_exits_1_and_lists_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sw"
+    _finished_sweep(out, {"fp32": "ok", "fp16-mixed": "diverged"}, {"fp32": 1000.0, "fp16-mixed": 3000.0})
+    assert main(["--out", str(out), "--precisions", "fp32,fp16-mixed", *ARGS, "--no-report", "--tolerance", "0.5"]) == 1
+    captured = capsys.readouterr()
+    assert "(0 executed, 2 resumed), 1 not ok" in captured.out
+    assert "recommendation (gpt-tiny): fp32 — stay in fp32" in captured.out
+    assert captured.err.splitlines()[-1] == "FAILED diverged gpt-tiny-fp16-mixed-s0: diverged: first line"
+
+
+def test_sweep_function_resumes_and_reports_without_a_kernel(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    runs = _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "oom"}, {"fp32": 1000.0, "bf16-mixed": 1.0})
+    settings = Settings(kernel="no-such-kernel", retries=1)
+    result = sw.sweep(out, ["fp32", "bf16"], [0], ARGS[1::2], settings=settings)
+    assert result.planned == 2 and not result.interrupted and result.exit_code == 1
+    assert [(o.name, o.status, o.resumed) for o in result.outcomes] == [(r.name, s, True) for r, s in
+                                                                         zip(runs, ("ok", "oom"))]  # fmt: skip
+    assert result.outcomes[1].error == "oom: first line\nsecond"
+    assert result.report_error.startswith("report notebook failed (") and "NoSuchKernel" in result.report_error
+    assert result.report == {}
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# AMP Workbook sweep summary") and "| oom |" in summary
+    assert not (out / "summary.md.tmp").exists()
+    quiet = sw.sweep(out, ["fp32", "bf16"], [0], ARGS[1::2], report=False, settings=settings)
+    assert quiet.report_error is None and quiet.report == {} and quiet.out == out
+
+
+def test_forced_rerun_executes_and_records_a_failure_without_a_kernel(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    runs = _finished_sweep(out, {"fp32": "ok"}, {"fp32": 1000.0})
+    settings = Settings(kernel="no-such-kernel", retries=2)
+    outcomes, interrupted = run_sweep(runs, settings, force=True)
+    assert not interrupted
+    assert [(o.name, o.status, o.resumed) for o in outcomes] == [(runs[0].name, "failed", False)]
+    assert outcomes[0].error == "NoSuchKernel: No such kernel named no-such-kernel"
+    assert outcomes[0].notebook == str(out.resolve() / "runs" / f"{runs[0].name}.ipynb")
+    saved = RunResult.load(runs[0].result_path)
+    assert saved.status == "failed" and saved.error == outcomes[0].error and saved.config["steps"] == 9
+    assert run_sweep([], settings) == ([], False)
