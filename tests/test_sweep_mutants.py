@@ -393,3 +393,28 @@ def test_forced_rerun_executes_and_records_a_failure_without_a_kernel(tmp_path: 
     saved = RunResult.load(runs[0].result_path)
     assert saved.status == "failed" and saved.error == outcomes[0].error and saved.config["steps"] == 9
     assert run_sweep([], settings) == ([], False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "0,x"], "error: invalid --seeds '0,x'; expected comma-separated ints"),
+        (["--workers", "0"], "error: invalid --workers 0; expected >= 1"),
+        (["--precisions", "fp32", "-p", "stepz=1"], "error: unknown parameter 'stepz'; valid names: model, steps"),
+        (["--precisions", "fp32,32"], "error: precisions ['fp32', 'fp32'] and seeds [0] must not repeat"),
+    ],
+)
+def test_bad_command_lines_exit_2_with_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["--out", str(tmp_path / "sw"), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(message) and captured.err.count("\n") == 1
+    assert not (tmp_path / "sw").exists()
+
+
+def test_workers_one_is_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sw"
+    _finished_sweep(out, {"fp32": "ok"}, {"fp32": 1000.0})
+    assert main(["--out", str(out), "--precisions", "fp32", *ARGS, "--no-report", "--workers", "1"]) == 0
+    assert "1 of 1 runs done (0 executed, 1 resumed), 0 not ok" in capsys.readouterr().out
