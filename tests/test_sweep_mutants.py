@@ -332,6 +332,7 @@ def _finished_sweep(out: Path, statuses: dict[str, str], tps: dict[str, float]) 
 
 
 ARGS = ["-p", "device=cpu", "-p", "steps=9", "-p", "wandb_mode=disabled"]
+NO_KERNEL = ["--kernel", "no-such-kernel"]  # a run that is (wrongly) executed fails in a second, not minutes
 
 
 def test_resumed_sweep_prints_counts_paths_and_recommendation(
@@ -339,7 +340,7 @@ def test_resumed_sweep_prints_counts_paths_and_recommendation(
 ) -> None:
     out = tmp_path / "sw"
     _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 1000.0, "bf16-mixed": 1500.0})
-    assert main(["--out", str(out), "--precisions", "fp32,bf16", *ARGS, "--no-report"]) == 0
+    assert main(["--out", str(out), "--precisions", "fp32,bf16", *ARGS, *NO_KERNEL, "--no-report"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0] == "resuming: 2 of 2 runs already complete (--force re-runs them)"  # tqdm.write: stdout
@@ -356,7 +357,8 @@ def test_resumed_sweep_with_a_diverged_run_exits_1_and_lists_it(
 ) -> None:
     out = tmp_path / "sw"
     _finished_sweep(out, {"fp32": "ok", "fp16-mixed": "diverged"}, {"fp32": 1000.0, "fp16-mixed": 3000.0})
-    assert main(["--out", str(out), "--precisions", "fp32,fp16-mixed", *ARGS, "--no-report", "--tolerance", "0.5"]) == 1
+    argv = ["--out", str(out), "--precisions", "fp32,fp16-mixed", *ARGS, *NO_KERNEL, "--no-report", "--tolerance", "0.5"]
+    assert main(argv) == 1
     captured = capsys.readouterr()
     assert "(0 executed, 2 resumed), 1 not ok" in captured.out
     assert "recommendation (gpt-tiny): fp32 — stay in fp32" in captured.out
@@ -416,5 +418,101 @@ def test_bad_command_lines_exit_2_with_one_error_line(
 def test_workers_one_is_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sw"
     _finished_sweep(out, {"fp32": "ok"}, {"fp32": 1000.0})
-    assert main(["--out", str(out), "--precisions", "fp32", *ARGS, "--no-report", "--workers", "1"]) == 0
+    assert main(["--out", str(out), "--precisions", "fp32", *ARGS, *NO_KERNEL, "--no-report", "--workers", "1"]) == 0
     assert "1 of 1 runs done (0 executed, 1 resumed), 0 not ok" in capsys.readouterr().out
+
+
+HELP = """\
+usage: python -m amp_lib.sweep [-h] --out OUT [--precisions PRECISIONS] [--seeds SEEDS]
+                               [-p KEY=V1[,V2]] [--workers WORKERS] [--force] [--kernel KERNEL]
+                               [--timeout TIMEOUT] [--tolerance TOLERANCE] [--no-report]
+
+Run notebooks/train.ipynb over precisions x seeds x parameters with papermill, then the report.
+
+options:
+  -h, --help            show this help message and exit
+  --out OUT             sweep folder (runs/, results/, report.html, summary.md, figures/)
+  --precisions PRECISIONS
+                        comma-separated; default: what this device runs natively
+  --seeds SEEDS         comma-separated ints (default 0); several give mean ± spread
+  -p KEY=V1[,V2], --param KEY=V1[,V2]
+                        any RunConfig field (or wandb_mode/project/group); repeatable
+  --workers WORKERS     runs in parallel, one process each (one GPU each on multi-GPU machines)
+  --force               re-run runs whose results are already complete
+  --kernel KERNEL       Jupyter kernel to run the notebooks with (default amp-workbook)
+  --timeout TIMEOUT     seconds a notebook cell may run (default 3600)
+  --tolerance TOLERANCE
+                        relative eval-loss tolerance vs fp32 for the recommendation
+  --no-report           skip report.ipynb / report.html
+"""
+
+
+def test_help_text_documents_every_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    assert build_parser().format_help() == HELP
+
+
+@CPU_ONLY
+def test_a_cuda_run_on_a_cpu_machine_is_rejected_or_recorded_without_a_plan() -> None:
+    from amp_lib import workbook
+
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        workbook.run_notebook_parameters({"device": "cuda"}, before=())
+    result = failed_result({"precision": "fp32", "device": "cuda"}, "boom")
+    assert result.plan == {"requested": "fp32", "effective": None, "fallback_reason": None}
+    assert result.config["device"] == "cuda"
+
+
+def test_execute_run_creates_its_folders_and_records_the_papermill_call(tmp_path: Path) -> None:
+    import json
+
+    (run,) = plan_sweep(tmp_path / "deep" / "sw", ["fp32"], [0], {"device": ["cpu"], "steps": [9]})
+    settings = Settings(kernel="no-such-kernel", retries=1)
+    for _ in range(2):  # the second time the runs/ folder already exists
+        outcome = sw.execute_run(run, settings)
+        assert (outcome.status, outcome.error) == ("failed", "NoSuchKernel: No such kernel named no-such-kernel")
+    notebook = json.loads(Path(outcome.notebook).read_text())
+    assert Path(outcome.notebook) == (tmp_path / "deep" / "sw").resolve() / "runs" / f"{run.name}.ipynb"
+    meta = notebook["metadata"]["papermill"]
+    assert meta["input_path"] == str(Path(settings.notebooks) / "train.ipynb")
+    assert meta["output_path"] == outcome.notebook and meta["parameters"] == run.parameters
+
+
+def test_execute_run_without_any_attempt_records_a_missing_result(tmp_path: Path) -> None:
+    (run,) = plan_sweep(tmp_path / "sw", ["fp32"], [0], {"device": ["cpu"]})
+    outcome = sw.execute_run(run, Settings(kernel="no-such-kernel", retries=0))
+    assert (outcome.status, outcome.error) == ("failed", "the notebook finished without writing its result")
+    assert RunResult.load(run.result_path).error == "the notebook finished without writing its result"
+
+
+def test_cli_force_report_kernel_and_tolerance_reach_the_sweep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sw"
+    runs = _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 1000.0, "bf16-mixed": 1500.0})
+    bf16 = RunResult.load(runs[1].result_path)
+    RunResult(bf16.config, bf16.plan, Metrics(tokens_per_s=1500.0, eval_loss=2.1)).save(runs[1].result_path)  # +5%
+    base = ["--out", str(out), "--precisions", "fp32,bf16", *ARGS, *NO_KERNEL]
+    assert main([*base, "--tolerance", "0.1"]) == 1  # the report notebook cannot start
+    captured = capsys.readouterr()
+    assert "recommendation (gpt-tiny): bf16-mixed — the fastest precision whose eval loss stays within 10%" in captured.out
+    report_error = [line for line in captured.err.splitlines() if line.startswith("report failed:")]
+    assert report_error == [
+        f"report failed: report notebook failed ({out.resolve() / 'report.ipynb'}): NoSuchKernel: No such kernel named"
+        " no-such-kernel"
+    ]
+    assert "_Tolerance: eval loss within 10% of fp32's." in (out / "summary.md").read_text()
+    assert main([*base, "--no-report"]) == 0
+    assert "recommendation (gpt-tiny): fp32 — stay in fp32: bf16-mixed: eval loss" in capsys.readouterr().out
+    RunResult(bf16.config, bf16.plan, status="failed", error="x").save(runs[1].result_path)
+    assert main([*base, "--no-report"]) == 1  # the failed run is retried (and fails: no kernel)
+    assert "2 of 2 runs done (1 executed, 1 resumed), 1 not ok" in capsys.readouterr().out
+    assert main([*base, "--no-report", "--force"]) == 1
+    assert "2 of 2 runs done (2 executed, 0 resumed), 2 not ok" in capsys.readouterr().out
+
+
+def test_cli_without_a_baseline_recommends_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sw"
+    _finished_sweep(out, {"bf16-mixed": "ok"}, {"bf16-mixed": 1500.0})
+    assert main(["--out", str(out), "--precisions", "bf16", *ARGS, *NO_KERNEL, "--no-report"]) == 0
+    assert "recommendation (gpt-tiny): none — no successful fp32 run" in capsys.readouterr().out
