@@ -516,3 +516,24 @@ def test_cli_without_a_baseline_recommends_none(tmp_path: Path, capsys: pytest.C
     _finished_sweep(out, {"bf16-mixed": "ok"}, {"bf16-mixed": 1500.0})
     assert main(["--out", str(out), "--precisions", "bf16", *ARGS, *NO_KERNEL, "--no-report"]) == 0
     assert "recommendation (gpt-tiny): none — no successful fp32 run" in capsys.readouterr().out
+
+
+def test_write_report_writes_summary_then_exports_even_a_failed_report_notebook(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "sw"
+    _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 1000.0, "bf16-mixed": 1500.0})
+    settings = Settings(kernel="no-such-kernel")
+    with pytest.raises(RuntimeError) as info:
+        sw.write_report(out, settings, tolerance=0.25)
+    notebook = out.resolve() / "report.ipynb"
+    assert str(info.value) == f"report notebook failed ({notebook}): NoSuchKernel: No such kernel named no-such-kernel"
+    assert info.value.__cause__ is not None
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert summary.startswith("# AMP Workbook sweep summary") and "within 25% of fp32's" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.ipynb", "results", "summary.md"]
+    meta = json.loads(notebook.read_text())["metadata"]["papermill"]
+    assert meta["input_path"] == str(Path(settings.notebooks) / "compare.ipynb")
+    assert meta["output_path"] == str(notebook)
+    assert meta["parameters"] == {"sweep_dir": str(out.resolve()), "tolerance": 0.25, "figures_dir": str(out.resolve() / "figures")}
+    assert "<html" in (out / "report.html").read_text(encoding="utf-8")
