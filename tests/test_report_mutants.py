@@ -6,6 +6,7 @@ threshold or ordering shows up as a failing test (they were written against muta
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -354,3 +355,18 @@ def test_table_with_several_settings_shows_the_setting_column() -> None:
     text = format_table(rows, "text").splitlines()
     assert text[0].startswith("setting        requested")
     assert text[2].startswith("gpt-tiny lr=2  fp32") and "5 samples" in text[2]
+
+
+def test_stat_default_format_is_four_significant_digits_lowercase() -> None:
+    assert Stat(12345678.0).format() == "1.235e+07"
+    assert Stat(12345678.0, 0.5, 2).format(suffix=" s") == "1.235e+07 ± 0.5 s"
+
+
+def test_load_sweep_prefers_the_results_folder_and_names_a_missing_one(tmp_path: Path) -> None:
+    mk("fp32").save(tmp_path / "sweep" / "results" / "a.json")
+    mk("bf16-mixed").save(tmp_path / "sweep" / "elsewhere" / "b.json")  # not a result of this sweep's layout
+    assert [r.config["precision"] for r in R.load_sweep(tmp_path / "sweep")] == ["fp32"]
+    assert [r.config["precision"] for r in R.load_sweep(str(tmp_path / "sweep" / "elsewhere"))] == ["bf16-mixed"]
+    with pytest.raises(ValueError) as info:
+        R.load_sweep(tmp_path / "missing")
+    assert str(info.value) == f"sweep_dir {str(tmp_path / 'missing')!r} is not a folder"
