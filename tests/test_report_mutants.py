@@ -76,10 +76,14 @@ HEADER = (
 )
 MD_ROWS = [
     "| fp32 | fp32 | ok | fp32-s0 | 1,000 tokens | 1.00x | 200.0 | 0.0% | 2.5000 | 2.0000 | +0.0000 | 0 | — | — |  |",
-    "| fp16-mixed | fp16-mixed | ok | fp16-mixed-s0 | 2,500 tokens | 2.50x | 120.0 | 40.0% | 2.5000 | 2.0100 | +0.0100"
-    " | 3 | 3.28e+04 | 1.02e+03 |  |",
-    "| bf16-mixed | bf16-mixed | ok | bf16-s0 | 2,000 tokens | 2.00x | 110.0 | 45.0% | 2.5000 | 1.9900 | -0.0100 | 0"
-    " | — | — |  |",
+    (
+        "| fp16-mixed | fp16-mixed | ok | fp16-mixed-s0 | 2,500 tokens | 2.50x | 120.0 | 40.0% | 2.5000 | 2.0100"
+        " | +0.0100 | 3 | 3.28e+04 | 1.02e+03 |  |"
+    ),
+    (
+        "| bf16-mixed | bf16-mixed | ok | bf16-s0 | 2,000 tokens | 2.00x | 110.0 | 45.0% | 2.5000 | 1.9900 | -0.0100"
+        " | 0 | — | — |  |"
+    ),
 ]
 REC = (
     "**Recommendation (gpt-tiny): fp16-mixed** — the fastest precision whose eval loss stays within 2% of fp32's:"
@@ -188,7 +192,9 @@ def test_baseline_is_the_same_seed_else_every_ok_fp32_seed() -> None:
     ]
     rows = {(r.requested, r.seeds): r for r in run_table(runs)}
     same = rows[("bf16-mixed", (1,))]
-    assert same.speedup == Stat(1.5) and same.memory_saved_pct == Stat(50.0) and same.loss_diff.mean == pytest.approx(0.3)
+    assert (
+        same.speedup == Stat(1.5) and same.memory_saved_pct == Stat(50.0) and same.loss_diff.mean == pytest.approx(0.3)
+    )
     pooled = rows[("bf16-mixed", (7,))]
     assert pooled.speedup == Stat(2.0) and pooled.memory_saved_pct == Stat(50.0) and pooled.loss_diff == Stat(-0.5)
     noseed = rows[("bf16-mixed", ())]
@@ -201,7 +207,9 @@ def test_no_usable_baseline_leaves_ratios_empty() -> None:
     bf16 = rows[1]
     assert bf16.speedup is None and bf16.memory_saved_pct is None and bf16.loss_diff is None
     shown = cells(bf16)
-    assert [shown[k] for k in ("throughput/s", "speedup vs fp32", "peak MB", "memory saved", "Δ eval vs fp32")] == ["—"] * 5
+    assert [shown[k] for k in ("throughput/s", "speedup vs fp32", "peak MB", "memory saved", "Δ eval vs fp32")] == [
+        "—"
+    ] * 5
     assert (shown["effective"], shown["fallback / error"]) == ("bf16-mixed", "")
     assert cells(R.Row(*(["s", "x", None, "ok", 1, 1, (), ("r",), "t"] + [None] * 12)))["effective"] == "?"
     assert R._ratio(2.0, 0.0) is None and R._ratio(None, 2.0) is None and R._ratio(3.0, 2.0) == 1.5
@@ -214,7 +222,13 @@ def test_rows_are_ordered_by_setting_then_precision_order_then_name_then_seed() 
         ("fp32", (0,)), ("fp16-mixed", (0,)), ("bf16-mixed", (10,)), ("bf16-mixed", (2,)), ("aa-custom", (0,)),
         ("zz-custom", (0,)),
     ]  # fmt: skip
-    assert [r.requested for r in comparison_table(runs)] == ["fp32", "fp16-mixed", "bf16-mixed", "aa-custom", "zz-custom"]
+    assert [r.requested for r in comparison_table(runs)] == [
+        "fp32",
+        "fp16-mixed",
+        "bf16-mixed",
+        "aa-custom",
+        "zz-custom",
+    ]
     assert R._order("fp32") == 0 and R._order("nope") == len(R.CANONICAL)
     assert R._canonical("16") == "fp16-mixed" and R._canonical("nope") == "nope"
 
@@ -246,7 +260,10 @@ def test_recommendation_markdown_and_summary_exactly() -> None:
     table = "\n".join([HEADER, "|" + "---|" * 15, *MD_ROWS])
     assert summary_markdown(THREE) == f"# AMP Workbook sweep summary\n\n{table}\n\n{REC}\n"
     nameless = Recommendation("", None, None, 0.005, "why", ())
-    assert nameless.to_markdown() == "**Recommendation: none** — why\n\n_Tolerance: eval loss within 0.5% of fp32's. Evidence:_\n"
+    assert (
+        nameless.to_markdown()
+        == "**Recommendation: none** — why\n\n_Tolerance: eval loss within 0.5% of fp32's. Evidence:_\n"
+    )
 
 
 def test_fastest_qualifying_precision_wins_and_fallbacks_are_explained() -> None:
@@ -258,7 +275,10 @@ def test_fastest_qualifying_precision_wins_and_fallbacks_are_explained() -> None
         "the fastest precision whose eval loss stays within 2% of fp32's: 3.00x fp32 throughput, eval loss 2.0000 vs"
         " 2.0000 (request 'fp16-mixed'; it runs as bf16-mixed: no fast fp16 here)"
     )
-    assert rec.evidence[2] == "fp16-mixed → bf16-mixed, ok, 3.00x fp32 throughput, 0.0% memory saved, eval loss 2.0000, Δ vs fp32 +0.0000"
+    assert (
+        rec.evidence[2]
+        == "fp16-mixed → bf16-mixed, ok, 3.00x fp32 throughput, 0.0% memory saved, eval loss 2.0000, Δ vs fp32 +0.0000"
+    )
     assert recommend(runs, tolerance=0.0201).precision == "tf32"  # 2.005% is inside 2.01%
 
 
@@ -275,7 +295,7 @@ def test_each_verdict_is_spelled_out_when_staying_in_fp32() -> None:
     ]
     rec = recommend(runs)
     assert rec.precision == "fp32" and rec.requested == "fp32" and rec.stay_in_fp32
-    assert rec.reason == "stay in fp32: " + "; ".join(
+    assert rec.reason == "stay in fp32: " + "; ".join(  # noqa: FLY002
         [
             "tf32 (ran as fp32) runs as fp32 on this machine (no fallback reason recorded)",
             "fp16-mixed is not safe: diverged×1, oom×1: loss became nan",

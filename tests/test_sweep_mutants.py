@@ -256,7 +256,7 @@ def test_port_race_is_found_through_implicit_context_and_both_messages() -> None
         try:
             raise RuntimeError("Kernel died before replying to kernel_info")
         except RuntimeError:
-            raise ValueError("start failed")  # noqa: B904 - an implicit __context__ on purpose
+            raise ValueError("start failed")  # an implicit __context__ on purpose
     except ValueError as exc:
         assert sw._is_port_race(exc)
     assert sw._is_port_race(OSError("Address already in use"))
@@ -357,7 +357,17 @@ def test_resumed_sweep_with_a_diverged_run_exits_1_and_lists_it(
 ) -> None:
     out = tmp_path / "sw"
     _finished_sweep(out, {"fp32": "ok", "fp16-mixed": "diverged"}, {"fp32": 1000.0, "fp16-mixed": 3000.0})
-    argv = ["--out", str(out), "--precisions", "fp32,fp16-mixed", *ARGS, *NO_KERNEL, "--no-report", "--tolerance", "0.5"]
+    argv = [
+        "--out",
+        str(out),
+        "--precisions",
+        "fp32,fp16-mixed",
+        *ARGS,
+        *NO_KERNEL,
+        "--no-report",
+        "--tolerance",
+        "0.5",
+    ]
     assert main(argv) == 1
     captured = capsys.readouterr()
     assert "(0 executed, 2 resumed), 1 not ok" in captured.out
@@ -495,11 +505,15 @@ def test_cli_force_report_kernel_and_tolerance_reach_the_sweep(
     base = ["--out", str(out), "--precisions", "fp32,bf16", *ARGS, *NO_KERNEL]
     assert main([*base, "--tolerance", "0.1"]) == 1  # the report notebook cannot start
     captured = capsys.readouterr()
-    assert "recommendation (gpt-tiny): bf16-mixed — the fastest precision whose eval loss stays within 10%" in captured.out
+    assert (
+        "recommendation (gpt-tiny): bf16-mixed — the fastest precision whose eval loss stays within 10%" in captured.out
+    )
     report_error = [line for line in captured.err.splitlines() if line.startswith("report failed:")]
     assert report_error == [
-        f"report failed: report notebook failed ({out.resolve() / 'report.ipynb'}): NoSuchKernel: No such kernel named"
-        " no-such-kernel"
+        (
+            f"report failed: report notebook failed ({out.resolve() / 'report.ipynb'}): NoSuchKernel: No such kernel"
+            " named no-such-kernel"
+        )
     ]
     assert "_Tolerance: eval loss within 10% of fp32's." in (out / "summary.md").read_text()
     assert main([*base, "--no-report"]) == 0
@@ -535,5 +549,9 @@ def test_write_report_writes_summary_then_exports_even_a_failed_report_notebook(
     meta = json.loads(notebook.read_text())["metadata"]["papermill"]
     assert meta["input_path"] == str(Path(settings.notebooks) / "compare.ipynb")
     assert meta["output_path"] == str(notebook)
-    assert meta["parameters"] == {"sweep_dir": str(out.resolve()), "tolerance": 0.25, "figures_dir": str(out.resolve() / "figures")}
+    assert meta["parameters"] == {
+        "sweep_dir": str(out.resolve()),
+        "tolerance": 0.25,
+        "figures_dir": str(out.resolve() / "figures"),
+    }
     assert "<html" in (out / "report.html").read_text(encoding="utf-8")

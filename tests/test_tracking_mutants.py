@@ -66,7 +66,11 @@ def test_row_metrics_edges() -> None:
     assert set(got) == {"train/loss", "amp/skipped_steps", "amp/loss_scale"} and math.isnan(got["train/loss"])
     assert got["amp/loss_scale"] == 2.0 and got["amp/skipped_steps"] == 1
     negative = HistoryRow(step=1, loss=0.0, loss_scale=None, grad_norm=0.0, step_time_ms=-1.0)
-    assert history_row_metrics(negative, 64, True) == {"train/loss": 0.0, "amp/skipped_steps": 0, "train/grad_norm": 0.0}
+    assert history_row_metrics(negative, 64, True) == {
+        "train/loss": 0.0,
+        "amp/skipped_steps": 0,
+        "train/grad_norm": 0.0,
+    }
     quick = HistoryRow(step=2, loss=1.0, loss_scale=None, grad_norm=None, step_time_ms=0.5)
     assert history_row_metrics(quick, 10, False)["perf/tokens_per_s"] == 20000.0
 
@@ -88,7 +92,15 @@ def test_constructor_normalises_its_arguments(monkeypatch: pytest.MonkeyPatch) -
     )  # fmt: skip
     assert (t.run, t.run_id, t.run_dir) == (None, None, None)
     d = WandbTracker("disabled", "p", "g")
-    assert (d.mode, d.project, d.group, d.dir, d.name, d.tags, d.job_type) == ("disabled", "p", "g", None, None, [], None)
+    assert (d.mode, d.project, d.group, d.dir, d.name, d.tags, d.job_type) == (
+        "disabled",
+        "p",
+        "g",
+        None,
+        None,
+        [],
+        None,
+    )
 
 
 def test_disabled_run_still_creates_its_folder_and_records_no_run_dir(wandb_env: Path, tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def test_result_markdown_exactly() -> None:
         min_loss_scale=512.0,
     )
     result = RunResult(config={}, plan={}, metrics=metrics)
-    assert workbook.result_markdown(result) == "\n".join(
+    assert workbook.result_markdown(result) == "\n".join(  # noqa: FLY002
         [
             "**Status:** ok",
             "- throughput: 12,346 samples/s (median step 3.14 ms)",
