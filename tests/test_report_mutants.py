@@ -390,3 +390,23 @@ def test_load_sweep_prefers_the_results_folder_and_names_a_missing_one(tmp_path:
     with pytest.raises(ValueError) as info:
         R.load_sweep(tmp_path / "missing")
     assert str(info.value) == f"sweep_dir {str(tmp_path / 'missing')!r} is not a folder"
+
+
+def test_precision_falls_back_to_the_plans_request_and_names_to_blank() -> None:
+    bare = RunResult(config={"model": "gpt-tiny", "seed": 0}, plan={"requested": "bf16", "effective": "bf16-mixed"})
+    only_config = RunResult(
+        config={"precision": "fp16", "model": "gpt-tiny", "seed": 0}, plan={"effective": "fp16-mixed"}
+    )
+    rows = run_table([bare, only_config])
+    assert [r.requested for r in rows] == ["fp16-mixed", "bf16-mixed"]
+    assert [r.run_names for r in rows] == [("",), ("",)]
+
+
+def test_seeds_sort_as_text_within_a_precision() -> None:
+    rows = run_table([mk("bf16-mixed", 2), mk("bf16-mixed", 10), mk("bf16-mixed", 1)])
+    assert [r.seeds for r in rows] == [(1,), (10,), (2,)]
+
+
+def test_markdown_cells_stay_on_one_line() -> None:
+    rows = run_table([mk("fp32", run_name="two\nlines")])
+    assert format_table(rows).splitlines()[-1].startswith("| fp32 | fp32 | ok | two lines |")
