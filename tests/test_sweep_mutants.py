@@ -554,4 +554,5 @@ def test_write_report_writes_summary_then_exports_even_a_failed_report_notebook(
         "tolerance": 0.25,
         "figures_dir": str(out.resolve() / "figures"),
     }
-    assert "<html" in (out / "report.html").read_text(encoding="utf-8")
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<html" in html and "comparison_table" in html  # the export of compare.ipynb's output
