@@ -410,3 +410,14 @@ def test_seeds_sort_as_text_within_a_precision() -> None:
 def test_markdown_cells_stay_on_one_line() -> None:
     rows = run_table([mk("fp32", run_name="two\nlines")])
     assert format_table(rows).splitlines()[-1].startswith("| fp32 | fp32 | ok | two lines |")
+
+
+def test_a_setting_without_baseline_does_not_hide_the_next_setting() -> None:
+    recs = recommendations([mk("bf16-mixed", lr=1), mk("fp32", lr=2), mk("bf16-mixed", lr=2, tps=2000.0)])
+    assert [(r.setting, r.precision) for r in recs] == [("gpt-tiny lr=1", None), ("gpt-tiny lr=2", "bf16-mixed")]
+    assert recs[0].to_markdown().startswith("**Recommendation (gpt-tiny lr=1): none**")
+
+
+def test_many_skipped_steps_use_a_lowercase_exponent() -> None:
+    (row,) = run_table([mk("fp16-mixed", skipped=1500)])
+    assert R._evidence(row).endswith("1.5e+03 skipped steps")
