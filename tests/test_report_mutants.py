@@ -133,6 +133,7 @@ def test_every_column_of_three_precisions_in_markdown_text_and_html() -> None:
     assert html.startswith('<table class="amp-comparison"><thead><tr><th>requested</th><th>effective</th>')
     assert "<tr><td>fp32</td><td>fp32</td><td>ok</td><td>fp32-s0</td><td>1,000 tokens</td><td>1.00x</td>" in html
     assert html.endswith("<td>—</td><td>—</td><td></td></tr></tbody></table>")
+    assert "<td></td></tr><tr><td>fp16-mixed</td>" in html and html.count("</tr><tr>") == 2
 
 
 def test_markdown_and_html_escape_cell_text() -> None:
