@@ -556,3 +556,7 @@ def test_write_report_writes_summary_then_exports_even_a_failed_report_notebook(
     }
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "<html" in html and "comparison_table" in html  # the export of compare.ipynb's output
+
+
+def test_a_value_may_contain_an_equals_sign() -> None:
+    assert parse_params(["wandb_group=a=b"]) == {"wandb_group": ["a=b"]}
