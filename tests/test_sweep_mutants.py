@@ -188,7 +188,7 @@ def test_plan_rejects_repeats_and_colliding_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"precisions \['fp32'\] and seeds \[1, 1\] must not repeat"):
         plan_sweep(tmp_path, ["fp32"], [1, 1])
     with pytest.raises(ValueError) as info:
-        plan_sweep(tmp_path, ["fp32"], [0], {"model": ["a:b", "a.b"]})
+        plan_sweep(tmp_path, ["fp32"], [0], {"model": ["a:b", "c", "a.b"]})
     assert str(info.value) == "run names collide: ['a.b-fp32-s0']"
 
 
