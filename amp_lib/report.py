@@ -334,11 +334,14 @@ def _verdict(row: Row, base: Row, tolerance: float) -> str | None:
     if row.eval_loss is None or base.eval_loss is None:
         return f"{name} has no eval loss to compare with fp32"
     diff = row.eval_loss.mean - base.eval_loss.mean
-    rel = abs(diff) / abs(base.eval_loss.mean) if base.eval_loss.mean else math.inf
+    if base.eval_loss.mean:
+        rel, change = abs(diff) / abs(base.eval_loss.mean), f"{100 * diff / base.eval_loss.mean:+.2f}%"
+    else:  # a zero fp32 loss: only the same loss is "within" it (and there is no percentage to quote)
+        rel, change = (math.inf if diff else 0.0), f"{diff:+.4f} absolute"
     if rel > tolerance:
         return (
             f"{name}: eval loss {row.eval_loss.mean:.4f} vs fp32 {base.eval_loss.mean:.4f} "
-            f"({100 * diff / base.eval_loss.mean:+.2f}%) is outside the {100 * tolerance:g}% tolerance"
+            f"({change}) is outside the {100 * tolerance:g}% tolerance"
         )
     if row.speedup is None:
         return f"{name} has no throughput to compare with fp32"
