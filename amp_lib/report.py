@@ -110,7 +110,7 @@ class Recommendation:
     def to_markdown(self) -> str:
         where = f" ({self.setting})" if self.setting else ""
         head = f"**Recommendation{where}: {self.precision or 'none'}** — {self.reason}"
-        rule = f"_Tolerance: eval loss within {100 * self.tolerance:g}% of fp32's. Evidence:_"
+        rule = f"_Tolerance: eval loss at most {100 * self.tolerance:g}% above fp32's. Evidence:_"
         return "\n".join([head, "", rule, "", *(f"- {line}" for line in self.evidence)])
 
 
@@ -334,14 +334,15 @@ def _verdict(row: Row, base: Row, tolerance: float) -> str | None:
     if row.eval_loss is None or base.eval_loss is None:
         return f"{name} has no eval loss to compare with fp32"
     diff = row.eval_loss.mean - base.eval_loss.mean
+    # One-sided: a half precision that converges *better* than fp32 in the same steps is no reason to stay.
     if base.eval_loss.mean:
-        rel, change = abs(diff) / abs(base.eval_loss.mean), f"{100 * diff / base.eval_loss.mean:+.2f}%"
-    else:  # a zero fp32 loss: only the same loss is "within" it (and there is no percentage to quote)
-        rel, change = (math.inf if diff else 0.0), f"{diff:+.4f} absolute"
-    if rel > tolerance:
+        worse, change = diff / abs(base.eval_loss.mean), f"{100 * diff / base.eval_loss.mean:+.2f}%"
+    else:  # a zero fp32 loss: any higher loss is infinitely worse (and there is no percentage to quote)
+        worse, change = (math.inf if diff > 0 else 0.0), f"{diff:+.4f} absolute"
+    if worse > tolerance:
         return (
             f"{name}: eval loss {row.eval_loss.mean:.4f} vs fp32 {base.eval_loss.mean:.4f} "
-            f"({change}) is outside the {100 * tolerance:g}% tolerance"
+            f"({change}) is worse than the {100 * tolerance:g}% tolerance"
         )
     if row.speedup is None:
         return f"{name} has no throughput to compare with fp32"
@@ -369,7 +370,7 @@ def _evidence(row: Row) -> str:
 
 
 def recommendations(results: Sequence[RunResult], tolerance: float = DEFAULT_TOLERANCE) -> list[Recommendation]:
-    """One recommendation per setting: the fastest precision whose eval loss is within `tolerance` of fp32's."""
+    """One recommendation per setting: the fastest precision whose eval loss is at most `tolerance` above fp32's."""
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise ValueError(f"tolerance={tolerance!r} must be a finite number >= 0 (relative, e.g. 0.02 for 2%)")
     table = comparison_table(results)
@@ -399,7 +400,7 @@ def recommendations(results: Sequence[RunResult], tolerance: float = DEFAULT_TOL
         if winners:
             best = winners[0]
             reason = (
-                f"the fastest precision whose eval loss stays within {100 * tolerance:g}% of fp32's: "
+                f"the fastest precision whose eval loss stays within {100 * tolerance:g}% of fp32's (or below it): "
                 f"{best.speedup.format('.2f', 'x') if best.speedup else '?'} fp32 throughput, "
                 f"eval loss {best.eval_loss.format('.4f') if best.eval_loss else '?'} vs {base.eval_loss.format('.4f') if base.eval_loss else '?'}"
             )

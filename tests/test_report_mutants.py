@@ -86,8 +86,8 @@ MD_ROWS = [
     ),
 ]
 REC = (
-    "**Recommendation (gpt-tiny): fp16-mixed** — the fastest precision whose eval loss stays within 2% of fp32's:"
-    " 2.50x fp32 throughput, eval loss 2.0100 vs 2.0000\n\n_Tolerance: eval loss within 2% of fp32's. Evidence:_\n\n"
+    "**Recommendation (gpt-tiny): fp16-mixed** — the fastest precision whose eval loss stays within 2% of fp32's (or below it):"
+    " 2.50x fp32 throughput, eval loss 2.0100 vs 2.0000\n\n_Tolerance: eval loss at most 2% above fp32's. Evidence:_\n\n"
     "- fp32, ok, 1.00x fp32 throughput, 0.0% memory saved, eval loss 2.0000\n"
     "- fp16-mixed, ok, 2.50x fp32 throughput, 40.0% memory saved, eval loss 2.0100, Δ vs fp32 +0.0100, 3 skipped steps\n"
     "- bf16-mixed, ok, 2.00x fp32 throughput, 45.0% memory saved, eval loss 1.9900, Δ vs fp32 -0.0100"
@@ -263,7 +263,7 @@ def test_recommendation_markdown_and_summary_exactly() -> None:
     nameless = Recommendation("", None, None, 0.005, "why", ())
     assert (
         nameless.to_markdown()
-        == "**Recommendation: none** — why\n\n_Tolerance: eval loss within 0.5% of fp32's. Evidence:_\n"
+        == "**Recommendation: none** — why\n\n_Tolerance: eval loss at most 0.5% above fp32's. Evidence:_\n"
     )
 
 
@@ -273,7 +273,7 @@ def test_fastest_qualifying_precision_wins_and_fallbacks_are_explained() -> None
     rec = recommend(runs, tolerance=0.02)
     assert (rec.precision, rec.requested) == ("bf16-mixed", "fp16-mixed")
     assert rec.reason == (
-        "the fastest precision whose eval loss stays within 2% of fp32's: 3.00x fp32 throughput, eval loss 2.0000 vs"
+        "the fastest precision whose eval loss stays within 2% of fp32's (or below it): 3.00x fp32 throughput, eval loss 2.0000 vs"
         " 2.0000 (request 'fp16-mixed'; it runs as bf16-mixed: no fast fp16 here)"
     )
     assert (
@@ -301,7 +301,7 @@ def test_each_verdict_is_spelled_out_when_staying_in_fp32() -> None:
             "tf32 (ran as fp32) runs as fp32 on this machine (no fallback reason recorded)",
             "fp16-mixed is not safe: diverged×1, oom×1: loss became nan",
             "bf16-mixed is not faster than fp32 here (1.00x fp32 throughput)",
-            "fp16-true: eval loss 2.1000 vs fp32 2.0000 (+5.00%) is outside the 2% tolerance",
+            "fp16-true: eval loss 2.1000 vs fp32 2.0000 (+5.00%) is worse than the 2% tolerance",
             "bf16-true has no eval loss to compare with fp32",
             "fp8-mixed has no throughput to compare with fp32",
         ]
@@ -319,14 +319,15 @@ def test_tolerance_edges() -> None:
     assert recommend(runs, tolerance=0.03125).precision == "bf16-mixed"  # exactly at the tolerance is within
     assert recommend(runs, tolerance=0.0312).precision == "fp32"
     below = [mk("fp32", eval_loss=2.0), mk("bf16-mixed", tps=1500, eval_loss=1.9375)]
-    assert recommend(below, 0.0312).reason.endswith("(-3.12%) is outside the 3.12% tolerance")
-    assert recommend(runs, tolerance=0).reason.endswith("(+3.12%) is outside the 0% tolerance")
+    assert recommend(below, 0.0312).precision == "bf16-mixed"  # one-sided: a lower loss is never held against it
+    assert recommend(below, 0).precision == "bf16-mixed"
+    assert recommend(runs, tolerance=0).reason.endswith("(+3.12%) is worse than the 0% tolerance")
     zero = [mk("fp32", eval_loss=0.0), mk("bf16-mixed", tps=1500, eval_loss=0.0)]
     assert recommend(zero, tolerance=0).precision == "bf16-mixed"  # the same zero loss is within any tolerance
     off_zero = [mk("fp32", eval_loss=0.0), mk("bf16-mixed", tps=1500, eval_loss=0.5)]
     rec = recommend(off_zero, tolerance=10)  # any change from a zero loss is infinitely far in relative terms
     assert rec.stay_in_fp32 and rec.reason.endswith(
-        "bf16-mixed: eval loss 0.5000 vs fp32 0.0000 (+0.5000 absolute) is outside the 1000% tolerance"
+        "bf16-mixed: eval loss 0.5000 vs fp32 0.0000 (+0.5000 absolute) is worse than the 1000% tolerance"
     )
     with pytest.raises(ValueError) as info:
         recommendations(runs, tolerance=math.inf)

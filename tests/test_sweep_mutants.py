@@ -515,7 +515,7 @@ def test_cli_force_report_kernel_and_tolerance_reach_the_sweep(
             " named no-such-kernel"
         )
     ]
-    assert "_Tolerance: eval loss within 10% of fp32's." in (out / "summary.md").read_text()
+    assert "_Tolerance: eval loss at most 10% above fp32's." in (out / "summary.md").read_text()
     assert main([*base, "--no-report"]) == 0
     assert "recommendation (gpt-tiny): fp32 — stay in fp32: bf16-mixed: eval loss" in capsys.readouterr().out
     RunResult(bf16.config, bf16.plan, status="failed", error="x").save(runs[1].result_path)
