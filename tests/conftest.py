@@ -11,7 +11,24 @@ import pytest
 
 # Under mutmut (it sets MUTANT_UNDER_TEST) the fast unit files run first, so that with `-x` a mutant
 # dies on the first cheap test that sees it instead of after the training-loop tests.
-_MUTATION_ORDER = ("test_precision", "test_results", "test_scaler", "test_models", "test_bench", "test_train")
+_MUTATION_ORDER = (
+    "test_precision",
+    "test_results",
+    "test_scaler",
+    "test_models",
+    "test_core_contracts",
+    "test_report_mutants",
+    "test_report",
+    "test_sweep_mutants",
+    "test_workbook_mutants",
+    "test_workbook",
+    "test_tracking_mutants",
+    "test_lightning_callback_mutants",
+    "test_tracking",
+    "test_lightning_callback",
+    "test_bench",
+    "test_train",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
