@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,16 +44,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _wandb_offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test talks to W&B servers or writes into the repo or the home directory."""
+def wandb_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """No test talks to W&B servers or writes into the repo or home: `<root>/wandb_dir` is WANDB_DIR."""
     root = tmp_path_factory.mktemp("wandb")
     for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-        path = root / name.lower()
-        path.mkdir()
-        monkeypatch.setenv(name, str(path))
+        (root / name.lower()).mkdir(parents=True)
+        monkeypatch.setenv(name, str(root / name.lower()))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    if "wandb" in sys.modules:  # wandb reads these once per process set-up: make it read this test's
+    _wandb_teardown()  # wandb reads these once per process set-up: make it read this test's
+    yield root
+    _wandb_teardown()
+
+
+def _wandb_teardown() -> None:
+    if "wandb" in sys.modules:  # only if a test imported it: importing wandb costs a second
         import wandb
 
         wandb.teardown()

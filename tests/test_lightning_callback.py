@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,17 +28,8 @@ NOT_FP16: list[Any] = ["32-true", 32, "bf16-mixed", "bf16", "tf32", "64-true", N
 
 
 @pytest.fixture
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """W&B offline and silent, with every directory it writes inside this test's tmp_path."""
-    root = tmp_path / "wb"
-    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-        (root / name.lower()).mkdir(parents=True)
-        monkeypatch.setenv(name, str(root / name.lower()))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    wandb.teardown()  # wandb reads its env vars once per process setup: make it read these ones
-    yield root / "wandb_dir"
-    wandb.teardown()
+def wandb_dir(wandb_env: Path) -> Path:
+    return wandb_env / "wandb_dir"
 
 
 class TinyRegression(LightningModule):
@@ -132,10 +122,10 @@ def step_rows(record: RunRecord) -> list[dict[str, Any]]:
 # --- real Trainer, real W&B ---------------------------------------------------------------------
 
 
-def test_fp16_with_scaler_logs_the_scalers_scale_and_skips(wandb_env: Path) -> None:
+def test_fp16_with_scaler_logs_the_scalers_scale_and_skips(wandb_dir: Path) -> None:
     precision = 16  # the int spelling; every other spelling is checked below without a Trainer
     callback = AmpWandbCallback(enabled=True, precision=precision, log_every_n_steps=2)
-    with wandb.init(project="amp-test", dir=wandb_env) as run:
+    with wandb.init(project="amp-test", dir=wandb_dir) as run:
         witness = fit(callback, plugins=[fp16_plugin()])
         run_dir = Path(run.settings.sync_dir)
     record = logged(run_dir)
@@ -168,9 +158,9 @@ def test_fp16_with_scaler_logs_the_scalers_scale_and_skips(wandb_env: Path) -> N
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_without_fp16_no_scale_is_logged(wandb_env: Path, precision: str) -> None:
+def test_without_fp16_no_scale_is_logged(wandb_dir: Path, precision: str) -> None:
     callback = AmpWandbCallback(enabled=True, precision=precision, log_every_n_steps=1)
-    with wandb.init(project="amp-test", dir=wandb_env) as run:
+    with wandb.init(project="amp-test", dir=wandb_dir) as run:
         witness = fit(callback, precision=precision)
         run_dir = Path(run.settings.sync_dir)
     record = logged(run_dir)
@@ -181,9 +171,9 @@ def test_without_fp16_no_scale_is_logged(wandb_env: Path, precision: str) -> Non
     assert step_rows(record) == []
 
 
-def test_lightning_16_mixed_on_cpu_runs_bf16_so_there_is_no_scale(wandb_env: Path) -> None:
+def test_lightning_16_mixed_on_cpu_runs_bf16_so_there_is_no_scale(wandb_dir: Path) -> None:
     callback = AmpWandbCallback(enabled=True, precision="16-mixed", log_every_n_steps=1)
-    with wandb.init(project="amp-test", dir=wandb_env) as run:
+    with wandb.init(project="amp-test", dir=wandb_dir) as run:
         with pytest.warns(UserWarning, match="bf16"):
             fit(callback, epochs=1, precision="16-mixed")  # Lightning switches to bf16-mixed on a CPU
         run_dir = Path(run.settings.sync_dir)
@@ -192,9 +182,9 @@ def test_lightning_16_mixed_on_cpu_runs_bf16_so_there_is_no_scale(wandb_env: Pat
     assert "amp/loss_scale" not in record.metric_keys()
 
 
-def test_disabled_logs_enabled_zero_and_no_scale_even_with_a_scaler(wandb_env: Path) -> None:
+def test_disabled_logs_enabled_zero_and_no_scale_even_with_a_scaler(wandb_dir: Path) -> None:
     callback = AmpWandbCallback(enabled=False, precision="16-mixed", log_every_n_steps=1)
-    with wandb.init(project="amp-test", dir=wandb_env) as run:
+    with wandb.init(project="amp-test", dir=wandb_dir) as run:
         witness = fit(callback, plugins=[fp16_plugin()])
         run_dir = Path(run.settings.sync_dir)
     record = logged(run_dir)
@@ -204,9 +194,9 @@ def test_disabled_logs_enabled_zero_and_no_scale_even_with_a_scaler(wandb_env: P
     assert step_rows(record) == []
 
 
-def test_gradient_accumulation_logs_per_optimizer_step(wandb_env: Path) -> None:
+def test_gradient_accumulation_logs_per_optimizer_step(wandb_dir: Path) -> None:
     callback = AmpWandbCallback(enabled=True, precision="fp16-mixed", log_every_n_steps=1)
-    with wandb.init(project="amp-test", dir=wandb_env) as run:
+    with wandb.init(project="amp-test", dir=wandb_dir) as run:
         witness = fit(callback, epochs=2, plugins=[fp16_plugin()], accumulate_grad_batches=2)
         run_dir = Path(run.settings.sync_dir)
     steps = step_rows(logged(run_dir))
@@ -214,12 +204,12 @@ def test_gradient_accumulation_logs_per_optimizer_step(wandb_env: Path) -> None:
     assert [row["amp/loss_scale"] for row in steps] == [witness.step_scale[s] for s in (1, 2, 3, 4)]
 
 
-def test_no_active_run_is_a_silent_no_op(wandb_env: Path) -> None:
+def test_no_active_run_is_a_silent_no_op(wandb_dir: Path) -> None:
     assert wandb.run is None
     callback = AmpWandbCallback(enabled=True, precision="16-mixed", log_every_n_steps=1)
     witness = fit(callback, epochs=1, plugins=[fp16_plugin()])
     assert len(witness.epoch_end) == 1
-    assert not (wandb_env / "wandb").exists()
+    assert not (wandb_dir / "wandb").exists()
 
 
 # --- plain objects lacking attributes (not Lightning mocks) ---------------------------------------
@@ -250,10 +240,10 @@ def odd_trainers() -> list[Any]:
 
 
 def test_trainers_without_a_usable_scaler_log_no_scale_and_never_raise(
-    wandb_env: Path, caplog: pytest.LogCaptureFixture
+    wandb_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     trainers = odd_trainers()
-    with wandb.init(project="amp-test", dir=wandb_env) as run:
+    with wandb.init(project="amp-test", dir=wandb_dir) as run:
         for trainer in trainers:
             callback = AmpWandbCallback(enabled=True, precision="16-mixed", log_every_n_steps=1)
             callback.on_train_batch_start(trainer, None, None, 0)
@@ -280,13 +270,13 @@ def test_an_error_inside_a_hook_is_logged_once_and_never_raised(caplog: pytest.L
     assert len(failures) == 1 and "TypeError" in failures[0].getMessage()
 
 
-def test_every_fp16_spelling_logs_the_scale_and_others_do_not(wandb_env: Path) -> None:
+def test_every_fp16_spelling_logs_the_scale_and_others_do_not(wandb_dir: Path) -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
     trainer = SimpleNamespace(
         strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)), global_step=7, current_epoch=3
     )
     spellings = FP16_SPELLINGS + NOT_FP16
-    with wandb.init(project="amp-test", dir=wandb_env) as run:
+    with wandb.init(project="amp-test", dir=wandb_dir) as run:
         for precision in spellings:
             AmpWandbCallback(enabled=True, precision=precision).on_train_epoch_end(trainer, None)
         run_dir = Path(run.settings.sync_dir)

@@ -5,7 +5,6 @@ GradScaler whose scale backs off, and the one-time warning. Trainers are plain o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,19 +15,6 @@ import wandb
 from wandb_readback import read_run
 
 from amp_lib.lightning_callback import AmpWandbCallback, _attr, active_wandb_run, trainer_scaler
-
-
-@pytest.fixture
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    root = tmp_path / "wb"
-    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-        (root / name.lower()).mkdir(parents=True)
-        monkeypatch.setenv(name, str(root / name.lower()))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    wandb.teardown()
-    yield root
-    wandb.teardown()
 
 
 def trainer_with(scaler: Any, step: Any = 0, epoch: Any = 0) -> SimpleNamespace:

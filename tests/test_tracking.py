@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import wandb
 from wandb_readback import only_run_dir, read_run, read_summary
 
 from amp_lib.precision import PrecisionPlan, resolve_precision
@@ -26,21 +24,11 @@ from amp_lib.tracking import (
 )
 from amp_lib.train import RunConfig, train
 
-WANDB_ENV = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")
-
 
 @pytest.fixture
-def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """W&B offline and silent, with every directory it writes inside this test's tmp_path."""
-    root = tmp_path / "wb"
-    for name in WANDB_ENV:
-        (root / name.lower()).mkdir(parents=True)
-        monkeypatch.setenv(name, str(root / name.lower()))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    wandb.teardown()  # wandb reads its env vars once per process setup: make it read these ones
-    yield root / "wandb_dir"
-    wandb.teardown()
+def wandb_dir(wandb_env: Path) -> Path:
+    """WANDB_DIR of this test (the autouse `wandb_env` fixture in conftest.py sets it up)."""
+    return wandb_env / "wandb_dir"
 
 
 def tiny(tmp_path: Path, **overrides: Any) -> RunConfig:

@@ -4,13 +4,11 @@ and what one hand-driven offline run stores (name, tags, job type, notes, rows),
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import wandb
 from wandb_readback import read_run, read_summary
 
 from amp_lib import tracking
@@ -18,19 +16,6 @@ from amp_lib.precision import Capabilities, resolve_precision
 from amp_lib.results import HistoryRow
 from amp_lib.tracking import DEFAULT_PROJECT, WandbTracker, finite_or_none, history_row_metrics, resolve_wandb_mode
 from amp_lib.train import RunConfig
-
-
-@pytest.fixture
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    root = tmp_path / "wb"
-    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-        (root / name.lower()).mkdir(parents=True)
-        monkeypatch.setenv(name, str(root / name.lower()))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    wandb.teardown()
-    yield root
-    wandb.teardown()
 
 
 def test_mode_messages_name_the_source_and_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
