@@ -69,15 +69,11 @@ def tiny_config(tmp_path) -> Callable[..., Any]:
     """`tiny_config(**overrides)` or `tiny_config(out_dir, **overrides)`: a small, fast gpt-tiny RunConfig
     on the CPU, writing under `out_dir` (default: the test's tmp_path)."""
     from amp_lib.train import RunConfig
+    from amp_lib.workbook import DEMO_CONFIG
 
     def make(out_dir: Any = None, /, **overrides: Any) -> RunConfig:
         values: dict[str, Any] = {
-            "model": "gpt-tiny",
-            "steps": 8,
-            "warmup_steps": 2,
-            "batch_size": 4,
-            "seq_len": 32,
-            "log_every": 2,
+            **DEMO_CONFIG,  # the report notebook's demo size: seconds on a 2-core CPU
             "device": "cpu",
             "out_dir": str(tmp_path if out_dir is None else out_dir),
         }

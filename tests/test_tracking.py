@@ -23,6 +23,7 @@ from amp_lib.tracking import (
     result_summary,
 )
 from amp_lib.train import RunConfig, train
+from amp_lib.workbook import DEMO_CONFIG
 
 
 @pytest.fixture
@@ -32,17 +33,7 @@ def wandb_dir(wandb_env: Path) -> Path:
 
 
 def tiny(tmp_path: Path, **overrides: Any) -> RunConfig:
-    values: dict[str, Any] = {
-        "model": "gpt-tiny",
-        "steps": 8,
-        "warmup_steps": 2,
-        "batch_size": 4,
-        "seq_len": 32,
-        "log_every": 2,
-        "device": "cpu",
-        "seed": 0,
-    }
-    values.update(overrides)
+    values: dict[str, Any] = {**DEMO_CONFIG, "device": "cpu", "seed": 0, **overrides}
     return RunConfig(out_dir=str(tmp_path / "results"), **values)
 
 
