@@ -65,6 +65,12 @@ def _wandb_teardown() -> None:
 
 
 @pytest.fixture
+def user_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make tests/user_models.py importable as "user_models:<factory>"."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+
+@pytest.fixture
 def tiny_config(tmp_path) -> Callable[..., Any]:
     """`tiny_config(**overrides)` or `tiny_config(out_dir, **overrides)`: a small, fast gpt-tiny RunConfig
     on the CPU, writing under `out_dir` (default: the test's tmp_path)."""

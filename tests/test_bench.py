@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from dataclasses import replace
 
-from amp_lib.bench import bench, format_table, main
-from amp_lib.train import RunConfig
+import pytest
+import torch
+
+from amp_lib.bench import BenchRow, bare_loop, base_config, bench, build_parser, format_table, main
+from amp_lib.precision import probe, resolve_precision
+from amp_lib.train import RunConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -55,5 +60,93 @@ def test_bench_cli_writes_json(tmp_path, capsys) -> None:
         )
         == 0
     )
-    assert '"precision": "fp32"' in out.read_text()
+    (row,) = json.loads(out.read_text())
+    assert row["precision"] == row["effective"] == "fp32" and row["unit"] == "samples"
+    assert row["overhead"] == pytest.approx(row["step_ms"] / row["bare_step_ms"] - 1)
     assert "| fp32 | fp32 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("cuda", "model", "batch_size", "seq_len"), [(True, "gpt2-124m", 16, 1024), (False, "gpt-tiny", 8, 128)]
+)
+def test_bench_defaults_are_the_documented_setup(cuda, model, batch_size, seq_len) -> None:
+    args = build_parser(cuda).parse_args([])
+    config = base_config(args)
+    assert (config.model, config.batch_size, config.seq_len) == (model, batch_size, seq_len)
+    assert (config.steps, config.warmup_steps, config.log_every, config.device) == (40, 10, 10, "auto")
+    assert (args.precisions, args.repeats, args.json) == (["fp32", "bf16-mixed", "fp16-mixed"], 3, None)
+    assert not (config.allow_slow or config.compile)
+    flags = base_config(build_parser(cuda).parse_args(["--allow-slow", "--compile", "--steps", "12"]))
+    assert flags.allow_slow and flags.compile and flags.steps == 12
+
+
+def mlp_config(**overrides) -> RunConfig:
+    values = {"model": "mlp", "steps": 6, "warmup_steps": 2, "batch_size": 4, "log_every": 2, "device": "cpu", "grad_clip": 0.5}
+    return RunConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed"])
+def test_bare_loop_trains_exactly_like_amp_lib(precision) -> None:
+    """The overhead column compares like with like only if both loops compute the same steps."""
+    config = mlp_config(precision=precision, allow_slow=True, lr=0.05)
+    plan = resolve_precision(precision, probe(torch.device("cpu")), allow_slow=True)
+    lib = train(config, write=False)
+    bare = bare_loop(config, plan)
+    assert lib.ok and bare.step_ms > 0
+    assert bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
+    # and it is not just the first step's loss: a different run length gives a different loss
+    assert bare_loop(mlp_config(precision=precision, allow_slow=True, lr=0.05, steps=5), plan).final_loss != pytest.approx(
+        bare.final_loss, rel=1e-5
+    )
+
+
+def test_bare_loop_clips_like_amp_lib() -> None:
+    plan = resolve_precision("fp32", probe(torch.device("cpu")))
+    clipped, free = (bare_loop(mlp_config(lr=0.05, grad_clip=clip), plan) for clip in (1e-3, None))
+    assert clipped.final_loss == pytest.approx(train(mlp_config(lr=0.05, grad_clip=1e-3), write=False).metrics.final_train_loss, rel=1e-5)
+    assert clipped.final_loss != pytest.approx(free.final_loss, rel=1e-3)
+
+
+def test_overhead_is_the_slowdown_against_the_bare_loop() -> None:
+    row = BenchRow("fp32", "fp32", step_ms=11.0, bare_step_ms=10.0, items_per_s=1.0, peak_memory_mb=1.0, eval_loss=1.0, fallback_reason=None)
+    assert row.overhead == pytest.approx(0.1)
+    assert replace(row, step_ms=9.0).overhead == pytest.approx(-0.1)
+
+
+def _row(precision: str, effective: str, items_per_s: float, peak: float | None, **kw) -> BenchRow:
+    values = {"step_ms": 2.0, "bare_step_ms": 2.0, "eval_loss": 1.23456, "fallback_reason": None, "unit": "samples"}
+    return BenchRow(precision, effective, items_per_s=items_per_s, peak_memory_mb=peak, **{**values, **kw})
+
+
+def test_format_table_lines() -> None:
+    rows = [
+        _row("fp32", "fp32", 1000.0, 200.0),
+        _row("bf16-mixed", "bf16-mixed", 2500.0, 50.0, step_ms=2.1),
+        _row("fp16-mixed", "bf16-mixed", 3000.0, None, fallback_reason="no fast fp16"),
+    ]
+    lines = format_table(rows, "Some GPU").splitlines()
+    assert lines[0] == f"device: Some GPU, torch {torch.__version__}"
+    assert lines[1].startswith("| precision | effective | step ms (median) | samples/s | speedup vs fp32 |")
+    assert lines[3] == "| fp32 | fp32 | 2.00 | 1,000 | 1.00x | 200 | 1.00x | 1.2346 | +0.0% |"
+    assert lines[4] == "| bf16-mixed | bf16-mixed | 2.10 | 2,500 | 2.50x | 50 | 0.25x | 1.2346 | +5.0% |"
+    assert lines[5] == "| fp16-mixed | bf16-mixed | 2.00 | 3,000 | 3.00x | 0 | n/a | 1.2346 | +0.0% |"
+    assert lines[6:] == ["", "fallbacks:", "- fp16-mixed: no fast fp16"]
+
+
+def test_format_table_without_an_fp32_row_has_no_ratios() -> None:
+    lines = format_table([_row("bf16-mixed", "bf16-mixed", 10.0, 5.0, unit="tokens")], "cpu").splitlines()
+    assert "| tokens/s |" in lines[1]
+    assert lines[3] == "| bf16-mixed | bf16-mixed | 2.00 | 10 | n/a | 5 | n/a | 1.2346 | +0.0% |"
+    assert len(lines) == 4  # no fallback section
+
+
+def test_bench_throughput_counts_the_items_of_one_step(rows) -> None:
+    for r in rows:
+        assert r.items_per_s * r.step_ms / 1e3 == pytest.approx(4)  # batch_size samples per step
+        assert r.peak_memory_mb > 0 and r.eval_loss > 0
+
+
+def test_bench_skips_a_precision_whose_run_fails(user_models, capsys) -> None:
+    base = RunConfig(model="user_models:build_nan", steps=4, warmup_steps=1, log_every=2, device="cpu")
+    assert bench(base, ["fp32"], repeats=2) == []
+    assert "fp32: skipped, the run ended diverged" in capsys.readouterr().err

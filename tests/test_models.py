@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +22,6 @@ from amp_lib.models import (
 )
 from amp_lib.train import RunConfig
 
-HERE = Path(__file__).parent
 CPU = torch.device("cpu")
 
 
@@ -32,11 +29,6 @@ CPU = torch.device("cpu")
 def _seeded():
     """Model construction draws from torch's global RNG: seed it in every test."""
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def user_models(monkeypatch):
-    monkeypatch.syspath_prepend(str(HERE))
 
 
 def tiny_gpt(seed: int = 0, **kw) -> GPT:

@@ -25,8 +25,6 @@ from amp_lib.train import (
     train,
 )
 
-HERE = Path(__file__).parent
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -35,12 +33,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-@pytest.fixture
-def user_models(monkeypatch):
-    """Make tests/user_models.py importable as "user_models:<factory>"."""
-    monkeypatch.syspath_prepend(str(HERE))
 
 
 class Recorder:
