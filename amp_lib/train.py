@@ -15,7 +15,7 @@ import re
 import statistics
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -183,8 +183,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> t
 class StepTimer:
     """Per-step wall time: CUDA events on a GPU (no sync until read), perf_counter on a CPU."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
         self.cuda = device.type == "cuda"
+        self.clock = clock  # seconds; a parameter so a test can drive the CPU path exactly
         self._open: Any = None
         self._pending: list[tuple[Any, Any]] = []
 
@@ -193,14 +194,14 @@ class StepTimer:
             self._open = torch.cuda.Event(enable_timing=True)
             self._open.record()
         else:
-            self._open = time.perf_counter()
+            self._open = self.clock()
 
     def stop(self) -> None:
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
         else:
-            end = time.perf_counter()
+            end = self.clock()
         self._pending.append((self._open, end))
 
     def read_ms(self) -> list[float]:

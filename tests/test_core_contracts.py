@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
+import re
 import resource
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +16,21 @@ from amp_lib.data import CharTokenizer, TokenBatches
 from amp_lib.examples import linear_regression
 from amp_lib.models import GPT, GPT_SIZES, GPTConfig, build_workload, load_user_factory
 from amp_lib.precision import Capabilities, resolve_precision
-from amp_lib.train import PeakMemory, RunConfig, _percentile, peak_tflops
+from amp_lib.results import HistoryRow
+from amp_lib.train import (
+    COLLAPSED_SCALE,
+    Diverged,
+    PeakMemory,
+    RunConfig,
+    StepTimer,
+    _check_divergence,
+    _percentile,
+    make_optimizer,
+    peak_tflops,
+    prepare_model,
+    seed_everything,
+    train,
+)
 
 
 def _reference_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +117,18 @@ def test_errors_list_the_valid_names_separated_by_commas() -> None:
         load_user_factory("no_colon_here")
     with pytest.raises(ValueError, match="valid names: precision, model, steps"):
         RunConfig.from_dict({"stpes": 3})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) 'lr_rate', 'stpes'; valid names"):
+        RunConfig.from_dict({"stpes": 3, "lr_rate": 0.1, "seed": 1})
+
+
+def test_optimizer_is_fused_so_grad_scaler_steps_without_a_sync() -> None:
+    """GradScaler hands a fused optimizer its inf flag as a tensor instead of reading it on the host."""
+    model = torch.nn.Linear(4, 2)
+    model.bias.requires_grad_(False)
+    optimizer = make_optimizer(model, 0.1, torch.device("cpu"))
+    assert getattr(optimizer, "_step_supports_amp_scaling", False) is True
+    assert [p for group in optimizer.param_groups for p in group["params"]] == [model.weight]
+    assert optimizer.param_groups[0]["lr"] == 0.1
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -124,6 +153,95 @@ def test_cpu_peak_memory_covers_the_timed_region_only() -> None:
     del big
     meter = PeakMemory(torch.device("cpu"))
     lifetime_peak_mib = meter.peak_mb()
-    assert lifetime_peak_mib == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rel=0.05)
+    # the kernel's high-water mark, in KiB / 1024 (ru_maxrss is the same counter; allow a few pages of drift)
+    assert lifetime_peak_mib * 1024 == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, abs=64)
     meter.reset()
     assert 0 < meter.peak_mb() < lifetime_peak_mib - 200
+
+
+def test_cpu_step_timer_reports_milliseconds_per_timed_step_and_clears() -> None:
+    ticks = iter([10.0, 10.25, 11.0, 11.5, 20.0, 20.001])
+    timer = StepTimer(torch.device("cpu"), clock=lambda: next(ticks))
+    for _ in range(2):
+        timer.start()
+        timer.stop()
+    assert timer.read_ms() == [250.0, 500.0]
+    assert timer.read_ms() == []  # read once: the next interval starts empty
+    timer.start()
+    timer.stop()
+    assert timer.read_ms() == [pytest.approx(1.0)]
+
+
+def test_history_records_the_unclipped_gradient_norm_of_each_step(user_models, tmp_path) -> None:
+    import user_models as factories
+
+    config = RunConfig(model="user_models:build_ok", steps=3, warmup_steps=1, log_every=2, grad_clip=1e-3,
+                       batch_size=4, device="cpu", out_dir=str(tmp_path))  # fmt: skip
+    result = train(config, write=False)
+    model, batches, loss_fn = factories.build_ok(config)  # the same seeded model and batches
+    x, y = batches[0]
+    loss_fn(model(x), y).backward()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])).item()
+    assert result.history[0].grad_norm == pytest.approx(expected, rel=1e-5)
+    assert expected > 1e-3  # so clipping was active: the norm is the one before the clip
+    assert [type(r.grad_norm) for r in result.history] == [float] * 3
+
+
+def test_a_non_finite_loss_on_a_step_the_scaler_did_not_skip_is_divergence() -> None:
+    row = HistoryRow(step=4, loss=math.nan, loss_scale=1024.0, grad_norm=0.0, step_time_ms=None)
+    with pytest.raises(Diverged, match="loss became nan at step 4"):
+        _check_divergence([row], use_scaler=True)
+    _check_divergence([replace(row, skipped=True, skipped_steps=1)], use_scaler=True)  # GradScaler's skip: fine
+    with pytest.raises(Diverged):
+        _check_divergence([replace(row, skipped=True, skipped_steps=1)], use_scaler=False)
+
+
+def test_loss_scale_collapse_is_strictly_below_the_smallest_fp16_subnormal() -> None:
+    at_floor = HistoryRow(step=1, loss=1.0, loss_scale=COLLAPSED_SCALE, grad_norm=0.0, step_time_ms=None)
+    _check_divergence([at_floor], use_scaler=True)
+    with pytest.raises(Diverged, match="loss scale collapsed"):
+        _check_divergence([replace(at_floor, loss_scale=COLLAPSED_SCALE / 2)], use_scaler=True)
+
+
+def test_prepare_model_compiles_only_when_asked() -> None:
+    model = torch.nn.Linear(4, 4)
+    plan = resolve_precision("fp32", Capabilities())
+    assert prepare_model(model, plan, compile=False) is model
+    compiled = prepare_model(model, plan, compile=True)  # lazy: nothing is compiled until it is called
+    assert compiled is not model and compiled._orig_mod is model
+
+
+def test_seed_everything_also_seeds_pythons_random_for_user_factories() -> None:
+    draws = []
+    for _ in range(2):
+        seed_everything(7)
+        draws.append((random.random(), torch.rand(2).tolist()))
+    assert draws[0] == draws[1]
+    seed_everything(8)
+    assert random.random() != draws[0][0]
+
+
+def test_a_failed_run_keeps_the_last_frames_of_its_traceback(user_models) -> None:
+    result = train(RunConfig(model="user_models:build_fail", device="cpu", steps=3, warmup_steps=1), write=False)
+    lines = result.error.splitlines()
+    assert result.status == "failed" and lines[0] == lines[-1] == "RuntimeError: user factory exploded on purpose"
+    frames = [line for line in lines if line.startswith('  File "')]
+    assert len(frames) == 2 and re.search(r'user_models\.py", line \d+, in build_fail$', frames[-1])
+    assert 'raise RuntimeError("user factory exploded on purpose")' in lines[-2]
+    assert all(line.startswith((" ", "RuntimeError: ")) for line in lines)  # nothing but the traceback's own text
+
+
+def test_the_model_is_freed_before_observers_see_the_result(user_models) -> None:
+    """train() drops its workload (and gc's it) before on_end, so a sweep's next run starts with that memory back."""
+    import user_models as factories
+
+    class FreedAtEnd:
+        def on_start(self, config, plan) -> None: ...
+        def on_log(self, rows, items_per_step) -> None: ...
+        def on_end(self, result) -> None:
+            self.alive = [ref() is not None for ref in factories.BUILT_MODELS]
+
+    factories.BUILT_MODELS.clear()
+    observer = FreedAtEnd()
+    result = train(RunConfig(model="user_models:build_tracked", device="cpu", steps=3, warmup_steps=1), [observer], write=False)
+    assert result.ok and observer.alive == [False]

@@ -91,3 +91,15 @@ def build_fails_mid_run(config):
 
 
 not_callable = 3
+
+
+BUILT_MODELS: list = []  # weak references to the models build_tracked made
+
+
+def build_tracked(config):
+    """build_ok, keeping a weak reference to the model so a test can see when it is freed."""
+    import weakref
+
+    model, batches, loss_fn = build_ok(config)
+    BUILT_MODELS.append(weakref.ref(model))
+    return model, batches, loss_fn
