@@ -260,12 +260,21 @@ def peak_tflops(plan: PrecisionPlan) -> float | None:
     return None
 
 
+def as_input(x: Any, dtype: torch.dtype) -> Any:
+    """Float inputs in the parameters' dtype: a 'true' precision runs the whole model in half, as
+    Lightning's HalfPrecision does; token ids and anything else pass through."""
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Any, loss_fn: Any, autocast: Any) -> float:
+def evaluate(
+    model: torch.nn.Module, batches: Any, loss_fn: Any, autocast: Any, dtype: torch.dtype = torch.float32
+) -> float:
     model.eval()
     losses = []
     for i in range(len(batches)):
         x, y = batches[i]
+        x = as_input(x, dtype)
         with autocast:
             losses.append(loss_fn(model(x), y).float())
     model.train()
@@ -434,6 +443,7 @@ def _run(
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
                 x, y = batches[(step * accum + micro) % len(batches)]
+                x = as_input(x, plan.param_dtype)
                 with autocast:
                     loss = workload.loss_fn(model(x), y) / accum
                 outcome = scaler.step(loss, optimizer, clip, update=micro == accum - 1)
@@ -451,7 +461,7 @@ def _run(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         peak = memory.peak_mb()
-        eval_loss = evaluate(model, workload.eval_batches, workload.loss_fn, autocast)
+        eval_loss = evaluate(model, workload.eval_batches, workload.loss_fn, autocast, plan.param_dtype)
 
     if not math.isfinite(eval_loss):
         raise Diverged(f"eval loss is {eval_loss}")

@@ -245,3 +245,30 @@ def test_the_model_is_freed_before_observers_see_the_result(user_models) -> None
     observer = FreedAtEnd()
     result = train(RunConfig(model="user_models:build_tracked", device="cpu", steps=3, warmup_steps=1), [observer], write=False)
     assert result.ok and observer.alive == [False]
+
+
+def test_partial_metrics_of_runs_that_stop_early(user_models) -> None:
+    """Before the workload exists nothing is known (tokens, 0 skipped); after, its unit is kept."""
+    early = train(RunConfig(model="user_models:build_fail", device="cpu", steps=3, warmup_steps=1), write=False)
+    assert (early.metrics.throughput_unit, early.metrics.skipped_steps, early.metrics.final_train_loss) == (
+        "tokens", 0, None
+    )  # fmt: skip
+    mid = train(
+        RunConfig(model="user_models:build_fails_mid_run", device="cpu", steps=8, warmup_steps=1, log_every=2),
+        write=False,
+    )
+    assert mid.status == "failed" and mid.metrics.throughput_unit == "samples" and len(mid.history) == 4
+
+
+@pytest.mark.parametrize(
+    ("precision", "param_dtype", "output_dtype"),
+    [("bf16-true", torch.bfloat16, torch.bfloat16), ("bf16-mixed", torch.float32, torch.bfloat16),
+     ("fp32", torch.float32, torch.float32)],
+)  # fmt: skip
+def test_the_loop_runs_the_model_in_the_plans_dtypes(user_models, precision, param_dtype, output_dtype) -> None:
+    import user_models as factories
+
+    factories.SEEN_DTYPES.clear()
+    config = RunConfig(model="user_models:build_dtype_probe", precision=precision, device="cpu", steps=2, warmup_steps=1)
+    assert train(config, write=False).ok
+    assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype)}

@@ -103,3 +103,17 @@ def build_tracked(config):
     model, batches, loss_fn = build_ok(config)
     BUILT_MODELS.append(weakref.ref(model))
     return model, batches, loss_fn
+
+
+SEEN_DTYPES: list = []  # (parameter dtype, output dtype) per loss call of build_dtype_probe
+
+
+def build_dtype_probe(config):
+    """build_ok whose loss records the dtypes the training loop ran the model in."""
+    model, batches = _regression(config)
+
+    def loss_fn(output, target):
+        SEEN_DTYPES.append((model.weight.dtype, output.dtype))
+        return F.mse_loss(output.float(), target)
+
+    return model, batches, loss_fn
