@@ -271,4 +271,22 @@ def test_the_loop_runs_the_model_in_the_plans_dtypes(user_models, precision, par
     factories.SEEN_DTYPES.clear()
     config = RunConfig(model="user_models:build_dtype_probe", precision=precision, device="cpu", steps=2, warmup_steps=1)
     assert train(config, write=False).ok
-    assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype)}
+    assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype, False)}  # and TF32 stays off: not asked for
+
+
+def test_peak_memory_covers_the_timed_steps_and_not_the_warmup(user_models) -> None:
+    import user_models as factories
+
+    def peak(spike_at_call: int | None) -> float:
+        factories.SPIKE_AT["call"] = spike_at_call
+        config = RunConfig(model="user_models:build_memory_spike", device="cpu", steps=5, warmup_steps=2, log_every=5)
+        result = train(config, write=False)
+        assert result.ok
+        return result.metrics.peak_memory_mb
+
+    try:
+        quiet, in_warmup, first_timed, last_timed = peak(None), peak(1), peak(2), peak(4)
+    finally:
+        factories.SPIKE_AT["call"] = None
+    assert in_warmup < quiet + 100  # a spike during warm-up is not counted
+    assert first_timed > quiet + 200 and last_timed > quiet + 200  # one in any timed step is

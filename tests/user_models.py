@@ -105,7 +105,7 @@ def build_tracked(config):
     return model, batches, loss_fn
 
 
-SEEN_DTYPES: list = []  # (parameter dtype, output dtype) per loss call of build_dtype_probe
+SEEN_DTYPES: list = []  # (parameter dtype, output dtype, TF32 allowed) per loss call of build_dtype_probe
 
 
 def build_dtype_probe(config):
@@ -113,7 +113,24 @@ def build_dtype_probe(config):
     model, batches = _regression(config)
 
     def loss_fn(output, target):
-        SEEN_DTYPES.append((model.weight.dtype, output.dtype))
+        SEEN_DTYPES.append((model.weight.dtype, output.dtype, torch.backends.cuda.matmul.allow_tf32))
         return F.mse_loss(output.float(), target)
+
+    return model, batches, loss_fn
+
+
+SPIKE_AT: dict = {"call": None}  # build_memory_spike touches 256 MiB in this loss call (0-based)
+
+
+def build_memory_spike(config):
+    """build_ok whose loss, on one call, allocates and touches 256 MiB and frees it again."""
+    model, batches = _regression(config)
+    calls = {"n": 0}
+
+    def loss_fn(output, target):
+        if calls["n"] == SPIKE_AT["call"]:
+            torch.ones(64 * 2**20).add_(1)
+        calls["n"] += 1
+        return F.mse_loss(output, target)
 
     return model, batches, loss_fn
