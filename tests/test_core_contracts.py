@@ -290,3 +290,9 @@ def test_peak_memory_covers_the_timed_steps_and_not_the_warmup(user_models) -> N
         factories.SPIKE_AT["call"] = None
     assert in_warmup < quiet + 100  # a spike during warm-up is not counted
     assert first_timed > quiet + 200 and last_timed > quiet + 200  # one in any timed step is
+
+
+def test_a_non_finite_eval_loss_ends_the_run_diverged_and_says_so(user_models) -> None:
+    result = train(RunConfig(model="user_models:build_bad_eval", device="cpu", steps=3, warmup_steps=1), write=False)
+    assert result.status == "diverged" and result.error in ("eval loss is inf", "eval loss is nan")
+    assert len(result.history) == 3 and all(math.isfinite(r.loss) for r in result.history)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -134,3 +136,10 @@ def build_memory_spike(config):
         return F.mse_loss(output, target)
 
     return model, batches, loss_fn
+
+
+def build_bad_eval(config):
+    """Training is fine; the held-out batches are all infinite, so only the eval loss is non-finite."""
+    model, batches = _regression(config, n_batches=config.steps)
+    bad = [(x * math.inf, y) for x, y in batches]
+    return Workload(model=model, train_batches=batches, eval_batches=bad, loss_fn=F.mse_loss, items_per_batch=config.batch_size)
