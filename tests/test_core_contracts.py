@@ -296,3 +296,14 @@ def test_a_non_finite_eval_loss_ends_the_run_diverged_and_says_so(user_models) -
     result = train(RunConfig(model="user_models:build_bad_eval", device="cpu", steps=3, warmup_steps=1), write=False)
     assert result.status == "diverged" and result.error in ("eval loss is inf", "eval loss is nan")
     assert len(result.history) == 3 and all(math.isfinite(r.loss) for r in result.history)
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "minimum"),
+    [("steps", 0, 1), ("batch_size", 0, 1), ("seq_len", -3, 1), ("grad_accum", 0, 1), ("log_every", 0, 1),
+     ("growth_interval", 0, 1), ("warmup_steps", -1, 0), ("seed", -2, 0)],
+)  # fmt: skip
+def test_range_errors_name_the_field_its_value_and_the_minimum(field, bad, minimum) -> None:
+    with pytest.raises(ValueError) as info:
+        RunConfig(**{field: bad})
+    assert str(info.value) == f"{field}={bad} must be >= {minimum}"
