@@ -307,3 +307,8 @@ def test_range_errors_name_the_field_its_value_and_the_minimum(field, bad, minim
     with pytest.raises(ValueError) as info:
         RunConfig(**{field: bad})
     assert str(info.value) == f"{field}={bad} must be >= {minimum}"
+
+
+def test_every_minimum_itself_is_accepted() -> None:
+    config = RunConfig(steps=1, batch_size=1, seq_len=1, grad_accum=1, log_every=1, growth_interval=1, warmup_steps=0, seed=0)
+    assert (config.steps, config.seq_len, config.log_every, config.growth_interval) == (1, 1, 1, 1)
