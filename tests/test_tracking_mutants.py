@@ -121,3 +121,62 @@ def test_a_hand_driven_run_stores_name_tags_job_type_and_rows(wandb_env: Path, t
     summary = read_summary(t.run_dir)
     assert (summary["name"], summary["notes"], summary["state"]) == ("custom", "", "finished")
     assert summary["config"]["plan"]["use_loss_scaler"] is True
+
+
+def _open_and_finish(tracker: WandbTracker) -> None:
+    tracker.on_start(RunConfig(device="cpu", steps=3, warmup_steps=1), resolve_precision("fp32", Capabilities()))
+    tracker.finish(exit_code=0)
+
+
+def test_wandb_dir_is_read_per_run_not_once_per_process(
+    wandb_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wandb itself reads $WANDB_DIR once per process; a sweep that moves it between runs must still be obeyed."""
+    first, second = tmp_path / "first", tmp_path / "second" / "not-yet-there"
+    monkeypatch.setenv("WANDB_DIR", str(first))
+    a = WandbTracker(mode="offline")
+    _open_and_finish(a)
+    monkeypatch.setenv("WANDB_DIR", str(second))
+    b = WandbTracker(mode="offline")
+    _open_and_finish(b)
+    assert a.run_dir is not None and a.run_dir.parent == first / "wandb"
+    assert b.run_dir is not None and b.run_dir.parent == second / "wandb"
+
+
+def test_without_dir_or_wandb_dir_wandb_picks_its_default(
+    wandb_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_DIR")
+    monkeypatch.chdir(tmp_path)  # wandb's default is ./wandb: keep it out of the repo
+    t = WandbTracker(mode="offline")
+    _open_and_finish(t)
+    assert t.run_id and t.run_dir is not None and t.run_dir.name.endswith(t.run_id) and t.run is None
+
+
+def test_a_run_the_user_has_open_is_left_alone(wandb_env: Path, tmp_path: Path) -> None:
+    """The tracker's run is a new one: it neither logs into nor finishes the user's own open run."""
+    import wandb
+
+    user_run = wandb.init(project="mine", mode="offline", dir=tmp_path / "user")
+    try:
+        t = WandbTracker(mode="offline", dir=tmp_path / "tracker")
+        t.on_start(RunConfig(device="cpu", steps=3, warmup_steps=1), resolve_precision("fp32", Capabilities()))
+        assert t.run is not user_run and t.run_id != user_run.id
+        t.finish(exit_code=0)
+        assert wandb.run is user_run
+        user_run.log({"still/open": 1.0})  # a finished run would refuse this
+    finally:
+        user_run.finish()
+    assert t.run_dir is not None and t.run_dir.parent == tmp_path / "tracker" / "wandb"
+
+
+def test_no_loss_scale_is_logged_for_a_plan_without_a_scaler(wandb_env: Path, tmp_path: Path) -> None:
+    """A row may carry a loss scale (a disabled GradScaler still reports 1.0); only a scaler's run logs it."""
+    t = WandbTracker(mode="offline", dir=tmp_path)
+    t.on_start(RunConfig(device="cpu", steps=3, warmup_steps=1), resolve_precision("bf16-mixed", Capabilities()))
+    t.on_log([HistoryRow(step=0, loss=1.0, loss_scale=1.0, grad_norm=0.5, step_time_ms=None)], 1)
+    t.finish(exit_code=0)
+    assert t.run_dir is not None
+    record = read_run(t.run_dir)
+    assert [r["train/loss"] for r in record.history] == [1]
+    assert "amp/loss_scale" not in record.metric_keys() and "train/grad_norm" in record.metric_keys()
