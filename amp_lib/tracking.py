@@ -145,11 +145,8 @@ class WandbTracker:
             mode=self.mode,  # type: ignore[arg-type]
             reinit="create_new",  # never log into (or finish) a run the user has open
         )
-        self.run_id = getattr(self.run, "id", None)
-        self.run_dir = None
-        if self.mode != "disabled":
-            sync_dir = getattr(getattr(self.run, "settings", None), "sync_dir", None)
-            self.run_dir = Path(sync_dir) if sync_dir else None
+        self.run_id = self.run.id
+        self.run_dir = None if self.mode == "disabled" else Path(self.run.settings.sync_dir)
 
     def on_log(self, rows: Sequence[HistoryRow], items_per_step: int) -> None:
         """Log each host-side row at its own training step (step=row.step)."""
