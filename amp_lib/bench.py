@@ -92,7 +92,7 @@ def bare_loop(config: RunConfig, plan: PrecisionPlan) -> BareRun:
     return BareRun(step_ms=statistics.median(times), final_loss=loss.item())
 
 
-def bench(base: RunConfig, precisions: Sequence[str], repeats: int = 3) -> list[BenchRow]:
+def bench(base: RunConfig, precisions: Sequence[str], repeats: int) -> list[BenchRow]:
     """Alternate amp_lib and bare runs `repeats` times per precision; keep the median of each."""
     device = resolve_device(base.device)
     caps = probe(device)

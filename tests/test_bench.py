@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from amp_lib.bench import BenchRow, bare_loop, base_config, bench, build_parser, format_table, main
+from amp_lib.models import BUILTIN_MODELS
 from amp_lib.precision import probe, resolve_precision
 from amp_lib.train import RunConfig, train
 
@@ -63,7 +64,10 @@ def test_bench_cli_writes_json(tmp_path, capsys) -> None:
     (row,) = json.loads(out.read_text())
     assert row["precision"] == row["effective"] == "fp32" and row["unit"] == "samples"
     assert row["overhead"] == pytest.approx(row["step_ms"] / row["bare_step_ms"] - 1)
-    assert "| fp32 | fp32 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"device: {probe(torch.device('cpu')).device_name}, torch {torch.__version__}"
+    assert printed[3].startswith("| fp32 | fp32 |")
+    assert out.read_text() == json.dumps(json.loads(out.read_text()), indent=2)  # readable, two-space indent
 
 
 @pytest.mark.parametrize(
@@ -126,6 +130,7 @@ def test_format_table_lines() -> None:
     ]
     lines = format_table(rows, "Some GPU").splitlines()
     assert lines[0] == f"device: Some GPU, torch {torch.__version__}"
+    assert lines[2] == "|---|---|---|---|---|---|---|---|---|"
     assert lines[1].startswith("| precision | effective | step ms (median) | samples/s | speedup vs fp32 |")
     assert lines[3] == "| fp32 | fp32 | 2.00 | 1,000 | 1.00x | 200 | 1.00x | 1.2346 | +0.0% |"
     assert lines[4] == "| bf16-mixed | bf16-mixed | 2.10 | 2,500 | 2.50x | 50 | 0.25x | 1.2346 | +5.0% |"
@@ -150,3 +155,23 @@ def test_bench_skips_a_precision_whose_run_fails(user_models, capsys) -> None:
     base = RunConfig(model="user_models:build_nan", steps=4, warmup_steps=1, log_every=2, device="cpu")
     assert bench(base, ["fp32"], repeats=2) == []
     assert "fp32: skipped, the run ended diverged" in capsys.readouterr().err
+
+
+def test_format_table_of_no_rows_is_just_the_header() -> None:
+    lines = format_table([], "cpu").splitlines()
+    assert len(lines) == 3 and "| tokens/s |" in lines[1]
+
+
+def test_bench_cli_help_and_a_bad_model(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m amp_lib.bench ")
+    description = "`make bench`: fp32 vs bf16-mixed vs fp16-mixed on a built-in model, in one process."
+    assert description in " ".join(out.split())  # argparse wraps it to the terminal width
+    with pytest.raises(SystemExit) as info:
+        build_parser(False).parse_args(["--model", "gpt-huge"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'gpt-huge'" in err and all(name in err for name in BUILTIN_MODELS)
