@@ -23,6 +23,7 @@ from amp_lib.train import (
     PeakMemory,
     RunConfig,
     StepTimer,
+    as_input,
     make_optimizer,
     prepare_model,
     resolve_device,
@@ -56,6 +57,7 @@ class BenchRow:
 class BareRun:
     step_ms: float  # median over the timed steps
     final_loss: float  # of the last step: equal to amp_lib's, or the comparison would be unfair
+    timed_steps: int  # steps after the warm-up, as amp_lib times them
 
 
 def bare_loop(config: RunConfig, plan: PrecisionPlan) -> BareRun:
@@ -76,7 +78,7 @@ def bare_loop(config: RunConfig, plan: PrecisionPlan) -> BareRun:
                 timer.start()
             x, y = work.train_batches[step]
             with autocast:
-                loss = work.loss_fn(model(x), y)
+                loss = work.loss_fn(model(as_input(x, plan.param_dtype)), y)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             if config.grad_clip:
@@ -89,7 +91,7 @@ def bare_loop(config: RunConfig, plan: PrecisionPlan) -> BareRun:
             if (step + 1) % config.log_every == 0:
                 times.extend(timer.read_ms())
         times.extend(timer.read_ms())
-    return BareRun(step_ms=statistics.median(times), final_loss=loss.item())
+    return BareRun(step_ms=statistics.median(times), final_loss=loss.item(), timed_steps=len(times))
 
 
 def bench(base: RunConfig, precisions: Sequence[str], repeats: int) -> list[BenchRow]:

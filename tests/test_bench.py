@@ -14,7 +14,7 @@ from amp_lib.precision import probe, resolve_precision
 from amp_lib.train import RunConfig, train
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test: mutation testing must see every test that reads the rows call bench()
 def rows():
     base = RunConfig(model="mlp", steps=6, warmup_steps=2, batch_size=4, log_every=2, device="cpu")
     return bench(base, ["fp32", "fp16-mixed"], repeats=1)
@@ -89,14 +89,14 @@ def mlp_config(**overrides) -> RunConfig:
     return RunConfig(**{**values, **overrides})
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"])
 def test_bare_loop_trains_exactly_like_amp_lib(precision) -> None:
     """The overhead column compares like with like only if both loops compute the same steps."""
     config = mlp_config(precision=precision, allow_slow=True, lr=0.05)
     plan = resolve_precision(precision, probe(torch.device("cpu")), allow_slow=True)
     lib = train(config, write=False)
     bare = bare_loop(config, plan)
-    assert lib.ok and bare.step_ms > 0
+    assert lib.ok and bare.step_ms > 0 and bare.timed_steps == config.steps - config.warmup_steps
     assert bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
     # and it is not just the first step's loss: a different run length gives a different loss
     assert bare_loop(mlp_config(precision=precision, allow_slow=True, lr=0.05, steps=5), plan).final_loss != pytest.approx(
@@ -175,3 +175,31 @@ def test_bench_cli_help_and_a_bad_model(capsys) -> None:
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'gpt-huge'" in err and all(name in err for name in BUILTIN_MODELS)
+
+
+def test_bare_loop_scales_the_loss_only_for_a_plan_with_a_scaler(user_models) -> None:
+    """fp32 has no GradScaler: a loss that would overflow once scaled still trains, as in amp_lib's loop."""
+    config = RunConfig(model="user_models:build_huge_loss", steps=4, warmup_steps=1, log_every=2, device="cpu", lr=0.05)
+    lib = train(config, write=False)
+    bare = bare_loop(config, resolve_precision("fp32", probe(torch.device("cpu"))))
+    assert lib.ok and bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
+
+
+def test_bench_runs_each_precision_as_asked_and_writes_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = RunConfig(model="mlp", steps=4, warmup_steps=1, batch_size=4, log_every=2, device="cpu", allow_slow=True)
+    (row,) = bench(base, ["fp16-mixed"], repeats=1)
+    assert (row.effective, row.fallback_reason) == ("fp16-mixed", None)  # allow_slow reached the plan
+    alone = train(replace(base, precision="fp16-mixed"), write=False)
+    assert row.eval_loss == pytest.approx(alone.metrics.eval_loss, rel=1e-6)
+    assert list(tmp_path.iterdir()) == []  # the bench's runs write no result files
+
+
+def test_bench_goes_on_after_a_failed_precision(user_models, capsys) -> None:
+    base = RunConfig(model="user_models:build_fails_in_fp32", steps=4, warmup_steps=1, log_every=2, device="cpu")
+    assert [r.precision for r in bench(base, ["fp32", "bf16-mixed"], repeats=1)] == ["bf16-mixed"]
+    assert "fp32: skipped, the run ended failed" in capsys.readouterr().err
+
+
+def test_base_config_takes_the_device() -> None:
+    assert base_config(build_parser(False).parse_args(["--device", "cpu"])).device == "cpu"

@@ -143,3 +143,20 @@ def build_bad_eval(config):
     model, batches = _regression(config, n_batches=config.steps)
     bad = [(x * math.inf, y) for x, y in batches]
     return Workload(model=model, train_batches=batches, eval_batches=bad, loss_fn=F.mse_loss, items_per_batch=config.batch_size)
+
+
+def huge_loss(output, target):
+    """Finite in fp32, but infinite once GradScaler multiplies it by its initial 2**16."""
+    return F.mse_loss(output, target) * 1e34
+
+
+def build_huge_loss(config):
+    model, batches = _regression(config)
+    return model, batches, huge_loss
+
+
+def build_fails_in_fp32(config):
+    """Fails for fp32 only: a bench over several precisions must go on to the next one."""
+    if config.precision == "fp32":
+        raise RuntimeError("this factory refuses fp32")
+    return build_ok(config)
