@@ -203,3 +203,16 @@ def test_bench_goes_on_after_a_failed_precision(user_models, capsys) -> None:
 
 def test_base_config_takes_the_device() -> None:
     assert base_config(build_parser(False).parse_args(["--device", "cpu"])).device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("precision", "param_dtype", "output_dtype"),
+    [("fp32", torch.float32, torch.float32), ("bf16-mixed", torch.float32, torch.bfloat16), ("bf16-true", torch.bfloat16, torch.bfloat16)],
+)
+def test_bare_loop_runs_the_model_in_the_plan_dtypes_with_tf32_off(user_models, precision, param_dtype, output_dtype) -> None:
+    import user_models as factories
+
+    factories.SEEN_DTYPES.clear()
+    config = RunConfig(model="user_models:build_dtype_probe", precision=precision, device="cpu", steps=2, warmup_steps=1)
+    bare_loop(config, resolve_precision(precision, probe(torch.device("cpu"))))
+    assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype, False)}
