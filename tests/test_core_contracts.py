@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from amp_lib.data import CharTokenizer, TokenBatches
 from amp_lib.examples import linear_regression
-from amp_lib.models import GPT, GPT_SIZES, GPTConfig, build_workload, load_user_factory
+from amp_lib.models import BUILTIN_MODELS, GPT, GPT_SIZES, GPTConfig, build_workload, load_user_factory
 from amp_lib.precision import Capabilities, resolve_precision
 from amp_lib.results import HistoryRow
 from amp_lib.train import (
@@ -312,3 +312,14 @@ def test_range_errors_name_the_field_its_value_and_the_minimum(field, bad, minim
 def test_every_minimum_itself_is_accepted() -> None:
     config = RunConfig(steps=1, batch_size=1, seq_len=1, grad_accum=1, log_every=1, growth_interval=1, warmup_steps=0, seed=0)
     assert (config.steps, config.seq_len, config.log_every, config.growth_interval) == (1, 1, 1, 1)
+
+
+def test_run_config_type_and_model_errors_quote_the_value_and_the_choices() -> None:
+    with pytest.raises(ValueError) as info:
+        RunConfig(steps="3")  # type: ignore[arg-type]
+    assert str(info.value) == "steps='3' has type str; expected int"
+    with pytest.raises(ValueError) as info:
+        RunConfig(model="gpt-huge")
+    assert str(info.value) == (
+        f"invalid model 'gpt-huge'; valid: {', '.join(BUILTIN_MODELS)} or 'package.module:function'"
+    )
