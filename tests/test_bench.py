@@ -169,7 +169,14 @@ def test_bench_cli_help_and_a_bad_model(capsys) -> None:
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m amp_lib.bench ")
     description = "`make bench`: fp32 vs bf16-mixed vs fp16-mixed on a built-in model, in one process."
-    assert description in " ".join(out.split())  # argparse wraps it to the terminal width
+    flat = " ".join(out.split())  # argparse wraps lines to the terminal width
+    assert description in flat
+    for option_help in (
+        "run fp16 even on a CPU without fast fp16",
+        "torch.compile the model in both loops",
+        "also write the rows as JSON here",
+    ):
+        assert option_help in flat
     with pytest.raises(SystemExit) as info:
         build_parser(False).parse_args(["--model", "gpt-huge"])
     assert info.value.code == 2
@@ -202,7 +209,8 @@ def test_bench_goes_on_after_a_failed_precision(user_models, capsys) -> None:
 
 
 def test_base_config_takes_the_device() -> None:
-    assert base_config(build_parser(False).parse_args(["--device", "cpu"])).device == "cpu"
+    config = base_config(build_parser(False).parse_args(["--device", "cpu", "--seq-len", "64"]))
+    assert (config.device, config.seq_len) == ("cpu", 64)
 
 
 @pytest.mark.parametrize(
