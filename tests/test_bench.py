@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from user_models import PLAN_DTYPES
 
 from amp_lib.bench import BenchRow, bare_loop, base_config, bench, build_parser, format_table, main
 from amp_lib.models import BUILTIN_MODELS
@@ -210,10 +211,7 @@ def test_base_config_takes_the_device() -> None:
     assert (config.device, config.seq_len) == ("cpu", 64)
 
 
-@pytest.mark.parametrize(
-    ("precision", "param_dtype", "output_dtype"),
-    [("fp32", torch.float32, torch.float32), ("bf16-mixed", torch.float32, torch.bfloat16), ("bf16-true", torch.bfloat16, torch.bfloat16)],
-)
+@pytest.mark.parametrize(("precision", "param_dtype", "output_dtype"), PLAN_DTYPES)
 def test_bare_loop_runs_the_model_in_the_plan_dtypes_with_tf32_off(user_models, precision, param_dtype, output_dtype) -> None:
     import user_models as factories
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from user_models import PLAN_DTYPES
 
 from amp_lib.data import CharTokenizer, TokenBatches
 from amp_lib.examples import linear_regression
@@ -260,11 +261,7 @@ def test_partial_metrics_of_runs_that_stop_early(user_models) -> None:
     assert mid.status == "failed" and mid.metrics.throughput_unit == "samples" and len(mid.history) == 4
 
 
-@pytest.mark.parametrize(
-    ("precision", "param_dtype", "output_dtype"),
-    [("bf16-true", torch.bfloat16, torch.bfloat16), ("bf16-mixed", torch.float32, torch.bfloat16),
-     ("fp32", torch.float32, torch.float32)],
-)  # fmt: skip
+@pytest.mark.parametrize(("precision", "param_dtype", "output_dtype"), PLAN_DTYPES)
 def test_the_loop_runs_the_model_in_the_plans_dtypes(user_models, precision, param_dtype, output_dtype) -> None:
     import user_models as factories
 

@@ -108,6 +108,12 @@ def build_tracked(config):
 
 
 SEEN_DTYPES: list = []  # (parameter dtype, output dtype, TF32 allowed) per loss call of build_dtype_probe
+# (precision, parameter dtype, output dtype) each training loop must run build_dtype_probe's model in
+PLAN_DTYPES = [
+    ("fp32", torch.float32, torch.float32),
+    ("bf16-mixed", torch.float32, torch.bfloat16),
+    ("bf16-true", torch.bfloat16, torch.bfloat16),
+]
 
 
 def build_dtype_probe(config):
