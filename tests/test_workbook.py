@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import io
 import math
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -94,8 +95,16 @@ def test_plan_and_failure_views_say_why() -> None:
     assert workbook.markdown("x").data == "x"
 
 
-def test_build_report_runs_a_demo_when_given_no_folder(tmp_path: Path) -> None:
-    rep = workbook.build_report("", tolerance=0.05, figures_dir=str(tmp_path / "figs"))
+def test_build_report_runs_a_demo_when_given_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the demo's temp folder goes under tmp_path
+    rep = workbook.build_report(tolerance=0.05, figures_dir=str(tmp_path / "figs"))  # sweep_dir left out
+    # The demo lands in a fresh, recognisable temp folder, one named JSON per precision under results/.
+    assert rep.sweep_dir.parent == tmp_path and rep.sweep_dir.name.startswith("amp-demo-")
+    names = sorted(p.name for p in (rep.sweep_dir / "results").glob("*.json"))
+    assert names == sorted(f"demo-{p}.json" for p in workbook.DEMO_PRECISIONS)
+    for result in rep.results:  # each run uses the tiny demo settings, not RunConfig's defaults
+        assert {k: result.config[k] for k in workbook.DEMO_CONFIG} == workbook.DEMO_CONFIG
+        assert result.config["run_name"] == f"demo-{result.config['precision']}"
     assert len(rep.results) == len(rep.runs) == len(workbook.DEMO_PRECISIONS)
     assert [r.requested for r in rep.table] == list(workbook.DEMO_PRECISIONS)
     assert all(r.status == "ok" and math.isfinite(r.eval_loss.mean) for r in rep.table)
@@ -107,5 +116,6 @@ def test_build_report_runs_a_demo_when_given_no_folder(tmp_path: Path) -> None:
 
 
 def test_build_report_on_an_empty_folder_says_so(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no result JSON files in"):
+    with pytest.raises(ValueError) as info:
         workbook.build_report(str(tmp_path))
+    assert str(info.value) == f"no result JSON files in {str(tmp_path)!r} (nor in its results/ folder)"

@@ -88,6 +88,19 @@ def test_progress_bar_counts_rows_and_shows_loss_scale_and_status() -> None:
     workbook.ProgressBar().on_end(RunResult(config={}, plan={}))  # never started: nothing to close
 
 
+def test_progress_bar_redraws_once_per_log_not_once_more_for_the_postfix() -> None:
+    # set_postfix(refresh=False): the postfix shows on the redraw update() makes anyway; a second
+    # redraw per log call would double the notebook's output traffic.
+    stream = io.StringIO()
+    bar = workbook.ProgressBar(file=stream, mininterval=0, miniters=1)
+    bar.on_start(RunConfig(run_name="demo", steps=6, warmup_steps=1, device="cpu"), resolve_precision("fp32", Capabilities()))
+    for step in range(3):
+        before = stream.getvalue().count("\r")
+        bar.on_log([row(step, 1.0)], 1)
+        assert stream.getvalue().count("\r") == before + 1
+    assert stream.getvalue().rsplit("\r", 1)[-1].endswith("loss=1.0000]")
+
+
 def test_figure_goes_beside_the_result_json(tmp_path: Path) -> None:
     config = RunConfig(out_dir=str(tmp_path / "r"), run_name="x")
     assert workbook.figure_path(config) == tmp_path / "r" / "x.png"
