@@ -91,10 +91,14 @@ class TensorBatches:
         in_features: int,
         num_classes: int,
         seed: int,
+        teacher_seed: int | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
+        """`teacher_seed` fixes the labelling rule apart from the inputs' `seed`: held-out batches need the
+        training batches' teacher, or their loss measures a different task (default: drawn from `seed`)."""
         gen = torch.Generator().manual_seed(seed)
-        teacher = torch.randn(in_features, num_classes, generator=gen)
+        teacher_gen = gen if teacher_seed is None else torch.Generator().manual_seed(teacher_seed)
+        teacher = torch.randn(in_features, num_classes, generator=teacher_gen)
         x = torch.randn(num_batches, batch_size, in_features, generator=gen)
         self._x = x.to(device)
         self._y = (x @ teacher).argmax(-1).to(device)

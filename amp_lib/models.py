@@ -180,7 +180,7 @@ def _mlp_workload(config: RunConfig, device: torch.device) -> Workload:
     return Workload(
         model=model,
         train_batches=TensorBatches(num_batches=config.steps * config.grad_accum, seed=config.seed, **common),
-        eval_batches=TensorBatches(num_batches=4, seed=10_000 + config.seed, **common),
+        eval_batches=TensorBatches(num_batches=4, seed=10_000 + config.seed, teacher_seed=config.seed, **common),
         loss_fn=class_loss,
         items_per_batch=config.batch_size,
         flops_per_item=6.0 * n_params,
@@ -216,7 +216,8 @@ def _user_workload(spec: str, config: RunConfig) -> Workload:
         batches = _CallableBatches(batches)
     elif not hasattr(batches, "__getitem__"):
         batches = list(batches)
-    batches = _CycledBatches(batches) if not isinstance(batches, _CallableBatches) else batches
+    # The training loop indexes modulo len(), bench's bare loop by step: cycling gives both the same batches.
+    batches = _CycledBatches(batches)
     first_inputs = batches[0][0]
     return Workload(
         model=model,

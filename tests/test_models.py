@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from amp_lib.models import (
     lm_loss,
     load_user_factory,
 )
-from amp_lib.train import RunConfig
+from amp_lib.train import RunConfig, train
 
 CPU = torch.device("cpu")
 
@@ -127,6 +129,35 @@ def test_mlp_workload():
     assert 0 <= int(y.min()) and int(y.max()) < 16
     assert w.item_unit == "samples" and w.items_per_batch == 5
     assert w.flops_per_item == 6.0 * count_parameters(w.model)
+    assert len(w.eval_batches) == 4
+
+
+def test_mlp_is_the_documented_256_1024_1024_16_gelu_mlp():
+    # README "Built-in models": benchmark figures are only comparable across versions for the same model.
+    w = build_workload(RunConfig(model="mlp", device="cpu"), CPU)
+    assert [type(m).__name__ for m in w.model] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert [(m.in_features, m.out_features) for m in w.model[::2]] == [(256, 1024), (1024, 1024), (1024, 16)]
+
+
+def test_mlp_eval_batches_are_labelled_by_the_training_teacher():
+    # Held-out inputs, same labelling rule: training lowers the eval loss well below chance (ln 16).
+    # (With a different teacher for the eval batches, the eval loss rose above chance as it trained.)
+    config = RunConfig(model="mlp", steps=60, warmup_steps=1, batch_size=32, lr=1e-3, log_every=20, device="cpu")
+    result = train(config, write=False)
+    assert result.status == "ok" and result.metrics.eval_loss < math.log(16) - 0.5
+    w = build_workload(config, CPU)
+    assert not any(torch.equal(w.eval_batches[i][0], w.train_batches[j][0]) for i in range(4) for j in range(60))
+
+
+def test_gpt_eval_windows_come_from_the_held_out_last_tenth():
+    text = corpus()
+    split = int(0.9 * len(text))  # one character per token
+    tok = CharTokenizer.for_text(text)
+    w = build_workload(RunConfig(model="gpt-tiny", steps=8, seq_len=64, batch_size=8, device="cpu"), CPU)
+    evals = [tok.decode(row.tolist()) for i in range(len(w.eval_batches)) for row in w.eval_batches[i][0]]
+    trains = [tok.decode(row.tolist()) for i in range(len(w.train_batches)) for row in w.train_batches[i][0]]
+    assert all(s in text[split:] for s in evals) and all(s in text[:split] for s in trains)
+    assert not set(evals) & set(trains)
 
 
 # --- user factories ------------------------------------------------------------------------------
@@ -141,6 +172,7 @@ def test_mlp_workload():
         ("no_such_module_xyz:fn", "cannot import 'no_such_module_xyz'"),
         ("user_models:missing", "no callable 'missing'"),
         ("user_models:not_callable", "no callable 'not_callable'"),
+        ("user_models:build_ok:extra", "'user_models' has no callable 'build_ok:extra'"),  # split at the first colon
     ],
 )
 def test_load_user_factory_errors_name_the_spec(user_models, spec, text):
@@ -174,6 +206,15 @@ def test_user_callable_batches(user_models):
     torch.testing.assert_close(w.train_batches[5][0], w.train_batches[1][0])
 
 
+def test_user_callable_batches_cycle_through_four_indices(user_models):
+    # The training loop asks for index % len(); bench's bare loop asks for the step itself: both must see
+    # the same four batches, even from a function that would give a new batch for every index.
+    w = build_workload(user_config("build_step_function"), CPU)
+    assert len(w.train_batches) == 4
+    torch.testing.assert_close(w.train_batches[6][0], w.train_batches[2][0])
+    assert not torch.equal(w.train_batches[1][0], w.train_batches[2][0])
+
+
 def test_user_iterable_batches_become_a_list(user_models):
     w = build_workload(user_config("build_iterable"), CPU)
     assert len(w.train_batches) == 4
@@ -191,6 +232,33 @@ def test_user_workload_is_taken_as_is(user_models):
 def test_user_factory_bad_returns(user_models, name, error, text):
     with pytest.raises(error, match=text):
         build_workload(user_config(name), CPU)
+
+
+def test_empty_user_batches_error_exactly(user_models):
+    with pytest.raises(ValueError) as info:
+        build_workload(user_config("build_empty"), CPU)
+    assert str(info.value) == "a user model returned no batches"
+
+
+def test_user_batches_that_can_be_indexed_are_indexed_even_when_callable(user_models):
+    w = build_workload(user_config("build_indexable_and_callable"), CPU)
+    assert len(w.train_batches) == 4 and w.items_per_batch == 4
+    torch.testing.assert_close(w.train_batches[5][0], w.train_batches[1][0])  # by index, never called
+
+
+def test_indexable_user_batches_stay_lazy(user_models):
+    w = build_workload(user_config("build_lazy"), CPU)
+    assert w.train_batches.items.made == [0]  # only the first batch, to read the batch size; no list() of all
+    assert len(w.train_batches) == 4
+
+
+@pytest.mark.parametrize(
+    "name,items", [("build_short_last_batch", 4), ("build_no_targets", 4), ("build_tuple_inputs", 1)]
+)
+def test_items_per_batch_is_the_first_batchs_input_rows(user_models, name, items):
+    # The first batch's inputs set the throughput unit: not a smaller last batch, not the targets; inputs
+    # without a shape count one item per batch.
+    assert build_workload(user_config(name), CPU).items_per_batch == items
 
 
 def test_examples_linear_regression_workload():

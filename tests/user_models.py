@@ -166,3 +166,74 @@ def build_fails_in_fp32(config):
     if config.precision == "fp32":
         raise RuntimeError("this factory refuses fp32")
     return build_ok(config)
+
+
+class IndexableAndCallable:
+    """A dataset that is also callable (for something else): it must be indexed, not called."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+    def __call__(self, *args):
+        raise AssertionError("batches that can be indexed must not be called")
+
+
+def build_indexable_and_callable(config):
+    model, batches = _regression(config)
+    return model, IndexableAndCallable(batches), F.mse_loss
+
+
+class LazyBatches:
+    """An indexable that makes each batch on access and remembers which it made."""
+
+    def __init__(self, config, n_batches: int = 4):
+        self.config, self.n_batches, self.made = config, n_batches, []
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, i):
+        if i >= self.n_batches:
+            raise IndexError(i)
+        self.made.append(i)
+        return _regression(self.config, n_batches=i + 1)[1][i]
+
+
+def build_lazy(config):
+    model, _ = _regression(config)
+    return model, LazyBatches(config), F.mse_loss
+
+
+def build_short_last_batch(config):
+    """A full first batch and a smaller last one, as a DataLoader without drop_last gives."""
+    model, (first, last, *_) = _regression(config)
+    return model, [first, (last[0][:-1], last[1][:-1])], F.mse_loss
+
+
+def build_no_targets(config):
+    """Self-supervised: batches are (inputs, None) and the loss ignores the targets."""
+    model, batches = _regression(config)
+    return model, [(x, None) for x, _ in batches], lambda out, _: out.pow(2).mean()
+
+
+def build_tuple_inputs(config):
+    """Inputs without a shape (a tuple of tensors): one item per batch."""
+    model, batches = _regression(config)
+    return model, [((x,), y) for x, y in batches], F.mse_loss
+
+
+def build_step_function(config):
+    """Batches as a function of the index that never repeats by itself: batch i is drawn with seed i."""
+    model, _ = _regression(config)
+
+    def batch(i: int):
+        x = torch.randn(config.batch_size, 8, generator=torch.Generator().manual_seed(i))
+        return x, x.sum(1, keepdim=True)
+
+    return model, batch, F.mse_loss
