@@ -4,6 +4,7 @@ kernel runs the un-mutated package, so kernel tests cannot check these functions
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -380,7 +381,7 @@ def test_sweep_function_resumes_and_reports_without_a_kernel(tmp_path: Path) -> 
     runs = _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "oom"}, {"fp32": 1000.0, "bf16-mixed": 1.0})
     settings = Settings(kernel="no-such-kernel", retries=1)
     result = sw.sweep(out, ["fp32", "bf16"], [0], ARGS[1::2], settings=settings)
-    assert result.planned == 2 and not result.interrupted and result.exit_code == 1
+    assert result.planned == 2 and result.interrupted is False and result.exit_code == 1
     assert [(o.name, o.status, o.resumed) for o in result.outcomes] == [(r.name, s, True) for r, s in
                                                                          zip(runs, ("ok", "oom"))]  # fmt: skip
     assert result.outcomes[1].error == "oom: first line\nsecond"
@@ -405,6 +406,25 @@ def test_forced_rerun_executes_and_records_a_failure_without_a_kernel(tmp_path: 
     saved = RunResult.load(runs[0].result_path)
     assert saved.status == "failed" and saved.error == outcomes[0].error and saved.config["steps"] == 9
     assert run_sweep([], settings) == ([], False)
+
+
+def _last_frame(stderr: str) -> str:
+    return [frame for frame in stderr.replace("\n", "\r").split("\r") if frame.strip()][-1]
+
+
+def test_sweep_progress_bar_counts_runs_and_names_the_one_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = _finished_sweep(tmp_path / "sw", {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 1.0, "bf16-mixed": 2.0})
+    settings = Settings(kernel="no-such-kernel", retries=1)
+    outcomes, interrupted = run_sweep(runs, settings)  # not forced: complete runs are resumed, none executed
+    assert interrupted is False and [(o.status, o.resumed) for o in outcomes] == [("ok", True), ("ok", True)]
+    assert re.fullmatch(r"sweep: 100%\|[^|]*\| 2/2 \[.*run/s\]", _last_frame(capsys.readouterr().err))
+    run_sweep(runs[:1], settings, force=True)  # executed in this process (workers=1): the bar names the run
+    frame = _last_frame(capsys.readouterr().err)
+    assert re.fullmatch(rf"sweep: 100%\|[^|]*\| 1/1 \[.*run/s, {runs[0].name}\]", frame), frame
+    sw.sweep(tmp_path / "sw", ["fp32"], [0], ARGS[1::2], force=True, report=False, settings=settings)  # same, via sweep()
+    assert _last_frame(capsys.readouterr().err).endswith(f"run/s, {runs[0].name}]")
 
 
 @pytest.mark.parametrize(
