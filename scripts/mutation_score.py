@@ -1,8 +1,11 @@
 """Print the mutation score per module from `mutmut results --all true` (run after `mutmut run`).
 
-Killed (and timed-out) mutants count as caught. Mutants listed in docs/testing.md as equivalent
-(a line starting "- `amp_lib....__mutmut_N`") are reported apart: behaviour cannot differ, so the
-adjusted score leaves them out. Exit status is 1 when the adjusted score is under --fail-under.
+Killed (and timed-out) mutants count as caught. Survivors listed in docs/testing.md are reported
+apart: as equivalent (a line starting "- `amp_lib....__mutmut_N`"; behaviour cannot differ, so the
+adjusted score leaves them out) or as not reached (a line starting "- not reached: `amp_lib...`";
+only a GPU, a Jupyter kernel or a worker process runs them, so they stay in the adjusted score's
+denominator). Any other survivor is named at the end. Exit status is 1 when the adjusted score is
+under --fail-under.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ def results(mutmut: str) -> dict[str, str]:
     return found
 
 
-def equivalents(doc: Path) -> set[str]:
+def listed(doc: Path, prefix: str = "") -> set[str]:
+    """Mutant names on lines that start with `- {prefix}` and a backquoted name."""
     if not doc.exists():
         return set()
-    return set(re.findall(r"^- `(amp_lib\.[^`]+__mutmut_\d+)`", doc.read_text(), re.MULTILINE))
+    pattern = rf"^- {re.escape(prefix)}`(amp_lib\.[^`]+__mutmut_\d+)`"
+    return set(re.findall(pattern, doc.read_text(), re.MULTILINE))
 
 
 def module_of(name: str) -> str:
@@ -46,29 +51,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     found = results(args.mutmut)
-    equivalent = equivalents(args.equivalents)
+    equivalent, not_reached = listed(args.equivalents), listed(args.equivalents, "not reached: ")
     per_module: dict[str, Counter[str]] = defaultdict(Counter)
     for name, status in found.items():
-        key = "equivalent" if status == "survived" and name in equivalent else status
-        per_module[module_of(name)][key] += 1
+        if status == "survived" and name in equivalent:
+            status = "equivalent"
+        elif status == "survived" and name in not_reached:
+            status = "not reached"
+        per_module[module_of(name)][status] += 1
 
-    print(f"{'module':<22}{'killed':>8}{'survived':>10}{'equiv.':>8}{'unchecked':>11}{'score':>9}{'adjusted':>10}")
+    print(
+        f"{'module':<28}{'killed':>8}{'survived':>10}{'equiv.':>8}{'not reached':>13}{'unchecked':>11}"
+        f"{'score':>9}{'adjusted':>10}"
+    )
     total: Counter[str] = Counter()
     for module in sorted(per_module):
         c = per_module[module]
         total.update(c)
         print(_row(module, c))
     print(_row("total", total))
-    unlisted = sorted(n for n, s in found.items() if s == "survived" and n not in equivalent)
+    unlisted = sorted(n for n, s in found.items() if s == "survived" and n not in equivalent | not_reached)
     if unlisted:
-        print(f"\n{len(unlisted)} surviving mutant(s) neither killed nor listed as equivalent:")
+        print(f"\n{len(unlisted)} surviving mutant(s) neither killed nor listed:")
         print("\n".join(f"  {n}" for n in unlisted))
     return 1 if _scores(total)[1] < args.fail_under else 0
 
 
 def _scores(c: Counter[str]) -> tuple[float, float]:
     caught = sum(c[s] for s in CAUGHT)
-    checked = caught + c["survived"] + c["equivalent"] + c["suspicious"] + c["segfault"]
+    checked = caught + c["survived"] + c["equivalent"] + c["not reached"] + c["suspicious"] + c["segfault"]
     raw = 100.0 * caught / checked if checked else 0.0
     adjusted = 100.0 * caught / (checked - c["equivalent"]) if checked - c["equivalent"] else 0.0
     return raw, adjusted
@@ -78,7 +89,7 @@ def _row(label: str, c: Counter[str]) -> str:
     caught = sum(c[s] for s in CAUGHT)
     raw, adjusted = _scores(c)
     return (
-        f"{label:<22}{caught:>8}{c['survived']:>10}{c['equivalent']:>8}{c['not checked']:>11}"
+        f"{label:<28}{caught:>8}{c['survived']:>10}{c['equivalent']:>8}{c['not reached']:>13}{c['not checked']:>11}"
         f"{raw:>8.1f}%{adjusted:>9.1f}%"
     )
 

@@ -132,6 +132,18 @@ def test_mlp_workload():
     assert len(w.eval_batches) == 4
 
 
+@pytest.mark.parametrize("model", ["gpt-tiny", "mlp"])
+def test_builtin_batches_land_on_the_given_device_and_the_model_runs_there(model):
+    # The meta device stands in for a GPU on a CPU build: a batch or position index made without the
+    # device would come out on the CPU (or fail to mix with meta weights).
+    meta = torch.device("meta")
+    w = build_workload(RunConfig(model=model, steps=2, warmup_steps=1, device="cpu"), meta)
+    assert next(w.model.parameters()).device == CPU  # the model is moved by the loop, after the cast
+    for batches in (w.train_batches, w.eval_batches):
+        assert {t.device for i in range(len(batches)) for t in batches[i]} == {meta}
+    assert w.model.to(meta)(w.train_batches[0][0]).device == meta
+
+
 def test_mlp_is_the_documented_256_1024_1024_16_gelu_mlp():
     # README "Built-in models": benchmark figures are only comparable across versions for the same model.
     w = build_workload(RunConfig(model="mlp", device="cpu"), CPU)
