@@ -409,7 +409,7 @@ def test_forced_rerun_executes_and_records_a_failure_without_a_kernel(tmp_path: 
 
 
 def _last_frame(stderr: str) -> str:
-    return [frame for frame in stderr.replace("\n", "\r").split("\r") if frame.strip()][-1]
+    return [frame.strip() for frame in stderr.replace("\n", "\r").split("\r") if frame.strip()][-1]
 
 
 def test_sweep_progress_bar_counts_runs_and_names_the_one_running(
