@@ -1,5 +1,12 @@
-"""AMP Workbook: which precision should this model train in on this machine, and what does it buy?"""
+"""AMP Workbook: which precision should this model train in on this machine, and what does it buy?
 
+Data flows one way: `config` (RunConfig) -> `precision` (PrecisionPlan) -> `train` (the loop, with
+`scaler` and `measure`) -> `results` (JSON) -> `report`; `notebook`, `plots`, `tracking` and `sweep`
+sit on top. The Lightning callback is `amp_lib.lightning_callback.AmpWandbCallback` (not imported
+here: importing Lightning costs every kernel start about 4 s, and most runs never use it).
+"""
+
+from amp_lib.config import RunConfig
 from amp_lib.precision import (
     Capabilities,
     PrecisionPlan,
@@ -10,9 +17,10 @@ from amp_lib.precision import (
     probe,
     resolve_precision,
 )
-from amp_lib.results import Metrics, RunResult, load_results
+from amp_lib.report import SweepReport, build_report
+from amp_lib.results import Metrics, RunResult, load_results, load_sweep
 from amp_lib.scaler import AmpScaler, StepOutcome, get_loss_scale
-from amp_lib.train import RunConfig, train
+from amp_lib.train import train
 
 __all__ = [
     "AmpScaler",
@@ -23,9 +31,12 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "StepOutcome",
+    "SweepReport",
+    "build_report",
     "compute_effective_precision",
     "get_loss_scale",
     "load_results",
+    "load_sweep",
     "native_precisions",
     "parse_precision",
     "probe",

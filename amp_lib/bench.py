@@ -17,20 +17,11 @@ from pathlib import Path
 
 import torch
 
-from amp_lib.models import BUILTIN_MODELS, build_workload, default_model_for
-from amp_lib.precision import PrecisionPlan, probe, resolve_precision
-from amp_lib.train import (
-    PeakMemory,
-    RunConfig,
-    StepTimer,
-    as_input,
-    make_optimizer,
-    prepare_model,
-    resolve_device,
-    seed_everything,
-    tf32_matmuls,
-    train,
-)
+from amp_lib.config import BUILTIN_MODELS, RunConfig
+from amp_lib.measure import PeakMemory, StepTimer
+from amp_lib.models import build_workload, default_model_for
+from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
+from amp_lib.train import make_optimizer, seed_everything, train
 
 DEFAULT_PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
 
@@ -65,20 +56,20 @@ def bare_loop(config: RunConfig, plan: PrecisionPlan) -> BareRun:
     device = resolve_device(config.device)
     seed_everything(config.seed)
     work = build_workload(config, device)
-    model = prepare_model(work.model.to(device=device, dtype=plan.param_dtype), plan, config.compile)
+    model = plan.prepare_model(work.model, device, config.compile)
     optimizer = make_optimizer(model, config.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.use_loss_scaler)
-    autocast = torch.autocast(device.type, dtype=plan.autocast_dtype or torch.float32, enabled=plan.autocast_dtype is not None)
+    autocast = plan.autocast()
     timer = StepTimer(device)
     times: list[float] = []
     loss = torch.zeros(())
-    with tf32_matmuls(plan.effective == "tf32"):
+    with plan.tf32_scope():
         for step in range(config.steps):
             if step >= config.warmup_steps:
                 timer.start()
             x, y = work.train_batches[step]
             with autocast:
-                loss = work.loss_fn(model(as_input(x, plan.param_dtype)), y)
+                loss = work.loss_fn(model(plan.convert_input(x)), y)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             if config.grad_clip:
@@ -104,7 +95,7 @@ def bench(base: RunConfig, precisions: Sequence[str], repeats: int) -> list[Benc
         plan = resolve_precision(precision, caps, allow_slow=config.allow_slow)
         lib_ms, bare_ms, results = [], [], []
         for _ in range(repeats):
-            result = train(config, write=False)
+            result = train(config, plan=plan, write=False)
             if not result.ok:
                 print(f"{precision}: skipped, the run ended {result.status}: {result.error}", file=sys.stderr)
                 break
@@ -115,7 +106,7 @@ def bench(base: RunConfig, precisions: Sequence[str], repeats: int) -> list[Benc
             continue
         step_ms = statistics.median(lib_ms)
         last = results[-1].metrics
-        items_per_step = last.tokens_per_s * last.step_time_ms_median / 1e3
+        items_per_step = last.items_per_s * last.step_time_ms_median / 1e3
         rows.append(
             BenchRow(
                 precision=precision,
@@ -134,7 +125,7 @@ def bench(base: RunConfig, precisions: Sequence[str], repeats: int) -> list[Benc
     return rows
 
 
-def format_table(rows: Sequence[BenchRow], device_name: str) -> str:
+def format_bench_table(rows: Sequence[BenchRow], device_name: str) -> str:
     fp32 = next((r for r in rows if r.effective == "fp32"), None)
     unit = rows[0].unit if rows else "tokens"
     lines = [
@@ -192,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(torch.cuda.is_available()).parse_args(argv)
     base = base_config(args)
     rows = bench(base, args.precisions, args.repeats)
-    print(format_table(rows, probe(resolve_device(base.device)).device_name))
+    print(format_bench_table(rows, probe(resolve_device(base.device)).device_name))
     if args.json:
         args.json.write_text(json.dumps([{**r.__dict__, "overhead": r.overhead} for r in rows], indent=2))
     return 0

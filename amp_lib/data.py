@@ -47,9 +47,6 @@ class CharTokenizer:
         index = {c: i for i, c in enumerate(self.chars)}
         return torch.tensor([index[c] for c in text], dtype=torch.long)
 
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
-
 
 class TokenBatches:
     """Random windows of a token stream; batch `i` is the same for every precision and run."""

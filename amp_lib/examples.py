@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from amp_lib.train import RunConfig, resolve_device
+from amp_lib.config import RunConfig
+from amp_lib.precision import resolve_device
 
 
 def linear_regression(config: RunConfig) -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]], Any]:

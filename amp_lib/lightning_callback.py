@@ -2,7 +2,9 @@
 
 Lightning is optional (`pip install .[lightning]`): without it the class is still importable (it just
 has no Trainer to be attached to), and without `wandb` or an active W&B run every hook is a no-op.
-A hook never raises: tracking must not be the reason a training run dies.
+A hook never raises: tracking must not be the reason a training run dies. The one exception is a
+torch whose GradScaler no longer has the internals amp_lib reads without a sync: that fails at
+`setup`, loudly, instead of turning into a warning and silently missing data.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from amp_lib.precision import is_fp16
-from amp_lib.scaler import get_loss_scale
-from amp_lib.tracking import finite_or_none
+from amp_lib.results import finite_or_none
+from amp_lib.scaler import check_gradscaler_internals, find_grad_scaler, get_loss_scale, scale_tensor
 
 try:  # Lightning 2.x unified package first, then the standalone one; neither is required
     from lightning.pytorch import Callback as _Callback
@@ -24,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only where Lightning is abse
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AmpWandbCallback", "active_wandb_run", "trainer_scaler"]
+__all__ = ["AmpWandbCallback", "active_wandb_run"]
 
 
 def active_wandb_run() -> Any:
@@ -34,19 +38,6 @@ def active_wandb_run() -> Any:
     except ImportError:
         return None
     return wandb.run
-
-
-def _attr(obj: Any, name: str) -> Any:
-    """getattr that also swallows errors raised by properties (e.g. a strategy not yet attached)."""
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # noqa: BLE001 - any error here just means: no such attribute
-        return None
-
-
-def trainer_scaler(trainer: Any) -> Any:
-    """`trainer.strategy.precision_plugin.scaler`, or None wherever one of those is missing."""
-    return _attr(_attr(_attr(trainer, "strategy"), "precision_plugin"), "scaler")
 
 
 class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
@@ -79,6 +70,10 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         return self.enabled and is_fp16(self.precision)
 
     # hooks ---------------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.tracks_scale:
+            check_gradscaler_internals()  # outside the guard: a torch rename must not pass as a warning
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._guard(self._before_step, trainer)
 
@@ -100,19 +95,21 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
     def _scaler(self, trainer: Any) -> Any:
         if not self.tracks_scale:
             return None
-        scaler = trainer_scaler(trainer)
-        is_enabled = getattr(scaler, "is_enabled", None)
-        return scaler if callable(is_enabled) and is_enabled() else None
+        scaler = find_grad_scaler(trainer)
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     def _before_step(self, trainer: Any) -> None:
         scaler = self._scaler(trainer)
         if scaler is None:
             return
-        current = getattr(scaler, "_scale", None)  # device tensor (get_scale() would sync)
-        self._scale_before = current.detach().clone() if current is not None else None
+        # A device tensor (get_scale() would sync); before the first step there is none yet, and
+        # get_scale() returns the initial scale without a sync.
+        self._scale_before = scale_tensor(scaler)
+        if self._scale_before is None:
+            self._scale_before = torch.tensor(float(scaler.get_scale()))
 
     def _after_step(self, trainer: Any) -> None:
-        step = _attr(trainer, "global_step")
+        step = getattr(trainer, "global_step", None)
         if not isinstance(step, int):
             return
         if step == self._last_step:  # gradient accumulation: no optimizer step happened
@@ -130,16 +127,15 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
             self._log(row)
 
     def _count_skip(self, scaler: Any) -> None:
-        """GradScaler backs the scale off exactly when it skipped the step: count scale decreases on device."""
-        import torch
+        """GradScaler backs the scale off exactly when it skipped the step: count scale decreases on device.
 
-        after = getattr(scaler, "_scale", None)
-        if after is None:
+        (The trainer's scaler has already cleared its per-step inf flags by now, so the decrease is the
+        one record of the skip that survives the step.)
+        """
+        after, before = scale_tensor(scaler), self._scale_before
+        if after is None or before is None:
             return
-        before = self._scale_before
-        if before is None:
-            before = torch.full_like(after, float(getattr(scaler, "_init_scale", after)))
-        self._skipped = self._skipped + (after < before).to(torch.int64).sum()
+        self._skipped = self._skipped + (after < before.to(after.device)).to(torch.int64).sum()
         self._scale_before = None
 
     def _epoch_end(self, trainer: Any) -> None:
@@ -153,10 +149,10 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
             if scale is not None:
                 row["amp/loss_scale"] = scale
             row["amp/skipped_steps"] = int(self._skipped)
-        step = _attr(trainer, "global_step")
+        step = getattr(trainer, "global_step", None)
         if isinstance(step, int):
             row["trainer/global_step"] = step
-        epoch = _attr(trainer, "current_epoch")
+        epoch = getattr(trainer, "current_epoch", None)
         if isinstance(epoch, int):
             row["epoch"] = epoch
         self._log(row)

@@ -18,16 +18,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amp_lib.config import BUILTIN_MODELS, RunConfig
 from amp_lib.data import CharTokenizer, TensorBatches, TokenBatches, corpus
-
-if TYPE_CHECKING:
-    from amp_lib.train import RunConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,7 +44,6 @@ GPT_SIZES: dict[str, GPTConfig] = {
     "gpt-small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=1024),
     "gpt2-124m": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
 }
-BUILTIN_MODELS: tuple[str, ...] = (*GPT_SIZES, "mlp")
 
 
 class Block(nn.Module):
@@ -241,6 +238,3 @@ def default_model_for(device_type: str) -> str:
     """The built-in model the default sweep uses: tiny on a CPU, GPT-2 small on a GPU."""
     return "gpt2-124m" if device_type == "cuda" else "gpt-tiny"
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

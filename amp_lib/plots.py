@@ -14,10 +14,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from amp_lib.report import Row, comparison_table
+from amp_lib.report import Row, SweepReport
 from amp_lib.results import RunResult
 
-REPORT_FIGURES = ("loss", "throughput_memory", "loss_scale")
 _COLORS = {
     "fp32": "tab:blue",
     "tf32": "tab:cyan",
@@ -132,7 +131,7 @@ def throughput_memory_figure(rows: Sequence[Row]) -> Figure:
     colors = [_COLORS.get(str(r.effective), "tab:gray") for r in rows]
     unit = rows[0].throughput_unit if rows else "tokens"
     for ax, attr, title in (
-        (left, "tokens_per_s", f"throughput ({unit}/s)"),
+        (left, "items_per_s", f"throughput ({unit}/s)"),
         (right, "peak_memory_mb", "peak memory (MB)"),
     ):
         stats = [getattr(r, attr) for r in rows]
@@ -154,12 +153,12 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def save_report_figures(results: Sequence[RunResult], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def save_report_figures(report: SweepReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write the report's figures as `<out_dir>/<name>.png`; returns name -> path."""
     out = Path(out_dir)
     figures = {
-        "loss": loss_figure(results),
-        "throughput_memory": throughput_memory_figure(comparison_table(results)),
-        "loss_scale": loss_scale_figure(results),
+        "loss": loss_figure(report.results),
+        "throughput_memory": throughput_memory_figure(report.table),
+        "loss_scale": loss_scale_figure(report.results),
     }
     return {name: save_figure(fig, out / f"{name}.png") for name, fig in figures.items()}

@@ -1,12 +1,18 @@
-"""Precision names, hardware capabilities and their resolution into a `PrecisionPlan`.
+"""Precision names, hardware capabilities and their resolution into a `PrecisionPlan` with behaviour.
 
 Capabilities are plain data so that every fallback branch can be exercised on a CPU-only machine
-without patching torch; `probe()` is the only function here that looks at the running hardware.
+without patching torch; `resolve_device()` and `probe()` are the only functions that look at the
+running hardware. The plan, like a Lightning precision plugin, is an object that knows how to run
+a model in its precision: the autocast context, the model's dtype (and fp8/compile), the inputs'
+dtype and the TF32 switch, so the training loop and the benchmark share one interpretation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ CANONICAL: tuple[str, ...] = (
     "fp8-mixed",
 )
 
-# Lightning strings and ints, Hugging Face words, and the seed's "16_true".
+# Lightning strings and ints, Hugging Face words, and "16_true" (an older spelling of these utilities).
 ALIASES: dict[str | int, str] = {
     "fp32": "fp32",
     "32-true": "fp32",
@@ -48,6 +54,13 @@ ALIASES: dict[str | int, str] = {
 }
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Dense peak TFLOP/s by (GPU name fragment, precision family), for the MFU estimate.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100": {"fp32": 67.0, "tf32": 494.0, "fp16": 989.0, "bf16": 989.0, "fp8": 1979.0},
+    "H200": {"fp32": 67.0, "tf32": 494.0, "fp16": 989.0, "bf16": 989.0, "fp8": 1979.0},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},
+    "L4": {"fp32": 30.3, "tf32": 60.0, "fp16": 121.0, "bf16": 121.0, "fp8": 242.0},
+}
 
 
 class PrecisionUnavailableError(ValueError):
@@ -85,7 +98,7 @@ def is_fp16(value: Any) -> bool:
 def compute_effective_precision(
     requested_precision: Any, use_amp: bool | None, cuda_available: bool, use_gpu: bool
 ) -> Any:
-    """Seed-compatible helper: the Lightning precision flag a legacy `use_amp` switch implies."""
+    """The Lightning precision flag that a legacy `use_amp` switch implies (for older training scripts)."""
     parse_precision(requested_precision)
     if use_amp is None:
         return requested_precision
@@ -127,15 +140,23 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device a config's `device` names ("auto": CUDA when available, else CPU)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise ValueError(f"invalid device {str(device)!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; valid here: 'auto', 'cpu'")
+    return dev
+
+
 def probe(device: str | torch.device | None = None) -> Capabilities:
     """Read the capabilities of `device` (default: CUDA when available, else CPU)."""
-    if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     fp8_backend = importlib.util.find_spec("torchao") is not None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         return Capabilities(
             device_type="cuda",
@@ -146,8 +167,6 @@ def probe(device: str | torch.device | None = None) -> Capabilities:
             fp16_fast=True,
             fp8_backend=fp8_backend,
         )
-    if dev.type != "cpu":
-        raise ValueError(f"invalid device {str(device)!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
     flags = _cpu_flags()
     return Capabilities(
         device_type="cpu",
@@ -175,6 +194,52 @@ class PrecisionPlan:
     @property
     def fell_back(self) -> bool:
         return self.fallback_reason is not None
+
+    @property
+    def family(self) -> str:
+        """fp32, tf32, fp16, bf16 or fp8: what decides the peak FLOPs."""
+        return self.effective.split("-")[0]
+
+    @property
+    def peak_tflops(self) -> float | None:
+        """The device's dense peak TFLOP/s in this precision, where the table knows the device."""
+        for fragment, table in PEAK_TFLOPS.items():
+            if fragment in self.device_name:
+                return table.get(self.family)
+        return None
+
+    def autocast(self) -> torch.autocast:
+        """The forward context: autocast to the plan's dtype, or a disabled autocast."""
+        dtype = self.autocast_dtype or torch.float32
+        return torch.autocast(self.device_type, dtype=dtype, enabled=self.autocast_dtype is not None)
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device, compile: bool = False) -> torch.nn.Module:
+        """The model on `device` in the parameter dtype; fp8 swaps eligible linears for torchao's
+        Float8Linear (sizes that are multiples of 16); `compile` wraps it in torch.compile."""
+        model = model.to(device=device, dtype=self.param_dtype)
+        if self.effective == "fp8-mixed":
+            from torchao.float8 import convert_to_float8_training  # optional extra: only fp8 plans need it
+
+            def eligible(module: torch.nn.Module, fqn: str) -> bool:
+                return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+            convert_to_float8_training(model, module_filter_fn=eligible)
+        return torch.compile(model) if compile else model
+
+    def convert_input(self, x: Any) -> Any:
+        """Float inputs in the parameters' dtype: a 'true' precision runs the whole model in half, as
+        Lightning's HalfPrecision does; token ids and anything else pass through (no copy when equal)."""
+        return x.to(self.param_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    @contextlib.contextmanager
+    def tf32_scope(self) -> Iterator[None]:
+        """TF32 tensor-core matmuls and convolutions on exactly when the plan is tf32, restored after."""
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.effective == "tf32"
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

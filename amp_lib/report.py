@@ -1,11 +1,12 @@
 """The comparison against FP32: one table over many result files, seed aggregation, a recommendation.
 
-Everything the report notebook shows comes from here, so the same answer is one call away in Python:
+Everything the report notebook, summary.md and the sweep's printout show is one `SweepReport`,
+computed once from the results, so the same answer is one call away in Python:
 
-    from amp_lib.results import load_sweep, comparison_table, recommend
-    results = load_sweep("sweeps/default")
-    print(format_table(comparison_table(results)))
-    print(recommend(results).to_markdown())
+    from amp_lib.results import load_sweep
+    from amp_lib.report import build_report
+    report = build_report(load_sweep("sweeps/default"))
+    print(report.summary_markdown())
 
 Each run is compared with the FP32 run of the same setting (every config value except precision,
 seed, run_name and out_dir) and, where there is one, the same seed; several seeds of one precision
@@ -16,23 +17,18 @@ from __future__ import annotations
 
 import html
 import math
-import os
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from amp_lib.config import NON_SETTING_FIELDS
 from amp_lib.precision import CANONICAL, parse_precision
-
-if TYPE_CHECKING:  # amp_lib.results re-exports this module: import it lazily to keep the import graph acyclic
-    from amp_lib.results import RunResult
+from amp_lib.results import RunResult, finite_or_none
 
 BASELINE = "fp32"
 DEFAULT_TOLERANCE = 0.02  # eval loss may differ from fp32's by 2% (relative)
-# Config keys that name or place a run rather than change what it measures.
-NON_SETTING_KEYS = ("precision", "seed", "run_name", "out_dir")
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,7 @@ class Stat:
 
     @classmethod
     def of(cls, values: Iterable[float | None]) -> Stat | None:
-        clean = [float(v) for v in values if v is not None and math.isfinite(v)]
+        clean = [v for v in map(finite_or_none, values) if v is not None]
         if not clean:
             return None
         std = statistics.stdev(clean) if len(clean) > 1 else None
@@ -70,7 +66,7 @@ class Row:
     seeds: tuple[int, ...]
     run_names: tuple[str, ...]
     throughput_unit: str
-    tokens_per_s: Stat | None
+    items_per_s: Stat | None
     speedup: Stat | None  # throughput / fp32 throughput
     peak_memory_mb: Stat | None
     memory_saved_pct: Stat | None  # (fp32 peak - this peak) / fp32 peak * 100
@@ -114,20 +110,6 @@ class Recommendation:
         return "\n".join([head, "", rule, "", *(f"- {line}" for line in self.evidence)])
 
 
-# -- loading -------------------------------------------------------------------------------------
-
-
-def load_sweep(directory: str | os.PathLike[str]) -> list[RunResult]:
-    """The results of a sweep folder (its `results/` subfolder when it has one) or of a folder of JSONs."""
-    from amp_lib.results import load_results
-
-    root = Path(directory)
-    if not root.is_dir():
-        raise ValueError(f"sweep_dir {str(directory)!r} is not a folder")
-    results_dir = root / "results"
-    return load_results(results_dir if results_dir.is_dir() else root)
-
-
 # -- table ---------------------------------------------------------------------------------------
 
 
@@ -143,7 +125,7 @@ def _order(name: str) -> int:
 
 
 def _setting_key(result: RunResult) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, repr(v)) for k, v in result.config.items() if k not in NON_SETTING_KEYS))
+    return tuple(sorted((k, repr(v)) for k, v in result.config.items() if k not in NON_SETTING_FIELDS))
 
 
 def setting_labels(results: Sequence[RunResult]) -> dict[tuple[tuple[str, str], ...], str]:
@@ -157,10 +139,6 @@ def setting_labels(results: Sequence[RunResult]) -> dict[tuple[tuple[str, str], 
         parts += [f"{k}={result.config.get(k)!r}" for k in varying]
         labels[key] = " ".join(p for p in parts if p)
     return labels
-
-
-def _first_line(text: str | None) -> str | None:
-    return text.strip().splitlines()[0] if text and text.strip() else None
 
 
 @dataclass(frozen=True)
@@ -197,12 +175,12 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 def _per_run(run: _Run, runs: Sequence[_Run]) -> dict[str, float | None]:
     m = run.result.metrics
     base = _baseline_for(run, runs)
-    base_tps = _mean(base, lambda r: r.metrics.tokens_per_s)
+    base_tps = _mean(base, lambda r: r.metrics.items_per_s)
     base_mem = _mean(base, lambda r: r.metrics.peak_memory_mb)
     base_eval = _mean(base, lambda r: r.metrics.eval_loss)
     return {
-        "tokens_per_s": m.tokens_per_s,
-        "speedup": _ratio(m.tokens_per_s, base_tps),
+        "items_per_s": m.items_per_s,
+        "speedup": _ratio(m.items_per_s, base_tps),
         "peak_memory_mb": m.peak_memory_mb,
         "memory_saved_pct": None
         if m.peak_memory_mb is None or not base_mem
@@ -228,7 +206,7 @@ def _row(setting: str, requested: str, members: Sequence[_Run], runs: Sequence[_
     values = [_per_run(m, runs) for m in members]
     effective = sorted({str(r.plan.get("effective")) for r in results if r.plan.get("effective")})
     reasons = sorted({r.plan["fallback_reason"] for r in results if r.plan.get("fallback_reason")})
-    errors = [_first_line(r.error) for r in results if r.error]
+    errors = [r.error_line for r in results if r.error_line]
     return Row(
         setting=setting,
         requested=requested,
@@ -282,7 +260,7 @@ COLUMNS: tuple[tuple[str, Callable[[Row], str]], ...] = (
     ("effective", lambda r: r.effective or "?"),
     ("status", lambda r: r.status),
     ("run", lambda r: r.run_names[0] if r.runs == 1 else f"{r.runs} seeds ({', '.join(map(str, r.seeds))})"),
-    ("throughput/s", lambda r: _fmt(r.tokens_per_s, ",.0f", f" {r.throughput_unit}")),
+    ("throughput/s", lambda r: _fmt(r.items_per_s, ",.0f", f" {r.throughput_unit}")),
     ("speedup vs fp32", lambda r: _fmt(r.speedup, ".2f", "x")),
     ("peak MB", lambda r: _fmt(r.peak_memory_mb, ".1f")),
     ("memory saved", lambda r: _fmt(r.memory_saved_pct, ".1f", "%")),
@@ -369,11 +347,10 @@ def _evidence(row: Row) -> str:
     return ", ".join(parts)
 
 
-def recommendations(results: Sequence[RunResult], tolerance: float = DEFAULT_TOLERANCE) -> list[Recommendation]:
-    """One recommendation per setting: the fastest precision whose eval loss is at most `tolerance` above fp32's."""
-    if not (tolerance >= 0 and math.isfinite(tolerance)):
-        raise ValueError(f"tolerance={tolerance!r} must be a finite number >= 0 (relative, e.g. 0.02 for 2%)")
-    table = comparison_table(results)
+def recommendations(table: Sequence[Row], tolerance: float = DEFAULT_TOLERANCE) -> list[Recommendation]:
+    """One recommendation per setting of a comparison table: the fastest precision whose eval loss is at
+    most `tolerance` above fp32's."""
+    check_tolerance(tolerance)
     by_setting: dict[str, list[Row]] = defaultdict(list)
     for row in table:
         by_setting[row.setting].append(row)
@@ -413,19 +390,54 @@ def recommendations(results: Sequence[RunResult], tolerance: float = DEFAULT_TOL
     return out
 
 
+def check_tolerance(tolerance: float) -> float:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise ValueError(f"tolerance={tolerance!r} must be a finite number >= 0 (relative, e.g. 0.02 for 2%)")
+    return float(tolerance)
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """Everything a sweep's report shows, computed once from its results."""
+
+    results: tuple[RunResult, ...]
+    runs: tuple[Row, ...]  # one row per run
+    table: tuple[Row, ...]  # one row per setting and precision, seeds aggregated
+    recommendations: tuple[Recommendation, ...]
+    tolerance: float
+
+    def recommendation_markdown(self) -> str:
+        return "\n\n".join(r.to_markdown() for r in self.recommendations)
+
+    def summary_markdown(self) -> str:
+        """The report as markdown: the comparison table and the recommendation(s) (a sweep's summary.md)."""
+        parts = ["# AMP Workbook sweep summary", "", format_table(self.table, "markdown"), ""]
+        parts += [rec.to_markdown() + "\n" for rec in self.recommendations]
+        return "\n".join(parts)
+
+
+def build_report(results: Sequence[RunResult], tolerance: float = DEFAULT_TOLERANCE) -> SweepReport:
+    """Tabulate `results` per run and per precision and recommend, once."""
+    check_tolerance(tolerance)
+    table = comparison_table(results)
+    return SweepReport(
+        results=tuple(results),
+        runs=tuple(run_table(results)),
+        table=tuple(table),
+        recommendations=tuple(recommendations(table, tolerance)),
+        tolerance=tolerance,
+    )
+
+
 def recommend(results: Sequence[RunResult], tolerance: float = DEFAULT_TOLERANCE) -> Recommendation:
-    """The recommendation for results that share one setting (use `recommendations` for several)."""
-    recs = recommendations(results, tolerance)
+    """The recommendation for results that share one setting (`build_report` handles several)."""
+    recs = build_report(results, tolerance).recommendations
     if len(recs) != 1:
         settings = ", ".join(repr(r.setting) for r in recs) or "none (no results)"
         raise ValueError(
-            f"recommend() needs results of exactly one setting; got {len(recs)}: {settings}; use recommendations()"
+            f"recommend() needs results of exactly one setting; got {len(recs)}: {settings}; use build_report()"
         )
     return recs[0]
-
-
-def summary_markdown(results: Sequence[RunResult], tolerance: float = DEFAULT_TOLERANCE) -> str:
-    """The report as markdown: the comparison table and the recommendation(s) (a sweep's summary.md)."""
-    parts = ["# AMP Workbook sweep summary", "", format_table(comparison_table(results), "markdown"), ""]
-    parts += [rec.to_markdown() + "\n" for rec in recommendations(results, tolerance)]
-    return "\n".join(parts)

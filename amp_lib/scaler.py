@@ -1,17 +1,26 @@
 """Loss scaling on `torch.amp.GradScaler`: one call for scale -> backward -> unscale -> clip -> step -> update.
 
-Everything this wrapper records (skipped steps, scale history, grad norms) stays on the device as
-tensors until `flush()` reads it in one transfer, so the hot loop adds no host-device sync beyond
-what GradScaler itself does (and a fused optimizer removes even that one).
+`AmpScaler.step` returns what happened as device tensors (`StepOutcome`); the training loop's
+recorder reads them in batches, so the hot loop adds no host-device sync beyond what GradScaler
+itself does (and a fused optimizer removes even that one).
+
+GradScaler has no public API for two things this module needs without a sync: the device tensor of
+the current scale, and whether the last `unscale_` found inf/NaN. Each private attribute is read in
+exactly one function below (`scale_tensor`, `found_inf`), and `check_gradscaler_internals` fails
+loudly, naming the torch version, if a torch release renames them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# A loss scale this small means fp16 overflowed on every step: training has stopped.
+COLLAPSED_SCALE = 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,32 @@ class StepOutcome:
     scale: torch.Tensor | None  # loss scale after `update()`, None without a scaler
 
 
+@functools.cache
+def check_gradscaler_internals() -> None:
+    """Raise if this torch's GradScaler lacks the private attributes `scale_tensor`/`found_inf` read."""
+    probe = torch.amp.GradScaler("cpu", enabled=True)
+    missing = [name for name in ("_scale", "_found_inf_per_device") if not hasattr(probe, name)]
+    if missing:
+        raise RuntimeError(
+            f"torch {torch.__version__} renamed GradScaler's {', '.join(missing)}: amp_lib.scaler needs updating"
+        )
+
+
+def scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    """The current scale as a device tensor (no sync; `get_scale()` syncs), None before the first step."""
+    scale = scaler._scale
+    return None if scale is None else scale.detach().clone()
+
+
+def found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """GradScaler's own skip decision for this step (inf/NaN found while unscaling), as a bool tensor.
+
+    Not the gradient norm: finite gradients above ~1e19 overflow an fp32 norm, yet GradScaler steps.
+    """
+    flags = list(scaler._found_inf_per_device(optimizer).values())
+    return torch.stack([f.reshape(()).to(flags[0].device) for f in flags]).sum() > 0
+
+
 def total_grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -32,7 +67,7 @@ def total_grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
 
 
 class AmpScaler:
-    """A thin `GradScaler` wrapper in the manner of timm's NativeScaler, with skip accounting."""
+    """A thin `GradScaler` wrapper in the manner of timm's NativeScaler, reporting each step's outcome."""
 
     def __init__(
         self,
@@ -44,6 +79,7 @@ class AmpScaler:
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
     ) -> None:
+        check_gradscaler_internals()
         self.scaler = torch.amp.GradScaler(
             device_type,
             init_scale=init_scale,
@@ -52,9 +88,6 @@ class AmpScaler:
             growth_interval=growth_interval,
             enabled=enabled,
         )
-        self._skipped_total: torch.Tensor | int = 0  # becomes a device tensor on the first step
-        self._pending_scales: list[torch.Tensor] = []
-        self._scale_history: list[float] = []
 
     @property
     def enabled(self) -> bool:
@@ -83,53 +116,39 @@ class AmpScaler:
             grad_norm = total_grad_norm(params)
         self.scaler.step(optimizer)
         if self.enabled:
-            # GradScaler's own decision: inf/NaN found while unscaling (device tensors, no sync). Not the
-            # norm: finite grads above ~1e19 overflow the fp32 norm, yet GradScaler steps on them.
-            found = self.scaler._found_inf_per_device(optimizer).values()
-            skipped = torch.stack([f.to(grad_norm.device) for f in found]).sum() > 0
-        self.scaler.update()
-        if self.enabled:
-            scale = self.scaler._scale.detach().clone()  # device tensor: no sync (get_scale() syncs)
-            self._pending_scales.append(scale)
+            skipped = found_inf(self.scaler, optimizer).to(grad_norm.device)  # read before update() clears it
         else:
             skipped = torch.zeros((), dtype=torch.bool, device=grad_norm.device)
-            scale = None
-        self._skipped_total = self._skipped_total + skipped.to(torch.int64)
+        self.scaler.update()
+        scale = scale_tensor(self.scaler) if self.enabled else None
         return StepOutcome(grad_norm=grad_norm.detach(), skipped=skipped, scale=scale)
-
-    def flush(self) -> None:
-        """Move the pending scale readings to the host in one transfer."""
-        if self._pending_scales:
-            self._scale_history.extend(torch.stack(self._pending_scales).tolist())
-            self._pending_scales.clear()
-
-    @property
-    def skipped_steps(self) -> int:
-        return int(self._skipped_total)
-
-    @property
-    def scale_history(self) -> list[float]:
-        self.flush()
-        return list(self._scale_history)
 
     def get_scale(self) -> float | None:
         return get_loss_scale(self.scaler)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+        return self.scaler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scaler.load_state_dict(state["scaler"])
-        self._skipped_total = int(state.get("skipped_steps", 0))
+        self.scaler.load_state_dict(state)
 
 
-def _scaler_of(obj: Any) -> Any:
-    if isinstance(obj, torch.amp.GradScaler):
-        return obj
+def _attr(obj: Any, name: str) -> Any:
+    """getattr that also swallows errors raised by properties (e.g. a Lightning strategy not yet attached)."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - any error here just means: no such attribute
+        return None
+
+
+def find_grad_scaler(obj: Any) -> torch.amp.GradScaler | None:
+    """The GradScaler of a GradScaler, an AmpScaler or a Lightning trainer
+    (`trainer.strategy.precision_plugin.scaler`); None wherever there is none."""
     if isinstance(obj, AmpScaler):
-        return obj.scaler
-    plugin = getattr(getattr(obj, "strategy", None), "precision_plugin", None)
-    return getattr(plugin, "scaler", None)
+        obj = obj.scaler
+    elif not isinstance(obj, torch.amp.GradScaler):
+        obj = _attr(_attr(_attr(obj, "strategy"), "precision_plugin"), "scaler")
+    return obj if isinstance(obj, torch.amp.GradScaler) else None
 
 
 def get_loss_scale(obj: Any) -> float | None:
@@ -137,8 +156,8 @@ def get_loss_scale(obj: Any) -> float | None:
 
     None also stands for a disabled scaler and for a NaN or infinite scale, which is no scale at all.
     """
-    scaler = _scaler_of(obj)
-    if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+    scaler = find_grad_scaler(obj)
+    if scaler is None or not scaler.is_enabled():
         return None
     scale = float(scaler.get_scale())
     return scale if math.isfinite(scale) else None

@@ -2,41 +2,22 @@
 
 `WandbTracker` is a `RunObserver` for `amp_lib.train`: `train()` already hands observers the history
 rows it moved to the host every `log_every` steps, so logging adds no host-device sync of its own.
-The Lightning `AmpWandbCallback` lives in `amp_lib.lightning_callback` and is re-exported here lazily,
-so `import amp_lib.tracking` works (and stays fast) without Lightning installed.
+The Lightning callback is `amp_lib.lightning_callback.AmpWandbCallback`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from amp_lib.config import PROJECT, RunConfig
 from amp_lib.precision import PrecisionPlan
-from amp_lib.results import HistoryRow, RunResult
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing_extensions import Self
-
-    from amp_lib.lightning_callback import AmpWandbCallback
-    from amp_lib.train import RunConfig
+from amp_lib.results import HistoryRow, RunResult, finite_or_none
 
 WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
-DEFAULT_PROJECT = "amp-workbook"
-
-__all__ = ["DEFAULT_PROJECT", "WANDB_MODES", "AmpWandbCallback", "WandbTracker", "finite_or_none", "resolve_wandb_mode"]
-
-
-def __getattr__(name: str) -> Any:
-    """Import the Lightning callback only when asked for, so amp_lib works without Lightning."""
-    if name == "AmpWandbCallback":
-        from amp_lib.lightning_callback import AmpWandbCallback
-
-        return AmpWandbCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_wandb_mode(mode: str | None = None) -> str:
@@ -47,17 +28,6 @@ def resolve_wandb_mode(mode: str | None = None) -> str:
     if not isinstance(mode, str) or mode.strip().lower() not in WANDB_MODES:
         raise ValueError(f"invalid W&B {source} {mode!r}; valid values are: {', '.join(WANDB_MODES)}")
     return mode.strip().lower()
-
-
-def finite_or_none(value: Any) -> float | None:
-    """A float for a finite number, None for anything else (NaN/inf are not a loss scale, nor a timing)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def history_row_metrics(row: HistoryRow, items_per_step: int, use_loss_scaler: bool) -> dict[str, Any]:
@@ -108,7 +78,7 @@ class WandbTracker:
         job_type: str | None = None,
     ) -> None:
         self.mode = resolve_wandb_mode(mode)
-        self.project = project or DEFAULT_PROJECT
+        self.project = project or PROJECT
         self.group = group or None
         self.dir = None if dir is None else str(dir)
         self.name = name
@@ -170,7 +140,7 @@ class WandbTracker:
         if run is not None:
             run.finish(exit_code=exit_code)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> WandbTracker:
         return self
 
     def __exit__(

@@ -14,15 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amp_lib.config import RunConfig, TrackingConfig, parameter_names
 from amp_lib.plots import run_figure, save_figure, save_report_figures
-from amp_lib.precision import PrecisionPlan, probe, resolve_precision
-from amp_lib.report import DEFAULT_TOLERANCE, Recommendation, Row, comparison_table, format_table, load_sweep, run_table
-from amp_lib.report import recommendations as _recommendations
-from amp_lib.results import HistoryRow, RunResult
-from amp_lib.train import RunConfig, resolve_device, train
+from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
+from amp_lib.report import DEFAULT_TOLERANCE, Row, SweepReport, build_report, format_table
+from amp_lib.results import HistoryRow, RunResult, load_sweep
+from amp_lib.train import train
 
-# Notebook parameters that are not RunConfig fields, with their defaults.
-NOTEBOOK_EXTRAS: dict[str, Any] = {"wandb_mode": None, "wandb_project": "amp-workbook", "wandb_group": None}
 # The tiny demo compare.ipynb runs when it is given no sweep_dir: seconds on a 2-core CPU.
 DEMO_CONFIG: dict[str, Any] = {
     "model": "gpt-tiny",
@@ -35,20 +33,13 @@ DEMO_CONFIG: dict[str, Any] = {
 DEMO_PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed")
 
 
-def parameter_names() -> list[str]:
-    """Every name train.ipynb accepts as a parameter."""
-    return [*RunConfig.field_names(), *NOTEBOOK_EXTRAS]
-
-
 @dataclass(frozen=True)
 class NotebookRun:
     """A train.ipynb run after validation: the config, its resolved plan and the W&B settings."""
 
     config: RunConfig
     plan: PrecisionPlan
-    wandb_mode: str | None = None
-    wandb_project: str = "amp-workbook"
-    wandb_group: str | None = None
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def run_notebook_parameters(namespace: Mapping[str, Any], before: Collection[str]) -> NotebookRun:
@@ -65,12 +56,9 @@ def run_notebook_parameters(namespace: Mapping[str, Any], before: Collection[str
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(valid)}")
     config = RunConfig.from_dict({k: namespace[k] for k in RunConfig.field_names() if k in namespace})
-    extras = {k: namespace.get(k, default) for k, default in NOTEBOOK_EXTRAS.items()}
-    for key, value in extras.items():
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{key}={value!r} has type {type(value).__name__}; expected str or None")
+    tracking = TrackingConfig(**{k: namespace[k] for k in TrackingConfig.field_names() if k in namespace})
     plan = resolve_precision(config.precision, probe(resolve_device(config.device)), allow_slow=config.allow_slow)
-    return NotebookRun(config=config, plan=plan, **extras)
+    return NotebookRun(config=config, plan=plan, tracking=tracking)
 
 
 class ProgressBar:
@@ -122,10 +110,10 @@ def plan_markdown(plan: PrecisionPlan) -> str:
 
 def result_markdown(result: RunResult) -> str:
     m = result.metrics
-    lines = [f"**Status:** {result.status}" + (f" — {result.error.strip().splitlines()[0]}" if result.error else "")]
-    if m.tokens_per_s is not None:
+    lines = [f"**Status:** {result.status}" + (f" — {result.error_line}" if result.error_line else "")]
+    if m.items_per_s is not None:
         lines.append(
-            f"- throughput: {m.tokens_per_s:,.0f} {m.throughput_unit}/s (median step {m.step_time_ms_median:.2f} ms)"
+            f"- throughput: {m.items_per_s:,.0f} {m.throughput_unit}/s (median step {m.step_time_ms_median:.2f} ms)"
         )
     if m.peak_memory_mb is not None:
         lines.append(f"- peak memory: {m.peak_memory_mb:,.1f} MB ({m.peak_memory_kind})")
@@ -161,19 +149,12 @@ def show_images(paths: Sequence[str | os.PathLike[str]]) -> None:
 
 
 @dataclass(frozen=True)
-class Report:
-    """Everything compare.ipynb shows, built from the result files of one folder."""
+class ReportView:
+    """What compare.ipynb shows: the report of one folder and its figures."""
 
     sweep_dir: Path
-    results: tuple[RunResult, ...]
-    runs: tuple[Row, ...]  # one row per run
-    table: tuple[Row, ...]  # one row per setting and precision, seeds aggregated
-    recommendations: tuple[Recommendation, ...]
-    tolerance: float
+    report: SweepReport
     figures: dict[str, Path] = field(default_factory=dict)
-
-    def recommendation_markdown(self) -> str:
-        return "\n\n".join(r.to_markdown() for r in self.recommendations)
 
 
 def demo_sweep(directory: str | os.PathLike[str]) -> Path:
@@ -187,19 +168,12 @@ def demo_sweep(directory: str | os.PathLike[str]) -> Path:
     return out
 
 
-def build_report(sweep_dir: str = "", tolerance: float = DEFAULT_TOLERANCE, figures_dir: str = "") -> Report:
-    """Load a sweep folder ("" runs the tiny demo into a temp folder), tabulate, recommend, draw the figures."""
+def report_view(sweep_dir: str = "", tolerance: float = DEFAULT_TOLERANCE, figures_dir: str = "") -> ReportView:
+    """Load a sweep folder ("" runs the tiny demo into a temp folder), build its report, draw the figures."""
     folder = Path(sweep_dir) if sweep_dir else demo_sweep(tempfile.mkdtemp(prefix="amp-demo-"))
     results = load_sweep(folder)
     if not results:
         raise ValueError(f"no result JSON files in {str(folder)!r} (nor in its results/ folder)")
-    figures = save_report_figures(results, Path(figures_dir) if figures_dir else folder / "figures")
-    return Report(
-        sweep_dir=folder,
-        results=tuple(results),
-        runs=tuple(run_table(results)),
-        table=tuple(comparison_table(results)),
-        recommendations=tuple(_recommendations(results, tolerance)),
-        tolerance=tolerance,
-        figures=figures,
-    )
+    report = build_report(results, tolerance)
+    figures = save_report_figures(report, Path(figures_dir) if figures_dir else folder / "figures")
+    return ReportView(sweep_dir=folder, report=report, figures=figures)

@@ -1,0 +1,185 @@
+"""`RunConfig`, every knob of one run, and the one value coercion that validation, notebooks and
+`-p key=v1,v2` parsing share.
+
+A parameter's type is written once, as the annotation of its field; `ParamType` turns that
+annotation into both a check (for values papermill or Python hand over) and a parser (for the text
+of a sweep's `-p`), so the notebook and the CLI can never disagree about what a value means.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from amp_lib.precision import parse_precision
+
+PROJECT = "amp-workbook"  # the package, its Jupyter kernel and the default W&B project
+BUILTIN_MODELS: tuple[str, ...] = ("gpt-tiny", "gpt-small", "gpt2-124m", "mlp")
+# Fields that name or place a run rather than change what it measures: a sweep sets them itself,
+# and the report groups runs into one setting across them.
+NON_SETTING_FIELDS: tuple[str, ...] = ("precision", "seed", "run_name", "out_dir")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+def _parse_bool(text: str) -> bool:
+    word = text.lower()
+    if word not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return word in ("true", "1", "yes")
+
+
+@dataclass(frozen=True)
+class ParamType:
+    """One parameter type: which Python values it accepts and how its text form parses."""
+
+    label: str  # as written in the annotation, quoted in errors
+    accepts: tuple[type, ...]
+    parse_text: Callable[[str], Any]
+
+    @property
+    def optional(self) -> bool:
+        return type(None) in self.accepts
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise `ValueError` unless `value` has this type (a bool is not an int here)."""
+        if (isinstance(value, bool) and bool not in self.accepts) or not isinstance(value, self.accepts):
+            raise ValueError(f"{name}={value!r} has type {type(value).__name__}; expected {self.label}")
+
+    def parse(self, name: str, text: str) -> Any:
+        """The value the text of `-p name=text` stands for."""
+        raw = text.strip()
+        if self.optional and raw.lower() in ("none", "null"):
+            return None
+        try:
+            return self.parse_text(raw)
+        except ValueError:
+            raise ValueError(f"invalid value {text!r} for {name} (expected {self.label})") from None
+
+
+TYPES: dict[str, ParamType] = {
+    t.label: t
+    for t in (
+        ParamType("int", (int,), int),
+        ParamType("float", (float, int), float),
+        ParamType("str", (str,), str),
+        ParamType("bool", (bool,), _parse_bool),
+        ParamType("str | int", (str, int), str),  # precision: "16" is an accepted spelling as text
+        ParamType("float | None", (float, int, type(None)), float),
+        ParamType("str | None", (str, type(None)), str),
+    )
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of one run. Unknown keys, wrong types and out-of-range values raise `ValueError`."""
+
+    precision: str | int = "fp32"
+    model: str = "gpt-tiny"
+    steps: int = 30
+    batch_size: int = 8
+    seq_len: int = 64
+    lr: float = 1e-3
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"
+    warmup_steps: int = 5  # untimed steps before throughput and memory are measured
+    log_every: int = 5
+    out_dir: str = "results"
+    run_name: str = ""
+    init_scale: float = 2.0**16
+    growth_interval: int = 2000
+    allow_slow: bool = False  # run fp16 on a CPU without fast fp16 instead of falling back to bf16
+    compile: bool = False  # torch.compile the model (fp8 needs it to be fast)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            TYPES[str(f.type)].check(f.name, getattr(self, f.name))
+        parse_precision(self.precision)
+        for name, minimum in (
+            ("steps", 1),
+            ("batch_size", 1),
+            ("seq_len", 1),
+            ("grad_accum", 1),
+            ("log_every", 1),
+            ("growth_interval", 1),
+            ("warmup_steps", 0),
+            ("seed", 0),
+        ):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= {minimum}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be less than steps={self.steps} (nothing left to time)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr!r} must be a positive finite number")
+        if self.grad_clip is not None and not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be None, 0 (off) or a positive number")
+        if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
+            raise ValueError(f"init_scale={self.init_scale!r} must be a positive finite number")
+        if self.model not in BUILTIN_MODELS and ":" not in self.model:
+            raise ValueError(f"invalid model {self.model!r}; valid: {', '.join(BUILTIN_MODELS)} or 'package.module:function'")
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ValueError(f"invalid device {self.device!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
+        if self.run_name and not re.fullmatch(r"[\w.=+-]+", self.run_name):
+            raise ValueError(f"invalid run_name {self.run_name!r}; use letters, digits and . _ = + -")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(cls.field_names())}")
+        return cls(**values)
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.model.replace(':', '.')}-{self.precision}-s{self.seed}"
+
+    @property
+    def result_path(self) -> Path:
+        return Path(self.out_dir) / f"{self.name}.json"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run is mirrored in W&B: the notebook parameters that are not `RunConfig` fields."""
+
+    wandb_mode: str | None = None  # None means $WANDB_MODE, else offline
+    wandb_project: str = PROJECT
+    wandb_group: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            TYPES[str(f.type)].check(f.name, getattr(self, f.name))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def parameter_names() -> list[str]:
+    """Every parameter train.ipynb (and so a sweep's `-p`) accepts."""
+    return [*RunConfig.field_names(), *TrackingConfig.field_names()]
+
+
+def parameter_type(name: str) -> ParamType:
+    annotations = {f.name: str(f.type) for cls in (RunConfig, TrackingConfig) for f in fields(cls)}
+    if name not in annotations:
+        raise ValueError(f"unknown parameter {name!r}; valid names: {', '.join(parameter_names())}")
+    return TYPES[annotations[name]]
+
+
+def parse_value(name: str, text: str) -> Any:
+    """The text of `-p name=text` as the type the parameter declares."""
+    return parameter_type(name).parse(name, text)
