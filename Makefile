@@ -10,7 +10,7 @@ STAMP      := $(VENV)/.installed
 export WANDB_MODE  ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: setup test sweep lab bench mutation clean
+.PHONY: setup test test-fast goldens sweep lab bench mutation clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "AMP Workbook (Python 3)"
 	touch $(STAMP)
 
+# Everything: unit tests, slow and notebook tiers, nbval over notebooks/, the 90% line+branch coverage gate.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --nbval-lax --cov=amp_lib --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=90
+
+# The quick tier while editing: no training beyond a few steps, no kernels, no W&B/Lightning runs.
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow and not notebook and not gpu" -q
+
+# Rewrite tests/golden/* from the current code; review the diff before committing it.
+goldens: setup
+	$(PY) -m pytest tests -q --update-goldens -k golden
 
 sweep: setup
 	$(PY) -m amp_lib.sweep --out sweeps/default $(SWEEP_ARGS)

@@ -1,4 +1,5 @@
-"""Shared fixtures: W&B kept offline and inside tmp dirs, and a factory for small CPU RunConfigs."""
+"""Shared fixtures: W&B kept offline and inside tmp dirs, a factory for small CPU RunConfigs, golden
+files, and the `gpu` tier skipped with its reason where there is no GPU."""
 
 from __future__ import annotations
 
@@ -13,18 +14,20 @@ import pytest
 # Under mutmut (it sets MUTANT_UNDER_TEST) the fast unit files run first, so that with `-x` a mutant
 # dies on the first cheap test that sees it instead of after the training-loop tests.
 _MUTATION_ORDER = (
+    "test_config",
     "test_precision",
     "test_results",
     "test_scaler",
+    "test_measure",
+    "test_data",
     "test_models",
-    "test_core_contracts",
-    "test_report_mutants",
+    "test_examples",
     "test_report",
-    "test_sweep_mutants",
-    "test_workbook_mutants",
-    "test_workbook",
-    "test_tracking_mutants",
-    "test_lightning_callback_mutants",
+    "test_plots",
+    "test_sweep_grid",
+    "test_sweep_execute",
+    "test_sweep_cli",
+    "test_notebook",
     "test_tracking",
     "test_lightning_callback",
     "test_bench",
@@ -32,7 +35,21 @@ _MUTATION_ORDER = (
 )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-goldens", action="store_true", help="rewrite tests/golden/* (`make goldens`)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch here)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
     if "MUTANT_UNDER_TEST" not in os.environ:
         return
 
@@ -65,6 +82,24 @@ def _wandb_teardown() -> None:
 
 
 @pytest.fixture
+def golden(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
+    """`golden(name, text)`: `text` must equal tests/golden/<name>; `make goldens` rewrites the files."""
+
+    def check(name: str, text: str) -> None:
+        path = GOLDEN_DIR / name
+        if request.config.getoption("--update-goldens"):
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return
+        assert path.exists(), f"no golden file {path}; run `make goldens` and review it"
+        assert text == path.read_text(encoding="utf-8"), (
+            f"output differs from {path}; if the change is intended, run `make goldens` and review the diff"
+        )
+
+    return check
+
+
+@pytest.fixture
 def user_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make tests/user_models.py importable as "user_models:<factory>"."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
@@ -74,8 +109,8 @@ def user_models(monkeypatch: pytest.MonkeyPatch) -> None:
 def tiny_config(tmp_path) -> Callable[..., Any]:
     """`tiny_config(**overrides)` or `tiny_config(out_dir, **overrides)`: a small, fast gpt-tiny RunConfig
     on the CPU, writing under `out_dir` (default: the test's tmp_path)."""
-    from amp_lib.train import RunConfig
-    from amp_lib.workbook import DEMO_CONFIG
+    from amp_lib.config import RunConfig
+    from amp_lib.notebook import DEMO_CONFIG
 
     def make(out_dir: Any = None, /, **overrides: Any) -> RunConfig:
         values: dict[str, Any] = {

@@ -1,0 +1,75 @@
+"""The one factory for hand-made result objects: every test that needs a `RunResult` without training
+builds it here, so a schema change is mended in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from amp_lib.results import HistoryRow, Metrics, RunResult
+
+SCALED = ("fp16-mixed",)  # effective precisions that run with a loss scaler
+
+
+def history(
+    steps: int = 5, *, scaled: bool = False, skip_at: int | None = None, loss0: float = 3.0
+) -> tuple[HistoryRow, ...]:
+    """`steps` rows of a falling loss; with `scaled`, a 2**16 loss scale that halves at `skip_at` (a skipped step)."""
+    rows = []
+    for i in range(steps):
+        after_skip = skip_at is not None and i >= skip_at
+        rows.append(
+            HistoryRow(
+                step=i,
+                loss=loss0 - 0.1 * i,
+                loss_scale=(2.0**16 / (2 if after_skip else 1)) if scaled else None,
+                grad_norm=1.0,
+                step_time_ms=10.0,
+                skipped=scaled and i == skip_at,
+                skipped_steps=int(scaled and after_skip),
+            )
+        )
+    return tuple(rows)
+
+
+def make_result(
+    precision: Any = "fp32",
+    seed: int | None = 0,
+    *,
+    effective: str | None = None,
+    status: str = "ok",
+    tps: float | None = 1000.0,
+    mem: float | None = 100.0,
+    eval_loss: float | None = 2.0,
+    final_loss: float | None = 2.5,
+    skipped: int = 0,
+    final_scale: float | None = None,
+    min_scale: float | None = None,
+    unit: str = "tokens",
+    error: str | None = None,
+    reason: str | None = None,
+    rows: tuple[HistoryRow, ...] = (),
+    **config: Any,
+) -> RunResult:
+    """A result as `train()` would write it, with every figure a keyword. `seed=None` leaves the seed out
+    of the config; extra keywords become config values (a different setting)."""
+    cfg: dict[str, Any] = {"precision": precision, "model": "gpt-tiny", "run_name": f"{precision}-s{seed}", "out_dir": "x"}
+    if seed is not None:
+        cfg["seed"] = seed
+    cfg.update(config)
+    return RunResult(
+        config=cfg,
+        plan={"requested": str(precision), "effective": effective or str(precision), "fallback_reason": reason},
+        metrics=Metrics(
+            items_per_s=tps,
+            throughput_unit=unit,
+            peak_memory_mb=mem,
+            final_train_loss=final_loss,
+            eval_loss=eval_loss,
+            skipped_steps=skipped,
+            final_loss_scale=final_scale,
+            min_loss_scale=min_scale,
+        ),
+        history=rows,
+        status=status,
+        error=error,
+    )
