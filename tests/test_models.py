@@ -259,7 +259,7 @@ def test_user_batches_that_can_be_indexed_are_indexed_even_when_callable(user_mo
 
 
 def test_indexable_user_batches_stay_lazy(user_models):
-    w = build_workload(user_config("build_lazy"), CPU)
+    w = build_workload(user_config("build_indexable_and_callable"), CPU)
     assert w.train_batches.items.made == [0]  # only the first batch, to read the batch size; no list() of all
     assert len(w.train_batches) == 4
 

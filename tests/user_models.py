@@ -168,17 +168,20 @@ def build_fails_in_fp32(config):
     return build_ok(config)
 
 
-class IndexableAndCallable:
-    """A dataset that is also callable (for something else): it must be indexed, not called."""
+class IndexedOnly:
+    """A dataset that records which batches were taken and is also callable (for something else):
+    it must be indexed, lazily, and never called."""
 
     def __init__(self, batches):
-        self.batches = batches
+        self.batches, self.made = batches, []
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i):
-        return self.batches[i]
+        batch = self.batches[i]  # IndexError past the end, as a sequence should
+        self.made.append(i)
+        return batch
 
     def __call__(self, *args):
         raise AssertionError("batches that can be indexed must not be called")
@@ -186,28 +189,7 @@ class IndexableAndCallable:
 
 def build_indexable_and_callable(config):
     model, batches = _regression(config)
-    return model, IndexableAndCallable(batches), F.mse_loss
-
-
-class LazyBatches:
-    """An indexable that makes each batch on access and remembers which it made."""
-
-    def __init__(self, config, n_batches: int = 4):
-        self.config, self.n_batches, self.made = config, n_batches, []
-
-    def __len__(self) -> int:
-        return self.n_batches
-
-    def __getitem__(self, i):
-        if i >= self.n_batches:
-            raise IndexError(i)
-        self.made.append(i)
-        return _regression(self.config, n_batches=i + 1)[1][i]
-
-
-def build_lazy(config):
-    model, _ = _regression(config)
-    return model, LazyBatches(config), F.mse_loss
+    return model, IndexedOnly(batches), F.mse_loss
 
 
 def build_short_last_batch(config):
