@@ -58,7 +58,12 @@ def bare_loop(config: RunConfig, plan: PrecisionPlan) -> BareRun:
     work = build_workload(config, device)
     model = plan.prepare_model(work.model, device, config.compile)
     optimizer = make_optimizer(model, config.lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=plan.use_loss_scaler)
+    scaler = torch.amp.GradScaler(
+        device.type,
+        init_scale=config.init_scale,
+        growth_interval=config.growth_interval,
+        enabled=plan.use_loss_scaler,
+    )
     autocast = plan.autocast()
     timer = StepTimer(device)
     times: list[float] = []

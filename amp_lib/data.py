@@ -61,10 +61,11 @@ class TokenBatches:
         seed: int,
         device: torch.device | str = "cpu",
     ) -> None:
-        if tokens.numel() <= seq_len + 1:
+        if tokens.numel() < seq_len + 1:  # a window is seq_len inputs and, one token on, their targets
             raise ValueError(f"seq_len={seq_len} is too long for a stream of {tokens.numel()} tokens")
         gen = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, tokens.numel() - seq_len - 1, (num_batches, batch_size, 1), generator=gen)
+        # a window of seq_len + 1 tokens starts anywhere from 0 to numel - seq_len - 1 (randint's high is exclusive)
+        starts = torch.randint(0, tokens.numel() - seq_len, (num_batches, batch_size, 1), generator=gen)
         self._windows = (starts + torch.arange(seq_len + 1)).to(device)
         self._tokens = tokens.to(device)
         self.batch_size, self.seq_len = batch_size, seq_len

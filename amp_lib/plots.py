@@ -61,7 +61,7 @@ def _plot_loss(ax: Axes, results: Sequence[RunResult]) -> None:
     ax.set_title("loss vs step")
     if ax.lines:
         ax.legend(fontsize="small")
-    else:
+    if not any(len(line.get_xdata()) for line in ax.lines):  # e.g. a run that failed before its first step
         ax.text(0.5, 0.5, "no loss recorded", ha="center", va="center", transform=ax.transAxes)
 
 

@@ -202,9 +202,12 @@ class PrecisionPlan:
 
     @property
     def peak_tflops(self) -> float | None:
-        """The device's dense peak TFLOP/s in this precision, where the table knows the device."""
+        """The device's dense peak TFLOP/s in this precision, where the table knows the device.
+
+        A fragment must not run on into more digits: an "L40S" is no "L4", an "RTX A1000" no "A100".
+        """
         for fragment, table in PEAK_TFLOPS.items():
-            if fragment in self.device_name:
+            if re.search(rf"{re.escape(fragment)}(?!\d)", self.device_name):
                 return table.get(self.family)
         return None
 

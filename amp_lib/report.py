@@ -313,8 +313,9 @@ def _verdict(row: Row, base: Row, tolerance: float) -> str | None:
         return f"{name} has no eval loss to compare with fp32"
     diff = row.eval_loss.mean - base.eval_loss.mean
     # One-sided: a half precision that converges *better* than fp32 in the same steps is no reason to stay.
-    if base.eval_loss.mean:
-        worse, change = diff / abs(base.eval_loss.mean), f"{100 * diff / base.eval_loss.mean:+.2f}%"
+    if base.eval_loss.mean:  # relative to |fp32 loss|, so a higher loss reads as + even when losses are negative
+        worse = diff / abs(base.eval_loss.mean)
+        change = f"{100 * worse:+.2f}%"
     else:  # a zero fp32 loss: any higher loss is infinitely worse (and there is no percentage to quote)
         worse, change = (math.inf if diff > 0 else 0.0), f"{diff:+.4f} absolute"
     if worse > tolerance:

@@ -44,7 +44,10 @@ def check_gradscaler_internals() -> None:
 
 
 def scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
-    """The current scale as a device tensor (no sync; `get_scale()` syncs), None before the first step."""
+    """The current scale as a device tensor (no sync; `get_scale()` syncs), None before the first step
+    and for a disabled scaler (which has no scale tensor at all)."""
+    if not scaler.is_enabled():
+        return None
     scale = scaler._scale
     return None if scale is None else scale.detach().clone()
 

@@ -1,19 +1,19 @@
 """Print the mutation score per module from `mutmut results --all true` (run after `mutmut run`).
 
-Killed (and timed-out) mutants count as caught. Survivors listed in docs/testing.md are reported
-apart: as equivalent (a line starting "- `amp_lib....__mutmut_N`"; behaviour cannot differ, so the
-adjusted score leaves them out) or as not reached (a line starting "- not reached: `amp_lib...`";
-only a GPU, a Jupyter kernel or a worker process runs them, so they stay in the adjusted score's
-denominator). Any other survivor is named at the end. Exit status is 1 when the adjusted score is
-under --fail-under.
+Killed (and timed-out) mutants count as caught. Survivors listed in the data file
+docs/mutation-survivors.toml are reported apart: under [equivalent] (behaviour cannot differ, so the
+adjusted score leaves them out) or under [not_reached] (only a GPU, a Jupyter kernel or a worker
+process runs them, so they stay in the adjusted score's denominator); each entry is
+`"<mutant name>" = "why"`. Any other survivor is named at the end. Exit status is 1 when the adjusted
+score is under --fail-under.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
+import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -33,12 +33,11 @@ def results(mutmut: str) -> dict[str, str]:
     return found
 
 
-def listed(doc: Path, prefix: str = "") -> set[str]:
-    """Mutant names on lines that start with `- {prefix}` and a backquoted name."""
-    if not doc.exists():
+def listed(data: Path, table: str) -> set[str]:
+    """The mutant names of one table ([equivalent] or [not_reached]) of the survivors' data file."""
+    if not data.exists():
         return set()
-    pattern = rf"^- {re.escape(prefix)}`(amp_lib\.[^`]+__mutmut_\d+)`"
-    return set(re.findall(pattern, doc.read_text(), re.MULTILINE))
+    return set(tomllib.loads(data.read_text(encoding="utf-8")).get(table, {}))
 
 
 def module_of(name: str) -> str:
@@ -48,12 +47,12 @@ def module_of(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mutmut", default=str(Path(sys.executable).with_name("mutmut")))
-    parser.add_argument("--equivalents", type=Path, default=ROOT / "docs" / "testing.md")
+    parser.add_argument("--survivors", type=Path, default=ROOT / "docs" / "mutation-survivors.toml")
     parser.add_argument("--fail-under", type=float, default=0.0, help="adjusted score (%%) below which to exit 1")
     args = parser.parse_args(argv)
 
     found = results(args.mutmut)
-    equivalent, not_reached = listed(args.equivalents), listed(args.equivalents, "not reached: ")
+    equivalent, not_reached = listed(args.survivors, "equivalent"), listed(args.survivors, "not_reached")
     per_module: dict[str, Counter[str]] = defaultdict(Counter)
     for name, status in found.items():
         if status == "survived" and name in equivalent:

@@ -26,6 +26,7 @@ _MUTATION_ORDER = (
     "test_plots",
     "test_sweep_grid",
     "test_sweep_execute",
+    "test_sweep_publish",
     "test_sweep_cli",
     "test_notebook",
     "test_tracking",

@@ -48,11 +48,18 @@ def make_result(
     error: str | None = None,
     reason: str | None = None,
     rows: tuple[HistoryRow, ...] = (),
+    metrics: dict[str, Any] | None = None,
     **config: Any,
 ) -> RunResult:
     """A result as `train()` would write it, with every figure a keyword. `seed=None` leaves the seed out
-    of the config; extra keywords become config values (a different setting)."""
-    cfg: dict[str, Any] = {"precision": precision, "model": "gpt-tiny", "run_name": f"{precision}-s{seed}", "out_dir": "x"}
+    of the config; extra keywords become config values (a different setting); `metrics` sets the other
+    `Metrics` fields (step times, memory kind, MFU...)."""
+    cfg: dict[str, Any] = {
+        "precision": precision,
+        "model": "gpt-tiny",
+        "run_name": f"{precision}-s{seed}",
+        "out_dir": "x",
+    }
     if seed is not None:
         cfg["seed"] = seed
     cfg.update(config)
@@ -68,6 +75,7 @@ def make_result(
             skipped_steps=skipped,
             final_loss_scale=final_scale,
             min_loss_scale=min_scale,
+            **(metrics or {}),
         ),
         history=rows,
         status=status,

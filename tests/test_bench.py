@@ -1,4 +1,4 @@
-"""`make bench` end to end on a tiny model: every precision gets a row, ratios are against fp32."""
+"""amp_lib.bench (`make bench`): the bare AMP loop it compares against, the bench rows, the table and the CLI."""
 
 from __future__ import annotations
 
@@ -9,10 +9,108 @@ import pytest
 import torch
 from user_models import PLAN_DTYPES
 
-from amp_lib.bench import BenchRow, bare_loop, base_config, bench, build_parser, format_table, main
-from amp_lib.models import BUILTIN_MODELS
+from amp_lib.bench import BenchRow, bare_loop, base_config, bench, build_parser, format_bench_table, main
+from amp_lib.config import BUILTIN_MODELS, RunConfig
 from amp_lib.precision import probe, resolve_precision
-from amp_lib.train import RunConfig, train
+from amp_lib.train import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are small: one intra-op thread is as fast, and far faster on a busy 2-core box."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def cpu_plan(precision: str, allow_slow: bool = False):
+    return resolve_precision(precision, probe(torch.device("cpu")), allow_slow=allow_slow)
+
+
+def mlp_config(**overrides) -> RunConfig:
+    values = {
+        "model": "mlp",
+        "steps": 6,
+        "warmup_steps": 2,
+        "batch_size": 4,
+        "log_every": 2,
+        "device": "cpu",
+        "grad_clip": 0.5,
+    }
+    return RunConfig(**{**values, **overrides})
+
+
+# --- the bare loop -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"])
+def test_bare_loop_trains_exactly_like_amp_lib(precision) -> None:
+    """The overhead column compares like with like only if both loops compute the same steps."""
+    config = mlp_config(precision=precision, allow_slow=True, lr=0.05)
+    plan = cpu_plan(precision, allow_slow=True)
+    lib = train(config, write=False)
+    bare = bare_loop(config, plan)
+    assert lib.ok and bare.step_ms > 0 and bare.timed_steps == config.steps - config.warmup_steps
+    assert bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
+    # and it is not just the first step's loss: a different run length gives a different loss
+    assert bare_loop(
+        mlp_config(precision=precision, allow_slow=True, lr=0.05, steps=5), plan
+    ).final_loss != pytest.approx(bare.final_loss, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_bare_loop_clips_like_amp_lib() -> None:
+    plan = cpu_plan("fp32")
+    clipped, free = (bare_loop(mlp_config(lr=0.05, grad_clip=clip), plan) for clip in (1e-3, None))
+    assert clipped.final_loss == pytest.approx(
+        train(mlp_config(lr=0.05, grad_clip=1e-3), write=False).metrics.final_train_loss, rel=1e-5
+    )
+    assert clipped.final_loss != pytest.approx(free.final_loss, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_bare_loop_scales_the_loss_only_for_a_plan_with_a_scaler(user_models) -> None:
+    """fp32 has no GradScaler: a loss that would overflow once scaled still trains, as in amp_lib's loop."""
+    config = RunConfig(model="user_models:build_huge_loss", steps=4, warmup_steps=1, log_every=2, device="cpu", lr=0.05)
+    lib = train(config, write=False)
+    bare = bare_loop(config, cpu_plan("fp32"))
+    assert lib.ok and bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_bare_loop_starts_and_grows_the_loss_scale_as_the_config_says(user_models) -> None:
+    # from 2**14 this model's fp16 gradients overflow every few steps, and growth_interval=1 regrows the
+    # scale after each clean step: both loops must skip the same steps, or their losses part
+    config = RunConfig(model="user_models:build_ok", precision="fp16-mixed", allow_slow=True, steps=8, warmup_steps=1,
+                       log_every=2, batch_size=4, device="cpu", lr=0.05, init_scale=2.0**14, growth_interval=1)  # fmt: skip
+    plan = cpu_plan("fp16-mixed", allow_slow=True)
+    lib = train(config, write=False)
+    assert lib.ok, lib.error
+    skipped = [r.skipped for r in lib.history]
+    assert any(skipped) and not all(skipped) and lib.metrics.final_loss_scale > min(r.loss_scale for r in lib.history)
+    bare = bare_loop(config, plan)
+    assert bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
+    for other in (replace(config, init_scale=2.0**16), replace(config, growth_interval=2000)):
+        assert bare_loop(other, plan).final_loss != pytest.approx(bare.final_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize(("precision", "param_dtype", "output_dtype"), PLAN_DTYPES)
+def test_bare_loop_runs_the_model_in_the_plan_dtypes_with_tf32_off(
+    user_models, precision, param_dtype, output_dtype
+) -> None:
+    import user_models as factories
+
+    factories.SEEN_DTYPES.clear()
+    config = RunConfig(
+        model="user_models:build_dtype_probe", precision=precision, device="cpu", steps=2, warmup_steps=1
+    )
+    bare_loop(config, cpu_plan(precision))
+    assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype, False)}
+
+
+# --- bench rows ----------------------------------------------------------------------------------
 
 
 @pytest.fixture  # per test: mutation testing must see every test that reads the rows call bench()
@@ -21,6 +119,7 @@ def rows():
     return bench(base, ["fp32", "fp16-mixed"], repeats=1)
 
 
+@pytest.mark.slow
 def test_bench_reports_each_precision_with_its_fallback(rows) -> None:
     assert [r.precision for r in rows] == ["fp32", "fp16-mixed"]
     assert rows[1].effective == "bf16-mixed" and "fp16" in rows[1].fallback_reason
@@ -28,8 +127,16 @@ def test_bench_reports_each_precision_with_its_fallback(rows) -> None:
     assert rows[0].unit == "samples"
 
 
+@pytest.mark.slow
+def test_bench_throughput_counts_the_items_of_one_step(rows) -> None:
+    for r in rows:
+        assert r.items_per_s * r.step_ms / 1e3 == pytest.approx(4)  # batch_size samples per step
+        assert r.peak_memory_mb > 0 and r.eval_loss > 0
+
+
+@pytest.mark.slow
 def test_bench_table_quotes_ratios_against_the_fp32_row(rows) -> None:
-    table = format_table(rows, "cpu")
+    table = format_bench_table(rows, "cpu")
     fp32_line, fp16_line = (line for line in table.splitlines() if line.startswith("| fp"))
     assert "| 1.00x |" in fp32_line
     ratio = rows[1].items_per_s / rows[0].items_per_s
@@ -37,38 +144,83 @@ def test_bench_table_quotes_ratios_against_the_fp32_row(rows) -> None:
     assert "fallbacks:" in table
 
 
-def test_bench_cli_writes_json(tmp_path, capsys) -> None:
-    out = tmp_path / "bench.json"
-    assert (
-        main(
-            [
-                "--model",
-                "mlp",
-                "--precisions",
-                "fp32",
-                "--steps",
-                "4",
-                "--warmup-steps",
-                "1",
-                "--repeats",
-                "1",
-                "--batch-size",
-                "2",
-                "--device",
-                "cpu",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
+@pytest.mark.slow
+def test_bench_runs_each_precision_as_asked_and_writes_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = RunConfig(model="mlp", steps=4, warmup_steps=1, batch_size=4, log_every=2, device="cpu", allow_slow=True)
+    (row,) = bench(base, ["fp16-mixed"], repeats=1)
+    assert (row.effective, row.fallback_reason) == ("fp16-mixed", None)  # allow_slow reached the plan
+    alone = train(replace(base, precision="fp16-mixed"), write=False)
+    assert row.eval_loss == pytest.approx(alone.metrics.eval_loss, rel=1e-6)
+    assert list(tmp_path.iterdir()) == []  # the bench's runs write no result files
+
+
+@pytest.mark.slow
+def test_bench_skips_a_precision_whose_run_fails(user_models, capsys) -> None:
+    base = RunConfig(model="user_models:build_nan", steps=4, warmup_steps=1, log_every=2, device="cpu")
+    assert bench(base, ["fp32"], repeats=2) == []
+    assert "fp32: skipped, the run ended diverged" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_goes_on_after_a_failed_precision(user_models, capsys) -> None:
+    base = RunConfig(model="user_models:build_fails_in_fp32", steps=4, warmup_steps=1, log_every=2, device="cpu")
+    assert [r.precision for r in bench(base, ["fp32", "bf16-mixed"], repeats=1)] == ["bf16-mixed"]
+    assert "fp32: skipped, the run ended failed" in capsys.readouterr().err
+
+
+def test_overhead_is_the_slowdown_against_the_bare_loop() -> None:
+    row = BenchRow(
+        "fp32",
+        "fp32",
+        step_ms=11.0,
+        bare_step_ms=10.0,
+        items_per_s=1.0,
+        peak_memory_mb=1.0,
+        eval_loss=1.0,
+        fallback_reason=None,
     )
-    (row,) = json.loads(out.read_text())
-    assert row["precision"] == row["effective"] == "fp32" and row["unit"] == "samples"
-    assert row["overhead"] == pytest.approx(row["step_ms"] / row["bare_step_ms"] - 1)
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == f"device: {probe(torch.device('cpu')).device_name}, torch {torch.__version__}"
-    assert printed[3].startswith("| fp32 | fp32 |")
-    assert out.read_text() == json.dumps(json.loads(out.read_text()), indent=2)  # readable, two-space indent
+    assert row.overhead == pytest.approx(0.1)
+    assert replace(row, step_ms=9.0).overhead == pytest.approx(-0.1)
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+def _row(precision: str, effective: str, items_per_s: float, peak: float | None, **kw) -> BenchRow:
+    values = {"step_ms": 2.0, "bare_step_ms": 2.0, "eval_loss": 1.23456, "fallback_reason": None, "unit": "samples"}
+    return BenchRow(precision, effective, items_per_s=items_per_s, peak_memory_mb=peak, **{**values, **kw})
+
+
+def test_format_bench_table_lines() -> None:
+    rows = [
+        _row("fp32", "fp32", 1000.0, 200.0),
+        _row("bf16-mixed", "bf16-mixed", 2500.0, 50.0, step_ms=2.1),
+        _row("fp16-mixed", "bf16-mixed", 3000.0, None, fallback_reason="no fast fp16"),
+    ]
+    lines = format_bench_table(rows, "Some GPU").splitlines()
+    assert lines[0] == f"device: Some GPU, torch {torch.__version__}"
+    assert lines[2] == "|---|---|---|---|---|---|---|---|---|"
+    assert lines[1].startswith("| precision | effective | step ms (median) | samples/s | speedup vs fp32 |")
+    assert lines[3] == "| fp32 | fp32 | 2.00 | 1,000 | 1.00x | 200 | 1.00x | 1.2346 | +0.0% |"
+    assert lines[4] == "| bf16-mixed | bf16-mixed | 2.10 | 2,500 | 2.50x | 50 | 0.25x | 1.2346 | +5.0% |"
+    assert lines[5] == "| fp16-mixed | bf16-mixed | 2.00 | 3,000 | 3.00x | 0 | n/a | 1.2346 | +0.0% |"
+    assert lines[6:] == ["", "fallbacks:", "- fp16-mixed: no fast fp16"]
+
+
+def test_format_bench_table_without_an_fp32_row_has_no_ratios() -> None:
+    lines = format_bench_table([_row("bf16-mixed", "bf16-mixed", 10.0, 5.0, unit="tokens")], "cpu").splitlines()
+    assert "| tokens/s |" in lines[1]
+    assert lines[3] == "| bf16-mixed | bf16-mixed | 2.00 | 10 | n/a | 5 | n/a | 1.2346 | +0.0% |"
+    assert len(lines) == 4  # no fallback section
+
+
+def test_format_bench_table_of_no_rows_is_just_the_header() -> None:
+    lines = format_bench_table([], "cpu").splitlines()
+    assert len(lines) == 3 and "| tokens/s |" in lines[1]
+
+
+# --- the command line ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -85,82 +237,9 @@ def test_bench_defaults_are_the_documented_setup(cuda, model, batch_size, seq_le
     assert flags.allow_slow and flags.compile and flags.steps == 12
 
 
-def mlp_config(**overrides) -> RunConfig:
-    values = {"model": "mlp", "steps": 6, "warmup_steps": 2, "batch_size": 4, "log_every": 2, "device": "cpu", "grad_clip": 0.5}
-    return RunConfig(**{**values, **overrides})
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"])
-def test_bare_loop_trains_exactly_like_amp_lib(precision) -> None:
-    """The overhead column compares like with like only if both loops compute the same steps."""
-    config = mlp_config(precision=precision, allow_slow=True, lr=0.05)
-    plan = resolve_precision(precision, probe(torch.device("cpu")), allow_slow=True)
-    lib = train(config, write=False)
-    bare = bare_loop(config, plan)
-    assert lib.ok and bare.step_ms > 0 and bare.timed_steps == config.steps - config.warmup_steps
-    assert bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
-    # and it is not just the first step's loss: a different run length gives a different loss
-    assert bare_loop(mlp_config(precision=precision, allow_slow=True, lr=0.05, steps=5), plan).final_loss != pytest.approx(
-        bare.final_loss, rel=1e-5
-    )
-
-
-def test_bare_loop_clips_like_amp_lib() -> None:
-    plan = resolve_precision("fp32", probe(torch.device("cpu")))
-    clipped, free = (bare_loop(mlp_config(lr=0.05, grad_clip=clip), plan) for clip in (1e-3, None))
-    assert clipped.final_loss == pytest.approx(train(mlp_config(lr=0.05, grad_clip=1e-3), write=False).metrics.final_train_loss, rel=1e-5)
-    assert clipped.final_loss != pytest.approx(free.final_loss, rel=1e-3)
-
-
-def test_overhead_is_the_slowdown_against_the_bare_loop() -> None:
-    row = BenchRow("fp32", "fp32", step_ms=11.0, bare_step_ms=10.0, items_per_s=1.0, peak_memory_mb=1.0, eval_loss=1.0, fallback_reason=None)
-    assert row.overhead == pytest.approx(0.1)
-    assert replace(row, step_ms=9.0).overhead == pytest.approx(-0.1)
-
-
-def _row(precision: str, effective: str, items_per_s: float, peak: float | None, **kw) -> BenchRow:
-    values = {"step_ms": 2.0, "bare_step_ms": 2.0, "eval_loss": 1.23456, "fallback_reason": None, "unit": "samples"}
-    return BenchRow(precision, effective, items_per_s=items_per_s, peak_memory_mb=peak, **{**values, **kw})
-
-
-def test_format_table_lines() -> None:
-    rows = [
-        _row("fp32", "fp32", 1000.0, 200.0),
-        _row("bf16-mixed", "bf16-mixed", 2500.0, 50.0, step_ms=2.1),
-        _row("fp16-mixed", "bf16-mixed", 3000.0, None, fallback_reason="no fast fp16"),
-    ]
-    lines = format_table(rows, "Some GPU").splitlines()
-    assert lines[0] == f"device: Some GPU, torch {torch.__version__}"
-    assert lines[2] == "|---|---|---|---|---|---|---|---|---|"
-    assert lines[1].startswith("| precision | effective | step ms (median) | samples/s | speedup vs fp32 |")
-    assert lines[3] == "| fp32 | fp32 | 2.00 | 1,000 | 1.00x | 200 | 1.00x | 1.2346 | +0.0% |"
-    assert lines[4] == "| bf16-mixed | bf16-mixed | 2.10 | 2,500 | 2.50x | 50 | 0.25x | 1.2346 | +5.0% |"
-    assert lines[5] == "| fp16-mixed | bf16-mixed | 2.00 | 3,000 | 3.00x | 0 | n/a | 1.2346 | +0.0% |"
-    assert lines[6:] == ["", "fallbacks:", "- fp16-mixed: no fast fp16"]
-
-
-def test_format_table_without_an_fp32_row_has_no_ratios() -> None:
-    lines = format_table([_row("bf16-mixed", "bf16-mixed", 10.0, 5.0, unit="tokens")], "cpu").splitlines()
-    assert "| tokens/s |" in lines[1]
-    assert lines[3] == "| bf16-mixed | bf16-mixed | 2.00 | 10 | n/a | 5 | n/a | 1.2346 | +0.0% |"
-    assert len(lines) == 4  # no fallback section
-
-
-def test_bench_throughput_counts_the_items_of_one_step(rows) -> None:
-    for r in rows:
-        assert r.items_per_s * r.step_ms / 1e3 == pytest.approx(4)  # batch_size samples per step
-        assert r.peak_memory_mb > 0 and r.eval_loss > 0
-
-
-def test_bench_skips_a_precision_whose_run_fails(user_models, capsys) -> None:
-    base = RunConfig(model="user_models:build_nan", steps=4, warmup_steps=1, log_every=2, device="cpu")
-    assert bench(base, ["fp32"], repeats=2) == []
-    assert "fp32: skipped, the run ended diverged" in capsys.readouterr().err
-
-
-def test_format_table_of_no_rows_is_just_the_header() -> None:
-    lines = format_table([], "cpu").splitlines()
-    assert len(lines) == 3 and "| tokens/s |" in lines[1]
+def test_base_config_takes_the_device() -> None:
+    config = base_config(build_parser(False).parse_args(["--device", "cpu", "--seq-len", "64"]))
+    assert (config.device, config.seq_len) == ("cpu", 64)
 
 
 def test_bench_cli_help_and_a_bad_model(capsys) -> None:
@@ -182,40 +261,16 @@ def test_bench_cli_help_and_a_bad_model(capsys) -> None:
     assert "invalid choice: 'gpt-huge'" in err and all(name in err for name in BUILTIN_MODELS)
 
 
-def test_bare_loop_scales_the_loss_only_for_a_plan_with_a_scaler(user_models) -> None:
-    """fp32 has no GradScaler: a loss that would overflow once scaled still trains, as in amp_lib's loop."""
-    config = RunConfig(model="user_models:build_huge_loss", steps=4, warmup_steps=1, log_every=2, device="cpu", lr=0.05)
-    lib = train(config, write=False)
-    bare = bare_loop(config, resolve_precision("fp32", probe(torch.device("cpu"))))
-    assert lib.ok and bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
-
-
-def test_bench_runs_each_precision_as_asked_and_writes_nothing(tmp_path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    base = RunConfig(model="mlp", steps=4, warmup_steps=1, batch_size=4, log_every=2, device="cpu", allow_slow=True)
-    (row,) = bench(base, ["fp16-mixed"], repeats=1)
-    assert (row.effective, row.fallback_reason) == ("fp16-mixed", None)  # allow_slow reached the plan
-    alone = train(replace(base, precision="fp16-mixed"), write=False)
-    assert row.eval_loss == pytest.approx(alone.metrics.eval_loss, rel=1e-6)
-    assert list(tmp_path.iterdir()) == []  # the bench's runs write no result files
-
-
-def test_bench_goes_on_after_a_failed_precision(user_models, capsys) -> None:
-    base = RunConfig(model="user_models:build_fails_in_fp32", steps=4, warmup_steps=1, log_every=2, device="cpu")
-    assert [r.precision for r in bench(base, ["fp32", "bf16-mixed"], repeats=1)] == ["bf16-mixed"]
-    assert "fp32: skipped, the run ended failed" in capsys.readouterr().err
-
-
-def test_base_config_takes_the_device() -> None:
-    config = base_config(build_parser(False).parse_args(["--device", "cpu", "--seq-len", "64"]))
-    assert (config.device, config.seq_len) == ("cpu", 64)
-
-
-@pytest.mark.parametrize(("precision", "param_dtype", "output_dtype"), PLAN_DTYPES)
-def test_bare_loop_runs_the_model_in_the_plan_dtypes_with_tf32_off(user_models, precision, param_dtype, output_dtype) -> None:
-    import user_models as factories
-
-    factories.SEEN_DTYPES.clear()
-    config = RunConfig(model="user_models:build_dtype_probe", precision=precision, device="cpu", steps=2, warmup_steps=1)
-    bare_loop(config, resolve_precision(precision, probe(torch.device("cpu"))))
-    assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype, False)}
+@pytest.mark.slow
+def test_bench_cli_writes_json(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--model", "mlp", "--precisions", "fp32", "--steps", "4", "--warmup-steps", "1", "--repeats", "1",
+            "--batch-size", "2", "--device", "cpu", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["precision"] == row["effective"] == "fp32" and row["unit"] == "samples"
+    assert row["overhead"] == pytest.approx(row["step_ms"] / row["bare_step_ms"] - 1)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"device: {probe(torch.device('cpu')).device_name}, torch {torch.__version__}"
+    assert printed[3].startswith("| fp32 | fp32 |")
+    assert out.read_text() == json.dumps(json.loads(out.read_text()), indent=2)  # readable, two-space indent

@@ -1,4 +1,4 @@
-"""Built-in models and data, and the user-factory hook."""
+"""amp_lib.models: the GPT, the built-in workloads and the user-factory hook."""
 
 from __future__ import annotations
 
@@ -8,23 +8,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amp_lib.data import CharTokenizer, TensorBatches, TokenBatches, corpus
+from amp_lib.config import BUILTIN_MODELS, RunConfig
+from amp_lib.data import CharTokenizer, corpus
 from amp_lib.models import (
-    BUILTIN_MODELS,
     GPT,
     GPT_SIZES,
     GPTConfig,
     Workload,
     build_workload,
     class_loss,
-    count_parameters,
     default_model_for,
     lm_loss,
     load_user_factory,
 )
-from amp_lib.train import RunConfig, train
+from amp_lib.train import train
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are small: one intra-op thread is as fast, and far faster on a busy 2-core box."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +46,23 @@ def tiny_gpt(seed: int = 0, **kw) -> GPT:
     return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=11, block_size=12, **kw))
 
 
-# --- GPT ---------------------------------------------------------------------------------------
+def _reference_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A pre-LayerNorm residual block written out with torch.nn.functional, from the block's own weights."""
+    b, t, c = x.shape
+    h = block.n_head
+    q, k, v = F.linear(
+        F.layer_norm(x, (c,), block.ln_1.weight, block.ln_1.bias), block.qkv.weight, block.qkv.bias
+    ).split(c, 2)
+    q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(c // h)
+    att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    x = x + F.linear((att @ v).transpose(1, 2).reshape(b, t, c), block.proj.weight, block.proj.bias)
+    fc, proj = block.mlp[0], block.mlp[-1]
+    hidden = F.gelu(F.linear(F.layer_norm(x, (c,), block.ln_2.weight, block.ln_2.bias), fc.weight, fc.bias))
+    return x + F.linear(hidden, proj.weight, proj.bias)
+
+
+# --- GPT -----------------------------------------------------------------------------------------
 
 
 def test_gpt_forward_shape_and_weight_tying():
@@ -47,6 +71,21 @@ def test_gpt_forward_shape_and_weight_tying():
     logits = model(idx)
     assert logits.shape == (3, 7, 11)
     assert model.wte.weight is model.lm_head.weight
+
+
+def test_gpt_matches_a_written_out_reference_transformer():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=11, block_size=16)).eval()
+    for module in model.modules():  # non-zero biases, so a dropped bias or a flipped residual shows
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.1)
+    idx = torch.randint(0, 11, (3, 9), generator=torch.Generator().manual_seed(1))
+    x = model.wte(idx) + model.wpe(torch.arange(9))
+    for block in model.blocks:
+        x = _reference_block(block, x)
+    expected = F.linear(F.layer_norm(x, (32,), model.ln_f.weight, model.ln_f.bias), model.wte.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, rtol=1e-4, atol=1e-5)
+    assert model.lm_head.bias is None and len(model.blocks) == 2
 
 
 def test_gpt_is_causal():
@@ -61,12 +100,20 @@ def test_gpt_is_causal():
     assert not torch.allclose(a[:, 5:], b[:, 5:])
 
 
-def test_gpt_init():
+def test_gpt_init_zeroes_biases_and_draws_weights_with_std_0_02():
     model = tiny_gpt()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.bias is not None:
             assert torch.count_nonzero(module.bias) == 0
     assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.25)
+
+
+def test_gpt_init_is_centred():
+    weight = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=128, vocab_size=64)).blocks[0].qkv.weight
+    assert abs(weight.mean().item()) < 2e-3 and weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+# --- flops ---------------------------------------------------------------------------------------
 
 
 def test_flops_per_token_follows_the_nanogpt_formula():
@@ -75,13 +122,14 @@ def test_flops_per_token_follows_the_nanogpt_formula():
     n = sum(p.numel() for p in model.parameters()) - cfg.block_size * cfg.n_embd
     for t in (1, 8):
         assert model.flops_per_token(t) == 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * t
-    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
 
 
-def test_builtin_model_names():
-    assert set(GPT_SIZES) | {"mlp"} == set(BUILTIN_MODELS)
-    assert default_model_for("cpu") == "gpt-tiny" and default_model_for("cuda") == "gpt2-124m"
-    assert default_model_for("cpu") in BUILTIN_MODELS and default_model_for("cuda") in BUILTIN_MODELS
+def test_attention_flops_grow_by_12_L_d_per_token_of_context():
+    model = GPT(GPTConfig(n_layer=3, n_head=4, n_embd=64, vocab_size=10))
+    assert model.flops_per_token(200) - model.flops_per_token(100) == 12 * 3 * 64 * 100
+
+
+# --- losses --------------------------------------------------------------------------------------
 
 
 def test_losses_compute_in_fp32():
@@ -93,9 +141,43 @@ def test_losses_compute_in_fp32():
     torch.testing.assert_close(loss, F.cross_entropy(logits.float().reshape(-1, 5), targets.reshape(-1)))
     flat = class_loss(logits[:, 0], targets[:, 0])
     assert flat.dtype == torch.float32
+    torch.testing.assert_close(flat, F.cross_entropy(logits[:, 0].float(), targets[:, 0]))
 
 
 # --- built-in workloads --------------------------------------------------------------------------
+
+
+def test_builtin_model_names():
+    assert set(GPT_SIZES) | {"mlp"} == set(BUILTIN_MODELS)
+    assert default_model_for("cpu") == "gpt-tiny" and default_model_for("cuda") == "gpt2-124m"
+    assert default_model_for("cpu") in BUILTIN_MODELS and default_model_for("cuda") in BUILTIN_MODELS
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(name, marks=[pytest.mark.slow] if name in ("gpt-small", "gpt2-124m") else [])
+        for name in BUILTIN_MODELS
+    ],
+)
+def test_every_builtin_model_builds_a_workload_that_trains_a_step(model):
+    # tiny batches and sequences; the model itself is the named size (gpt2-124m takes seconds to initialise)
+    config = RunConfig(model=model, steps=2, warmup_steps=0, batch_size=2, seq_len=8, device="cpu")
+    w = build_workload(config, CPU)
+    assert isinstance(w, Workload) and len(w.train_batches) == 2 and len(w.eval_batches) == 4
+    assert next(w.model.parameters()).dtype == torch.float32
+    if model in GPT_SIZES:
+        size = GPT_SIZES[model]
+        assert (w.model.cfg.n_layer, w.model.cfg.n_head, w.model.cfg.n_embd) == (size.n_layer, size.n_head, size.n_embd)
+        assert (w.item_unit, w.items_per_batch, w.loss_fn) == ("tokens", 2 * 8, lm_loss)
+    else:
+        assert (w.item_unit, w.items_per_batch, w.loss_fn) == ("samples", 2, class_loss)
+    assert w.flops_per_item > 0
+    x, y = w.train_batches[0]
+    loss = w.loss_fn(w.model(x), y)
+    assert loss.ndim == 0 and math.isfinite(loss.item())
+    loss.backward()
+    assert all(p.grad is not None for p in w.model.parameters())
 
 
 def test_gpt_tiny_workload():
@@ -116,8 +198,34 @@ def test_gpt_tiny_workload():
 
 def test_gpt_workload_rejects_seq_len_beyond_block_size():
     config = RunConfig(model="gpt-tiny", seq_len=GPT_SIZES["gpt-tiny"].block_size + 1, device="cpu")
-    with pytest.raises(ValueError, match="block size"):
+    with pytest.raises(ValueError) as info:
         build_workload(config, CPU)
+    assert str(info.value) == "seq_len=257 exceeds gpt-tiny's block size 256"
+
+
+def test_gpt_accepts_a_sequence_as_long_as_its_block_and_keeps_the_size_block():
+    config = RunConfig(
+        model="gpt-tiny", seq_len=GPT_SIZES["gpt-tiny"].block_size, steps=2, warmup_steps=0, device="cpu"
+    )
+    assert build_workload(config, CPU).train_batches[0][0].shape == (8, 256)
+    small = build_workload(
+        RunConfig(model="gpt-small", seq_len=512, batch_size=1, steps=1, warmup_steps=0, device="cpu"), CPU
+    )
+    assert small.model.cfg.block_size == GPT_SIZES["gpt-small"].block_size
+
+
+def test_gpt_eval_windows_come_from_the_held_out_last_tenth():
+    text = corpus()
+    split = int(0.9 * len(text))  # one character per token
+    tok = CharTokenizer.for_text(text)
+    w = build_workload(RunConfig(model="gpt-tiny", steps=8, seq_len=64, batch_size=8, device="cpu"), CPU)
+
+    def windows(batches) -> list[str]:
+        return ["".join(tok.chars[i] for i in row.tolist()) for j in range(len(batches)) for row in batches[j][0]]
+
+    evals, trains = windows(w.eval_batches), windows(w.train_batches)
+    assert all(s in text[split:] for s in evals) and all(s in text[:split] for s in trains)
+    assert not set(evals) & set(trains)
 
 
 def test_mlp_workload():
@@ -128,8 +236,26 @@ def test_mlp_workload():
     assert w.model(x).shape == (5, 16)
     assert 0 <= int(y.min()) and int(y.max()) < 16
     assert w.item_unit == "samples" and w.items_per_batch == 5
-    assert w.flops_per_item == 6.0 * count_parameters(w.model)
-    assert len(w.eval_batches) == 4
+    assert w.flops_per_item == 6.0 * sum(p.numel() for p in w.model.parameters())
+    assert len(w.train_batches) == 3 and len(w.eval_batches) == 4
+
+
+def test_mlp_is_the_documented_256_1024_1024_16_gelu_mlp():
+    # README "Built-in models": benchmark figures are only comparable across versions for the same model.
+    w = build_workload(RunConfig(model="mlp", device="cpu"), CPU)
+    assert [type(m).__name__ for m in w.model] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert [(m.in_features, m.out_features) for m in w.model[::2]] == [(256, 1024), (1024, 1024), (1024, 16)]
+
+
+@pytest.mark.slow
+def test_mlp_eval_batches_are_labelled_by_the_training_teacher():
+    # Held-out inputs, same labelling rule: training lowers the eval loss well below chance (ln 16).
+    # (With a different teacher for the eval batches, the eval loss rose above chance as it trained.)
+    config = RunConfig(model="mlp", steps=60, warmup_steps=1, batch_size=32, lr=1e-3, log_every=20, device="cpu")
+    result = train(config, write=False)
+    assert result.status == "ok" and result.metrics.eval_loss < math.log(16) - 0.5
+    w = build_workload(config, CPU)
+    assert not any(torch.equal(w.eval_batches[i][0], w.train_batches[j][0]) for i in range(4) for j in range(60))
 
 
 @pytest.mark.parametrize("model", ["gpt-tiny", "mlp"])
@@ -142,34 +268,6 @@ def test_builtin_batches_land_on_the_given_device_and_the_model_runs_there(model
     for batches in (w.train_batches, w.eval_batches):
         assert {t.device for i in range(len(batches)) for t in batches[i]} == {meta}
     assert w.model.to(meta)(w.train_batches[0][0]).device == meta
-
-
-def test_mlp_is_the_documented_256_1024_1024_16_gelu_mlp():
-    # README "Built-in models": benchmark figures are only comparable across versions for the same model.
-    w = build_workload(RunConfig(model="mlp", device="cpu"), CPU)
-    assert [type(m).__name__ for m in w.model] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
-    assert [(m.in_features, m.out_features) for m in w.model[::2]] == [(256, 1024), (1024, 1024), (1024, 16)]
-
-
-def test_mlp_eval_batches_are_labelled_by_the_training_teacher():
-    # Held-out inputs, same labelling rule: training lowers the eval loss well below chance (ln 16).
-    # (With a different teacher for the eval batches, the eval loss rose above chance as it trained.)
-    config = RunConfig(model="mlp", steps=60, warmup_steps=1, batch_size=32, lr=1e-3, log_every=20, device="cpu")
-    result = train(config, write=False)
-    assert result.status == "ok" and result.metrics.eval_loss < math.log(16) - 0.5
-    w = build_workload(config, CPU)
-    assert not any(torch.equal(w.eval_batches[i][0], w.train_batches[j][0]) for i in range(4) for j in range(60))
-
-
-def test_gpt_eval_windows_come_from_the_held_out_last_tenth():
-    text = corpus()
-    split = int(0.9 * len(text))  # one character per token
-    tok = CharTokenizer.for_text(text)
-    w = build_workload(RunConfig(model="gpt-tiny", steps=8, seq_len=64, batch_size=8, device="cpu"), CPU)
-    evals = [tok.decode(row.tolist()) for i in range(len(w.eval_batches)) for row in w.eval_batches[i][0]]
-    trains = [tok.decode(row.tolist()) for i in range(len(w.train_batches)) for row in w.train_batches[i][0]]
-    assert all(s in text[split:] for s in evals) and all(s in text[:split] for s in trains)
-    assert not set(evals) & set(trains)
 
 
 # --- user factories ------------------------------------------------------------------------------
@@ -193,6 +291,14 @@ def test_load_user_factory_errors_name_the_spec(user_models, spec, text):
     assert repr(spec) in str(info.value) and text in str(info.value)
 
 
+def test_a_spec_without_a_colon_lists_the_builtins_separated_by_commas():
+    with pytest.raises(ValueError) as info:
+        load_user_factory("no_colon_here")
+    assert str(info.value) == (
+        "invalid model 'no_colon_here'; use a built-in (gpt-tiny, gpt-small, gpt2-124m, mlp) or 'package.module:function'"
+    )
+
+
 def test_load_user_factory_imports_a_function(user_models):
     import user_models as um
 
@@ -210,6 +316,7 @@ def test_user_tuple_batches_are_cycled(user_models):
     for i in range(4):
         assert w.train_batches[i + 4][0] is w.train_batches[i][0]
     assert w.eval_batches is w.train_batches
+    assert (w.loss_fn, w.item_unit, w.flops_per_item) == (F.mse_loss, "samples", None)
 
 
 def test_user_callable_batches(user_models):
@@ -235,7 +342,7 @@ def test_user_iterable_batches_become_a_list(user_models):
 
 def test_user_workload_is_taken_as_is(user_models):
     w = build_workload(user_config("build_workload"), CPU)
-    assert w.item_unit == "rows"
+    assert w.item_unit == "rows" and len(w.train_batches) == 6
 
 
 @pytest.mark.parametrize(
@@ -246,22 +353,27 @@ def test_user_factory_bad_returns(user_models, name, error, text):
         build_workload(user_config(name), CPU)
 
 
+def test_user_factory_bad_return_names_the_spec_and_the_two_shapes(user_models):
+    with pytest.raises(TypeError) as info:
+        build_workload(user_config("build_bad_return"), CPU)
+    assert (
+        str(info.value)
+        == "model factory 'user_models:build_bad_return' must return a Workload or (model, batches, loss_fn)"
+    )
+
+
 def test_empty_user_batches_error_exactly(user_models):
     with pytest.raises(ValueError) as info:
         build_workload(user_config("build_empty"), CPU)
     assert str(info.value) == "a user model returned no batches"
 
 
-def test_user_batches_that_can_be_indexed_are_indexed_even_when_callable(user_models):
-    w = build_workload(user_config("build_indexable_and_callable"), CPU)
-    assert len(w.train_batches) == 4 and w.items_per_batch == 4
-    torch.testing.assert_close(w.train_batches[5][0], w.train_batches[1][0])  # by index, never called
-
-
-def test_indexable_user_batches_stay_lazy(user_models):
+def test_user_batches_that_can_be_indexed_are_indexed_lazily_and_never_called(user_models):
     w = build_workload(user_config("build_indexable_and_callable"), CPU)
     assert w.train_batches.items.made == [0]  # only the first batch, to read the batch size; no list() of all
-    assert len(w.train_batches) == 4
+    assert len(w.train_batches) == 4 and w.items_per_batch == 4
+    torch.testing.assert_close(w.train_batches[5][0], w.train_batches[1][0])  # by index (calling raises)
+    assert w.train_batches.items.made == [0, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -271,57 +383,3 @@ def test_items_per_batch_is_the_first_batchs_input_rows(user_models, name, items
     # The first batch's inputs set the throughput unit: not a smaller last batch, not the targets; inputs
     # without a shape count one item per batch.
     assert build_workload(user_config(name), CPU).items_per_batch == items
-
-
-def test_examples_linear_regression_workload():
-    config = RunConfig(model="amp_lib.examples:linear_regression", batch_size=6, device="cpu")
-    w = build_workload(config, CPU)
-    x, y = w.train_batches[0]
-    assert x.shape == (6, 32) and y.shape == (6, 1)
-    assert w.items_per_batch == 6 and w.item_unit == "samples"
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-def test_corpus_is_deterministic_and_sized():
-    text = corpus()
-    assert len(text) == 200_000
-    assert corpus(n_chars=5000, seed=1234) == text[:5000]
-    assert corpus(n_chars=5000, seed=99) != text[:5000]
-
-
-def test_char_tokenizer_round_trip():
-    tok = CharTokenizer.for_text("hello world")
-    assert tok.vocab_size == len(set("hello world"))
-    ids = tok.encode("low droll")
-    assert tok.decode(ids.tolist()) == "low droll"
-    assert list(tok.chars) == sorted(set("hello world"))
-
-
-def test_token_batches_are_deterministic_windows():
-    tokens = torch.arange(100)
-    a = TokenBatches(tokens, num_batches=3, batch_size=2, seq_len=5, seed=7)
-    b = TokenBatches(tokens, num_batches=3, batch_size=2, seq_len=5, seed=7)
-    c = TokenBatches(tokens, num_batches=3, batch_size=2, seq_len=5, seed=8)
-    assert len(a) == 3
-    for i in range(3):
-        assert torch.equal(a[i][0], b[i][0])
-        x, y = a[i]
-        assert torch.equal(y, x + 1)  # contiguous windows of arange: targets are the next tokens
-    assert any(not torch.equal(a[i][0], c[i][0]) for i in range(3))
-    assert torch.equal(a[4][0], a[1][0])  # wraps around
-
-
-def test_token_batches_reject_too_short_streams():
-    with pytest.raises(ValueError, match="seq_len=10"):
-        TokenBatches(torch.arange(11), num_batches=1, batch_size=1, seq_len=10, seed=0)
-
-
-def test_tensor_batches():
-    a = TensorBatches(num_batches=2, batch_size=4, in_features=3, num_classes=5, seed=0)
-    b = TensorBatches(num_batches=2, batch_size=4, in_features=3, num_classes=5, seed=0)
-    assert len(a) == 2
-    assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[1][1], b[1][1])
-    assert torch.equal(a[2][0], a[0][0])
-    assert a[0][1].dtype == torch.long and int(a[0][1].max()) < 5

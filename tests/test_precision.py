@@ -1,9 +1,12 @@
-"""Precision names, the seed's `compute_effective_precision`, and resolution against described hardware."""
+"""Precision names, the seed's `compute_effective_precision`, devices, resolution against described
+hardware, and what a `PrecisionPlan` does: autocast, parameter and input dtypes, TF32, peak FLOPs."""
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import torch
 from amp_lib.precision import (
     ALIASES,
     CANONICAL,
+    PEAK_TFLOPS,
     Capabilities,
     PrecisionPlan,
     PrecisionUnavailableError,
@@ -21,9 +25,12 @@ from amp_lib.precision import (
     native_precisions,
     parse_precision,
     probe,
+    resolve_device,
     resolve_precision,
     valid_precision_names,
 )
+
+CUDA = torch.cuda.is_available()
 
 # Hardware described as data: nothing here needs the hardware itself.
 CPU_SLOW_FP16 = Capabilities(device_type="cpu", device_name="AVX2", bf16_supported=True, fp16_fast=False)
@@ -192,6 +199,51 @@ def test_compute_effective_precision_rejects_invalid_request(bad, use_amp):
         compute_effective_precision(bad, use_amp, True, True)
 
 
+# --- devices: resolve_device is the one parser, and probe uses it --------------------------------
+
+BAD_DEVICES = ["gpu", "meta", "tpu", "cuda:x", "cuda:", "cpu:0", "CPU", " cpu", "", torch.device("meta")]
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert isinstance(resolve_device("cpu"), torch.device)
+    auto = torch.device("cuda" if CUDA else "cpu")
+    assert resolve_device("auto") == resolve_device(None) == resolve_device() == auto
+
+
+@pytest.mark.parametrize("bad", BAD_DEVICES, ids=repr)
+def test_resolve_device_rejects_other_names_quoting_the_value_and_the_choices(bad):
+    with pytest.raises(ValueError) as info:
+        resolve_device(bad)
+    assert str(info.value) == f"invalid device {str(bad)!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'"
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal of CUDA where there is none")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1", torch.device("cuda")], ids=str)
+def test_cuda_without_cuda_is_refused_naming_what_is_valid_here(device):
+    message = f"device {str(device)!r} requested but CUDA is not available; valid here: 'auto', 'cpu'"
+    with pytest.raises(ValueError) as info:
+        resolve_device(device)
+    assert str(info.value) == message
+    with pytest.raises(ValueError) as info:
+        probe(device)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("bad", ["gpu", "meta", "cuda:x", torch.device("meta")], ids=repr)
+def test_probe_parses_its_device_with_resolve_device(bad):
+    with pytest.raises(ValueError) as expected:
+        resolve_device(bad)
+    with pytest.raises(ValueError) as got:
+        probe(bad)
+    assert str(got.value) == str(expected.value)
+
+
+def test_probe_defaults_to_the_auto_device():
+    assert probe().device_type == probe(None).device_type == probe("auto").device_type == resolve_device().type
+    assert probe(torch.device("cpu")) == probe("cpu")
+
+
 # --- capabilities -------------------------------------------------------------------------------
 
 
@@ -233,14 +285,6 @@ def test_cpu_flags_are_the_flag_words_of_proc_cpuinfo():
     assert all(":" not in f and f == f.lower() for f in flags)
     if torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         assert {"sse2", "avx"} <= flags  # an x86 CPU with AVX kernels lists both
-
-
-def test_probe_rejects_bad_devices():
-    with pytest.raises(ValueError, match="invalid device 'meta'"):
-        probe("meta")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="device 'cuda:1' requested but CUDA is not available"):
-            probe("cuda:1")
 
 
 # --- resolution: each fallback branch -----------------------------------------------------------
@@ -411,6 +455,194 @@ def test_plan_to_dict_is_plain_data():
     assert fp32["autocast_dtype"] is None and fp32["param_dtype"] == "float32" and fp32["requested"] == "32"
 
 
+# --- the plan's behaviour: autocast -------------------------------------------------------------
+
+# Written out independently of the plan's fields: what each precision runs its matmuls and parameters in.
+AUTOCAST_DTYPE = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "fp8-mixed": torch.bfloat16}
+PARAM_DTYPE = {"fp16-true": torch.float16, "bf16-true": torch.bfloat16}
+FAMILY = {"fp32": "fp32", "tf32": "tf32", "fp16-mixed": "fp16", "bf16-mixed": "bf16", "fp16-true": "fp16",
+          "bf16-true": "bf16", "fp8-mixed": "fp8"}  # fmt: skip
+
+
+def native_plan(name: str) -> PrecisionPlan:
+    """`name` as an H100 runs it (every precision is native there)."""
+    plan = resolve_precision(name, HOPPER)
+    assert plan.effective == name
+    return plan
+
+
+def cpu_plan(name: str) -> PrecisionPlan:
+    """The H100's plan for `name`, pointed at this CPU, so its autocast really runs here."""
+    return replace(native_plan(name), device_type="cpu", device_name=CPU_FAST_FP16.device_name)
+
+
+@pytest.mark.parametrize("name", CANONICAL)
+def test_autocast_is_on_in_the_plans_dtype_for_mixed_precisions_only(name):
+    plan = cpu_plan(name)
+    x = torch.ones(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "autocast to float32 is unsupported" warning: disabled means disabled
+        with plan.autocast():
+            on, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+            out = x @ x
+    assert on is name.endswith("-mixed")
+    if on:
+        assert dtype == AUTOCAST_DTYPE[name]
+    assert out.dtype == AUTOCAST_DTYPE.get(name, torch.float32)
+    assert not torch.is_autocast_enabled("cpu")  # and off again after
+
+
+def test_autocast_targets_the_plans_device_type():
+    for name in CANONICAL:
+        plan = native_plan(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a CUDA autocast made where there is no CUDA warns (and disables itself)
+            context = plan.autocast()
+        assert context.device == "cuda"
+        assert context.fast_dtype == AUTOCAST_DTYPE.get(name, torch.float32)
+    assert resolve_precision("bf16-mixed", CPU_SLOW_FP16).autocast().device == "cpu"
+
+
+# --- the plan's behaviour: inputs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CANONICAL)
+def test_convert_input_casts_float_tensors_to_the_parameter_dtype(name):
+    plan = native_plan(name)
+    param_dtype = PARAM_DTYPE.get(name, torch.float32)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x = torch.tensor([[1.5, -2.0]], dtype=dtype)
+        out = plan.convert_input(x)
+        assert out.dtype == param_dtype
+        assert torch.equal(out.double(), x.double())  # the values survive (these are exact in every dtype)
+        if dtype == param_dtype:
+            assert out is x  # no copy when the dtype is already right
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16-true", "fp16-true", "fp16-mixed"])
+def test_convert_input_passes_integer_tensors_and_non_tensors_through(name):
+    plan = native_plan(name)
+    tokens = torch.tensor([[3, 1, 2]])
+    for x in (tokens, tokens.int(), torch.tensor([True]), torch.tensor([7], dtype=torch.uint8)):
+        assert plan.convert_input(x) is x
+    float_pair = (torch.ones(2), torch.ones(2))  # a container is not looked into
+    for x in (float_pair, [1.5], {"x": torch.ones(1)}, 1.5, None, "text"):
+        assert plan.convert_input(x) is x
+
+
+# --- the plan's behaviour: the model ------------------------------------------------------------
+
+
+def small_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("name", [n for n in CANONICAL if n != "fp8-mixed"])
+def test_prepare_model_puts_the_model_on_the_device_in_the_parameter_dtype(name):
+    model = small_model()
+    prepared = native_plan(name).prepare_model(model, torch.device("meta"))  # meta: a device this machine has
+    assert prepared is model  # moved in place, not wrapped
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.dtype for p in model.parameters()} == {PARAM_DTYPE.get(name, torch.float32)}
+    bn = model[1]
+    assert bn.running_mean.device.type == "meta" and bn.running_mean.dtype == PARAM_DTYPE.get(name, torch.float32)
+    assert bn.num_batches_tracked.dtype == torch.long  # integer buffers keep their dtype
+
+
+def test_prepare_model_does_not_compile_unless_asked():
+    model = torch.nn.Linear(4, 4)
+    plan = resolve_precision("bf16-true", CPU_SLOW_FP16)
+    assert plan.prepare_model(model, torch.device("cpu")) is model  # the default: no compile
+    assert plan.prepare_model(model, torch.device("cpu"), compile=False) is model
+
+
+@pytest.mark.slow  # importing torch._dynamo takes seconds
+def test_prepare_model_compiles_when_asked():
+    model = torch.nn.Linear(4, 4)
+    plan = resolve_precision("bf16-true", CPU_SLOW_FP16)
+    compiled = plan.prepare_model(model, torch.device("cpu"), compile=True)  # lazy: nothing compiles until called
+    assert compiled is not model and compiled._orig_mod is model
+    assert model.weight.dtype == torch.bfloat16  # converted before it was wrapped
+
+
+# --- the plan's behaviour: TF32 -----------------------------------------------------------------
+
+FLAG_STATES = [(False, False), (True, True), (True, False), (False, True)]
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def set_tf32_flags(flags: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.fixture
+def saved_tf32_flags():
+    saved = tf32_flags()
+    yield
+    set_tf32_flags(saved)
+
+
+@pytest.mark.parametrize("name", CANONICAL)
+def test_tf32_scope_turns_tf32_on_exactly_for_tf32_and_restores_both_flags(saved_tf32_flags, name):
+    plan = native_plan(name)
+    for before in FLAG_STATES:
+        set_tf32_flags(before)
+        with plan.tf32_scope():
+            assert tf32_flags() == (name == "tf32", name == "tf32"), before
+        assert tf32_flags() == before
+
+
+def test_tf32_scope_restores_the_flags_even_on_an_exception(saved_tf32_flags):
+    for name in ("tf32", "fp32"):
+        for before in FLAG_STATES:
+            set_tf32_flags(before)
+            with pytest.raises(RuntimeError, match="inside"), native_plan(name).tf32_scope():
+                assert tf32_flags() == (name == "tf32", name == "tf32")
+                raise RuntimeError("inside")
+            assert tf32_flags() == before
+
+
+def test_tf32_falls_back_to_fp32_so_the_scope_leaves_tf32_off(saved_tf32_flags):
+    set_tf32_flags((True, True))
+    with resolve_precision("tf32", TURING).tf32_scope():
+        assert tf32_flags() == (False, False)
+
+
+# --- the plan's behaviour: peak FLOPs -----------------------------------------------------------
+
+
+def test_family_is_the_precision_without_its_mode():
+    assert set(FAMILY) == set(CANONICAL)
+    for name in CANONICAL:
+        assert native_plan(name).family == FAMILY[name]
+
+
+def test_peak_tflops_by_gpu_name_and_family():
+    h100 = replace(HOPPER, device_name="NVIDIA H100 80GB HBM3")
+    # NVIDIA's dense (no sparsity) peaks, written out: the table and the plan both give them
+    for name, peak in [("fp32", 67.0), ("tf32", 494.0), ("bf16-mixed", 989.0), ("fp16-mixed", 989.0),
+                       ("bf16-true", 989.0), ("fp16-true", 989.0), ("fp8-mixed", 1979.0)]:  # fmt: skip
+        plan = resolve_precision(name, h100)
+        assert plan.peak_tflops == peak == PEAK_TFLOPS["H100"][FAMILY[name]]
+    a100 = replace(AMPERE, device_name="NVIDIA A100-SXM4-40GB")
+    assert resolve_precision("bf16", a100).peak_tflops == PEAK_TFLOPS["A100"]["bf16"] == 312.0
+    assert resolve_precision("tf32", a100).peak_tflops == 156.0
+    assert resolve_precision("bf16", ADA).peak_tflops == PEAK_TFLOPS["L4"]["bf16"] == 121.0  # "NVIDIA L4"
+    assert resolve_precision("fp8", replace(HOPPER, device_name="NVIDIA H200")).peak_tflops == 1979.0
+    assert resolve_precision("bf16", Capabilities()).peak_tflops is None  # a CPU
+    assert resolve_precision("fp16", TURING).peak_tflops is None  # a GPU the table does not know
+    # a known GPU without a figure for the family: none rather than another family's
+    assert replace(native_plan("fp8-mixed"), device_name="NVIDIA A100-PCIE-40GB").peak_tflops is None
+
+
+@pytest.mark.parametrize("device_name", ["NVIDIA L40S", "NVIDIA L40", "NVIDIA RTX A1000", "NVIDIA H1000"])
+def test_peak_tflops_does_not_mistake_a_longer_model_number_for_a_known_one(device_name):
+    assert replace(native_plan("bf16-mixed"), device_name=device_name).peak_tflops is None
+
+
 # --- native precisions --------------------------------------------------------------------------
 
 
@@ -437,3 +669,53 @@ def test_native_precisions_of_this_machine_all_resolve_to_themselves():
     assert "fp32" in native
     for name in native:
         assert resolve_precision(name).effective == name
+
+
+# --- on a real GPU ------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_probe_reads_the_real_gpu():
+    caps = probe("cuda")
+    assert caps.device_type == "cuda" and caps.compute_capability == torch.cuda.get_device_capability()
+    assert caps.device_name == torch.cuda.get_device_name()
+    assert resolve_device("cuda") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert probe("cuda:0") == probe("auto") == caps
+    if caps.cc_at_least(8, 0):
+        assert {"fp32", "tf32", "fp16-mixed", "bf16-mixed"} <= set(native_precisions(caps))
+
+
+@pytest.mark.gpu
+def test_a_cuda_plan_runs_its_model_and_matmuls_on_the_gpu_in_its_dtypes():
+    caps = probe("cuda")
+    for name in ("fp32", "fp16-mixed", "bf16-mixed", "bf16-true"):
+        plan = resolve_precision(name, caps)
+        model = plan.prepare_model(torch.nn.Linear(8, 8), torch.device("cuda"))
+        assert model.weight.is_cuda and model.weight.dtype == plan.param_dtype
+        with plan.autocast():
+            out = model(plan.convert_input(torch.ones(2, 8, device="cuda")))
+        assert out.dtype == (plan.autocast_dtype or plan.param_dtype), name
+
+
+@pytest.mark.gpu
+def test_tf32_is_on_during_a_tf32_run_and_restored_after(tiny_config, saved_tf32_flags):
+    from amp_lib.train import train
+
+    class Flags:  # a RunObserver: on_log runs inside the training loop
+        def __init__(self):
+            self.seen = []
+
+        def on_start(self, config, plan): ...
+
+        def on_log(self, rows, items_per_step):
+            self.seen.append(tf32_flags())
+
+        def on_end(self, result): ...
+
+    set_tf32_flags((False, True))
+    observer = Flags()
+    result = train(tiny_config(precision="tf32", device="cuda", steps=3, warmup_steps=1, log_every=1), [observer])
+    assert result.status == "ok", result.error
+    on = result.plan["effective"] == "tf32"  # an Ampere or newer GPU
+    assert observer.seen == [(on, on)] * 3
+    assert tf32_flags() == (False, True)

@@ -1,67 +1,154 @@
-"""The result schema and its atomic JSON I/O."""
+"""The result schema, its value cleaning (finite_or_none, first_line) and its atomic JSON/text I/O."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from factories import history, make_result
 
+from amp_lib import results
 from amp_lib.results import (
+    READABLE_VERSIONS,
     SCHEMA_VERSION,
     STATUSES,
     HistoryRow,
     Metrics,
     RunResult,
+    finite_or_none,
+    first_line,
     load_results,
+    load_sweep,
     write_json_atomic,
+    write_text_atomic,
 )
 
+EVERY_METRIC = {
+    "step_time_ms_median": 11.5,
+    "step_time_ms_p10": 11.1,
+    "step_time_ms_p90": 12.9,
+    "timed_steps": 3,
+    "peak_memory_kind": "cpu_rss",
+    "mfu": 0.125,
+}
 
-def sample_result(status: str = "ok", **metric_overrides) -> RunResult:
-    rows = tuple(
-        HistoryRow(
-            step=i,
-            loss=3.0 - 0.25 * i,
-            loss_scale=65536.0 / (2 if i >= 2 else 1),
-            grad_norm=0.5 + i,
-            step_time_ms=None if i == 0 else 10.0 + i,
-            skipped=i == 2,
-            skipped_steps=int(i >= 2),
-        )
-        for i in range(4)
-    )
-    metrics = {
-        "tokens_per_s": 1234.5,
-        "step_time_ms_median": 11.5,
-        "step_time_ms_p10": 11.1,
-        "step_time_ms_p90": 12.9,
-        "timed_steps": 3,
-        "peak_memory_mb": 321.0,
-        "peak_memory_kind": "cpu_rss",
-        "final_train_loss": 2.25,
+
+def sample_result(status: str = "ok", **figures: Any) -> RunResult:
+    """A result with every field set: an fp16 run whose loss scale halved at a skipped step. `figures`
+    are `make_result`'s metric keywords (tps, eval_loss, min_scale...)."""
+    rows = history(4, scaled=True, skip_at=2)
+    rows = (replace(rows[0], step_time_ms=None, grad_norm=0.5), *rows[1:])  # an untimed first step
+    figures = {
+        "tps": 1234.5,
+        "mem": 321.0,
+        "final_loss": 2.25,
         "eval_loss": 2.5,
-        "skipped_steps": 1,
-        "final_loss_scale": 32768.0,
-        "min_loss_scale": 32768.0,
+        "skipped": 1,
+        "final_scale": 32768.0,
+        "min_scale": 32768.0,
+        **figures,
     }
-    metrics.update(metric_overrides)
-    return RunResult(
-        config={"precision": "16", "model": "gpt-tiny", "steps": 4, "grad_clip": None, "allow_slow": True},
-        plan={"requested": "16", "effective": "fp16-mixed", "fallback_reason": None, "torch_version": "x"},
-        metrics=Metrics(**metrics),
-        history=rows,
+    return make_result(
+        "16",
+        effective="fp16-mixed",
         status=status,
-        error=None if status == "ok" else "something went wrong",
+        error=None if status == "ok" else "something went wrong\n  at line 3",
+        rows=rows,
+        metrics=EVERY_METRIC,
+        steps=4,
+        grad_clip=None,
+        allow_slow=True,
+        **figures,
     )
 
 
-def no_nan_constants(text: str):
+def no_nan_constants(text: str) -> Any:
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
 
 
+# --- finite_or_none and first_line ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (2.0, 2.0),
+        (3, 3.0),
+        ("1.5", 1.5),
+        (torch.tensor(2.5), 2.5),
+        (Decimal("0.25"), 0.25),
+        (-0.0, 0.0),
+        (1e308, 1e308),
+        (math.nan, None),
+        (math.inf, None),
+        (-math.inf, None),
+        ("nan", None),
+        ("inf", None),
+        pytest.param(10**400, None, id="10**400"),  # too large for a float: None, not OverflowError
+        (None, None),
+        (True, None),
+        (False, None),
+        ("x", None),
+        ([], None),
+    ],
+    ids=repr,
+)
+def test_finite_or_none(value: Any, expected: float | None) -> None:
+    got = finite_or_none(value)
+    assert got == expected and (got is None or type(got) is float)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, None),
+        ("", None),
+        (" \n \t\n ", None),
+        ("one", "one"),
+        ("\n  first  \nsecond", "first  "),  # leading blank lines and indentation go, the line stays whole
+        ("\n\n  \nRuntimeError: boom\n  more", "RuntimeError: boom"),
+        ("a\r\nb", "a"),
+    ],
+    ids=repr,
+)
+def test_first_line_is_the_first_non_blank_line(text: str | None, expected: str | None) -> None:
+    assert first_line(text) == expected
+
+
+# --- RunResult: status, ok, error_line -----------------------------------------------------------
+
+
+def test_invalid_status_is_rejected() -> None:
+    with pytest.raises(ValueError, match="'crashed'") as info:
+        RunResult(config={}, plan={}, status="crashed")
+    assert str(info.value) == "invalid status 'crashed'; valid: " + ", ".join(STATUSES)
+    assert STATUSES == ("ok", "failed", "oom", "diverged")
+
+
 @pytest.mark.parametrize("status", STATUSES)
-def test_save_load_round_trip(tmp_path, status):
+def test_ok_means_status_ok(status: str) -> None:
+    assert make_result(status=status).ok is (status == "ok")
+
+
+def test_error_line_is_the_first_line_of_the_error() -> None:
+    failed = make_result(status="failed", error="\n  Traceback (most recent call last):\n  File x\nValueError: boom")
+    assert failed.error_line == "Traceback (most recent call last):"
+    assert make_result().error_line is None
+    assert make_result(status="failed", error=" \n ").error_line is None
+
+
+# --- schema: round trip, non-finite values, versions ---------------------------------------------
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_save_load_round_trip(tmp_path: Path, status: str) -> None:
     result = sample_result(status)
     path = result.save(tmp_path / "sub" / "r.json")
     assert path == tmp_path / "sub" / "r.json" and path.exists()
@@ -69,37 +156,38 @@ def test_save_load_round_trip(tmp_path, status):
     assert loaded == result
     assert loaded.ok is (status == "ok")
     data = no_nan_constants(path.read_text())
-    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["schema_version"] == SCHEMA_VERSION == 2
     assert set(data) == {"schema_version", "config", "plan", "metrics", "history", "status", "error"}
-    assert len(data["history"]) == len(result.history)
+    assert data["metrics"]["items_per_s"] == 1234.5 and "tokens_per_s" not in data["metrics"]
+    assert data["metrics"]["mfu"] == 0.125 and data["metrics"]["peak_memory_kind"] == "cpu_rss"
+    assert data["config"]["grad_clip"] is None and data["config"]["allow_slow"] is True
+    assert len(data["history"]) == len(result.history) == 4
+    assert data["history"][0]["step_time_ms"] is None and data["history"][2]["skipped"] is True
 
 
-def test_result_files_are_indented_one_field_per_line(tmp_path):
+def test_result_files_are_indented_one_field_per_line(tmp_path: Path) -> None:
     # results are read and diffed by people too: two-space indentation, one field per line
     path = sample_result().save(tmp_path / "r.json")
     lines = path.read_text().splitlines()
     assert lines[0] == "{" and lines[-1] == "}"
-    assert '  "status": "ok",' in lines and '    "tokens_per_s": 1234.5,' in lines
+    assert '  "status": "ok",' in lines and '    "items_per_s": 1234.5,' in lines
 
 
-def test_non_finite_floats_become_null(tmp_path):
-    result = sample_result("diverged", final_train_loss=math.nan, eval_loss=math.inf, min_loss_scale=-math.inf)
-    result = RunResult(
-        config=result.config,
-        plan=result.plan,
-        metrics=result.metrics,
+def test_non_finite_floats_become_null(tmp_path: Path) -> None:
+    result = sample_result("diverged", final_loss=math.nan, eval_loss=math.inf, min_scale=-math.inf)
+    result = replace(
+        result,
         history=(
             *result.history,
             HistoryRow(step=4, loss=math.nan, loss_scale=math.inf, grad_norm=-math.inf, step_time_ms=1.0),
         ),
-        status="diverged",
         error="loss became nan",
     )
     d = result.to_dict()
     assert d["metrics"]["final_train_loss"] is None
     assert d["metrics"]["eval_loss"] is None
     assert d["metrics"]["min_loss_scale"] is None
-    assert d["metrics"]["tokens_per_s"] == result.metrics.tokens_per_s  # finite values untouched
+    assert d["metrics"]["items_per_s"] == result.metrics.items_per_s == 1234.5  # finite values untouched
     assert d["history"][-1] == {
         "step": 4,
         "loss": None,
@@ -116,31 +204,52 @@ def test_non_finite_floats_become_null(tmp_path):
     assert loaded.status == "diverged" and loaded.error == "loss became nan"
 
 
-def test_nested_non_finite_values_in_config_and_plan(tmp_path):
-    result = RunResult(config={"lr": [1.0, math.nan], "x": {"y": math.inf}}, plan={"p": (math.nan, 2.0)})
+def test_nested_non_finite_values_in_config_and_plan() -> None:
+    result = RunResult(
+        config={"lr": [1.0, math.nan], "x": {"y": math.inf}, "n": 3, "b": True}, plan={"p": (math.nan, 2.0)}
+    )
     d = result.to_dict()
-    assert d["config"] == {"lr": [1.0, None], "x": {"y": None}}
+    assert d["config"] == {"lr": [1.0, None], "x": {"y": None}, "n": 3, "b": True}
+    assert type(d["config"]["n"]) is int and d["config"]["b"] is True  # ints and bools are not turned into floats
     assert d["plan"] == {"p": [None, 2.0]}
 
 
-def test_invalid_status_is_rejected():
-    with pytest.raises(ValueError, match="'crashed'") as info:
-        RunResult(config={}, plan={}, status="crashed")
-    assert str(info.value).endswith("valid: " + ", ".join(STATUSES))
+def test_a_version_1_file_loads_with_tokens_per_s_as_items_per_s(tmp_path: Path) -> None:
+    current = sample_result()
+    old = current.to_dict()
+    old["schema_version"] = 1
+    old["metrics"] = {("tokens_per_s" if k == "items_per_s" else k): v for k, v in old["metrics"].items()}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    loaded = RunResult.load(path)
+    assert loaded.metrics.items_per_s == 1234.5
+    assert loaded == current and loaded.schema_version == SCHEMA_VERSION  # read as, and saved again as, v2
+    assert "items_per_s" in loaded.to_dict()["metrics"] and "tokens_per_s" not in loaded.to_dict()["metrics"]
+    del old["metrics"]["tokens_per_s"]  # a v1 run that never measured throughput
+    assert RunResult.from_dict(old).metrics.items_per_s is None
+    assert RunResult.from_dict({**old, "metrics": {}}).metrics == Metrics()
 
 
-@pytest.mark.parametrize("version", [None, 0, SCHEMA_VERSION + 1, "1"], ids=repr)
-def test_from_dict_rejects_other_schema_versions(version):
+def test_a_version_2_file_keeps_its_items_per_s() -> None:
+    d = sample_result().to_dict()
+    assert d["schema_version"] == 2
+    assert RunResult.from_dict(d).metrics.items_per_s == 1234.5  # the v1 rename is not applied to v2 files
+
+
+@pytest.mark.parametrize("version", [None, 0, 3, SCHEMA_VERSION + 1, "1", "2"], ids=repr)
+def test_unsupported_schema_versions_are_named_in_the_error(version: Any) -> None:
     d = sample_result().to_dict()
     if version is None:
         del d["schema_version"]
     else:
         d["schema_version"] = version
-    with pytest.raises(ValueError, match="schema_version"):
+    with pytest.raises(ValueError) as info:
         RunResult.from_dict(d)
+    assert str(info.value) == f"unsupported schema_version {version!r}; this amp_lib reads 1, 2"
+    assert READABLE_VERSIONS == (1, 2)
 
 
-def test_from_dict_defaults_for_missing_optional_parts():
+def test_from_dict_defaults_for_missing_optional_parts() -> None:
     r = RunResult.from_dict({"schema_version": SCHEMA_VERSION, "config": {}, "plan": {}, "status": "failed"})
     assert r.metrics == Metrics() and r.history == () and r.error is None and not r.ok
 
@@ -156,31 +265,97 @@ class ExplodingDict(dict):
     """json reads a dict subclass through items(): this one is interrupted half way."""
 
     def items(self):
-        raise KeyboardInterrupt("interrupted mid-write")
+        raise KeyboardInterrupt("interrupted mid-serialisation")
 
 
-def leftovers(folder):
-    return sorted(p.name for p in folder.iterdir() if p.name != "r.json")
+def leftovers(folder: Path, keep: str = "r.json") -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != keep)
 
 
-def test_write_json_atomic_replaces_the_file(tmp_path):
+def test_write_text_atomic_writes_utf8_and_replaces_the_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "er" / "summary.md"
+    long_text = "Δ eval ± 0.5 — " * 1000
+    assert write_text_atomic(target, long_text) == target  # parent folders are created
+    assert target.read_bytes() == long_text.encode("utf-8")
+    assert write_text_atomic(str(target), "short\n") == target  # a str path works too
+    assert target.read_bytes() == b"short\n"  # replaced whole: no tail of the longer text is left
+    assert leftovers(target.parent, keep="summary.md") == []
+
+
+def test_write_text_atomic_shows_only_a_hidden_temp_file_while_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "r.json"
-    write_json_atomic(target, {"v": 1})
+    sample_result().save(target)
+    seen: dict[str, Any] = {}
+    real_fsync = os.fsync
+
+    def peek(fd: int) -> None:  # the data is written and flushed, not yet renamed into place
+        real_fsync(fd)
+        seen["names"] = leftovers(tmp_path)
+        seen["target"] = target.read_text()
+        seen["loaded"] = load_results(tmp_path)
+        seen["temp"] = (tmp_path / seen["names"][0]).read_text()
+
+    monkeypatch.setattr(os, "fsync", peek)
+    write_text_atomic(target, '{"new": 1}')
+    (temp,) = seen["names"]
+    assert temp.startswith(".r.json.") and temp.endswith(".tmp")
+    assert seen["temp"] == '{"new": 1}'
+    assert json.loads(seen["target"])["status"] == "ok"  # the old file is whole until the rename
+    assert seen["loaded"] == [sample_result()]  # load_results skips the temp file
+    assert target.read_text() == '{"new": 1}' and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fail_in", ["write", "fsync", "replace"])
+def test_a_failed_text_write_keeps_the_old_file_and_removes_its_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_in: str
+) -> None:
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    text = "x" * 100_000 + "\ud800"  # a lone surrogate cannot be encoded: fails after the temp file exists
+    if fail_in != "write":
+        text = "new"
+
+        def interrupted(*args: Any) -> None:
+            raise KeyboardInterrupt(fail_in)  # BaseException too: Ctrl-C must not leave temp files behind
+
+        monkeypatch.setattr(os, fail_in, interrupted)
+    with pytest.raises(UnicodeEncodeError if fail_in == "write" else KeyboardInterrupt):
+        write_text_atomic(target, text)
+    monkeypatch.undo()
+    assert target.read_text() == "old"
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failed_first_text_write_leaves_an_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(tmp_path / "new" / "r.json", "\ud800")
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_write_json_atomic_is_indented_json_and_replaces_the_file(tmp_path: Path) -> None:
+    target = tmp_path / "r.json"
+    assert write_json_atomic(target, {"v": 1, "w": [1]}) == target
+    assert target.read_text() == '{\n  "v": 1,\n  "w": [\n    1\n  ]\n}'
     write_json_atomic(target, {"v": 2})
     assert json.loads(target.read_text()) == {"v": 2}
     assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize(
-    "bad,error",
+    ("bad", "error"),
     [
         ({"early": list(range(2000)), "late": Unencodable()}, TypeError),
         ({"early": list(range(2000)), "late": math.nan}, ValueError),  # strict JSON: NaN is refused
+        ({"early": list(range(2000)), "late": math.inf}, ValueError),
         ({"early": list(range(2000)), "late": ExplodingDict(a=1)}, KeyboardInterrupt),
     ],
-    ids=["unencodable", "nan", "interrupted"],
+    ids=["unencodable", "nan", "inf", "interrupted"],
 )
-def test_interrupted_write_keeps_the_old_file_and_no_temp_files(tmp_path, bad, error):
+def test_unserialisable_json_keeps_the_old_file_and_leaves_no_temp_files(
+    tmp_path: Path, bad: dict[str, Any], error: type[BaseException]
+) -> None:
     target = tmp_path / "r.json"
     old = sample_result()
     old.save(target)
@@ -190,38 +365,15 @@ def test_interrupted_write_keeps_the_old_file_and_no_temp_files(tmp_path, bad, e
     assert target.read_bytes() == before
     assert RunResult.load(target) == old
     assert leftovers(tmp_path) == []
-
-
-def test_a_write_in_progress_is_a_hidden_temp_file_that_load_results_skips(tmp_path):
-    target = tmp_path / "r.json"
-    seen = {}
-
-    class Peek(dict):
-        """json reads a dict subclass through items(): look at the folder mid-write."""
-
-        def items(self):
-            seen["names"] = sorted(p.name for p in tmp_path.iterdir())
-            seen["loaded"] = load_results(tmp_path)
-            return super().items()
-
-    write_json_atomic(target, {"v": Peek(a=1)})
-    (temp,) = seen["names"]  # only the temp file exists while the data is being written
-    assert temp.startswith(".r.json.") and temp.endswith(".tmp")
-    assert seen["loaded"] == []
-    assert json.loads(target.read_text()) == {"v": {"a": 1}}
-    assert leftovers(tmp_path) == []
-
-
-def test_interrupted_first_write_leaves_nothing(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(tmp_path / "new" / "r.json", {"a": 1, "b": Unencodable()})
-    assert list((tmp_path / "new").iterdir()) == []
+    assert not (tmp_path / "new").exists()  # serialised before anything is created
 
 
-# --- load_results --------------------------------------------------------------------------------
+# --- load_results and load_sweep -----------------------------------------------------------------
 
 
-def test_load_results_finds_complete_files_recursively_sorted(tmp_path):
+def test_load_results_finds_complete_files_recursively_sorted(tmp_path: Path) -> None:
     a = sample_result("ok")
     b = sample_result("failed")
     c = sample_result("oom")
@@ -232,8 +384,38 @@ def test_load_results_finds_complete_files_recursively_sorted(tmp_path):
     (tmp_path / ".hidden.json").write_text("{ half")
     (tmp_path / "notes.txt").write_text("not a result")
     assert load_results(tmp_path) == [a, b, c]
+    assert load_results(str(tmp_path)) == [a, b, c]
 
 
-def test_load_results_of_an_empty_or_missing_folder(tmp_path):
+def test_load_results_of_an_empty_or_missing_folder(tmp_path: Path) -> None:
     assert load_results(tmp_path) == []
     assert load_results(tmp_path / "missing") == []
+
+
+def test_load_sweep_prefers_the_results_folder_else_reads_a_flat_folder(tmp_path: Path) -> None:
+    make_result("fp32").save(tmp_path / "flat" / "a.json")
+    assert [r.config["precision"] for r in load_sweep(tmp_path / "flat")] == ["fp32"]
+    make_result("fp16-mixed").save(tmp_path / "sweep" / "results" / "a.json")
+    make_result("bf16-mixed").save(tmp_path / "sweep" / "elsewhere" / "b.json")  # not in this sweep's layout
+    (tmp_path / "sweep" / "runs").mkdir()
+    assert [r.config["precision"] for r in load_sweep(tmp_path / "sweep")] == ["fp16-mixed"]
+    assert [r.config["precision"] for r in load_sweep(str(tmp_path / "sweep" / "elsewhere"))] == ["bf16-mixed"]
+    (tmp_path / "empty" / "results").mkdir(parents=True)
+    make_result("fp32").save(tmp_path / "empty" / "a.json")
+    assert load_sweep(tmp_path / "empty") == []  # an empty results/ folder still wins over the files beside it
+
+
+@pytest.mark.parametrize("missing", ["missing", "a-file.json"])
+def test_load_sweep_names_a_path_that_is_not_a_folder(tmp_path: Path, missing: str) -> None:
+    make_result().save(tmp_path / "a-file.json")
+    with pytest.raises(ValueError) as info:
+        load_sweep(tmp_path / missing)
+    assert str(info.value) == f"sweep_dir {str(tmp_path / missing)!r} is not a folder"
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_sweep(str(tmp_path / missing))
+
+
+def test_results_is_io_only_and_does_not_re_export_the_report() -> None:
+    # the report imports results, never the other way round (the old re-exports made an import cycle)
+    for name in ("comparison_table", "recommend", "recommendations", "format_table", "summary_markdown"):
+        assert not hasattr(results, name)

@@ -1,16 +1,31 @@
-"""AmpScaler and get_loss_scale on a real `torch.amp.GradScaler('cpu')`: skips, backoff, growth, clipping."""
+"""AmpScaler, GradScaler's internals and get_loss_scale on a real `torch.amp.GradScaler('cpu')`:
+skips, backoff, growth, clipping, state, and finding the scaler of a trainer."""
 
 from __future__ import annotations
 
 import copy
 import math
 import types
+import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from amp_lib.scaler import AmpScaler, StepOutcome, get_loss_scale, total_grad_norm
+from amp_lib.results import HistoryRow
+from amp_lib.scaler import (
+    COLLAPSED_SCALE,
+    AmpScaler,
+    StepOutcome,
+    check_gradscaler_internals,
+    find_grad_scaler,
+    found_inf,
+    get_loss_scale,
+    scale_tensor,
+    total_grad_norm,
+)
+from amp_lib.train import Diverged, check_divergence
 
 DEFAULT_INIT = 2.0**16
 
@@ -67,7 +82,6 @@ def test_inf_loss_skips_the_step_leaves_params_and_halves_the_scale(max_grad_nor
     assert not math.isfinite(float(outcome.grad_norm))
     assert same_params(before, params_of(model))
     assert scaler.get_scale() == DEFAULT_INIT * 0.5 == float(outcome.scale)
-    assert scaler.skipped_steps == 1
 
 
 def test_inf_gradient_from_a_backward_hook_skips_the_whole_step():
@@ -77,16 +91,17 @@ def test_inf_gradient_from_a_backward_hook_skips_the_whole_step():
     last_bias = list(model.parameters())[-1]
     handle = last_bias.register_hook(lambda g: torch.full_like(g, float("inf")))
     before = params_of(model)
-    outcome = clean_step(model, opt, scaler, x, y, max_grad_norm=1.0)
+    first = clean_step(model, opt, scaler, x, y, max_grad_norm=1.0)
     handle.remove()
-    assert bool(outcome.skipped)
+    assert bool(first.skipped)
     assert same_params(before, params_of(model)), "no parameter moves on a skipped step, not only the inf one"
     assert scaler.get_scale() == DEFAULT_INIT / 2
     # the next clean step goes through
-    outcome = clean_step(model, opt, scaler, x, y, max_grad_norm=1.0)
-    assert not bool(outcome.skipped)
+    second = clean_step(model, opt, scaler, x, y, max_grad_norm=1.0)
+    assert not bool(second.skipped)
     assert not same_params(before, params_of(model))
-    assert scaler.skipped_steps == 1
+    assert [bool(first.skipped), bool(second.skipped)] == [True, False]
+    assert [float(first.scale), float(second.scale)] == [DEFAULT_INIT / 2] * 2
 
 
 def test_clean_fp16_step_updates_params_and_keeps_scale():
@@ -98,8 +113,8 @@ def test_clean_fp16_step_updates_params_and_keeps_scale():
     assert not bool(outcome.skipped)
     assert math.isfinite(float(outcome.grad_norm)) and float(outcome.grad_norm) > 0
     assert not same_params(before, params_of(model))
-    assert scaler.get_scale() == DEFAULT_INIT
-    assert scaler.skipped_steps == 0
+    assert scaler.get_scale() == DEFAULT_INIT == float(outcome.scale)
+    assert outcome.skipped.dtype == torch.bool and outcome.skipped.shape == ()
 
 
 def test_growth_after_growth_interval_clean_steps_and_not_before():
@@ -134,7 +149,7 @@ def test_an_overflow_resets_the_growth_count():
     assert scaler.get_scale() == init
 
 
-def test_skipped_steps_counter_and_scale_history():
+def test_each_outcome_records_its_skip_and_the_scale_after_it():
     model, (x, y) = make_model(), make_batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = AmpScaler("cpu", init_scale=1024.0, growth_interval=100)
@@ -146,11 +161,12 @@ def test_skipped_steps_counter_and_scale_history():
         scale = scale * 0.5 if overflow else scale
         expected.append(scale)
     assert [bool(o.skipped) for o in outcomes] == pattern
-    assert scaler.skipped_steps == sum(pattern)
-    assert scaler.scale_history == expected
-    assert scaler.scale_history == expected  # reading it twice neither loses nor duplicates
-    clean_step(model, opt, scaler, x, y)
-    assert scaler.scale_history == expected + [scale]
+    assert [float(o.scale) for o in outcomes] == expected
+    # each outcome is a snapshot: later steps (which update GradScaler's scale in place) leave it as it was
+    inf_step(model, opt, scaler, x, y)
+    assert [float(o.scale) for o in outcomes] == expected
+    assert [bool(o.skipped) for o in outcomes] == pattern
+    assert scaler.get_scale() == scale / 2
 
 
 def test_accumulation_update_false_only_backwards():
@@ -168,7 +184,7 @@ def test_accumulation_update_false_only_backwards():
     # the unscaled gradient of two identical micro-batches is twice that of one (scaled grads accumulate)
     for g1, p in zip(one_micro, model.parameters()):
         torch.testing.assert_close(p.grad, 2 * g1 / scaler.get_scale(), rtol=1e-5, atol=1e-7)
-    assert scaler.scale_history == [DEFAULT_INIT]
+    assert float(outcome.scale) == DEFAULT_INIT
 
 
 # --- clipping sees unscaled gradients -----------------------------------------------------------
@@ -228,7 +244,7 @@ def test_skipped_is_exactly_gradscalers_decision(factor, max_grad_norm):
     backed_off = scaler.get_scale() < DEFAULT_INIT
     assert bool(outcome.skipped) is backed_off
     assert backed_off is (not math.isfinite(factor))
-    assert scaler.skipped_steps == int(backed_off)
+    assert float(outcome.scale) == scaler.get_scale()
     if factor == 1e25:
         assert grads_finite
 
@@ -293,27 +309,34 @@ def test_state_dict_round_trip_continues_identically():
     fresh = AmpScaler("cpu")  # default knobs: all of them come from the state
     fresh.load_state_dict(state)
     assert fresh.get_scale() == scaler.get_scale() == DEFAULT_INIT / 2
-    assert fresh.skipped_steps == scaler.skipped_steps == 1
 
+    scales = []
     for overflow in (False, False, True, False):
         step = inf_step if overflow else clean_step
         a = step(model, opt, scaler, x, y)
         b = step(model2, opt2, fresh, x, y)
         assert bool(a.skipped) == bool(b.skipped) == overflow
         assert float(a.scale) == float(b.scale)
+        scales.append(float(b.scale))
+    # the growth tracker came along: one clean step was in the state, so the second one after loading grows
+    assert scales == [DEFAULT_INIT / 2, DEFAULT_INIT, DEFAULT_INIT / 2, DEFAULT_INIT / 2]
     assert same_params(params_of(model), params_of(model2))
-    assert fresh.skipped_steps == scaler.skipped_steps == 2
     assert fresh.scaler.get_growth_interval() == 3
-    assert fresh.scale_history == scaler.scale_history[-4:]
 
 
-def test_state_dict_without_skipped_steps_defaults_to_zero():
-    scaler = AmpScaler("cpu", init_scale=256.0)
+def test_state_dict_is_gradscalers_own_both_ways():
+    scaler = AmpScaler("cpu", init_scale=256.0, growth_factor=4.0, backoff_factor=0.25, growth_interval=7)
     state = scaler.state_dict()
-    state.pop("skipped_steps")
-    fresh = AmpScaler("cpu")
-    fresh.load_state_dict(state)
-    assert fresh.skipped_steps == 0 and fresh.get_scale() == 256.0
+    assert state == scaler.scaler.state_dict()
+    assert state == {"scale": 256.0, "growth_factor": 4.0, "backoff_factor": 0.25, "growth_interval": 7,
+                     "_growth_tracker": 0}  # fmt: skip
+    plain = torch.amp.GradScaler("cpu")  # e.g. a Lightning checkpoint's scaler takes an AmpScaler's state
+    plain.load_state_dict(state)
+    assert plain.state_dict() == state
+    other = AmpScaler("cpu")  # and an AmpScaler takes a GradScaler's
+    other.load_state_dict(torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=3).state_dict())
+    assert other.get_scale() == 8.0 and other.scaler.get_growth_interval() == 3
+    assert AmpScaler("cpu", enabled=False).state_dict() == {}  # as GradScaler's when disabled
 
 
 def test_gradscaler_knobs_pass_through():
@@ -337,7 +360,9 @@ def test_gradscaler_knobs_pass_through():
 
 
 def test_defaults_are_gradscalers_for_cuda():
-    scaler = AmpScaler()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "GradScaler is enabled, but CUDA is not available"
+        scaler = AmpScaler()
     assert scaler.enabled is torch.cuda.is_available()  # like GradScaler: disabled where CUDA is missing
     fresh = AmpScaler("cpu")
     gs = torch.amp.GradScaler("cpu")
@@ -359,7 +384,7 @@ def test_disabled_scaler_is_a_plain_step():
     assert float(outcome.grad_norm) == pytest.approx(expected, rel=1e-6)
     assert not same_params(before, params_of(model))
     assert scaler.get_scale() is None
-    assert scaler.scale_history == [] and scaler.skipped_steps == 0
+    assert scale_tensor(scaler.scaler) is None  # a disabled GradScaler never makes a scale tensor
 
 
 # --- get_loss_scale -----------------------------------------------------------------------------
@@ -428,3 +453,137 @@ def test_get_loss_scale_reads_the_live_scale_after_steps():
     scaler = AmpScaler("cpu")
     inf_step(model, opt, scaler, x, y)
     assert get_loss_scale(scaler) == get_loss_scale(scaler.scaler) == DEFAULT_INIT / 2
+
+
+# --- GradScaler's private attributes, read in one place each --------------------------------------
+# scale_tensor reads `_scale` and found_inf reads `_found_inf_per_device`. These tests compare them
+# with GradScaler's public behaviour, so a torch release that renames or repurposes either fails here
+# (and check_gradscaler_internals fails at AmpScaler's construction, naming the torch version).
+
+
+def test_check_gradscaler_internals_passes_on_this_torch():
+    assert check_gradscaler_internals() is None
+    probe = torch.amp.GradScaler("cpu")
+    assert hasattr(probe, "_scale") and hasattr(probe, "_found_inf_per_device")  # what it checks for
+
+
+def test_scale_tensor_is_a_copy_of_the_live_scale():
+    gs = torch.amp.GradScaler("cpu", init_scale=512.0)
+    assert scale_tensor(gs) is None  # GradScaler makes its scale tensor lazily, at the first scale()
+    model, (x, y) = make_model(), make_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gs.scale(fp32_loss(model, x, y) * float("inf")).backward()
+    gs.step(opt)
+    gs.update()
+    scale = scale_tensor(gs)
+    assert isinstance(scale, torch.Tensor) and float(scale) == gs.get_scale() == 256.0
+    gs.update(1024.0)  # GradScaler's own scale moves; the copy taken before does not
+    assert float(scale) == 256.0 and float(scale_tensor(gs)) == gs.get_scale() == 1024.0
+    assert not scale.requires_grad
+
+
+@pytest.mark.parametrize("factor,overflow", [(1.0, False), (1e25, False), (float("inf"), True), (float("nan"), True)])
+def test_found_inf_is_gradscalers_own_skip_decision(factor, overflow):
+    model, (x, y) = make_model(), make_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-30)
+    gs = torch.amp.GradScaler("cpu")
+    gs.scale(fp32_loss(model, x, y) * factor).backward()
+    gs.unscale_(opt)
+    flag = found_inf(gs, opt)
+    assert flag.dtype == torch.bool and flag.shape == ()
+    assert bool(flag) is overflow
+    gs.step(opt)
+    gs.update()
+    assert (gs.get_scale() < DEFAULT_INIT) is overflow  # GradScaler agrees: it backed off exactly then
+
+
+def test_ampscaler_checks_the_internals_when_it_is_made():
+    check_gradscaler_internals.cache_clear()
+    AmpScaler("cpu")
+    assert check_gradscaler_internals.cache_info().currsize == 1  # ran (once, then cached)
+
+
+# --- find_grad_scaler -----------------------------------------------------------------------------
+
+
+class PrecisionPlugin:
+    def __init__(self, scaler):
+        self.scaler = scaler
+
+
+class Strategy:
+    def __init__(self, plugin):
+        self.precision_plugin = plugin
+
+
+class Trainer:
+    """Shaped like a Lightning trainer: the scaler sits at `trainer.strategy.precision_plugin.scaler`."""
+
+    def __init__(self, scaler):
+        self.strategy = Strategy(PrecisionPlugin(scaler))
+
+
+class DetachedTrainer:
+    """A Lightning trainer before its strategy is attached: reading the property raises."""
+
+    @property
+    def strategy(self):
+        raise RuntimeError("strategy is not attached yet")
+
+
+class DetachedStrategy:
+    @property
+    def precision_plugin(self):
+        raise TypeError("no plugin yet")
+
+
+def test_find_grad_scaler_of_a_gradscaler_an_ampscaler_and_a_trainer():
+    gs = torch.amp.GradScaler("cpu")
+    assert find_grad_scaler(gs) is gs
+    amp = AmpScaler("cpu")
+    assert find_grad_scaler(amp) is amp.scaler
+    assert find_grad_scaler(Trainer(gs)) is gs
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    assert find_grad_scaler(disabled) is disabled  # found; get_loss_scale is what calls it no scale
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        None,
+        object(),
+        1.0,
+        Trainer(None),
+        Trainer(1.0),
+        DetachedTrainer(),
+        types.SimpleNamespace(strategy=DetachedStrategy()),
+    ],
+    ids=[
+        "none",
+        "object",
+        "float",
+        "scaler-none",
+        "scaler-float",
+        "raising-strategy",
+        "raising-plugin",
+    ],
+)
+def test_find_grad_scaler_none_wherever_there_is_none(obj):
+    assert find_grad_scaler(obj) is None
+    assert get_loss_scale(obj) is None
+
+
+# --- COLLAPSED_SCALE ------------------------------------------------------------------------------
+
+
+def test_collapsed_scale_is_the_smallest_fp16_subnormal():
+    assert COLLAPSED_SCALE == 2.0**-24
+    assert float(torch.tensor(COLLAPSED_SCALE, dtype=torch.float16)) == COLLAPSED_SCALE  # representable
+    assert float(torch.tensor(COLLAPSED_SCALE / 2, dtype=torch.float16)) == 0.0  # half of it is not
+
+
+def test_loss_scale_collapse_is_strictly_below_the_smallest_fp16_subnormal():
+    at_floor = HistoryRow(step=1, loss=1.0, loss_scale=COLLAPSED_SCALE, grad_norm=0.0, step_time_ms=None)
+    check_divergence([at_floor], use_scaler=True)
+    with pytest.raises(Diverged, match="loss scale collapsed"):
+        check_divergence([replace(at_floor, loss_scale=COLLAPSED_SCALE / 2)], use_scaler=True)

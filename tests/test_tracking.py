@@ -1,29 +1,29 @@
-"""WandbTracker against real offline W&B runs: every logged value is read back from disk and checked."""
+"""amp_lib.tracking: W&B mode resolution, the pure row/summary helpers, and WandbTracker against real
+offline W&B runs, every logged value read back from disk (tests/wandb_readback.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from factories import make_result
 from wandb_readback import only_run_dir, read_run, read_summary
 
-from amp_lib.precision import PrecisionPlan, resolve_precision
+from amp_lib import tracking
+from amp_lib.config import PROJECT, RunConfig
+from amp_lib.precision import Capabilities, resolve_precision
 from amp_lib.results import HistoryRow, RunResult
-from amp_lib.tracking import (
-    DEFAULT_PROJECT,
-    WANDB_MODES,
-    WandbTracker,
-    finite_or_none,
-    history_row_metrics,
-    resolve_wandb_mode,
-    result_summary,
-)
-from amp_lib.train import RunConfig, train
-from amp_lib.workbook import DEMO_CONFIG
+from amp_lib.tracking import WANDB_MODES, WandbTracker, history_row_metrics, resolve_wandb_mode, result_summary
+from amp_lib.train import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -32,13 +32,18 @@ def wandb_dir(wandb_env: Path) -> Path:
     return wandb_env / "wandb_dir"
 
 
-def tiny(tmp_path: Path, **overrides: Any) -> RunConfig:
-    values: dict[str, Any] = {**DEMO_CONFIG, "device": "cpu", "seed": 0, **overrides}
-    return RunConfig(out_dir=str(tmp_path / "results"), **values)
-
-
 def saved_json(config: RunConfig) -> dict[str, Any]:
     return json.loads(config.result_path.read_text())
+
+
+def small_config() -> RunConfig:
+    """A config for hand-driven trackers: on_start only reads it, nothing trains."""
+    return RunConfig(device="cpu", steps=3, warmup_steps=1)
+
+
+def open_and_finish(tracker: WandbTracker) -> None:
+    tracker.on_start(small_config(), resolve_precision("fp32", Capabilities()))
+    tracker.finish(exit_code=0)
 
 
 # --- mode resolution ----------------------------------------------------------------------------
@@ -48,49 +53,71 @@ def test_mode_defaults_to_offline_without_env(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert resolve_wandb_mode() == "offline"
     assert resolve_wandb_mode("") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "")  # set but empty: the same as unset
+    assert resolve_wandb_mode(None) == "offline"
 
 
-def test_mode_env_is_used_and_argument_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mode_env_is_used_and_the_argument_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode(None) == "disabled"
     assert resolve_wandb_mode("offline") == "offline"
     assert resolve_wandb_mode(" Online ") == "online"
+    assert resolve_wandb_mode("\tOffline\n") == "offline"
     assert WandbTracker().mode == "disabled"
     assert WandbTracker(mode="offline").mode == "offline"
+    monkeypatch.setenv("WANDB_MODE", " DISABLED ")
+    assert resolve_wandb_mode() == "disabled"
 
 
-def test_invalid_mode_names_the_value_and_the_valid_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_mode_messages_name_the_source_the_value_and_the_valid_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert WANDB_MODES == ("offline", "online", "disabled")
+    with pytest.raises(ValueError) as info:
+        resolve_wandb_mode("dryrun")
+    assert str(info.value) == "invalid W&B mode 'dryrun'; valid values are: offline, online, disabled"
+    with pytest.raises(ValueError) as info:
+        resolve_wandb_mode(3)  # type: ignore[arg-type]
+    assert str(info.value) == "invalid W&B mode 3; valid values are: offline, online, disabled"
     with pytest.raises(ValueError, match=r"'dryrun'.*offline, online, disabled"):
-        WandbTracker(mode="dryrun")
+        WandbTracker(mode="dryrun")  # the tracker checks its mode when built, not when the run opens
     monkeypatch.setenv("WANDB_MODE", "sometimes")
-    with pytest.raises(ValueError, match=r"WANDB_MODE 'sometimes'"):
-        resolve_wandb_mode()
-    assert set(WANDB_MODES) == {"offline", "online", "disabled"}
+    with pytest.raises(ValueError) as info:
+        resolve_wandb_mode("")
+    assert str(info.value) == "invalid W&B WANDB_MODE 'sometimes'; valid values are: offline, online, disabled"
 
 
-# --- pure helpers -------------------------------------------------------------------------------
+# --- module surface -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (2.0, 2.0),
-        (3, 3.0),
-        (math.nan, None),
-        (math.inf, None),
-        (-math.inf, None),
-        (None, None),
-        (True, None),
-        ("x", None),
-    ],
-)
-def test_finite_or_none(value: Any, expected: float | None) -> None:
-    assert finite_or_none(value) == expected
+def test_tracking_does_not_export_the_lightning_callback() -> None:
+    """The callback lives at amp_lib.lightning_callback only, and tracking has no module __getattr__."""
+    assert not hasattr(tracking, "AmpWandbCallback")
+    with pytest.raises(AttributeError) as info:
+        tracking.no_such_name  # noqa: B018
+    assert str(info.value) == "module 'amp_lib.tracking' has no attribute 'no_such_name'"
 
 
-def test_row_metrics_drop_nonfinite_scale_and_untimed_steps() -> None:
-    row = HistoryRow(step=3, loss=1.5, loss_scale=math.inf, grad_norm=math.nan, step_time_ms=None, skipped_steps=2)
-    assert history_row_metrics(row, 128, use_loss_scaler=True) == {"train/loss": 1.5, "amp/skipped_steps": 2}
+@pytest.mark.slow
+def test_importing_tracking_imports_neither_lightning_nor_wandb() -> None:
+    """In a fresh interpreter: importing amp_lib.tracking loads no Lightning (nor wandb: it opens with the run)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import amp_lib.tracking
+        assert not hasattr(amp_lib.tracking, "AmpWandbCallback")
+        print(sorted(m for m in ("lightning", "pytorch_lightning", "wandb") if m in sys.modules))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# --- history rows -> W&B keys (pure) ------------------------------------------------------------
+
+
+def test_row_metrics_of_a_timed_row_with_a_scaler() -> None:
     timed = HistoryRow(step=4, loss=1.0, loss_scale=1024.0, grad_norm=0.5, step_time_ms=20.0, skipped_steps=0)
     assert history_row_metrics(timed, 128, use_loss_scaler=True) == {
         "train/loss": 1.0,
@@ -101,9 +128,75 @@ def test_row_metrics_drop_nonfinite_scale_and_untimed_steps() -> None:
         "perf/tokens_per_s": 6400.0,
     }
     assert "amp/loss_scale" not in history_row_metrics(timed, 128, use_loss_scaler=False)
+    quick = HistoryRow(step=2, loss=1.0, loss_scale=None, grad_norm=None, step_time_ms=0.5)
+    assert history_row_metrics(quick, 10, False)["perf/tokens_per_s"] == 20000.0
 
 
-# --- real offline runs --------------------------------------------------------------------------
+def test_row_metrics_drop_nonfinite_values_and_untimed_steps() -> None:
+    row = HistoryRow(step=3, loss=1.5, loss_scale=math.inf, grad_norm=math.nan, step_time_ms=None, skipped_steps=2)
+    assert history_row_metrics(row, 128, use_loss_scaler=True) == {"train/loss": 1.5, "amp/skipped_steps": 2}
+    untimed = HistoryRow(step=1, loss=None, loss_scale=2.0, grad_norm=math.inf, step_time_ms=0.0, skipped_steps=1)
+    got = history_row_metrics(untimed, 64, use_loss_scaler=True)
+    assert set(got) == {"train/loss", "amp/skipped_steps", "amp/loss_scale"} and math.isnan(got["train/loss"])
+    assert got["amp/loss_scale"] == 2.0 and got["amp/skipped_steps"] == 1
+    negative = HistoryRow(step=1, loss=0.0, loss_scale=None, grad_norm=0.0, step_time_ms=-1.0)
+    assert history_row_metrics(negative, 64, True) == {
+        "train/loss": 0.0,
+        "amp/skipped_steps": 0,
+        "train/grad_norm": 0.0,
+    }
+
+
+# --- result -> W&B summary (pure) ---------------------------------------------------------------
+
+
+def test_result_summary_flattens_the_result_json() -> None:
+    result = make_result("fp32", status="diverged", error="loss became nan", skipped=3, final_scale=None)
+    summary = result_summary(result)
+    d = result.to_dict()
+    assert set(summary) == {"status", "error", "schema_version"} | {f"metrics/{k}" for k in d["metrics"]} | {
+        f"plan/{k}" for k in d["plan"]
+    }
+    assert summary["status"] == "diverged" and summary["error"] == "loss became nan"
+    assert summary["schema_version"] == result.schema_version
+    assert summary["plan/effective"] == "fp32" and summary["plan/fallback_reason"] is None
+    assert summary["metrics/skipped_steps"] == 3 and summary["metrics/items_per_s"] == 1000.0
+    assert summary["metrics/final_loss_scale"] is None
+
+
+# --- tracker construction and no-ops ------------------------------------------------------------
+
+
+def test_constructor_normalises_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    t = WandbTracker(project="", group="", dir=Path("some") / "dir", name="n", tags=("a", "b"), job_type="jt")
+    assert (t.mode, t.project, t.group, t.dir, t.name, t.tags, t.job_type) == (
+        "offline", PROJECT, None, str(Path("some/dir")), "n", ["a", "b"], "jt"
+    )  # fmt: skip
+    assert (t.run, t.run_id, t.run_dir) == (None, None, None)
+    d = WandbTracker("disabled", "p", "g")
+    assert (d.mode, d.project, d.group, d.dir, d.name, d.tags, d.job_type) == (
+        "disabled",
+        "p",
+        "g",
+        None,
+        None,
+        [],
+        None,
+    )
+
+
+def test_observer_calls_without_a_started_run_are_no_ops() -> None:
+    tracker = WandbTracker(mode="disabled")
+    tracker.on_log([HistoryRow(step=0, loss=1.0, loss_scale=None, grad_norm=None, step_time_ms=None)], 1)
+    tracker.on_end(make_result())
+    tracker.finish()
+    with tracker:
+        pass
+    assert tracker.run is None and tracker.run_id is None and tracker.run_dir is None
+
+
+# --- train() into real offline runs -------------------------------------------------------------
 
 
 def assert_history_matches(
@@ -144,12 +237,13 @@ def assert_summary_matches(summary: dict[str, Any], result_json: dict[str, Any])
                 assert summary[f"{section}/{key}"] == value, key
 
 
+@pytest.mark.slow
 def test_fp16_run_logs_every_row_scale_and_skips_and_summary_matches_result_json(
-    wandb_dir: Path, tmp_path: Path
+    wandb_dir: Path, tiny_config: Any
 ) -> None:
     # A big initial scale with growth every step: fp16 overflows, backs off, grows again, so the
     # scale and the skip count change from row to row and a wrong-step or wrong-value bug shows.
-    config = tiny(tmp_path, precision="16-mixed", allow_slow=True, init_scale=2.0**20, growth_interval=1)
+    config = tiny_config(precision="16-mixed", allow_slow=True, init_scale=2.0**20, growth_interval=1)
     tracker = WandbTracker(mode="offline", project="amp-test", group="sweep-a", dir=wandb_dir)
     result = train(config, observers=[tracker])
     assert result.status == "ok"
@@ -181,8 +275,9 @@ def test_fp16_run_logs_every_row_scale_and_skips_and_summary_matches_result_json
     assert summary["summary"]["metrics/final_loss_scale"] == scales[-1]
 
 
-def test_fp32_run_has_no_loss_scale_anywhere(wandb_dir: Path, tmp_path: Path) -> None:
-    config = tiny(tmp_path, precision="32-true", steps=5, warmup_steps=1)
+@pytest.mark.slow
+def test_fp32_run_has_no_loss_scale_anywhere(wandb_dir: Path, tiny_config: Any) -> None:
+    config = tiny_config(precision="32-true", steps=5, warmup_steps=1)
     tracker = WandbTracker(project="amp-test")  # mode from $WANDB_MODE (offline), default dir = $WANDB_DIR
     result = train(config, observers=[tracker])
     assert result.status == "ok"
@@ -196,15 +291,16 @@ def test_fp32_run_has_no_loss_scale_anywhere(wandb_dir: Path, tmp_path: Path) ->
     assert "metrics/final_loss_scale" not in summary["summary"]
 
 
-def test_fallback_reason_is_in_run_config_and_notes(wandb_dir: Path, tmp_path: Path) -> None:
-    config = tiny(tmp_path, precision="tf32", steps=2, warmup_steps=1)  # no TF32 on a CPU: falls back to fp32
+@pytest.mark.slow
+def test_fallback_reason_is_in_run_config_and_notes(wandb_dir: Path, tiny_config: Any) -> None:
+    config = tiny_config(precision="tf32", steps=2, warmup_steps=1)  # no TF32 on a CPU: falls back to fp32
     tracker = WandbTracker(dir=wandb_dir)
     result = train(config, observers=[tracker])
     reason = result.plan["fallback_reason"]
     assert reason and "tf32" in reason
     assert tracker.run_dir is not None
     summary = read_summary(tracker.run_dir)
-    assert summary["project"] == DEFAULT_PROJECT
+    assert summary["project"] == PROJECT
     assert summary["config"]["plan"]["fallback_reason"] == reason
     assert summary["config"]["plan"]["requested"] == "tf32"
     assert summary["config"]["plan"]["effective"] == "fp32"
@@ -212,8 +308,9 @@ def test_fallback_reason_is_in_run_config_and_notes(wandb_dir: Path, tmp_path: P
     assert summary["summary"]["plan/fallback_reason"] == reason
 
 
-def test_failed_run_is_marked_failed_with_its_error(wandb_dir: Path, tmp_path: Path) -> None:
-    config = tiny(tmp_path, model="amp_lib_no_such_module:build", steps=3, warmup_steps=1)
+@pytest.mark.slow
+def test_failed_run_is_marked_failed_with_its_error(wandb_dir: Path, tiny_config: Any) -> None:
+    config = tiny_config(model="amp_lib_no_such_module:build", steps=3, warmup_steps=1)
     tracker = WandbTracker(dir=wandb_dir)
     result = train(config, observers=[tracker])
     assert result.status == "failed"
@@ -227,11 +324,81 @@ def test_failed_run_is_marked_failed_with_its_error(wandb_dir: Path, tmp_path: P
     assert summary["summary"]["error"] == result.error
 
 
-def test_context_manager_marks_an_interrupted_run_failed(wandb_dir: Path, tmp_path: Path) -> None:
-    config = tiny(tmp_path)
-    plan = resolve_precision("fp32")
+@pytest.mark.slow
+def test_reused_tracker_opens_one_run_per_training_run(wandb_dir: Path, tiny_config: Any) -> None:
+    tracker = WandbTracker(dir=wandb_dir, group="g")
+    dirs = []
+    for seed in (1, 2):
+        config = tiny_config(steps=2, warmup_steps=1, seed=seed)
+        assert train(config, observers=[tracker]).status == "ok"
+        assert tracker.run_dir is not None
+        dirs.append(tracker.run_dir)
+    assert dirs[0] != dirs[1]
+    assert [read_run(d).config["seed"] for d in dirs] == [1, 2]
+
+
+@pytest.mark.slow
+def test_disabled_mode_writes_nothing(wandb_dir: Path, tiny_config: Any) -> None:
+    config = tiny_config(steps=2, warmup_steps=1)
+    tracker = WandbTracker(mode="disabled", dir=wandb_dir)
+    result = train(config, observers=[tracker])
+    assert result.status == "ok"
+    assert tracker.run_dir is None and tracker.run is None
+    assert not (wandb_dir / "wandb").exists()
+
+
+# --- hand-driven runs: what one run stores, and its lifecycle -----------------------------------
+
+
+@pytest.mark.slow
+def test_a_hand_driven_run_stores_name_tags_job_type_and_rows(tmp_path: Path) -> None:
+    t = WandbTracker(mode="offline", dir=tmp_path / "runs", name="custom", tags=("a", "b"), job_type="jt", group="g")
+    plan = resolve_precision("fp16-mixed", Capabilities(), allow_slow=True)  # a scaler, and no fallback
+    t.on_start(small_config(), plan)
+    assert t.run_id and t.run_dir is not None and t.run_dir.parent == tmp_path / "runs" / "wandb"
+    assert t.run_dir.name.endswith(t.run_id)
+    t.on_log(
+        [
+            HistoryRow(step=0, loss=2.0, loss_scale=8.0, grad_norm=None, step_time_ms=None, skipped_steps=1),
+            HistoryRow(step=2, loss=1.0, loss_scale=16.0, grad_norm=None, step_time_ms=None, skipped_steps=1),
+            # an overflowed step: the non-finite scale and norm are left out of the row, not logged as inf/NaN
+            HistoryRow(step=4, loss=0.5, loss_scale=math.inf, grad_norm=math.nan, step_time_ms=None, skipped_steps=2),
+        ],
+        10,
+    )
+    with t:  # leaving without an exception finishes the run as successful
+        pass
+    record = read_run(t.run_dir)
+    assert record.run["tags"] == ["a", "b"] and record.run["job_type"] == "jt" and record.exit_code == 0
+    assert record.run["run_group"] == "g"
+    assert [(r["_step"], r.get("amp/loss_scale"), r["train/loss"], r["amp/skipped_steps"]) for r in record.history] == [
+        (0, 8, 2, 1),
+        (2, 16, 1, 1),
+        (4, None, 0.5, 2),
+    ]
+    assert "train/grad_norm" not in record.metric_keys()
+    summary = read_summary(t.run_dir)
+    assert (summary["name"], summary["notes"], summary["state"]) == ("custom", "", "finished")
+    assert summary["config"]["plan"]["use_loss_scaler"] is True
+
+
+@pytest.mark.slow
+def test_no_loss_scale_is_logged_for_a_plan_without_a_scaler(tmp_path: Path) -> None:
+    """A row may carry a loss scale (a disabled GradScaler still reports 1.0); only a scaler's run logs it."""
+    t = WandbTracker(mode="offline", dir=tmp_path)
+    t.on_start(small_config(), resolve_precision("bf16-mixed", Capabilities()))
+    t.on_log([HistoryRow(step=0, loss=1.0, loss_scale=1.0, grad_norm=0.5, step_time_ms=None)], 1)
+    t.finish(exit_code=0)
+    assert t.run_dir is not None
+    record = read_run(t.run_dir)
+    assert [r["train/loss"] for r in record.history] == [1]
+    assert "amp/loss_scale" not in record.metric_keys() and "train/grad_norm" in record.metric_keys()
+
+
+@pytest.mark.slow
+def test_context_manager_marks_an_interrupted_run_failed(wandb_dir: Path, tiny_config: Any) -> None:
     with pytest.raises(RuntimeError, match="boom"), WandbTracker(dir=wandb_dir) as tracker:
-        tracker.on_start(config, plan)
+        tracker.on_start(tiny_config(), resolve_precision("fp32"))
         tracker.on_log([HistoryRow(step=0, loss=2.0, loss_scale=None, grad_norm=1.0, step_time_ms=None)], 128)
         raise RuntimeError("boom")
     assert tracker.run is None
@@ -241,41 +408,58 @@ def test_context_manager_marks_an_interrupted_run_failed(wandb_dir: Path, tmp_pa
     assert record.history[0]["train/loss"] == 2.0 and record.history[0]["_step"] == 0
 
 
-def test_reused_tracker_opens_one_run_per_training_run(wandb_dir: Path, tmp_path: Path) -> None:
-    tracker = WandbTracker(dir=wandb_dir, group="g")
-    dirs = []
-    for seed in (1, 2):
-        config = tiny(tmp_path, steps=2, warmup_steps=1, seed=seed)
-        assert train(config, observers=[tracker]).status == "ok"
-        assert tracker.run_dir is not None
-        dirs.append(tracker.run_dir)
-    assert dirs[0] != dirs[1]
-    assert [read_run(d).config["seed"] for d in dirs] == [1, 2]
+@pytest.mark.slow
+def test_disabled_run_still_creates_its_folder_and_records_no_run_dir(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "nested"
+    t = WandbTracker(mode="disabled", dir=target)
+    t.on_start(small_config(), resolve_precision("fp32", Capabilities()))
+    assert target.is_dir() and t.run is not None and t.run_dir is None
+    t.on_log([HistoryRow(step=0, loss=1.0, loss_scale=None, grad_norm=None, step_time_ms=None)], 1)
+    with t:
+        pass
+    assert t.run is None and not (target / "wandb").exists()
 
 
-def test_disabled_mode_writes_nothing(wandb_dir: Path, tmp_path: Path) -> None:
-    config = tiny(tmp_path, steps=2, warmup_steps=1)
-    tracker = WandbTracker(mode="disabled", dir=wandb_dir)
-    result = train(config, observers=[tracker])
-    assert result.status == "ok"
-    assert tracker.run_dir is None and tracker.run is None
-    assert not (wandb_dir / "wandb").exists()
+# --- where runs go, and whose run it is ---------------------------------------------------------
 
 
-def test_observer_calls_without_a_started_run_are_no_ops() -> None:
-    tracker = WandbTracker(mode="disabled")
-    tracker.on_log([HistoryRow(step=0, loss=1.0, loss_scale=None, grad_norm=None, step_time_ms=None)], 1)
-    tracker.on_end(RunResult(config={}, plan={}))
-    tracker.finish()
-    assert tracker.run is None
+@pytest.mark.slow
+def test_wandb_dir_is_read_per_run_not_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wandb itself reads $WANDB_DIR once per process; a sweep that moves it between runs must still be obeyed."""
+    first, second = tmp_path / "first", tmp_path / "second" / "not-yet-there"
+    monkeypatch.setenv("WANDB_DIR", str(first))
+    a = WandbTracker(mode="offline")
+    open_and_finish(a)
+    monkeypatch.setenv("WANDB_DIR", str(second))
+    b = WandbTracker(mode="offline")
+    open_and_finish(b)
+    assert a.run_dir is not None and a.run_dir.parent == first / "wandb"
+    assert b.run_dir is not None and b.run_dir.parent == second / "wandb"
 
 
-def test_result_summary_flattens_the_result_json() -> None:
-    plan: PrecisionPlan = resolve_precision("fp32")
-    result = RunResult(config={"precision": "fp32"}, plan=plan.to_dict(), status="diverged", error="loss became nan")
-    summary = result_summary(result)
-    assert summary["status"] == "diverged" and summary["error"] == "loss became nan"
-    assert summary["plan/effective"] == "fp32" and summary["metrics/skipped_steps"] == 0
-    assert set(summary) == {"status", "error", "schema_version"} | {
-        f"metrics/{k}" for k in result.to_dict()["metrics"]
-    } | {f"plan/{k}" for k in plan.to_dict()}
+@pytest.mark.slow
+def test_without_dir_or_wandb_dir_wandb_picks_its_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_DIR")
+    monkeypatch.chdir(tmp_path)  # wandb's default is ./wandb: keep it out of the repo
+    t = WandbTracker(mode="offline")
+    open_and_finish(t)
+    assert t.run_id and t.run_dir is not None and t.run_dir.name.endswith(t.run_id) and t.run is None
+    assert t.run_dir.resolve().is_relative_to(tmp_path.resolve())  # under ./wandb of the working folder
+
+
+@pytest.mark.slow
+def test_a_run_the_user_has_open_is_left_alone(tmp_path: Path) -> None:
+    """The tracker's run is a new one: it neither logs into nor finishes the user's own open run."""
+    import wandb
+
+    user_run = wandb.init(project="mine", mode="offline", dir=tmp_path / "user")
+    try:
+        t = WandbTracker(mode="offline", dir=tmp_path / "tracker")
+        t.on_start(small_config(), resolve_precision("fp32", Capabilities()))
+        assert t.run is not user_run and t.run_id != user_run.id
+        t.finish(exit_code=0)
+        assert wandb.run is user_run
+        user_run.log({"still/open": 1.0})  # a finished run would refuse this
+    finally:
+        user_run.finish()
+    assert t.run_dir is not None and t.run_dir.parent == tmp_path / "tracker" / "wandb"

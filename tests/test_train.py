@@ -1,29 +1,27 @@
-"""The training loop on real torch on the CPU: convergence, determinism, statuses, metrics, RunConfig."""
+"""amp_lib.train: the measured training loop on real torch (CPU; the `gpu` section on CUDA), its recorder,
+its statuses and metrics."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import re
 import statistics
-from pathlib import Path
+import warnings
+from dataclasses import replace
 
 import pytest
 import torch
+from user_models import PLAN_DTYPES
 
+from amp_lib.config import RunConfig
+from amp_lib.measure import StepTimer
 from amp_lib.models import build_workload
-from amp_lib.precision import Capabilities, resolve_precision
-from amp_lib.results import RunResult
-from amp_lib.train import (
-    COLLAPSED_SCALE,
-    PEAK_TFLOPS,
-    RunConfig,
-    _percentile,
-    peak_tflops,
-    resolve_device,
-    seed_everything,
-    tf32_matmuls,
-    train,
-)
+from amp_lib.precision import Capabilities, probe, resolve_precision
+from amp_lib.results import HistoryRow, Metrics, RunResult
+from amp_lib.scaler import COLLAPSED_SCALE, StepOutcome
+from amp_lib.train import Diverged, Recorder, check_divergence, make_optimizer, seed_everything, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,7 +33,7 @@ def _one_thread():
     torch.set_num_threads(saved)
 
 
-class Recorder:
+class KeepingObserver:
     """A real RunObserver that keeps what it was given."""
 
     def __init__(self):
@@ -67,9 +65,24 @@ def assert_cumulative_skips(result: RunResult) -> None:
     assert result.metrics.skipped_steps == running
 
 
+def assert_written(config: RunConfig, result: RunResult) -> dict:
+    assert config.result_path.exists()
+    data = json.loads(config.result_path.read_text())
+    assert data["status"] == result.status
+    assert RunResult.load(config.result_path).status == result.status
+    return data
+
+
+def user_run(name: str, **overrides) -> RunConfig:
+    """A few steps of one of tests/user_models.py's factories on the CPU (milliseconds a step)."""
+    values = {"model": f"user_models:{name}", "steps": 3, "warmup_steps": 1, "batch_size": 4, "device": "cpu"}
+    return RunConfig(**{**values, **overrides})
+
+
 # --- convergence ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
 def test_mixed_precision_runs_reduce_the_loss(tiny_config, precision):
     config = tiny_config(precision=precision, steps=20, lr=3e-3, log_every=5, allow_slow=True)
@@ -84,12 +97,14 @@ def test_mixed_precision_runs_reduce_the_loss(tiny_config, precision):
     assert result.metrics.final_train_loss == losses[-1]
 
 
+@pytest.mark.slow
 def test_first_step_loss_is_the_untrained_models_loss(tiny_config):
     config = tiny_config(steps=4)
     result = train(config, write=False)
     assert result.history[0].loss == pytest.approx(initial_losses(config, 1)[0], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_fp16_on_this_cpu_falls_back_without_allow_slow(tiny_config):
     result = train(tiny_config(precision="16-mixed", steps=3, warmup_steps=1), write=False)
     assert result.status == "ok"
@@ -100,6 +115,7 @@ def test_fp16_on_this_cpu_falls_back_without_allow_slow(tiny_config):
         assert all(row.loss_scale is None for row in result.history)
 
 
+@pytest.mark.slow
 def test_bf16_true_trains_bf16_parameters(tiny_config):
     config = tiny_config(precision="bf16-true", lr=3e-3, steps=10)
     result = train(config, write=False)
@@ -109,6 +125,7 @@ def test_bf16_true_trains_bf16_parameters(tiny_config):
     assert all(row.loss_scale is None for row in result.history)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("requested,effective", [("tf32", "fp32"), ("fp8", "bf16-mixed")])
 def test_fallback_is_recorded_in_the_result(tiny_config, requested, effective):
     config = tiny_config(precision=requested, steps=3, warmup_steps=0)
@@ -123,6 +140,7 @@ def test_fallback_is_recorded_in_the_result(tiny_config, requested, effective):
 # --- determinism ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_fp32_history(tiny_config):
     a = train(tiny_config(seed=7, run_name="a"))
     b = train(tiny_config(seed=7, run_name="b"))
@@ -132,18 +150,30 @@ def test_same_seed_gives_identical_fp32_history(tiny_config):
     assert a.metrics.eval_loss == b.metrics.eval_loss
 
 
+@pytest.mark.slow
 def test_different_seeds_differ(tiny_config):
     a = train(tiny_config(seed=1), write=False)
     b = train(tiny_config(seed=2), write=False)
     assert [r.loss for r in a.history] != [r.loss for r in b.history]
 
 
+def test_seed_everything_also_seeds_pythons_random_for_user_factories():
+    draws = []
+    for _ in range(2):
+        seed_everything(7)
+        draws.append((random.random(), torch.rand(2).tolist()))
+    assert draws[0] == draws[1]
+    seed_everything(8)
+    assert random.random() != draws[0][0]
+
+
 # --- gradient accumulation -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_grad_accum_two_micro_batches_per_step(tiny_config):
     config = tiny_config(grad_accum=2, steps=6, warmup_steps=1, lr=3e-3)
-    observer = Recorder()
+    observer = KeepingObserver()
     result = train(config, [observer])
     assert result.status == "ok", result.error
     assert len(result.history) == config.steps
@@ -154,9 +184,100 @@ def test_grad_accum_two_micro_batches_per_step(tiny_config):
     assert result.metrics.timed_steps == config.steps - config.warmup_steps
 
 
+# --- optimizer and gradient clipping -------------------------------------------------------------
+
+
+def test_optimizer_is_fused_so_grad_scaler_steps_without_a_sync():
+    """GradScaler hands a fused optimizer its inf flag as a tensor instead of reading it on the host."""
+    model = torch.nn.Linear(4, 2)
+    model.bias.requires_grad_(False)
+    optimizer = make_optimizer(model, 0.1, torch.device("cpu"))
+    assert getattr(optimizer, "_step_supports_amp_scaling", False) is True
+    assert [p for group in optimizer.param_groups for p in group["params"]] == [model.weight]
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.slow
+def test_grad_clip_zero_turns_clipping_off(tiny_config):
+    a = train(tiny_config(grad_clip=0, lr=3e-2, steps=4, warmup_steps=1), write=False)
+    b = train(tiny_config(grad_clip=None, lr=3e-2, steps=4, warmup_steps=1), write=False)
+    c = train(tiny_config(grad_clip=1e-3, lr=3e-2, steps=4, warmup_steps=1), write=False)
+    assert [r.loss for r in a.history] == [r.loss for r in b.history]
+    assert [r.loss for r in a.history] != [r.loss for r in c.history]
+
+
+@pytest.mark.slow
+def test_history_records_the_unclipped_gradient_norm_of_each_step(user_models, tmp_path):
+    import user_models as factories
+
+    config = user_run("build_ok", log_every=2, grad_clip=1e-3, out_dir=str(tmp_path))
+    result = train(config, write=False)
+    model, batches, loss_fn = factories.build_ok(config)  # the same seeded model and batches
+    x, y = batches[0]
+    loss_fn(model(x), y).backward()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])).item()
+    assert result.history[0].grad_norm == pytest.approx(expected, rel=1e-5)
+    assert expected > 1e-3  # so clipping was active: the norm is the one before the clip
+    assert [type(r.grad_norm) for r in result.history] == [float] * 3
+
+
+# --- the precision plan in the loop --------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("precision", "param_dtype", "output_dtype"), PLAN_DTYPES)
+def test_the_loop_runs_the_model_in_the_plans_dtypes(user_models, precision, param_dtype, output_dtype):
+    import user_models as factories
+
+    factories.SEEN_DTYPES.clear()
+    assert train(user_run("build_dtype_probe", precision=precision, steps=2), write=False).ok
+    assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype, False)}  # and TF32 stays off: not asked for
+
+
+def test_a_given_plan_is_used_instead_of_resolving_the_configs_precision(user_models):
+    import user_models as factories
+
+    config = user_run("build_dtype_probe")  # precision fp32
+    plan = resolve_precision("bf16-true", Capabilities())
+    observer = KeepingObserver()
+    factories.SEEN_DTYPES.clear()
+    result = train(config, [observer], plan=plan, write=False)
+    assert result.ok, result.error
+    assert set(factories.SEEN_DTYPES) == {(torch.bfloat16, torch.bfloat16, False)}
+    assert observer.started == [(config, plan)] and observer.started[0][1] is plan
+    assert result.plan == {**plan.to_dict(), "torch_version": torch.__version__}
+    assert result.config["precision"] == "fp32"  # the config is recorded as given
+
+
+def test_a_given_fp16_plan_runs_the_loss_scaler_the_config_alone_would_not(user_models):
+    # no allow_slow: resolving here would give bf16-mixed on this CPU, without a scaler
+    config = user_run("build_ok", precision="fp16-mixed", init_scale=256.0)
+    plan = resolve_precision("fp16-mixed", Capabilities(), allow_slow=True)
+    result = train(config, plan=plan, write=False)
+    assert result.ok, result.error
+    assert result.plan["effective"] == "fp16-mixed" and result.plan["use_loss_scaler"] is True
+    assert [r.loss_scale for r in result.history] == [256.0] * 3  # the config's scaler settings still apply
+    assert result.metrics.final_loss_scale == result.metrics.min_loss_scale == 256.0
+
+
+@pytest.mark.slow
+def test_mfu_is_throughput_times_flops_per_item_over_the_plans_peak(tiny_config):
+    # a CPU plan named like an H100 has the H100's peak: the loop's MFU formula runs without a GPU
+    caps = Capabilities(device_name="NVIDIA H100 80GB HBM3 (named for the test)")
+    plan = resolve_precision("fp32", caps)
+    assert plan.peak_tflops == 67.0
+    config = tiny_config(steps=4, warmup_steps=1)
+    result = train(config, plan=plan, write=False)
+    assert result.ok, result.error
+    flops = build_workload(config, torch.device("cpu")).flops_per_item
+    assert result.metrics.mfu == pytest.approx(result.metrics.items_per_s * flops / 67e12, rel=1e-9)
+    assert 0 < result.metrics.mfu < 1e-3  # a CPU is nowhere near an H100
+
+
 # --- metrics and history -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_metrics_of_a_non_fp16_run(tiny_config, precision):
     config = tiny_config(precision=precision)
@@ -165,7 +286,7 @@ def test_metrics_of_a_non_fp16_run(tiny_config, precision):
     assert result.status == "ok" and result.error is None
     assert m.timed_steps == config.steps - config.warmup_steps
     assert m.step_time_ms_p10 <= m.step_time_ms_median <= m.step_time_ms_p90
-    assert m.tokens_per_s > 0 and m.throughput_unit == "tokens"
+    assert m.items_per_s > 0 and m.throughput_unit == "tokens"
     assert m.peak_memory_mb > 0 and m.peak_memory_kind == "cpu_rss"
     assert m.mfu is None  # no peak-flops entry for a CPU
     assert [r.step for r in result.history] == list(range(config.steps))
@@ -176,10 +297,11 @@ def test_metrics_of_a_non_fp16_run(tiny_config, precision):
     assert all(t is None for t in timed[: config.warmup_steps])
     assert all(t is not None and t > 0 for t in timed[config.warmup_steps :])
     assert m.step_time_ms_median == pytest.approx(statistics.median(timed[config.warmup_steps :]))
-    assert m.tokens_per_s == pytest.approx(config.batch_size * config.seq_len / (m.step_time_ms_median / 1e3))
+    assert m.items_per_s == pytest.approx(config.batch_size * config.seq_len / (m.step_time_ms_median / 1e3))
     assert math.isfinite(m.eval_loss)
 
 
+@pytest.mark.slow
 def test_metrics_and_history_of_an_fp16_run(tiny_config):
     config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, warmup_steps=1, growth_interval=2)
     result = train(config)
@@ -203,6 +325,7 @@ def test_metrics_and_history_of_an_fp16_run(tiny_config):
     assert m.timed_steps == config.steps - config.warmup_steps
 
 
+@pytest.mark.slow
 def test_fp16_overflow_steps_are_skipped_and_counted(tiny_config):
     # an absurd initial scale overflows fp16 at once: the first steps skip until the scale is small enough
     config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, warmup_steps=1, init_scale=2.0**60)
@@ -215,31 +338,7 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tiny_config):
         assert row.loss_scale == (before * 0.5 if row.skipped else before)
 
 
-def test_observers_see_start_every_flush_and_end(tiny_config):
-    config = tiny_config(steps=7, log_every=3)
-    observer = Recorder()
-    result = train(config, [observer])
-    assert len(observer.started) == 1 and observer.started[0][0] is config
-    assert observer.started[0][1].effective == result.plan["effective"]
-    assert [len(rows) for rows, _ in observer.logs] == [3, 3, 1]  # flush every 3 steps and at the end
-    assert [row for rows, _ in observer.logs for row in rows] == list(result.history)
-    assert observer.ended == [result]
-
-
-def test_result_file_is_written_and_loads_equal(tiny_config):
-    config = tiny_config()
-    result = train(config)
-    assert config.result_path.exists()
-    assert RunResult.load(config.result_path) == result
-    assert result.config == config.to_dict()
-    assert result.plan["torch_version"] == torch.__version__
-
-
-def test_write_false_writes_nothing(tiny_config, tmp_path):
-    train(tiny_config(), write=False)
-    assert list(tmp_path.iterdir()) == []
-
-
+@pytest.mark.slow
 def test_mlp_model_counts_samples(tiny_config):
     result = train(tiny_config(model="mlp", steps=4, warmup_steps=1, precision="bf16-mixed"), write=False)
     assert result.status == "ok", result.error
@@ -247,17 +346,89 @@ def test_mlp_model_counts_samples(tiny_config):
     assert result.metrics.eval_loss is not None and math.isfinite(result.metrics.eval_loss)
 
 
+@pytest.mark.slow
+def test_peak_memory_covers_the_timed_steps_and_not_the_warmup(user_models):
+    import user_models as factories
+
+    def peak(spike_at_call: int | None) -> float:
+        factories.SPIKE_AT["call"] = spike_at_call
+        result = train(user_run("build_memory_spike", steps=5, warmup_steps=2, log_every=5), write=False)
+        assert result.ok
+        return result.metrics.peak_memory_mb
+
+    try:
+        quiet, in_warmup, first_timed, last_timed = peak(None), peak(1), peak(2), peak(4)
+    finally:
+        factories.SPIKE_AT["call"] = None
+    assert in_warmup < quiet + 100  # a spike during warm-up is not counted
+    assert first_timed > quiet + 200 and last_timed > quiet + 200  # one in any timed step is
+
+
+# --- observers and the result file ---------------------------------------------------------------
+
+
+def test_observers_see_start_every_flush_and_end(user_models):
+    config = user_run("build_ok", steps=7, log_every=3)
+    observer = KeepingObserver()
+    result = train(config, [observer], write=False)
+    assert len(observer.started) == 1 and observer.started[0][0] is config
+    assert observer.started[0][1].effective == result.plan["effective"]
+    assert [len(rows) for rows, _ in observer.logs] == [3, 3, 1]  # flush every 3 steps and at the end
+    assert [row for rows, _ in observer.logs for row in rows] == list(result.history)
+    assert all(items == config.batch_size for _, items in observer.logs)
+    assert observer.ended == [result]
+
+
+@pytest.mark.slow
+def test_result_file_is_written_and_loads_equal(user_models, tmp_path):
+    config = user_run("build_ok", out_dir=str(tmp_path))
+    result = train(config)
+    assert config.result_path.exists()
+    assert RunResult.load(config.result_path) == result
+    assert result.config == config.to_dict()
+    assert result.plan["torch_version"] == torch.__version__
+
+
+@pytest.mark.slow
+def test_write_false_writes_nothing(user_models, tmp_path):
+    assert train(user_run("build_ok", out_dir=str(tmp_path)), write=False).ok
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_model_is_freed_before_observers_see_the_result(user_models):
+    """train() drops its workload (and gc's it) before on_end, so a sweep's next run starts with that memory back."""
+    import user_models as factories
+
+    class FreedAtEnd:
+        def on_start(self, config, plan) -> None: ...
+        def on_log(self, rows, items_per_step) -> None: ...
+        def on_end(self, result) -> None:
+            self.alive = [ref() is not None for ref in factories.BUILT_MODELS]
+
+    factories.BUILT_MODELS.clear()
+    observer = FreedAtEnd()
+    result = train(user_run("build_tracked"), [observer], write=False)
+    assert result.ok and observer.alive == [False]
+
+
+# --- user models that work -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory", ["build_ok", "build_workload", "build_callable", "build_iterable"])
+def test_user_factory_return_shapes(tiny_config, user_models, factory):
+    observer = KeepingObserver()
+    result = train(tiny_config(model=f"user_models:{factory}", lr=1e-2), [observer], write=False)
+    assert result.status == "ok", result.error
+    assert observer.logs[0][1] == 4  # items per step: the batch's first dimension
+    assert result.metrics.throughput_unit == ("rows" if factory == "build_workload" else "samples")
+
+
 # --- failures end as a result, never a crash -----------------------------------------------------
 
 
-def assert_written(config: RunConfig, result: RunResult) -> dict:
-    assert config.result_path.exists()
-    data = json.loads(config.result_path.read_text())
-    assert data["status"] == result.status
-    assert RunResult.load(config.result_path).status == result.status
-    return data
-
-
+@pytest.mark.slow
 def test_huge_lr_diverges_with_result_written_and_process_healthy(tiny_config):
     config = tiny_config(lr=1e6, run_name="diverge")
     result = train(config)
@@ -275,11 +446,12 @@ def test_nan_loss_user_model_diverges(tiny_config, user_models):
     config = tiny_config(model="user_models:build_nan")
     result = train(config)
     assert result.status == "diverged"
-    assert "nan" in result.error.lower()
+    assert result.error == "loss became nan at step 0"
     data = assert_written(config, result)
     assert data["metrics"]["final_train_loss"] is None
 
 
+@pytest.mark.slow
 def test_nan_loss_under_fp16_ends_diverged_not_ok(tiny_config, user_models):
     # every fp16 step is skipped (the scaler tolerates it), but the run must not be reported 'ok'
     config = tiny_config(
@@ -291,6 +463,7 @@ def test_nan_loss_under_fp16_ends_diverged_not_ok(tiny_config, user_models):
     assert_written(config, result)
 
 
+@pytest.mark.slow
 def test_collapsed_loss_scale_diverges(tiny_config, user_models):
     # start just above the collapse threshold: two skipped steps push the scale below it
     config = tiny_config(
@@ -307,6 +480,7 @@ def test_collapsed_loss_scale_diverges(tiny_config, user_models):
     assert result.metrics.min_loss_scale < COLLAPSED_SCALE
 
 
+@pytest.mark.slow
 def test_oom_in_factory_ends_oom(tiny_config, user_models):
     config = tiny_config(model="user_models:build_oom")
     result = train(config)
@@ -315,10 +489,11 @@ def test_oom_in_factory_ends_oom(tiny_config, user_models):
     assert result.history == ()
     assert_written(config, result)
     # the process carries on: the next run in it trains normally
-    after = train(tiny_config(steps=3, warmup_steps=1, run_name="after-oom"), write=False)
+    after = train(user_run("build_ok"), write=False)
     assert after.status == "ok", after.error
 
 
+@pytest.mark.slow
 def test_failing_factory_ends_failed_with_the_error_text(tiny_config, user_models):
     config = tiny_config(model="user_models:build_fail")
     result = train(config)
@@ -328,6 +503,18 @@ def test_failing_factory_ends_failed_with_the_error_text(tiny_config, user_model
     assert_written(config, result)
 
 
+@pytest.mark.slow
+def test_a_failed_run_keeps_the_last_frames_of_its_traceback(user_models):
+    result = train(user_run("build_fail"), write=False)
+    lines = result.error.splitlines()
+    assert result.status == "failed" and lines[0] == lines[-1] == "RuntimeError: user factory exploded on purpose"
+    frames = [line for line in lines if line.startswith('  File "')]
+    assert len(frames) == 2 and re.search(r'user_models\.py", line \d+, in build_fail$', frames[-1])
+    assert 'raise RuntimeError("user factory exploded on purpose")' in lines[-2]
+    assert all(line.startswith((" ", "RuntimeError: ")) for line in lines)  # nothing but the traceback's own text
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "factory,text",
     [
@@ -351,224 +538,208 @@ def test_failure_mid_run_keeps_the_flushed_history(tiny_config, user_models):
     assert "ArithmeticError: loss blew up at call 6" in result.error
     assert [r.step for r in result.history] == [0, 1, 2, 3]  # step 5's loss raised before its flush
     assert result.metrics.final_train_loss == result.history[-1].loss
+    assert result.metrics.throughput_unit == "samples"  # the workload was built: its unit is kept
     assert_written(config, result)
 
 
+@pytest.mark.slow
+def test_a_run_that_fails_before_its_workload_exists_knows_nothing(user_models):
+    early = train(user_run("build_fail"), write=False)
+    assert early.status == "failed" and early.history == ()
+    assert early.metrics == Metrics(throughput_unit="tokens", skipped_steps=0)  # the defaults: nothing measured
+
+
+@pytest.mark.slow
 def test_seq_len_beyond_block_size_fails(tiny_config):
     result = train(tiny_config(seq_len=4096), write=False)
     assert result.status == "failed"
     assert "block size" in result.error
 
 
-# --- user models that work -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_non_finite_eval_loss_ends_the_run_diverged_and_says_so(user_models):
+    result = train(user_run("build_bad_eval"), write=False)
+    assert result.status == "diverged" and result.error in ("eval loss is inf", "eval loss is nan")
+    assert len(result.history) == 3 and all(math.isfinite(r.loss) for r in result.history)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
-def test_examples_linear_regression(tiny_config, precision):
-    config = tiny_config(model="amp_lib.examples:linear_regression", precision=precision, lr=5e-2, steps=16)
-    result = train(config)
-    assert result.status == "ok", result.error
-    assert result.metrics.throughput_unit == "samples"
-    # eval runs over the same 8 batches the run cycles through: compare with the untrained model on them
-    before = statistics.mean(initial_losses(config, 8))
-    assert result.metrics.eval_loss < 0.8 * before, (result.metrics.eval_loss, before)
-    assert config.result_path.name == "amp_lib.examples.linear_regression-" + precision + "-s0.json"
+# --- divergence ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("factory", ["build_ok", "build_workload", "build_callable", "build_iterable"])
-def test_user_factory_return_shapes(tiny_config, user_models, factory):
-    observer = Recorder()
-    result = train(tiny_config(model=f"user_models:{factory}", lr=1e-2), [observer], write=False)
-    assert result.status == "ok", result.error
-    assert observer.logs[0][1] == 4  # items per step: the batch's first dimension
-    assert result.metrics.throughput_unit == ("rows" if factory == "build_workload" else "samples")
+def test_a_non_finite_loss_on_a_step_the_scaler_did_not_skip_is_divergence():
+    row = HistoryRow(step=4, loss=math.nan, loss_scale=1024.0, grad_norm=0.0, step_time_ms=None)
+    with pytest.raises(Diverged, match="loss became nan at step 4"):
+        check_divergence([row], use_scaler=True)
+    check_divergence([replace(row, skipped=True, skipped_steps=1)], use_scaler=True)  # GradScaler's skip: fine
+    with pytest.raises(Diverged):
+        check_divergence([replace(row, skipped=True, skipped_steps=1)], use_scaler=False)
 
 
-# --- RunConfig validation ------------------------------------------------------------------------
+def test_a_collapsed_scale_only_counts_with_a_scaler():
+    row = HistoryRow(step=2, loss=1.0, loss_scale=COLLAPSED_SCALE / 4, grad_norm=0.0, step_time_ms=None)
+    with pytest.raises(Diverged) as info:
+        check_divergence([replace(row, step=1, loss_scale=1.0), row], use_scaler=True)
+    assert str(info.value) == f"loss scale collapsed to {COLLAPSED_SCALE / 4:g} at step 2: fp16 overflows on every step"
+    check_divergence([row], use_scaler=False)
+    check_divergence([replace(row, loss=math.inf, skipped=True, loss_scale=None)], use_scaler=True)
 
 
-def test_defaults_are_valid_and_round_trip():
-    config = RunConfig()
-    assert RunConfig.from_dict(config.to_dict()) == config
-    assert set(config.to_dict()) == set(RunConfig.field_names())
+# --- the recorder --------------------------------------------------------------------------------
 
 
-def test_from_dict_rejects_unknown_keys_naming_them_and_the_valid_names():
-    with pytest.raises(ValueError) as info:
-        RunConfig.from_dict({"steps": 4, "stpes": 4, "zzz": 1})
-    message = str(info.value)
-    assert "'stpes'" in message and "'zzz'" in message
-    for name in RunConfig.field_names():
-        assert name in message
+def ticking_timer(step_s: float = 0.25) -> StepTimer:
+    """A CPU StepTimer whose clock moves `step_s` seconds per reading: every timed step lasts step_s."""
+    clock = iter(i * step_s for i in range(1000))
+    return StepTimer(torch.device("cpu"), clock=lambda: next(clock))
 
 
-@pytest.mark.parametrize(
-    "field,value",
-    [
-        ("steps", "8"),
-        ("steps", 8.0),
-        ("steps", True),
-        ("batch_size", False),
-        ("seed", None),
-        ("lr", "0.1"),
-        ("lr", True),
-        ("grad_clip", "1"),
-        ("grad_clip", True),
-        ("allow_slow", 1),
-        ("allow_slow", "yes"),
-        ("precision", 16.0),
-        ("precision", True),
-        ("model", 3),
-        ("device", None),
-        ("run_name", 5),
-        ("out_dir", Path("results")),
-        ("init_scale", "65536"),
-    ],
-    ids=lambda v: repr(v),
-)
-def test_wrong_types_name_the_field(field, value):
-    with pytest.raises(ValueError) as info:
-        RunConfig(**{field: value})
-    message = str(info.value)
-    assert field in message or (field == "precision" and "invalid precision" in message)
-
-
-@pytest.mark.parametrize(
-    "field,value",
-    [
-        ("steps", 0),
-        ("batch_size", 0),
-        ("seq_len", 0),
-        ("grad_accum", 0),
-        ("log_every", 0),
-        ("growth_interval", 0),
-        ("warmup_steps", -1),
-        ("seed", -1),
-        ("lr", 0.0),
-        ("lr", -1e-3),
-        ("lr", float("nan")),
-        ("lr", float("inf")),
-        ("grad_clip", -1.0),
-        ("grad_clip", float("inf")),
-        ("grad_clip", float("nan")),
-        ("init_scale", 0.0),
-        ("init_scale", float("inf")),
-        ("precision", "int8"),
-        ("device", "gpu"),
-        ("device", "cuda:x"),
-        ("device", "tpu"),
-        ("model", "resnet"),
-        ("run_name", "a b"),
-        ("run_name", "../escape"),
-    ],
-    ids=lambda v: repr(v),
-)
-def test_out_of_range_values_name_the_field(field, value):
-    kwargs = {field: value}
-    if field == "steps":
-        kwargs["warmup_steps"] = 0
-    with pytest.raises(ValueError) as info:
-        RunConfig(**kwargs)
-    message = str(info.value)
-    assert (field if field != "precision" else "precision") in message
-    assert repr(value) in message
-
-
-@pytest.mark.parametrize("warmup", [8, 9])
-def test_warmup_must_leave_timed_steps(warmup):
-    with pytest.raises(ValueError, match="warmup_steps"):
-        RunConfig(steps=8, warmup_steps=warmup)
-    assert RunConfig(steps=8, warmup_steps=7).warmup_steps == 7
-
-
-@pytest.mark.parametrize(
-    "field,value",
-    [
-        ("grad_clip", None),
-        ("grad_clip", 0),
-        ("grad_clip", 0.5),
-        ("lr", 1),
-        ("precision", 16),
-        ("precision", "bf16"),
-        ("device", "cuda:1"),
-        ("device", "auto"),
-        ("model", "my_pkg.mod:build"),
-        ("run_name", "a.b=c+d-e_f"),
-    ],
-    ids=lambda v: repr(v),
-)
-def test_accepted_values_survive_the_papermill_round_trip(field, value):
-    # a sweep passes a config as plain JSON parameters: an accepted value comes back as the same config
-    config = RunConfig(**{field: value})
-    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-
-
-def test_name_and_result_path():
-    config = RunConfig(model="pkg.mod:fn", precision="bf16", seed=3, out_dir="out")
-    assert config.name == "pkg.mod.fn-bf16-s3"
-    assert config.result_path == Path("out") / "pkg.mod.fn-bf16-s3.json"
-    assert RunConfig(run_name="mine", out_dir="o").result_path == Path("o") / "mine.json"
-
-
-def test_grad_clip_zero_turns_clipping_off(tiny_config):
-    a = train(tiny_config(grad_clip=0, lr=3e-2, steps=4, warmup_steps=1), write=False)
-    b = train(tiny_config(grad_clip=None, lr=3e-2, steps=4, warmup_steps=1), write=False)
-    c = train(tiny_config(grad_clip=1e-3, lr=3e-2, steps=4, warmup_steps=1), write=False)
-    assert [r.loss for r in a.history] == [r.loss for r in b.history]
-    assert [r.loss for r in a.history] != [r.loss for r in c.history]
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-
-def test_resolve_device():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda:0")
-
-
-def test_tf32_matmuls_restores_the_settings():
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    with pytest.raises(RuntimeError), tf32_matmuls(not saved[0]):
-        assert torch.backends.cuda.matmul.allow_tf32 is (not saved[0])
-        assert torch.backends.cudnn.allow_tf32 is (not saved[0])
-        raise RuntimeError("inside")
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
-
-
-def test_percentile_interpolates():
-    values = [5.0, 1.0, 3.0, 2.0, 4.0]
-    assert _percentile(values, 0.0) == 1.0 and _percentile(values, 1.0) == 5.0
-    assert _percentile(values, 0.5) == 3.0
-    assert _percentile(values, 0.1) == pytest.approx(1.4)
-    assert _percentile([], 0.5) is None
-
-
-def test_peak_tflops_by_gpu_name_and_family():
-    h100 = Capabilities(
-        device_type="cuda",
-        cuda_available=True,
-        device_name="NVIDIA H100 80GB HBM3",
-        compute_capability=(9, 0),
-        fp16_fast=True,
-        fp8_backend=True,
+def outcome(grad_norm: float, skipped: bool = False, scale: float | None = None) -> StepOutcome:
+    return StepOutcome(
+        grad_norm=torch.tensor(grad_norm),
+        skipped=torch.tensor(skipped),
+        scale=None if scale is None else torch.tensor(scale),
     )
-    for name, family in [
-        ("fp32", "fp32"),
-        ("tf32", "tf32"),
-        ("bf16-mixed", "bf16"),
-        ("fp16-mixed", "fp16"),
-        ("fp8-mixed", "fp8"),
-    ]:
-        assert peak_tflops(resolve_precision(name, h100)) == PEAK_TFLOPS["H100"][family]
-    a100 = Capabilities(
-        device_type="cuda",
-        cuda_available=True,
-        device_name="NVIDIA A100-SXM4-40GB",
-        compute_capability=(8, 0),
-        fp16_fast=True,
+
+
+def record(recorder: Recorder, step: int, loss: float, out: StepOutcome, timed: bool = True) -> None:
+    if timed:
+        recorder.timer.start()
+        recorder.timer.stop()
+    recorder.record(step, torch.tensor(loss), out, timed)
+
+
+def test_a_recorder_with_no_steps_has_empty_metrics():
+    recorder = Recorder(ticking_timer(), item_unit="rows")
+    assert recorder.flush() == [] and recorder.history == [] and recorder.timed_ms == []
+    assert recorder.metrics() == Metrics(throughput_unit="rows", skipped_steps=0)
+    assert Recorder(ticking_timer()).item_unit == "tokens"
+
+
+def test_flush_turns_the_pending_steps_into_history_rows_once():
+    recorder = Recorder(ticking_timer(0.25))
+    record(recorder, 0, 3.0, outcome(1.5), timed=False)
+    record(recorder, 1, 2.5, outcome(0.5))
+    rows = recorder.flush()
+    assert rows == [
+        HistoryRow(step=0, loss=3.0, loss_scale=None, grad_norm=1.5, step_time_ms=None, skipped=False, skipped_steps=0),
+        HistoryRow(
+            step=1, loss=2.5, loss_scale=None, grad_norm=0.5, step_time_ms=250.0, skipped=False, skipped_steps=0
+        ),
+    ]
+    assert recorder.history == rows and recorder.timed_ms == [250.0]
+    assert recorder.flush() == [] and recorder.history == rows  # flushed steps are not flushed again
+
+
+def test_skips_accumulate_across_flushes_and_scales_are_read_per_step():
+    recorder = Recorder(ticking_timer(0.5))
+    record(recorder, 0, 4.0, outcome(math.inf, skipped=True, scale=512.0))
+    record(recorder, 1, 3.0, outcome(2.0, scale=512.0))
+    first = recorder.flush()
+    record(recorder, 2, 2.0, outcome(math.nan, skipped=True, scale=256.0))
+    second = recorder.flush()
+    assert [(r.skipped, r.skipped_steps, r.loss_scale) for r in first + second] == [
+        (True, 1, 512.0),
+        (False, 1, 512.0),
+        (True, 2, 256.0),
+    ]
+    assert math.isinf(first[0].grad_norm) and math.isnan(second[0].grad_norm)
+    assert [type(r.loss) for r in recorder.history] == [float] * 3
+    assert recorder.timed_ms == [500.0] * 3
+
+
+def test_the_metrics_of_a_run_cut_short_come_from_the_flushed_history():
+    recorder = Recorder(ticking_timer(), item_unit="samples")
+    record(recorder, 0, 3.0, outcome(1.0, scale=1024.0))
+    record(recorder, 1, 2.0, outcome(1.0, skipped=True, scale=512.0))
+    record(recorder, 2, 1.5, outcome(1.0, scale=2048.0))
+    recorder.flush()
+    record(recorder, 3, 0.1, outcome(1.0, skipped=True, scale=1.0))  # recorded, never flushed: the run stopped
+    assert recorder.metrics() == Metrics(
+        throughput_unit="samples",
+        final_train_loss=1.5,
+        skipped_steps=1,
+        final_loss_scale=2048.0,
+        min_loss_scale=512.0,
     )
-    assert peak_tflops(resolve_precision("bf16", a100)) == PEAK_TFLOPS["A100"]["bf16"]
-    assert peak_tflops(resolve_precision("bf16", Capabilities())) is None  # a CPU
+
+
+def test_metrics_without_a_scaler_have_no_loss_scales():
+    recorder = Recorder(ticking_timer())
+    record(recorder, 0, 2.0, outcome(1.0))
+    record(recorder, 1, math.nan, outcome(1.0))
+    recorder.flush()
+    m = recorder.metrics()
+    assert math.isnan(m.final_train_loss) and m.skipped_steps == 0
+    assert m.final_loss_scale is None and m.min_loss_scale is None
+    assert (m.items_per_s, m.step_time_ms_median, m.eval_loss, m.timed_steps) == (None, None, None, 0)
+
+
+# --- gpu (CUDA only; skipped with the reason elsewhere) -------------------------------------------
+
+
+def gpu_config(tmp_path, **overrides) -> RunConfig:
+    values = {"model": "gpt-small", "steps": 24, "warmup_steps": 4, "batch_size": 8, "seq_len": 128, "log_every": 8,
+              "device": "cuda", "out_dir": str(tmp_path), "lr": 3e-3}  # fmt: skip
+    return RunConfig(**{**values, **overrides})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16-mixed", "bf16-mixed", "bf16-true"])
+def test_each_gpu_precision_trains_and_reports_cuda_memory(tmp_path, precision):
+    result = train(gpu_config(tmp_path, precision=precision))
+    assert result.status == "ok", result.error
+    assert result.plan["effective"] == resolve_precision(precision, probe("cuda")).effective
+    assert result.history[-1].loss < 0.9 * result.history[0].loss
+    assert result.metrics.peak_memory_kind == "cuda_allocated" and result.metrics.peak_memory_mb > 0
+    assert result.metrics.mfu is None or 0 < result.metrics.mfu < 1
+    scales = [row.loss_scale for row in result.history]
+    if precision == "fp16-mixed":
+        assert all(s is not None and s > 0 for s in scales)
+    else:
+        assert scales == [None] * len(scales)
+
+
+@pytest.mark.gpu
+def test_fp16_overflow_on_gpu_backs_off_the_scale(tmp_path):
+    # An absurd initial scale overflows fp16 gradients: the scaler must skip and halve until it fits.
+    result = train(gpu_config(tmp_path, precision="fp16-mixed", init_scale=2.0**40, steps=30))
+    assert result.status == "ok", result.error
+    assert result.metrics.skipped_steps > 0
+    assert result.metrics.min_loss_scale < 2.0**40
+    first_skip = next(row for row in result.history if row.skipped)
+    assert first_skip.loss_scale == 2.0**39
+
+
+def _count_syncs(config: RunConfig) -> int:
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(config, write=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert result.status == "ok", result.error
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
+def test_hot_loop_adds_no_sync_per_step(tmp_path, precision):
+    """Fused AdamW takes GradScaler's inf check on the device; readings cross every log_every steps.
+
+    Model set-up copies sync too, so compare two runs that differ only by 40 steps (two flushes).
+    """
+    short = gpu_config(tmp_path, precision=precision, steps=20, warmup_steps=2, log_every=20)
+    train(short, write=False)  # warm caches and kernels
+    extra = _count_syncs(replace(short, steps=60)) - _count_syncs(short)
+    assert extra <= 8, f"40 more steps added {extra} synchronizations"
+
+
+@pytest.mark.gpu
+def test_fp8_mixed_trains_where_the_hardware_has_it(tmp_path):
+    plan = resolve_precision("fp8-mixed", probe("cuda"))
+    if plan.effective != "fp8-mixed":
+        pytest.skip(plan.fallback_reason)
+    result = train(gpu_config(tmp_path, precision="fp8-mixed"))
+    assert result.status == "ok", result.error
+    assert result.history[-1].loss < 0.9 * result.history[0].loss

@@ -1,0 +1,465 @@
+"""RunConfig and TrackingConfig validation, and the one ParamType table that checks values and parses
+the text of a sweep's `-p key=value` for both."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amp_lib.config import (
+    BUILTIN_MODELS,
+    NON_SETTING_FIELDS,
+    PROJECT,
+    TYPES,
+    ParamType,
+    RunConfig,
+    TrackingConfig,
+    parameter_names,
+    parameter_type,
+    parse_value,
+)
+from amp_lib.precision import resolve_device
+
+# Written out independently of TYPES, so a type dropped from the table (or a label changed) is caught.
+LABELS = ("int", "float", "str", "bool", "str | int", "float | None", "str | None")
+
+
+def type_error(name: str, value: Any, label: str) -> str:
+    return f"{name}={value!r} has type {type(value).__name__}; expected {label}"
+
+
+# --- defaults, names and round trips ------------------------------------------------------------
+
+
+def test_defaults_are_valid_and_round_trip():
+    config = RunConfig()
+    assert RunConfig.from_dict(config.to_dict()) == config
+    assert set(config.to_dict()) == set(RunConfig.field_names())
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("grad_clip", None),
+        ("grad_clip", 0),
+        ("grad_clip", 0.5),
+        ("lr", 1),
+        ("precision", 16),
+        ("precision", "bf16"),
+        ("device", "cuda:1"),
+        ("device", "auto"),
+        ("model", "my_pkg.mod:build"),
+        ("run_name", "a.b=c+d-e_f"),
+    ],
+    ids=lambda v: repr(v),
+)
+def test_accepted_values_survive_the_papermill_round_trip(field, value):
+    # a sweep passes a config as plain JSON parameters: an accepted value comes back as the same config
+    config = RunConfig(**{field: value})
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_name_and_result_path():
+    config = RunConfig(model="pkg.mod:fn", precision="bf16", seed=3, out_dir="out")
+    assert config.name == "pkg.mod.fn-bf16-s3"
+    assert config.result_path == Path("out") / "pkg.mod.fn-bf16-s3.json"
+    assert RunConfig(run_name="mine", out_dir="o").result_path == Path("o") / "mine.json"
+
+
+def test_non_setting_fields_are_run_config_fields():
+    assert NON_SETTING_FIELDS == ("precision", "seed", "run_name", "out_dir")
+    assert set(NON_SETTING_FIELDS) <= set(RunConfig.field_names())
+    assert PROJECT == "amp-workbook"
+
+
+# --- unknown keys -------------------------------------------------------------------------------
+
+
+def test_from_dict_rejects_unknown_keys_naming_them_sorted_and_the_valid_names():
+    with pytest.raises(ValueError) as info:
+        RunConfig.from_dict({"steps": 4, "zzz": 1, "stpes": 4})
+    valid = ", ".join(RunConfig.field_names())
+    assert str(info.value) == f"unknown parameter(s) 'stpes', 'zzz'; valid names: {valid}"
+    assert valid.startswith("precision, model, steps, ")  # in declaration order, comma-separated
+    with pytest.raises(ValueError, match=r"^unknown parameter\(s\) 'lr_rate', 'stpes'; valid names: precision, model"):
+        RunConfig.from_dict({"stpes": 3, "lr_rate": 0.1, "seed": 1})
+
+
+def test_from_dict_does_not_take_tracking_parameters():
+    with pytest.raises(ValueError, match=r"^unknown parameter\(s\) 'wandb_mode'; valid names: "):
+        RunConfig.from_dict({"wandb_mode": "offline"})
+
+
+# --- types --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("steps", "8"),
+        ("steps", 8.0),
+        ("steps", True),
+        ("batch_size", False),
+        ("seed", None),
+        ("lr", "0.1"),
+        ("lr", True),
+        ("grad_clip", "1"),
+        ("grad_clip", True),
+        ("allow_slow", 1),
+        ("allow_slow", "yes"),
+        ("precision", 16.0),
+        ("precision", True),
+        ("model", 3),
+        ("device", None),
+        ("run_name", 5),
+        ("out_dir", Path("results")),
+        ("init_scale", "65536"),
+    ],
+    ids=lambda v: repr(v),
+)
+def test_wrong_types_name_the_field_the_value_and_the_declared_type(field, value):
+    with pytest.raises(ValueError) as info:
+        RunConfig(**{field: value})
+    label = {f.name: str(f.type) for f in fields(RunConfig)}[field]
+    assert str(info.value) == type_error(field, value, label)
+
+
+def test_type_and_model_errors_quote_the_value_and_the_choices():
+    with pytest.raises(ValueError) as info:
+        RunConfig(steps="3")  # type: ignore[arg-type]
+    assert str(info.value) == "steps='3' has type str; expected int"
+    with pytest.raises(ValueError) as info:
+        RunConfig(model="gpt-huge")
+    assert str(info.value) == (
+        f"invalid model 'gpt-huge'; valid: {', '.join(BUILTIN_MODELS)} or 'package.module:function'"
+    )
+    assert ", ".join(BUILTIN_MODELS) == "gpt-tiny, gpt-small, gpt2-124m, mlp"
+
+
+@pytest.mark.parametrize("model", BUILTIN_MODELS)
+def test_every_builtin_model_is_accepted(model):
+    assert RunConfig(model=model).model == model
+
+
+def test_tracking_config_defaults_and_field_names():
+    tracking = TrackingConfig()
+    assert (tracking.wandb_mode, tracking.wandb_project, tracking.wandb_group) == (None, PROJECT, None)
+    assert TrackingConfig.field_names() == ["wandb_mode", "wandb_project", "wandb_group"]
+    assert TrackingConfig(wandb_mode="disabled", wandb_project="p", wandb_group="g").wandb_group == "g"
+
+
+@pytest.mark.parametrize(
+    "field,value,label",
+    [
+        ("wandb_mode", 1, "str | None"),
+        ("wandb_mode", True, "str | None"),
+        ("wandb_project", None, "str"),
+        ("wandb_project", 3, "str"),
+        ("wandb_group", False, "str | None"),
+        ("wandb_group", Path("g"), "str | None"),
+    ],
+    ids=repr,
+)
+def test_tracking_config_type_errors_name_the_field_the_value_and_the_type(field, value, label):
+    with pytest.raises(ValueError) as info:
+        TrackingConfig(**{field: value})
+    assert str(info.value) == type_error(field, value, label)
+
+
+# --- ranges -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("steps", 0),
+        ("batch_size", 0),
+        ("seq_len", 0),
+        ("grad_accum", 0),
+        ("log_every", 0),
+        ("growth_interval", 0),
+        ("warmup_steps", -1),
+        ("seed", -1),
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("grad_clip", -1.0),
+        ("grad_clip", float("inf")),
+        ("grad_clip", float("nan")),
+        ("init_scale", 0.0),
+        ("init_scale", -1.0),
+        ("init_scale", float("inf")),
+        ("init_scale", float("nan")),
+        ("precision", "int8"),
+        ("device", "gpu"),
+        ("device", "cuda:x"),
+        ("device", "tpu"),
+        ("device", "cpu:0"),
+        ("model", "resnet"),
+        ("run_name", "a b"),
+        ("run_name", "../escape"),
+    ],
+    ids=lambda v: repr(v),
+)
+def test_out_of_range_values_name_the_field(field, value):
+    kwargs = {field: value}
+    if field == "steps":
+        kwargs["warmup_steps"] = 0
+    with pytest.raises(ValueError) as info:
+        RunConfig(**kwargs)
+    message = str(info.value)
+    assert field in message
+    assert repr(value) in message
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "minimum"),
+    [("steps", 0, 1), ("batch_size", 0, 1), ("seq_len", -3, 1), ("grad_accum", 0, 1), ("log_every", 0, 1),
+     ("growth_interval", 0, 1), ("warmup_steps", -1, 0), ("seed", -2, 0)],
+)  # fmt: skip
+def test_range_errors_name_the_field_its_value_and_the_minimum(field, bad, minimum):
+    with pytest.raises(ValueError) as info:
+        RunConfig(**{field: bad})
+    assert str(info.value) == f"{field}={bad} must be >= {minimum}"
+
+
+def test_every_minimum_itself_is_accepted():
+    config = RunConfig(
+        steps=1, batch_size=1, seq_len=1, grad_accum=1, log_every=1, growth_interval=1, warmup_steps=0, seed=0
+    )
+    assert (config.steps, config.seq_len, config.log_every, config.growth_interval) == (1, 1, 1, 1)
+    assert RunConfig(grad_clip=0.0).grad_clip == 0.0  # 0 turns clipping off; it is no error
+
+
+def test_value_error_messages_of_the_other_checks():
+    cases = [
+        ({"steps": 8, "warmup_steps": 8}, "warmup_steps=8 must be less than steps=8 (nothing left to time)"),
+        ({"lr": 0.0}, "lr=0.0 must be a positive finite number"),
+        ({"grad_clip": -1.0}, "grad_clip=-1.0 must be None, 0 (off) or a positive number"),
+        ({"init_scale": 0.0}, "init_scale=0.0 must be a positive finite number"),
+        ({"device": "gpu"}, "invalid device 'gpu'; valid: 'auto', 'cpu', 'cuda', 'cuda:N'"),
+        ({"run_name": "a b"}, "invalid run_name 'a b'; use letters, digits and . _ = + -"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as info:
+            RunConfig(**kwargs)
+        assert str(info.value) == message
+
+
+def test_device_grammar_is_the_one_resolve_device_parses():
+    for device in ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "gpu", "cpu:0", "cuda:", "cuda:x", "CUDA", "meta", ""]:
+        try:
+            resolve_device(device)
+            parsed = True
+        except ValueError as exc:
+            parsed = "invalid device" not in str(exc)  # "CUDA is not available" is about this machine, not syntax
+        try:
+            RunConfig(device=device)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted is parsed, device
+
+
+@pytest.mark.parametrize("warmup", [8, 9])
+def test_warmup_must_leave_timed_steps(warmup):
+    with pytest.raises(ValueError, match="warmup_steps"):
+        RunConfig(steps=8, warmup_steps=warmup)
+    assert RunConfig(steps=8, warmup_steps=7).warmup_steps == 7
+
+
+# --- ParamType: the table -----------------------------------------------------------------------
+
+
+def test_the_table_has_one_entry_per_label_and_covers_every_field():
+    assert tuple(TYPES) == LABELS
+    assert all(isinstance(t, ParamType) and t.label == label for label, t in TYPES.items())
+    annotations = {str(f.type) for cls in (RunConfig, TrackingConfig) for f in fields(cls)}
+    assert annotations == set(LABELS)  # every type is used, and every field's type is in the table
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_optional_exactly_for_the_none_types(label):
+    assert TYPES[label].optional is label.endswith("| None")
+
+
+# --- ParamType.check ----------------------------------------------------------------------------
+
+CHECKS: dict[str, tuple[list[Any], list[Any]]] = {  # label: (accepted values, rejected values)
+    "int": ([0, 3, -1], [True, False, 3.0, "3", None]),
+    "float": ([1.5, 2, 0.0, float("inf")], [True, "1.5", None]),  # an int is a float, a bool is not
+    "str": (["x", "", "none"], [1, None, True, Path("x"), b"x"]),
+    "bool": ([True, False], [1, 0, "true", None]),
+    "str | int": (["16", 16, "bf16"], [16.0, True, None]),
+    "float | None": ([0.5, 1, None], [True, "1", "none"]),
+    "str | None": (["x", None], [1, True, Path("x")]),
+}
+
+
+def test_checks_cover_every_type():
+    assert tuple(CHECKS) == LABELS
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_check_accepts_the_values_of_the_type(label):
+    for value in CHECKS[label][0]:
+        assert TYPES[label].check("knob", value) is None, value
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_check_rejects_naming_the_parameter_the_value_and_the_type(label):
+    for value in CHECKS[label][1]:
+        with pytest.raises(ValueError) as info:
+            TYPES[label].check("knob", value)
+        assert str(info.value) == type_error("knob", value, label)
+
+
+# --- ParamType.parse ----------------------------------------------------------------------------
+
+PARSES: dict[str, list[tuple[str, Any]]] = {  # label: (text, value)
+    "int": [(" 20 ", 20), ("-3", -3), ("0", 0)],
+    "float": [("1e-3", 0.001), ("2", 2.0), (" 0.5 ", 0.5), ("inf", float("inf"))],
+    "str": [(" cpu ", "cpu"), ("none", "none"), ("NULL", "NULL"), ("16", "16")],
+    "bool": [
+        ("TRUE", True),
+        ("true", True),
+        ("1", True),
+        ("Yes", True),
+        ("False", False),
+        ("0", False),
+        (" no ", False),
+    ],
+    "str | int": [("16", "16"), (" bf16 ", "bf16"), ("none", "none")],  # the text stays text: parse_precision reads it
+    "float | None": [("0.5", 0.5), ("1", 1.0), ("None", None), (" NULL ", None), ("none", None), ("null", None)],
+    "str | None": [("abc", "abc"), ("none", None), ("Null", None), (" none ", None)],
+}
+BAD_TEXTS: dict[str, list[str]] = {
+    "int": ["2.5", "none", "null", "x", "", "True"],
+    "float": ["fast", "none", "null", ""],
+    "str": [],  # every text is a str
+    "bool": ["maybe", "2", "none", "", "on"],
+    "str | int": [],
+    "float | None": ["x", "", "nil"],
+    "str | None": [],
+}
+
+
+def test_parses_cover_every_type():
+    assert tuple(PARSES) == tuple(BAD_TEXTS) == LABELS
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_parse_gives_the_value_of_the_declared_type(label):
+    for text, expected in PARSES[label]:
+        value = TYPES[label].parse("knob", text)
+        assert value == expected and type(value) is type(expected), (text, value)
+
+
+@pytest.mark.parametrize("label", [label for label in LABELS if BAD_TEXTS[label]])
+def test_parse_errors_name_the_parameter_the_text_and_the_type(label):
+    for text in BAD_TEXTS[label]:
+        with pytest.raises(ValueError) as info:
+            TYPES[label].parse("knob", text)
+        assert str(info.value) == f"invalid value {text!r} for knob (expected {label})"
+        assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained parser traceback
+
+
+def test_parse_errors_quote_the_text_as_typed():
+    with pytest.raises(ValueError) as info:
+        TYPES["int"].parse("steps", " 2.5 ")
+    assert str(info.value) == "invalid value ' 2.5 ' for steps (expected int)"
+
+
+# --- parameter names and types ------------------------------------------------------------------
+
+
+def test_parameter_names_are_run_config_fields_then_tracking_fields():
+    names = parameter_names()
+    assert names == RunConfig.field_names() + TrackingConfig.field_names()
+    assert names[:3] == ["precision", "model", "steps"]
+    assert names[-3:] == ["wandb_mode", "wandb_project", "wandb_group"]
+    assert len(names) == len(set(names))
+
+
+def test_parameter_type_is_the_type_of_the_field():
+    for cls in (RunConfig, TrackingConfig):
+        for f in fields(cls):
+            assert parameter_type(f.name) is TYPES[str(f.type)], f.name
+
+
+def test_parameter_types_of_some_fields_written_out():
+    labels = {name: parameter_type(name).label for name in ("steps", "lr", "grad_clip", "allow_slow", "precision",
+                                                            "device", "wandb_mode", "wandb_project")}  # fmt: skip
+    assert labels == {
+        "steps": "int",
+        "lr": "float",
+        "grad_clip": "float | None",
+        "allow_slow": "bool",
+        "precision": "str | int",
+        "device": "str",
+        "wandb_mode": "str | None",
+        "wandb_project": "str",
+    }
+
+
+@pytest.mark.parametrize("lookup", [parameter_type, lambda name: parse_value(name, "1")], ids=["type", "parse"])
+def test_unknown_parameter_lists_the_valid_names(lookup):
+    with pytest.raises(ValueError) as info:
+        lookup("stpes")
+    assert str(info.value) == f"unknown parameter 'stpes'; valid names: {', '.join(parameter_names())}"
+
+
+# --- parse_value: the text of -p key=value ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "expected"),
+    [
+        ("steps", " 20 ", 20),
+        ("lr", "1e-3", 0.001),
+        ("grad_clip", "0.5", 0.5),
+        ("grad_clip", "None", None),
+        ("grad_clip", " NULL ", None),
+        ("allow_slow", "TRUE", True),
+        ("allow_slow", "1", True),
+        ("allow_slow", "yes", True),
+        ("allow_slow", "False", False),
+        ("allow_slow", "0", False),
+        ("allow_slow", "no", False),
+        ("device", " cpu ", "cpu"),
+        ("precision", "16", "16"),  # str | int: kept as text, parsed later by parse_precision
+        ("model", "none", "none"),  # a plain str field has no None
+        ("wandb_mode", "none", None),  # tracking parameters are str | None
+        ("wandb_project", "Proj", "Proj"),
+    ],
+)
+def test_values_take_the_type_of_their_field(key: str, text: str, expected: Any) -> None:
+    value = parse_value(key, text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "message"),
+    [
+        ("allow_slow", "maybe", "invalid value 'maybe' for allow_slow (expected bool)"),
+        ("steps", "2.5", "invalid value '2.5' for steps (expected int)"),
+        ("steps", "none", "invalid value 'none' for steps (expected int)"),
+        ("lr", "fast", "invalid value 'fast' for lr (expected float)"),
+        ("grad_clip", "x", "invalid value 'x' for grad_clip (expected float | None)"),
+    ],
+)
+def test_bad_values_name_key_and_expected_type(key: str, text: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_value(key, text)
+    assert str(info.value) == message
+
+
+def test_every_default_written_as_text_parses_back_to_a_value_the_config_accepts():
+    for name, default in RunConfig().to_dict().items():
+        value = parse_value(name, "none" if default is None else str(default))
+        assert getattr(RunConfig(**{name: value}), name) == default, name

@@ -1,0 +1,109 @@
+"""The measuring instruments: percentiles, the step timer and peak memory (CPU here, CUDA in the gpu tier)."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytest
+import torch
+
+from amp_lib.measure import PeakMemory, StepTimer, percentile
+
+# --- percentile ---------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_ranks():
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]  # unsorted on purpose
+    assert percentile(values, 0.0) == 1.0 and percentile(values, 1.0) == 5.0
+    assert percentile(values, 0.5) == 3.0
+    assert percentile(values, 0.1) == pytest.approx(1.4)
+    assert percentile(values, 0.9) == pytest.approx(4.6)
+    assert values == [5.0, 1.0, 3.0, 2.0, 4.0]  # the caller's list is not sorted in place
+    # an even count: the median lies halfway between the middle two
+    assert percentile([30.0, 0.0, 10.0, 20.0], 0.5) == 15.0
+    assert percentile([0.0, 10.0, 20.0, 30.0], 0.1) == pytest.approx(3.0)
+    assert percentile([7.0], 0.3) == 7.0
+    assert percentile([], 0.5) is None
+
+
+def test_percentile_matches_numpys_default_linear_method():
+    np = pytest.importorskip("numpy")
+    values = [12.5, 3.0, 8.25, 3.0, 100.0, 41.0, 0.5]
+    for q in (0.0, 0.1, 0.25, 0.5, 0.9, 0.99, 1.0):
+        assert percentile(values, q) == pytest.approx(float(np.quantile(values, q)), rel=1e-12)
+
+
+# --- step timer ---------------------------------------------------------------------------------
+
+
+def test_cpu_step_timer_reports_milliseconds_per_timed_step_and_clears():
+    ticks = iter([10.0, 10.25, 11.0, 11.5, 20.0, 20.001])
+    timer = StepTimer(torch.device("cpu"), clock=lambda: next(ticks))
+    assert not timer.cuda
+    for _ in range(2):
+        timer.start()
+        timer.stop()
+    assert timer.read_ms() == [250.0, 500.0]
+    assert timer.read_ms() == []  # read once: the next interval starts empty
+    timer.start()
+    timer.stop()
+    assert timer.read_ms() == [pytest.approx(1.0)]
+
+
+def test_cpu_step_timer_times_the_wall_clock_by_default():
+    timer = StepTimer(torch.device("cpu"))
+    assert timer.clock is time.perf_counter
+    timer.start()
+    time.sleep(0.02)
+    timer.stop()
+    (ms,) = timer.read_ms()
+    assert 15 < ms < 2000
+
+
+# --- peak memory --------------------------------------------------------------------------------
+
+
+def test_cpu_peak_memory_covers_the_timed_region_only():
+    """After reset, a big allocation freed earlier no longer counts, and the figure is in MiB."""
+    big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB touched
+    big.add_(1)
+    del big
+    meter = PeakMemory(torch.device("cpu"))
+    assert meter.kind == "cpu_rss"
+    lifetime_peak_mib = meter.peak_mb()
+    # the kernel's high-water mark, in KiB / 1024 (ru_maxrss is the same counter; allow a few pages of drift)
+    assert lifetime_peak_mib * 1024 == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, abs=64)
+    meter.reset()
+    assert 0 < meter.peak_mb() < lifetime_peak_mib - 200
+
+
+# --- on a real GPU ------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_step_timer_times_device_work_with_events():
+    timer = StepTimer(torch.device("cuda"), clock=lambda: pytest.fail("a CUDA timer must not read the host clock"))
+    assert timer.cuda
+    torch.cuda.synchronize()
+    for cycles in (10_000_000, 40_000_000):
+        timer.start()
+        torch.cuda._sleep(cycles)  # device time only: the host returns at once
+        timer.stop()
+    short, long = timer.read_ms()
+    assert 0 < short < long
+    assert timer.read_ms() == []
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_is_the_allocators_peak_since_reset():
+    meter = PeakMemory(torch.device("cuda"))
+    assert meter.kind == "cuda_allocated"
+    big = torch.ones(64 * 2**20, device="cuda")  # 256 MiB
+    del big
+    assert meter.peak_mb() >= 256
+    meter.reset()
+    live_mb = torch.cuda.memory_allocated() / 2**20  # whatever other tests left allocated
+    small = torch.ones(2**20, device="cuda")  # 4 MiB
+    assert 4 <= meter.peak_mb() - live_mb < 100
+    del small

@@ -1,0 +1,309 @@
+"""amp_lib.notebook, what the notebooks call: parameter validation, the progress bar, the markdown views,
+the report view of a sweep folder; and the shape of notebooks/*.ipynb (nbval runs them in `make test`)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import math
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from factories import history, make_result
+
+from amp_lib import notebook
+from amp_lib.config import RunConfig, TrackingConfig, parameter_names
+from amp_lib.precision import Capabilities, resolve_precision
+from amp_lib.report import SweepReport, build_report
+from amp_lib.results import RunResult
+from amp_lib.train import train
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+FIGURES = ["loss", "loss_scale", "throughput_memory"]
+
+
+def parameters_cell(name: str) -> str:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    return cell.source
+
+
+def run_cell(source: str) -> dict[str, object]:
+    namespace: dict[str, object] = {}
+    exec(compile(source, "<parameters>", "exec"), {"Optional": object, "Union": object}, namespace)  # noqa: S102
+    return {k: v for k, v in namespace.items() if not k.startswith("__")}  # the names the cell defines
+
+
+# --- the notebooks' shape -----------------------------------------------------------------------
+
+
+def test_train_notebook_parameters_are_every_parameter_in_order_with_valid_defaults() -> None:
+    source = parameters_cell("train.ipynb")
+    names = [node.target.id for node in ast.parse(source).body if isinstance(node, ast.AnnAssign)]
+    assert names == parameter_names() == [*RunConfig.field_names(), "wandb_mode", "wandb_project", "wandb_group"]
+    assert all("#" in line for line in source.splitlines())  # trailing comments feed papermill --help-notebook
+    run = notebook.run_notebook_parameters(run_cell(source), before=set())
+    assert run.config.steps <= 30 and run.config.model == "gpt-tiny"  # seconds on a 2-core CPU
+    assert run.tracking == TrackingConfig() == TrackingConfig(None, "amp-workbook", None)
+
+
+def test_compare_notebook_parameters_are_report_views_arguments() -> None:
+    namespace = run_cell(parameters_cell("compare.ipynb"))
+    assert namespace == {"sweep_dir": "", "tolerance": 0.02, "figures_dir": ""}
+    assert list(namespace) == list(inspect.signature(notebook.report_view).parameters)
+
+
+def test_notebooks_are_stored_without_outputs_on_the_project_kernel() -> None:
+    for name in ("train.ipynb", "compare.ipynb"):
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        assert nb.metadata.kernelspec.name == "amp-workbook"
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{name}: {cell.source[:40]!r} has outputs"
+        assert "assert" in nb.cells[-1].source  # each notebook ends by checking its own results
+
+
+# --- parameters -> NotebookRun ------------------------------------------------------------------
+
+
+def test_notebook_parameters_become_a_config_a_plan_and_tracking_settings() -> None:
+    namespace = {
+        "precision": "bf16",
+        "steps": 6,
+        "warmup_steps": 1,
+        "device": "cpu",
+        "wandb_mode": "disabled",
+        "wandb_group": "g",
+        "notebook": notebook,  # a module imported before the parameters cell
+        "np": types.ModuleType("np"),  # a module imported by the parameters cell itself: not a parameter
+        "_private": 1,
+        "earlier": 2,
+    }
+    run = notebook.run_notebook_parameters(namespace, before={"notebook", "earlier"})
+    assert run.config == RunConfig(precision="bf16", steps=6, warmup_steps=1, device="cpu")
+    assert (run.plan.requested, run.plan.effective) == ("bf16", "bf16-mixed")
+    assert run.tracking == TrackingConfig(wandb_mode="disabled", wandb_project="amp-workbook", wandb_group="g")
+    assert notebook.NotebookRun(config=run.config, plan=run.plan).tracking == TrackingConfig()
+    only_project = notebook.run_notebook_parameters({"wandb_project": "p", "device": "cpu"}, before=())
+    assert only_project.tracking == TrackingConfig(wandb_project="p") and only_project.config == RunConfig(device="cpu")
+
+
+def test_allow_slow_reaches_the_precision_plan() -> None:
+    namespace = {"precision": "fp16-mixed", "device": "cpu", "allow_slow": True}
+    assert notebook.run_notebook_parameters(namespace, before=()).plan.effective == "fp16-mixed"
+    namespace["allow_slow"] = False
+    assert notebook.run_notebook_parameters(namespace, before=()).plan.effective == "bf16-mixed"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_refused_before_training() -> None:
+    with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available"):
+        notebook.run_notebook_parameters({"device": "cuda"}, before=())
+
+
+def test_unknown_parameters_are_named_with_the_valid_names() -> None:
+    valid = ", ".join(parameter_names())
+    with pytest.raises(ValueError) as info:
+        notebook.run_notebook_parameters({"zeta": 1, "alpha": 2, "steps": 3}, before=())
+    assert str(info.value) == f"unknown parameter(s) 'alpha', 'zeta'; valid names: {valid}"
+    namespace = {"steps": 5, "stepz": 3, "notebook": notebook, "_hidden": 1}
+    with pytest.raises(ValueError) as info:
+        notebook.run_notebook_parameters(namespace, before={"notebook"})  # a typo papermill only warns about
+    assert str(info.value) == f"unknown parameter(s) 'stepz'; valid names: {valid}"
+    assert valid.startswith("precision, model, steps")
+
+
+def test_mistyped_and_invalid_parameters_are_named_exactly() -> None:
+    with pytest.raises(ValueError) as info:
+        notebook.run_notebook_parameters({"wandb_project": 3.5}, before=())
+    assert str(info.value) == "wandb_project=3.5 has type float; expected str"
+    with pytest.raises(ValueError) as info:
+        notebook.run_notebook_parameters({"wandb_group": 3}, before=set())
+    assert str(info.value) == "wandb_group=3 has type int; expected str | None"
+    with pytest.raises(ValueError, match=r"invalid precision 'fp33'"):
+        notebook.run_notebook_parameters({"precision": "fp33"}, before=set())
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+def test_progress_bar_counts_rows_and_shows_loss_scale_and_status() -> None:
+    config = RunConfig(run_name="demo", steps=6, warmup_steps=1, device="cpu")
+    plan = resolve_precision("fp16-mixed", Capabilities(), allow_slow=True)
+    # the second row: loss 1.23456, a backed-off scale 32768 and one skipped step so far
+    rows = history(3, scaled=True, skip_at=1, loss0=1.33456)
+    stream = io.StringIO()
+    bar = notebook.ProgressBar(file=stream, mininterval=0)
+    bar.on_log(rows[:1], 1)  # before on_start: nothing to update, no error
+    assert bar.bar is None and bar.tqdm_kwargs == {"file": stream, "mininterval": 0}
+    bar.on_start(config, plan)
+    assert (bar.bar.total, bar.bar.desc, bar.bar.unit, bar.bar.n) == (6, "demo [fp16-mixed]", "step", 0)
+    bar.on_log([], 128)
+    assert bar.bar.n == 0
+    bar.on_log(rows[:2], 128)
+    assert bar.bar.n == 2 and bar.bar.postfix == "loss=1.2346, scale=32768, skipped=1"
+    bar.on_log([dataclasses.replace(rows[2], loss=None, loss_scale=None)], 128)
+    assert bar.bar.n == 3 and bar.bar.postfix == "loss=nan"
+    bar.on_end(make_result(status="diverged"))
+    assert bar.bar.postfix == "status=diverged" and bar.bar.disable  # closed
+    assert "demo [fp16-mixed]" in stream.getvalue()
+    notebook.ProgressBar().on_end(make_result())  # never started: nothing to close
+
+
+def test_progress_bar_redraws_once_per_log_not_once_more_for_the_postfix() -> None:
+    # set_postfix(refresh=False): the postfix shows on the redraw update() makes anyway; a second
+    # redraw per log call would double the notebook's output traffic.
+    stream = io.StringIO()
+    bar = notebook.ProgressBar(file=stream, mininterval=0, miniters=1)
+    config = RunConfig(run_name="demo", steps=6, warmup_steps=1, device="cpu")
+    bar.on_start(config, resolve_precision("fp32", Capabilities()))
+    for row in history(3, loss0=1.0):
+        before = stream.getvalue().count("\r")
+        bar.on_log([dataclasses.replace(row, loss=1.0)], 1)
+        assert stream.getvalue().count("\r") == before + 1
+    assert stream.getvalue().rsplit("\r", 1)[-1].endswith("loss=1.0000]")
+
+
+@pytest.mark.slow
+def test_progress_bar_follows_a_real_fp16_run_and_the_figure_shows_the_scale(tiny_config: Any, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "results", precision="fp16-mixed", allow_slow=True, run_name="fp16-demo")
+    stream = io.StringIO()
+    bar = notebook.ProgressBar(file=stream)
+    result = train(config, observers=[bar])
+    assert result.ok and bar.bar.n == config.steps
+    assert "fp16-demo [fp16-mixed]" in stream.getvalue() and "scale=" in stream.getvalue()
+    path = notebook.save_run_figure(result, config)
+    assert path == tmp_path / "results" / "fp16-demo.png" and path.stat().st_size > 0
+    text = notebook.result_markdown(result)
+    assert "**Status:** ok" in text and "loss scale: final" in text and "tokens/s" in text
+    assert RunResult.load(config.result_path).metrics.eval_loss == pytest.approx(result.metrics.eval_loss)
+
+
+def test_figure_goes_beside_the_result_json(tmp_path: Path) -> None:
+    config = RunConfig(out_dir=str(tmp_path / "r"), run_name="x")
+    assert notebook.figure_path(config) == tmp_path / "r" / "x.png"
+    assert notebook.figure_path(RunConfig(out_dir="o")) == Path("o") / "gpt-tiny-fp32-s0.png"
+
+
+# --- markdown and HTML views --------------------------------------------------------------------
+
+
+def test_plan_markdown_exactly() -> None:
+    plan = resolve_precision("fp16-mixed", Capabilities())
+    assert plan.fallback_reason and plan.fallback_reason.startswith("this CPU has no fast fp16")
+    assert notebook.plan_markdown(plan) == (
+        "**Precision plan:** requested `fp16-mixed` → effective **`bf16-mixed`** on cpu (cpu); autocast bfloat16,"
+        f" parameters float32, loss scaler off\n\n**Fallback:** {plan.fallback_reason}"
+    )
+    fp16 = resolve_precision("fp16-mixed", Capabilities(), allow_slow=True)
+    assert notebook.plan_markdown(fp16).endswith("autocast float16, parameters float32, loss scaler on")
+    assert notebook.plan_markdown(resolve_precision("fp32", Capabilities())) == (
+        "**Precision plan:** requested `fp32` → effective **`fp32`** on cpu (cpu); autocast off, parameters float32,"
+        " loss scaler off"
+    )
+
+
+def test_result_markdown_exactly() -> None:
+    result = make_result(
+        tps=12345.6, unit="samples", mem=1234.56, final_loss=2.5, eval_loss=2.25, skipped=3,
+        final_scale=2048.0, min_scale=512.0, metrics={"step_time_ms_median": 3.14159, "peak_memory_kind": "cpu_rss"},
+    )  # fmt: skip
+    assert notebook.result_markdown(result) == "\n".join(  # noqa: FLY002
+        [
+            "**Status:** ok",
+            "- throughput: 12,346 samples/s (median step 3.14 ms)",
+            "- peak memory: 1,234.6 MB (cpu_rss)",
+            "- final train loss: 2.5000",
+            "- eval loss: 2.2500",
+            "- loss scale: final 2048, min 512; skipped steps: 3",
+        ]
+    )
+
+
+def test_result_markdown_of_a_failed_run_shows_the_first_line_of_its_error() -> None:
+    nothing = {"tps": None, "mem": None, "final_loss": None, "eval_loss": None}
+    failed = make_result(status="failed", error="ValueError: seq_len=512 exceeds\ntraceback", **nothing)
+    assert notebook.result_markdown(failed) == "**Status:** failed — ValueError: seq_len=512 exceeds"
+    only_eval = make_result(status="oom", error="OOM\nmore", **{**nothing, "eval_loss": 0.0})
+    assert notebook.result_markdown(only_eval) == "**Status:** oom — OOM\n- eval loss: 0.0000"
+
+
+def test_display_objects_wrap_the_text() -> None:
+    assert notebook.markdown("x").data == "x"
+    rows = build_report([make_result("fp32"), make_result("bf16-mixed")]).table
+    html = notebook.table_html(rows).data
+    assert html.startswith("<table") and "bf16-mixed" in html
+
+
+# --- the report view of a sweep folder ----------------------------------------------------------
+
+
+def save_result(folder: Path, precision: str, tps: float) -> None:
+    make_result(precision, tps=tps, final_loss=None).save(folder / "results" / f"{precision}.json")
+
+
+@pytest.mark.slow
+def test_report_view_of_a_folder_tabulates_recommends_and_draws(tmp_path: Path) -> None:
+    save_result(tmp_path, "fp32", 1000.0)
+    save_result(tmp_path, "bf16-mixed", 1500.0)
+    view = notebook.report_view(str(tmp_path), tolerance=0.1)
+    rep = view.report
+    assert view.sweep_dir == tmp_path and rep.tolerance == 0.1
+    assert [r.config["precision"] for r in rep.results] == ["bf16-mixed", "fp32"]  # sorted by path
+    assert [r.requested for r in rep.runs] == [r.requested for r in rep.table] == ["fp32", "bf16-mixed"]
+    assert [r.precision for r in rep.recommendations] == ["bf16-mixed"]
+    assert rep.recommendations[0].tolerance == 0.1
+    assert rep.recommendation_markdown() == rep.recommendations[0].to_markdown()
+    assert sorted(view.figures) == FIGURES
+    assert all(
+        p.parent == tmp_path / "figures" and p.name == f"{k}.png" and p.exists() for k, p in view.figures.items()
+    )
+    notebook.show_images(list(view.figures.values()))  # outside a kernel this prints the objects: must not raise
+    # several settings: compare.ipynb's recommendation cell shows each, a blank line apart
+    two = notebook.ReportView(tmp_path, SweepReport((), (), (), rep.recommendations * 2, 0.1))
+    assert (
+        two.report.recommendation_markdown() == rep.recommendation_markdown() + "\n\n" + rep.recommendation_markdown()
+    )
+    assert two.figures == {}
+
+
+@pytest.mark.slow
+def test_report_view_draws_into_the_figures_dir_it_is_given(tmp_path: Path) -> None:
+    save_result(tmp_path / "sweep", "fp32", 1000.0)
+    view = notebook.report_view(str(tmp_path / "sweep"), figures_dir=str(tmp_path / "figs"))
+    assert sorted(view.figures) == FIGURES and all(p.parent == tmp_path / "figs" for p in view.figures.values())
+    assert not (tmp_path / "sweep" / "figures").exists()
+
+
+@pytest.mark.slow
+def test_report_view_runs_a_demo_when_given_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the demo's temp folder goes under tmp_path
+    view = notebook.report_view(tolerance=0.05, figures_dir=str(tmp_path / "figs"))  # sweep_dir left out
+    rep = view.report
+    # The demo lands in a fresh, recognisable temp folder, one named JSON per precision under results/.
+    assert view.sweep_dir.parent == tmp_path and view.sweep_dir.name.startswith("amp-demo-")
+    names = sorted(p.name for p in (view.sweep_dir / "results").glob("*.json"))
+    assert names == sorted(f"demo-{p}.json" for p in notebook.DEMO_PRECISIONS)
+    for result in rep.results:  # each run uses the tiny demo settings, not RunConfig's defaults
+        assert {k: result.config[k] for k in notebook.DEMO_CONFIG} == notebook.DEMO_CONFIG
+        assert result.config["run_name"] == f"demo-{result.config['precision']}"
+    assert len(rep.results) == len(rep.runs) == len(notebook.DEMO_PRECISIONS)
+    assert [r.requested for r in rep.table] == list(notebook.DEMO_PRECISIONS)
+    assert all(r.status == "ok" and math.isfinite(r.eval_loss.mean) for r in rep.table)
+    assert sorted(p.name for p in view.figures.values()) == [f"{name}.png" for name in FIGURES]
+    assert all(p.parent == tmp_path / "figs" for p in view.figures.values())
+    assert rep.tolerance == 0.05
+    assert rep.recommendation_markdown().startswith("**Recommendation") and "5%" in rep.recommendation_markdown()
+    assert "<table" in notebook.table_html(rep.table).data
+
+
+def test_report_view_of_an_empty_folder_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        notebook.report_view(str(tmp_path))
+    assert str(info.value) == f"no result JSON files in {str(tmp_path)!r} (nor in its results/ folder)"

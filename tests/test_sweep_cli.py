@@ -1,0 +1,437 @@
+"""`amp_lib.sweep.cli`: `sweep()` (plan, run, report) and `python -m amp_lib.sweep` (its parser, its
+errors, what it prints, its exit code).
+
+Most tests run on finished results (a resumed sweep executes nothing) with the kernel "no-such-kernel",
+so that a run or report notebook that is (wrongly) executed fails in a moment instead of starting a
+kernel. The `notebook` tests at the end run one real two-precision sweep with its report."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from factories import make_result
+
+from amp_lib.config import RunConfig
+from amp_lib.precision import Capabilities
+from amp_lib.report import SweepReport
+from amp_lib.results import RunResult, load_sweep
+from amp_lib.sweep.cli import SweepResult, _csv, build_parser, main, sweep
+from amp_lib.sweep.execute import Outcome, Settings
+from amp_lib.sweep.grid import DEVICE_DEFAULTS, SweepRun, expand_grid
+
+CPU = Capabilities(device_type="cpu", device_name="test-cpu")
+ARGS = ["-p", "device=cpu", "-p", "steps=9", "-p", "wandb_mode=disabled"]
+PARAMS = ARGS[1::2]  # the same, as sweep()'s params
+NO_KERNEL = ["--kernel", "no-such-kernel"]  # a run that is (wrongly) executed fails in a moment, starting no kernel
+NO_KERNEL_SETTINGS = Settings(kernel="no-such-kernel", retries=1)
+
+
+def _finished_sweep(
+    out: Path, statuses: dict[str, str], tps: dict[str, float], grid: dict[str, list[Any]] | None = None
+) -> list[SweepRun]:
+    """The result files a sweep over `statuses`' precisions (seed 0, ARGS) would have left in `out`."""
+    grid = {"device": ["cpu"], "steps": [9], "wandb_mode": ["disabled"], **(grid or {})}
+    runs = expand_grid(out, CPU, list(statuses), [0], grid)
+    for run in runs:
+        p = run.parameters
+        status = statuses[p["precision"]]
+        config = {k: v for k, v in p.items() if k in RunConfig.field_names() and k not in ("precision", "seed")}
+        make_result(
+            p["precision"],
+            p["seed"],
+            status=status,
+            tps=tps[p["precision"]],
+            eval_loss=2.0 if status == "ok" else None,
+            error=None if status == "ok" else f"{status}: first line\nsecond",
+            **config,
+        ).save(run.result_path)
+    return runs
+
+
+def _recommendation_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("recommendation")]
+
+
+class CtrlCOnFirstOutcome(io.StringIO):
+    """A stdout on which Ctrl-C arrives (a real SIGINT) as the sweep prints its first finished run."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker, self.sent = marker, False
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if self.marker in text and not self.sent:
+            self.sent = True
+            signal.raise_signal(signal.SIGINT)
+        return n
+
+
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # SIGINT raises KeyboardInterrupt
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+# --- SweepResult: what failed, the exit code ---
+
+
+def test_exit_code_interrupted_then_failed_then_report() -> None:
+    ok, bad = Outcome("a", "ok"), Outcome("b", "diverged", "loss became nan\ntrace")
+    assert SweepResult(Path("x"), (ok,)).exit_code == 0
+    assert SweepResult(Path("x"), (ok, bad)).failed == [bad]
+    assert SweepResult(Path("x"), (ok, bad)).exit_code == 1
+    assert SweepResult(Path("x"), (ok,), report_error="boom").exit_code == 1
+    assert SweepResult(Path("x"), (ok, bad), interrupted=True, report_error="boom").exit_code == 130
+    empty = SweepResult(Path("x"), ())
+    assert (empty.planned, empty.interrupted, empty.report, empty.report_error) == (0, False, None, None)
+    assert empty.files == {}
+
+
+# --- the command line: parser, help, errors ---
+
+
+def test_csv_and_parser_defaults() -> None:
+    assert _csv(" a, ,b ,") == ["a", "b"]
+    args = build_parser().parse_args(["--out", "o"])
+    assert (args.out, args.precisions, args.seeds, args.param) == ("o", None, ["0"], [])
+    assert (args.workers, args.force, args.kernel, args.timeout) == (1, False, "amp-workbook", 3600.0)
+    assert (args.tolerance, args.report) == (0.02, True)
+    args = build_parser().parse_args(
+        ["--out", "o", "--precisions", "fp32, bf16", "--seeds", "1,2", "-p", "a=1", "--param", "b=2", "--workers",
+         "3", "--force", "--kernel", "k", "--timeout", "5", "--tolerance", "0.1", "--no-report"]
+    )  # fmt: skip
+    assert (args.precisions, args.seeds, args.param) == (["fp32", "bf16"], ["1", "2"], ["a=1", "b=2"])
+    assert (args.workers, args.force, args.kernel, args.timeout, args.tolerance, args.report) == (
+        3, True, "k", 5.0, 0.1, False
+    )  # fmt: skip
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])  # --out is required
+
+
+HELP = """\
+usage: python -m amp_lib.sweep [-h] --out OUT [--precisions PRECISIONS] [--seeds SEEDS]
+                               [-p KEY=V1[,V2]] [--workers WORKERS] [--force] [--kernel KERNEL]
+                               [--timeout TIMEOUT] [--tolerance TOLERANCE] [--no-report]
+
+Run notebooks/train.ipynb over precisions x seeds x parameters with papermill, then the report.
+
+options:
+  -h, --help            show this help message and exit
+  --out OUT             sweep folder (runs/, results/, report.html, summary.md, figures/)
+  --precisions PRECISIONS
+                        comma-separated; default: what this device runs natively
+  --seeds SEEDS         comma-separated ints (default 0); several give mean ± spread
+  -p KEY=V1[,V2], --param KEY=V1[,V2]
+                        any RunConfig field (or wandb_mode/project/group); repeatable
+  --workers WORKERS     runs in parallel, one process each (one GPU each on multi-GPU machines)
+  --force               re-run runs whose results are already complete
+  --kernel KERNEL       Jupyter kernel to run the notebooks with (default amp-workbook)
+  --timeout TIMEOUT     seconds a notebook cell may run (default 3600)
+  --tolerance TOLERANCE
+                        relative eval-loss tolerance vs fp32 for the recommendation
+  --no-report           skip report.ipynb / report.html
+"""
+
+
+def test_help_text_documents_every_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    assert build_parser().format_help() == HELP
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-p", "stepz=3"], "unknown parameter 'stepz'; valid names: model, steps, batch_size"),
+        (["-p", "steps=abc"], "invalid value 'abc' for steps (expected int)"),
+        (["-p", "precision=fp16"], "-p precision=... is set by the sweep; use --precisions / --seeds"),
+        (["-p", "steps"], "invalid -p 'steps'; expected key=value[,value...]"),
+        (["--precisions", "fp33"], "invalid precision 'fp33'; valid values are: fp32, tf32"),
+        (["--precisions", "fp32,32"], "precisions ['fp32', 'fp32'] and seeds [0] must not repeat"),
+        (["--seeds", "0,x"], "invalid --seeds '0,x'; expected comma-separated ints"),
+        (["--workers", "0"], "invalid --workers 0; expected >= 1"),
+        (["--tolerance", "-1"], "tolerance=-1.0 must be a finite number >= 0"),
+    ],
+)
+def test_bad_command_lines_exit_2_with_one_error_line_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["--out", str(tmp_path / "sw"), *argv, *NO_KERNEL]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {message}") and captured.err.count("\n") == 1
+    assert not (tmp_path / "sw").exists()
+
+
+# --- sweep(): checked before anything runs ---
+
+
+@pytest.mark.parametrize("tolerance", [-1, float("nan")])
+def test_a_bad_tolerance_is_rejected_before_any_run_starts(tmp_path: Path, tolerance: float) -> None:
+    out = tmp_path / "sw"
+    out.mkdir()
+    # Were the tolerance checked only when the report is built, the run would start (here it would fail
+    # at once, the kernel missing), leave runs/ and results/ behind and still end in the same ValueError.
+    with pytest.raises(ValueError, match=r"must be a finite number >= 0"):
+        sweep(out, ["fp32"], [0], PARAMS, tolerance=tolerance, settings=NO_KERNEL_SETTINGS)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_sweep_on_a_cpu_machine_is_rejected_before_any_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        sweep(tmp_path / "sw", ["fp32"], [0], ["device=cuda"], settings=NO_KERNEL_SETTINGS)
+    assert not (tmp_path / "sw").exists()
+
+
+def test_the_device_probed_is_the_one_in_the_grid_or_auto_for_several(tmp_path: Path) -> None:
+    one = sweep(tmp_path / "one", ["fp32"], [0], ["device=cpu"], report=False, settings=NO_KERNEL_SETTINGS)
+    (result,) = load_sweep(one.out)
+    assert result.config["model"] == "gpt-tiny" and result.config["steps"] == DEVICE_DEFAULTS["cpu"]["steps"]
+    several = sweep(tmp_path / "two", ["fp32"], [0], ["device=cpu,cuda", "model=gpt-tiny"], report=False,
+                    settings=NO_KERNEL_SETTINGS)  # fmt: skip
+    assert [o.name for o in several.outcomes] == ["gpt-tiny-fp32-s0-device=cpu", "gpt-tiny-fp32-s0-device=cuda"]
+    assert several.planned == 2 and {o.status for o in several.outcomes} == {"failed"}
+
+
+# --- sweep(): resume, the report it returns, the files it writes ---
+
+
+def test_sweep_function_resumes_and_returns_the_report_summary_md_was_written_from(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    runs = _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "oom"}, {"fp32": 1000.0, "bf16-mixed": 1.0})
+    result = sweep(out, ["fp32", "bf16"], [0], PARAMS, tolerance=0.3, settings=NO_KERNEL_SETTINGS)
+    assert result.planned == 2 and result.interrupted is False and result.exit_code == 1 and result.out == out
+    assert [(o.name, o.status, o.resumed) for o in result.outcomes] == [(r.name, s, True) for r, s in
+                                                                         zip(runs, ("ok", "oom"))]  # fmt: skip
+    assert result.outcomes[1].error == "oom: first line\nsecond"
+    assert result.report_error.startswith("report notebook failed (") and "NoSuchKernel" in result.report_error
+    assert result.files == {}  # the report notebook failed: no files to list
+    assert isinstance(result.report, SweepReport) and result.report.tolerance == 0.3
+    assert result.report.results == tuple(load_sweep(out)) and len(result.report.results) == 2
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert summary == result.report.summary_markdown()  # summary.md is written from the report sweep() returns
+    assert summary.startswith("# AMP Workbook sweep summary") and "| oom |" in summary
+    assert "_Tolerance: eval loss at most 30% above fp32's." in summary
+    assert not (out / "summary.md.tmp").exists()
+    quiet = sweep(out, ["fp32", "bf16"], [0], PARAMS, report=False, tolerance=0.3, settings=NO_KERNEL_SETTINGS)
+    assert quiet.report_error is None and quiet.files == {} and quiet.out == out
+    assert quiet.report == result.report  # computed even without the report files
+
+
+def test_sweep_runs_in_this_process_with_one_worker_and_the_bar_names_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (run,) = _finished_sweep(tmp_path / "sw", {"fp32": "ok"}, {"fp32": 1.0})
+    result = sweep(tmp_path / "sw", ["fp32"], [0], PARAMS, force=True, report=False, settings=NO_KERNEL_SETTINGS)
+    assert [(o.status, o.resumed) for o in result.outcomes] == [("failed", False)]  # forced: executed
+    frames = capsys.readouterr().err.replace("\n", "\r").split("\r")
+    assert [f.strip() for f in frames if f.strip()][-1].endswith(f"run/s, {run.name}]")
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_ctrl_c_exits_130_keeps_finished_runs_and_writes_no_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sw"
+    (first, second) = expand_grid(out, CPU, ["fp32", "bf16"], [0], {"device": ["cpu"], "steps": [9]})
+    monkeypatch.setattr(sys, "stdout", CtrlCOnFirstOutcome(first.name))
+    result = sweep(out, ["fp32", "bf16"], [0], ["device=cpu", "steps=9"], settings=NO_KERNEL_SETTINGS)
+    assert (result.interrupted, result.exit_code, result.planned) == (True, 130, 2)
+    assert [o.name for o in result.outcomes] == [first.name]
+    assert (result.report, result.files, result.report_error) == (None, {}, None)  # no report of half a sweep
+    assert sorted(p.name for p in out.iterdir()) == ["results", "runs"] and not second.result_path.exists()
+    capsys.readouterr()
+    stdout = CtrlCOnFirstOutcome(first.name)  # again, through the command (the failed run is retried)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    argv = ["--out", str(out), "--precisions", "fp32,bf16", "-p", "device=cpu", "-p", "steps=9", *NO_KERNEL]
+    assert main(argv) == 130
+    assert f"sweep {out}: 1 of 2 runs done (1 executed, 0 resumed), 1 not ok" in stdout.getvalue().splitlines()
+    assert _recommendation_lines(stdout.getvalue()) == [] and not (out / "summary.md").exists()
+    err = capsys.readouterr().err
+    assert "interrupted: finished results are kept; run the same command again to resume\n" in err
+    assert "report failed" not in err and f"FAILED failed   {first.name}: NoSuchKernel" in err
+
+
+# --- what the command prints ---
+
+
+def test_resumed_sweep_prints_counts_paths_and_recommendation_and_no_report_writes_no_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sw"
+    _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 1000.0, "bf16-mixed": 1500.0})
+    assert main(["--out", str(out), "--precisions", "fp32,bf16", *ARGS, *NO_KERNEL, "--no-report"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == "resuming: 2 of 2 runs already complete (--force re-runs them)"  # tqdm.write: stdout
+    assert lines[1] == ""
+    assert lines[2] == f"sweep {out}: 2 of 2 runs done (0 executed, 2 resumed), 0 not ok"
+    assert lines[3] == f"  results:   {out / 'results'}/"
+    assert lines[4] == f"  notebooks: {out / 'runs'}/"
+    assert lines[5].startswith("recommendation (gpt-tiny): bf16-mixed — the fastest precision") and len(lines) == 6
+    assert "FAILED" not in captured.err and "interrupted" not in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["results"]  # --no-report: no summary.md, report.*, figures/
+
+
+def test_the_printed_recommendations_are_those_of_the_returned_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sw"
+    _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 1000.0, "bf16-mixed": 1500.0},
+                    grid={"lr": [0.001, 0.003]})  # fmt: skip
+    argv = ["--out", str(out), "--precisions", "fp32,bf16", *ARGS, "-p", "lr=1e-3,3e-3", *NO_KERNEL]
+    assert main([*argv, "--no-report", "--tolerance", "0.1"]) == 0
+    printed = _recommendation_lines(capsys.readouterr().out)
+    result = sweep(out, ["fp32", "bf16"], [0], [*PARAMS, "lr=1e-3,3e-3"], report=False, tolerance=0.1,
+                   settings=NO_KERNEL_SETTINGS)  # fmt: skip
+    recs = result.report.recommendations
+    assert [r.setting for r in recs] == ["gpt-tiny lr=0.001", "gpt-tiny lr=0.003"]
+    assert printed == [f"recommendation ({r.setting}): {r.precision} — {r.reason}" for r in recs]
+    assert all("within 10%" in line for line in printed)
+
+
+def test_resumed_sweep_with_a_diverged_run_exits_1_and_lists_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sw"
+    _finished_sweep(out, {"fp32": "ok", "fp16-mixed": "diverged"}, {"fp32": 1000.0, "fp16-mixed": 3000.0})
+    argv = ["--out", str(out), "--precisions", "fp32,fp16-mixed", *ARGS, *NO_KERNEL, "--no-report"]
+    assert main([*argv, "--tolerance", "0.5"]) == 1
+    captured = capsys.readouterr()
+    assert "(0 executed, 2 resumed), 1 not ok" in captured.out
+    assert "recommendation (gpt-tiny): fp32 — stay in fp32" in captured.out
+    assert captured.err.splitlines()[-1] == "FAILED diverged gpt-tiny-fp16-mixed-s0: diverged: first line"
+
+
+def test_cli_force_report_kernel_and_tolerance_reach_the_sweep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sw"
+    runs = _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 1000.0, "bf16-mixed": 1500.0})
+    bf16 = RunResult.load(runs[1].result_path)
+    replace(bf16, metrics=replace(bf16.metrics, eval_loss=2.1)).save(runs[1].result_path)  # eval loss +5% over fp32's
+    base = ["--out", str(out), "--precisions", "fp32,bf16", *ARGS, *NO_KERNEL]
+    assert main([*base, "--tolerance", "0.1"]) == 1  # the report notebook cannot start
+    captured = capsys.readouterr()
+    assert (
+        "recommendation (gpt-tiny): bf16-mixed — the fastest precision whose eval loss stays within 10%" in captured.out
+    )
+    report_error = [line for line in captured.err.splitlines() if line.startswith("report failed:")]
+    assert report_error == [
+        (
+            f"report failed: report notebook failed ({out.resolve() / 'report.ipynb'}): NoSuchKernel: No such kernel"
+            " named no-such-kernel"
+        )
+    ]
+    assert "_Tolerance: eval loss at most 10% above fp32's." in (out / "summary.md").read_text()
+    assert main([*base, "--no-report"]) == 0
+    assert "recommendation (gpt-tiny): fp32 — stay in fp32: bf16-mixed: eval loss" in capsys.readouterr().out
+    replace(bf16, status="failed", error="x").save(runs[1].result_path)
+    assert main([*base, "--no-report"]) == 1  # the failed run is retried (and fails: no kernel)
+    assert "2 of 2 runs done (1 executed, 1 resumed), 1 not ok" in capsys.readouterr().out
+    assert main([*base, "--no-report", "--force"]) == 1
+    assert "2 of 2 runs done (2 executed, 0 resumed), 2 not ok" in capsys.readouterr().out
+
+
+def test_cli_without_a_baseline_recommends_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sw"
+    _finished_sweep(out, {"bf16-mixed": "ok"}, {"bf16-mixed": 1500.0})
+    assert main(["--out", str(out), "--precisions", "bf16", *ARGS, *NO_KERNEL, "--no-report", "--workers", "1"]) == 0
+    out_text = capsys.readouterr().out
+    assert "1 of 1 runs done (0 executed, 1 resumed), 0 not ok" in out_text  # --workers 1 is accepted
+    assert "recommendation (gpt-tiny): none — no successful fp32 run" in out_text
+
+
+# --- end to end: a real two-precision sweep (train.ipynb twice, compare.ipynb once) ---
+
+TINY = ["-p", "steps=8", "-p", "warmup_steps=2", "-p", "batch_size=4", "-p", "seq_len=32", "-p", "log_every=2"]
+QUIET = ["-p", "wandb_mode=disabled"]  # W&B itself is tested in test_tracking; here it would only cost time
+TWO = ["--precisions", "fp32,bf16-mixed", "--seeds", "0", "-p", "device=cpu", *TINY, *QUIET]
+
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One two-precision sweep with the report, run by `main` with a relative --out; its folder and stdout."""
+    root, cwd = tmp_path_factory.mktemp("sweeps"), os.getcwd()
+    stdout = io.StringIO()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            assert main(["--out", "two", *TWO]) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "two", stdout.getvalue()
+
+
+@pytest.mark.notebook
+def test_two_precision_sweep_writes_results_notebooks_and_report(real_sweep: tuple[Path, str]) -> None:
+    sweep_dir, _ = real_sweep
+    names = ["gpt-tiny-fp32-s0", "gpt-tiny-bf16-mixed-s0"]
+    for name in names:
+        result = RunResult.load(sweep_dir / "results" / f"{name}.json")
+        assert result.ok and result.config["steps"] == 8 and result.config["run_name"] == name
+        assert (sweep_dir / "runs" / f"{name}.ipynb").exists()
+    assert {r.plan["effective"] for r in load_sweep(sweep_dir)} == {"fp32", "bf16-mixed"}
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "| fp32 | fp32 | ok |" in summary and "| bf16-mixed | bf16-mixed | ok |" in summary
+    assert "**Recommendation (gpt-tiny):" in summary
+    html = (sweep_dir / "report.html").read_text()
+    assert "amp-comparison" in html and "Recommendation" in html and "data:image/png;base64" in html
+    report_nb = json.loads((sweep_dir / "report.ipynb").read_text())
+    assert report_nb["metadata"]["papermill"]["parameters"]["sweep_dir"] == str(sweep_dir.resolve())
+    assert sorted(p.name for p in (sweep_dir / "figures").glob("*.png")) == [
+        "loss.png",
+        "loss_scale.png",
+        "throughput_memory.png",
+    ]
+
+
+@pytest.mark.notebook
+def test_the_sweep_prints_its_counts_report_files_and_recommendation(real_sweep: tuple[Path, str]) -> None:
+    sweep_dir, stdout = real_sweep
+    lines = stdout.splitlines()
+    start = lines.index("sweep two: 2 of 2 runs done (2 executed, 0 resumed), 0 not ok")
+    out = sweep_dir.resolve()
+    figures = [f"  figure:{n}: {out / 'figures' / n}.png" for n in ("loss", "loss_scale", "throughput_memory")]
+    assert lines[start + 1 : start + 9] == [
+        "  results:   two/results/",
+        "  notebooks: two/runs/",
+        f"  summary:   {out / 'summary.md'}",
+        f"  notebook:  {out / 'report.ipynb'}",
+        f"  html:      {out / 'report.html'}",
+        *figures,
+    ]
+    assert [line for line in lines[: start - 1] if line] == [
+        f"ok       {n}" for n in ("gpt-tiny-fp32-s0", "gpt-tiny-bf16-mixed-s0")
+    ]
+    # The recommendation printed and summary.md both come from the report sweep() computes once.
+    resumed = sweep(sweep_dir, ["fp32", "bf16-mixed"], [0], [*(v for v in TINY if v != "-p"), "device=cpu",
+                    "wandb_mode=disabled"], report=False, settings=NO_KERNEL_SETTINGS)  # fmt: skip
+    assert [o.resumed for o in resumed.outcomes] == [True, True]
+    assert (sweep_dir / "summary.md").read_text(encoding="utf-8") == resumed.report.summary_markdown()
+    recs = resumed.report.recommendations
+    assert _recommendation_lines(stdout) == [f"recommendation ({r.setting}): {r.precision} — {r.reason}" for r in recs]
+    assert len(recs) == 1 and lines[-1] == _recommendation_lines(stdout)[0]
+
+
+@pytest.mark.notebook
+def test_rerun_resumes_without_executing_finished_runs(
+    real_sweep: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep_dir, _ = real_sweep
+    stamps = {p.name: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file()}
+    assert main(["--out", str(sweep_dir), *TWO, *NO_KERNEL, "--no-report"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file()} == stamps  # nothing rewritten
+    assert "2 of 2 runs done (0 executed, 2 resumed)" in capsys.readouterr().out

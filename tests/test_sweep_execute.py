@@ -1,0 +1,355 @@
+"""`amp_lib.sweep.execute`: which runs a resumed sweep skips, the `failed` record of a run that died, one
+run through papermill, the sweep loop (progress bar, Ctrl-C) and the worker pool.
+
+Most tests use the kernel name "no-such-kernel": papermill then fails at once, before starting any
+kernel, which is enough to test everything around the notebook. The `notebook` tests run real kernels."""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from factories import make_result
+
+from amp_lib.config import RunConfig
+from amp_lib.precision import Capabilities
+from amp_lib.results import RunResult, load_sweep
+from amp_lib.sweep.cli import main
+from amp_lib.sweep.execute import (
+    COMPLETE,
+    Outcome,
+    Settings,
+    _init_worker,
+    _is_port_race,
+    _stamp,
+    _visible_gpus,
+    error_text,
+    execute_run,
+    failed_result,
+    is_complete,
+    outcome_line,
+    run_sweep,
+)
+from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params
+
+CPU = Capabilities(device_type="cpu", device_name="test-cpu")
+NO_KERNEL = Settings(kernel="no-such-kernel", retries=1)
+NO_KERNEL_ERROR = "NoSuchKernel: No such kernel named no-such-kernel"
+TINY = ["steps=8", "warmup_steps=2", "batch_size=4", "seq_len=32", "log_every=2"]
+
+
+def _saved_result(run: SweepRun, status: str = "ok", **changes: Any) -> RunResult:
+    """Save (and return) the result `run` would write, with `changes` to its config."""
+    p = run.parameters
+    config = {k: v for k, v in p.items() if k in RunConfig.field_names() and k not in ("precision", "seed")}
+    result = make_result(
+        p["precision"],
+        p["seed"],
+        status=status,
+        error=None if status == "ok" else f"{status}: first line\nsecond",
+        **{**config, **changes},
+    )
+    result.save(run.result_path)
+    return result
+
+
+def _last_frame(stderr: str) -> str:
+    return [frame.strip() for frame in stderr.replace("\n", "\r").split("\r") if frame.strip()][-1]
+
+
+# --- resume: which results count as complete ---
+
+
+def test_complete_means_same_parameters_and_a_final_status(tmp_path: Path) -> None:
+    (run,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9], "wandb_mode": ["disabled"]})
+    assert not is_complete(run)  # no file
+    run.result_path.parent.mkdir(parents=True)
+    run.result_path.write_text("{not json")
+    assert not is_complete(run)  # half a file
+    run.result_path.write_text('{"schema_version": 1}')
+    assert not is_complete(run)  # missing keys
+    for status in ("ok", "diverged", "oom", "failed"):
+        _saved_result(run, status)
+        assert is_complete(run) == (status in COMPLETE)
+    _saved_result(run, steps=10)
+    assert not is_complete(run)
+    _saved_result(run, out_dir="/moved/elsewhere")
+    assert is_complete(run)  # a moved sweep folder still resumes
+    (other,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [10], "wandb_mode": ["disabled"]})
+    assert other.name == run.name and not is_complete(other)  # same name, different run: not skipped
+    assert COMPLETE == ("ok", "diverged", "oom")
+
+
+# --- the `failed` record of a run that wrote none ---
+
+
+def test_failed_result_fills_defaults_and_resolves_the_plan() -> None:
+    result = failed_result(
+        {"precision": "bf16", "device": "cpu", "steps": 3, "wandb_mode": "disabled", "wandb_group": "g", "stepz": 1},
+        "NoSuchKernel: x",
+    )
+    assert result.status == "failed" and result.error == "NoSuchKernel: x"
+    defaults = RunConfig().to_dict()
+    assert result.config == {**defaults, "precision": "bf16", "device": "cpu", "steps": 3, "stepz": 1}
+    assert result.plan["requested"] == "bf16" and result.plan["effective"] == "bf16-mixed"
+    assert result.plan["torch_version"] == torch.__version__ and result.plan["device_type"] == "cpu"
+
+
+def test_failed_result_of_a_broken_config_keeps_what_is_known() -> None:
+    result = failed_result(
+        {"precision": "fp33", "steps": 3, "wandb_mode": "disabled"}, "ValueError: invalid precision 'fp33'"
+    )
+    assert result.status == "failed" and result.config["steps"] == 3 and "wandb_mode" not in result.config
+    assert result.plan == {"requested": "fp33", "effective": None, "fallback_reason": None}
+    result = failed_result({"precision": 33, "device": "cpu"}, "boom")
+    assert result.plan == {"requested": "33", "effective": None, "fallback_reason": None}
+    assert failed_result({}, "e").config["precision"] == RunConfig().precision
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_run_on_a_cpu_machine_is_recorded_without_a_plan() -> None:
+    result = failed_result({"precision": "fp32", "device": "cuda"}, "boom")
+    assert result.plan == {"requested": "fp32", "effective": None, "fallback_reason": None}
+    assert result.config["device"] == "cuda"
+
+
+# --- errors: their text, kernel port races ---
+
+
+def test_error_text_prefers_the_notebook_error_name_and_value() -> None:
+    class CellError(Exception):
+        ename, evalue = "ValueError", "bad steps"
+
+    assert error_text(CellError("ignored")) == "ValueError: bad steps"
+    assert error_text(RuntimeError("kernel died")) == "RuntimeError: kernel died"
+    assert error_text(RuntimeError()) == "RuntimeError:"
+
+
+def test_kernel_port_races_are_recognised_through_exception_chains() -> None:
+    try:
+        try:
+            raise OSError("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5555')")
+        except OSError as inner:
+            raise RuntimeError("kernel start failed") from inner  # an explicit __cause__
+    except RuntimeError as outer:
+        assert _is_port_race(outer)
+    try:
+        try:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        except RuntimeError:
+            raise ValueError("start failed")
+    except ValueError as exc:
+        assert _is_port_race(exc)
+    assert _is_port_race(OSError("Address already in use"))
+    assert not _is_port_race(OSError("Address in use"))
+    assert not _is_port_race(ValueError("batch_size=0 must be >= 1"))
+
+
+def test_outcome_line_is_status_name_and_the_first_error_line() -> None:
+    assert outcome_line(Outcome("b", "diverged", "loss became nan\ntrace")) == "diverged b: loss became nan"
+    assert outcome_line(Outcome("a", "ok")) == "ok       a"
+    assert outcome_line(Outcome("c", "failed", "  \n")) == "failed   c"
+
+
+# --- one run: execute_run ---
+
+
+def test_settings_defaults() -> None:
+    s = Settings()
+    assert (s.kernel, s.timeout, s.retries) == ("amp-workbook", 3600.0, 3)
+    assert Path(s.notebooks, "train.ipynb").exists() and Path(s.notebooks, "compare.ipynb").exists()
+
+
+def test_stamp_changes_when_a_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    assert _stamp(path) is None
+    path.write_text("a")
+    st = path.stat()
+    assert _stamp(path) == (st.st_ino, st.st_mtime_ns)
+
+
+def test_execute_run_creates_its_folders_and_records_the_papermill_call(tmp_path: Path) -> None:
+    (run,) = expand_grid(tmp_path / "deep" / "sw", CPU, ["fp32"], [0], {"device": ["cpu"], "steps": [9]})
+    for _ in range(2):  # the second time the runs/ folder already exists
+        outcome = execute_run(run, NO_KERNEL)
+        assert (outcome.status, outcome.error) == ("failed", NO_KERNEL_ERROR)
+    notebook = json.loads(Path(outcome.notebook).read_text())
+    assert Path(outcome.notebook) == (tmp_path / "deep" / "sw").resolve() / "runs" / f"{run.name}.ipynb"
+    meta = notebook["metadata"]["papermill"]
+    assert meta["input_path"] == str(Path(NO_KERNEL.notebooks) / "train.ipynb")
+    assert meta["output_path"] == outcome.notebook and meta["parameters"] == run.parameters
+    saved = RunResult.load(run.result_path)
+    assert saved.status == "failed" and saved.error == NO_KERNEL_ERROR and saved.config["steps"] == 9
+
+
+def test_execute_run_without_any_attempt_records_a_missing_result(tmp_path: Path) -> None:
+    (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], {"device": ["cpu"]})
+    outcome = execute_run(run, Settings(kernel="no-such-kernel", retries=0))
+    assert (outcome.status, outcome.error) == ("failed", "the notebook finished without writing its result")
+    assert RunResult.load(run.result_path).error == "the notebook finished without writing its result"
+
+
+@pytest.mark.notebook
+def test_failing_runs_are_isolated_and_recorded_with_their_error(tmp_path: Path) -> None:
+    # A misspelt parameter fails the notebook before it writes a result (so the sweep writes one);
+    # seq_len=512 exceeds gpt-tiny's block size inside train(), which writes its `failed` result itself.
+    grid = parse_params([*TINY, "seq_len=512", "wandb_mode=disabled"])
+    (too_long,) = expand_grid(tmp_path, CPU, ["fp32"], [0], grid)
+    typo = SweepRun("typo", {**too_long.parameters, "seq_len": 32, "run_name": "typo", "stepz": 3})
+    outcomes, interrupted = run_sweep([typo, too_long], Settings(), workers=1)
+    assert not interrupted and [(o.name, o.status) for o in outcomes] == [("typo", "failed"), (too_long.name, "failed")]
+    assert outcomes[0].error.startswith(
+        "ValueError: unknown parameter(s) 'stepz'; valid names: precision, model, steps"
+    )
+    assert outcomes[1].error.startswith("ValueError: seq_len=512 exceeds gpt-tiny's block size 256")
+    results = {r.config["run_name"]: r for r in load_sweep(tmp_path)}
+    assert results["typo"].config["stepz"] == 3 and results["typo"].plan["effective"] == "fp32"  # written by the sweep
+    assert results[too_long.name].config["seq_len"] == 512 and results[too_long.name].history == ()
+    assert (tmp_path / "runs" / "typo.ipynb").exists()  # the executed notebook shows the error
+
+
+# --- the sweep loop: resume, force, the progress bar ---
+
+
+def test_forced_rerun_executes_and_records_a_failure_without_a_kernel(tmp_path: Path) -> None:
+    (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], {"device": ["cpu"], "steps": [9]})
+    _saved_result(run)
+    settings = Settings(kernel="no-such-kernel", retries=2)
+    outcomes, interrupted = run_sweep([run], settings, force=True)
+    assert not interrupted
+    assert [(o.name, o.status, o.resumed) for o in outcomes] == [(run.name, "failed", False)]
+    assert outcomes[0].error == NO_KERNEL_ERROR
+    assert outcomes[0].notebook == str((tmp_path / "sw").resolve() / "runs" / f"{run.name}.ipynb")
+    saved = RunResult.load(run.result_path)
+    assert saved.status == "failed" and saved.error == outcomes[0].error and saved.config["steps"] == 9
+    assert run_sweep([], settings) == ([], False)
+
+
+def test_resumed_runs_keep_their_status_and_error_and_execute_nothing(tmp_path: Path) -> None:
+    runs = expand_grid(tmp_path / "sw", CPU, ["fp32", "bf16"], [0], {"device": ["cpu"], "steps": [9]})
+    _saved_result(runs[0])
+    _saved_result(runs[1], "oom")
+    outcomes, interrupted = run_sweep(runs, NO_KERNEL)
+    assert not interrupted
+    assert outcomes == [
+        Outcome(runs[0].name, "ok", None, resumed=True),
+        Outcome(runs[1].name, "oom", "oom: first line\nsecond", resumed=True),
+    ]
+    assert not (tmp_path / "sw" / "runs").exists()  # nothing executed
+
+
+def test_sweep_progress_bar_counts_runs_and_names_the_one_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = expand_grid(tmp_path / "sw", CPU, ["fp32", "bf16"], [0], {"device": ["cpu"], "steps": [9]})
+    for run in runs:
+        _saved_result(run)
+    outcomes, interrupted = run_sweep(runs, NO_KERNEL)  # not forced: complete runs are resumed, none executed
+    assert interrupted is False and [(o.status, o.resumed) for o in outcomes] == [("ok", True), ("ok", True)]
+    captured = capsys.readouterr()
+    assert captured.out == "resuming: 2 of 2 runs already complete (--force re-runs them)\n"  # tqdm.write: stdout
+    assert re.fullmatch(r"sweep: 100%\|[^|]*\| 2/2 \[.*run/s\]", _last_frame(captured.err))
+    run_sweep(runs[:1], NO_KERNEL, force=True)  # executed in this process (workers=1): the bar names the run
+    captured = capsys.readouterr()
+    assert captured.out == f"failed   {runs[0].name}: {NO_KERNEL_ERROR}\n"
+    frame = _last_frame(captured.err)
+    assert re.fullmatch(rf"sweep: 100%\|[^|]*\| 1/1 \[.*run/s, {runs[0].name}\]", frame), frame
+
+
+# --- Ctrl-C ---
+
+
+class CtrlCOnFirstOutcome(io.StringIO):
+    """A stdout on which Ctrl-C arrives (a real SIGINT) as the sweep prints its first finished run."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker, self.sent = marker, False
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if self.marker in text and not self.sent:
+            self.sent = True
+            signal.raise_signal(signal.SIGINT)
+        return n
+
+
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # SIGINT raises KeyboardInterrupt
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_ctrl_c_stops_the_sweep_and_keeps_the_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = expand_grid(tmp_path / "sw", CPU, ["fp32", "bf16"], [0], {"device": ["cpu"], "steps": [9]})
+    stdout = CtrlCOnFirstOutcome(runs[0].name)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    outcomes, interrupted = run_sweep(runs, NO_KERNEL)
+    assert stdout.sent and interrupted is True
+    assert [(o.name, o.status) for o in outcomes] == [(runs[0].name, "failed")]
+    assert runs[0].result_path.exists() and not runs[1].result_path.exists()  # the second run never started
+    assert not (tmp_path / "sw" / "runs" / f"{runs[1].name}.ipynb").exists()
+
+
+# --- the worker pool ---
+
+
+def test_each_worker_gets_its_own_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert _visible_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, ,1")
+    assert _visible_gpus() == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert _visible_gpus() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _visible_gpus() == [str(i) for i in range(torch.cuda.device_count())]
+
+
+def test_a_worker_ignores_ctrl_c_reports_its_pid_and_pins_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_init_worker` run in this process (what each pool worker runs first); SIGINT restored after."""
+    import os
+
+    saved = signal.getsignal(signal.SIGINT)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    gpus: queue.Queue[str | None] = queue.Queue()
+    pids: queue.Queue[int] = queue.Queue()
+    try:
+        gpus.put("1")
+        _init_worker(gpus, pids)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the parent stops workers itself
+        assert pids.get_nowait() == os.getpid() and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+        gpus.put(None)  # one GPU or none: the worker leaves the variable alone
+        _init_worker(gpus, pids)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1" and pids.get_nowait() == os.getpid()
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
+@pytest.mark.slow
+def test_runs_that_cannot_start_in_worker_processes_are_reported_one_line_each_and_exit_nonzero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--out", str(tmp_path), "--precisions", "fp32,bf16", "-p", "device=cpu", "--kernel", "no-such-kernel"]
+    assert main([*argv, *(f for p in TINY for f in ("-p", p)), "--workers", "2"]) == 1  # two workers, a run each
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("FAILED")] == [
+        f"FAILED failed   gpt-tiny-fp32-s0: {NO_KERNEL_ERROR}",
+        f"FAILED failed   gpt-tiny-bf16-mixed-s0: {NO_KERNEL_ERROR}",
+    ]
+    assert re.search(r"sweep: 100%\|[^|]*\| 2/2 \[[^],]*,[^],]*\]", err)  # the pool: the bar names no run
+    assert "report failed: report notebook failed" in err
+    results = load_sweep(tmp_path)
+    assert {r.status for r in results} == {"failed"} and len(results) == 2
+    assert all(r.config["steps"] == 8 and r.error == NO_KERNEL_ERROR for r in results)  # written in the workers
+    assert "| failed |" in (tmp_path / "summary.md").read_text()  # written from Python even without the notebook

@@ -1,0 +1,176 @@
+"""`amp_lib.sweep.grid`: `-p key=v1,v2` items -> a grid, and a grid + the device's capabilities -> the
+runs of a sweep. Pure: the capabilities are plain data, so CPU and GPU sweeps are planned on any machine.
+(How each value's text parses is `config.parse_value`'s, tested in test_config.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amp_lib.config import NON_SETTING_FIELDS, RunConfig
+from amp_lib.precision import Capabilities
+from amp_lib.sweep.grid import DEVICE_DEFAULTS, SweepRun, _slug, expand_grid, parse_params
+
+CPU = Capabilities(device_type="cpu", device_name="test-cpu")  # no fast fp16: native fp32 and bf16-mixed
+H100 = Capabilities(
+    device_type="cuda",
+    cuda_available=True,
+    device_name="NVIDIA H100 80GB HBM3",
+    compute_capability=(9, 0),
+    bf16_supported=True,
+    fp16_fast=True,
+)
+
+
+# --- -p items: splitting, names and reserved keys ---
+
+
+def test_params_split_values_strip_keys_and_later_items_win() -> None:
+    grid = parse_params([" lr =1e-3,3e-3", "steps=20", "steps=9,10", "wandb_mode=disabled"])
+    assert grid == {"lr": [0.001, 0.003], "steps": [9, 10], "wandb_mode": ["disabled"]}
+    assert parse_params([]) == {}
+
+
+def test_a_value_may_contain_an_equals_sign() -> None:
+    assert parse_params(["wandb_group=a=b"]) == {"wandb_group": ["a=b"]}
+
+
+@pytest.mark.parametrize("item", ["steps", "steps=", "steps= ", "=3"])
+def test_params_without_key_value_are_rejected(item: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_params([item])
+    message = str(info.value)
+    if item == "=3":  # an empty key is an unknown name
+        assert message.startswith("unknown parameter ''")
+    else:
+        assert message == f"invalid -p {item!r}; expected key=value[,value...]"
+
+
+@pytest.mark.parametrize("key", ["precision", "seed", "run_name", "out_dir"])
+def test_reserved_params_point_to_the_sweep_options(key: str) -> None:
+    assert key in NON_SETTING_FIELDS
+    with pytest.raises(ValueError) as info:
+        parse_params([f"{key}=1"])
+    assert str(info.value) == (
+        f"-p {key}=... is set by the sweep; use --precisions / --seeds (run_name and out_dir follow --out)"
+    )
+
+
+def test_unknown_param_lists_every_settable_name_and_no_reserved_one() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_params(["stepz=3"])
+    settable = [*RunConfig.field_names(), "wandb_mode", "wandb_project", "wandb_group"]
+    settable = [k for k in settable if k not in ("precision", "seed", "run_name", "out_dir")]
+    assert str(info.value) == f"unknown parameter 'stepz'; valid names: {', '.join(settable)}"
+
+
+# --- a run: its result path and the slugs in its name ---
+
+
+def test_sweep_run_result_path_is_out_dir_slash_name_json(tmp_path: Path) -> None:
+    run = SweepRun("a-b", {"out_dir": str(tmp_path / "r")})
+    assert run.result_path == tmp_path / "r" / "a-b.json"
+
+
+def test_slug_keeps_safe_characters_and_replaces_the_rest() -> None:
+    assert _slug("pkg.mod:fn") == "pkg.mod.fn"
+    assert _slug("lr=0.001") == "lr=0.001"
+    assert _slug("a b/c+d-e_f") == "a_b_c+d-e_f"
+
+
+# --- expanding the grid into runs ---
+
+
+def test_expand_orders_grid_then_precisions_then_seeds_and_names_varying_keys(tmp_path: Path) -> None:
+    grid = {"lr": [0.001, 0.01], "steps": [9], "model": ["gpt-tiny"]}
+    runs = expand_grid(tmp_path / "sw", CPU, ["32", "bf16"], [1, 0], grid)
+    assert [r.name for r in runs] == [
+        "gpt-tiny-fp32-s1-lr=0.001",
+        "gpt-tiny-fp32-s0-lr=0.001",
+        "gpt-tiny-bf16-mixed-s1-lr=0.001",
+        "gpt-tiny-bf16-mixed-s0-lr=0.001",
+        "gpt-tiny-fp32-s1-lr=0.01",
+        "gpt-tiny-fp32-s0-lr=0.01",
+        "gpt-tiny-bf16-mixed-s1-lr=0.01",
+        "gpt-tiny-bf16-mixed-s0-lr=0.01",
+    ]
+    first = runs[0].parameters
+    assert first == {
+        **DEVICE_DEFAULTS["cpu"],
+        "model": "gpt-tiny",
+        "steps": 9,  # the grid wins over the device default
+        "lr": 0.001,
+        "precision": "fp32",
+        "seed": 1,
+        "run_name": "gpt-tiny-fp32-s1-lr=0.001",
+        "out_dir": str((tmp_path / "sw").resolve() / "results"),
+        "wandb_group": "sw",
+    }
+    assert runs[0].result_path == (tmp_path / "sw").resolve() / "results" / "gpt-tiny-fp32-s1-lr=0.001.json"
+    assert not (tmp_path / "sw").exists()  # planning writes nothing
+
+
+def test_default_sweep_uses_native_precisions_and_device_defaults(tmp_path: Path) -> None:
+    grid = parse_params(["lr=1e-3,3e-3", "grad_clip=none", "allow_slow=false"])
+    runs = expand_grid(tmp_path, CPU, None, [0, 1], grid)
+    assert [r.parameters["precision"] for r in runs[:4]] == ["fp32", "fp32", "bf16-mixed", "bf16-mixed"]
+    assert len(runs) == 2 * 2 * 2
+    first = runs[0].parameters
+    assert first["model"] == "gpt-tiny" and first["steps"] == DEVICE_DEFAULTS["cpu"]["steps"]
+    assert first["grad_clip"] is None and first["allow_slow"] is False and first["lr"] == 0.001
+    assert first["out_dir"] == str(tmp_path.resolve() / "results") and first["wandb_group"] == tmp_path.name
+    assert runs[0].name == "gpt-tiny-fp32-s0-lr=0.001"
+    assert len({r.name for r in runs}) == len(runs)
+    fast_fp16 = Capabilities(device_type="cpu", device_name="test-cpu", fp16_fast=True)
+    assert [r.parameters["precision"] for r in expand_grid(tmp_path, fast_fp16)] == ["fp32", "fp16-mixed", "bf16-mixed"]
+
+
+def test_default_precisions_seed_and_group_with_an_explicit_group(tmp_path: Path) -> None:
+    runs = expand_grid(tmp_path / "my sweep", CPU, grid={"wandb_group": ["team"]})
+    assert [r.parameters["precision"] for r in runs] == ["fp32", "bf16-mixed"]
+    assert all(r.parameters["seed"] == 0 and r.parameters["wandb_group"] == "team" for r in runs)
+    assert runs[0].parameters["model"] == "gpt-tiny"
+    assert expand_grid(tmp_path / "my sweep", CPU, ["fp32"])[0].parameters["wandb_group"] == "my_sweep"
+    assert expand_grid(tmp_path / "x", CPU, ["fp32"], grid=None)[0].name == "gpt-tiny-fp32-s0"
+
+
+def test_cuda_capabilities_give_the_cuda_defaults_and_model_without_a_gpu(tmp_path: Path) -> None:
+    runs = expand_grid(tmp_path / "gpu", H100, None, [0], {"steps": [50]})
+    assert [r.parameters["precision"] for r in runs] == ["fp32", "tf32", "fp16-mixed", "bf16-mixed"]
+    assert [r.name for r in runs] == ["gpt2-124m-fp32-s0", "gpt2-124m-tf32-s0", "gpt2-124m-fp16-mixed-s0",
+                                      "gpt2-124m-bf16-mixed-s0"]  # fmt: skip
+    assert runs[0].parameters == {
+        **DEVICE_DEFAULTS["cuda"],
+        "model": "gpt2-124m",
+        "steps": 50,
+        "precision": "fp32",
+        "seed": 0,
+        "run_name": "gpt2-124m-fp32-s0",
+        "out_dir": str((tmp_path / "gpu").resolve() / "results"),
+        "wandb_group": "gpu",
+    }
+    assert DEVICE_DEFAULTS["cuda"]["seq_len"] > DEVICE_DEFAULTS["cpu"]["seq_len"]  # the two really differ
+    assert expand_grid(tmp_path, H100, ["fp32"], [0], {"model": ["gpt-tiny"]})[0].parameters["lr"] == 6e-4
+
+
+def test_model_is_in_the_name_but_never_twice(tmp_path: Path) -> None:
+    runs = expand_grid(tmp_path, CPU, ["fp32"], [0], {"model": ["gpt-tiny", "tests.user_models:make"]})
+    assert [r.name for r in runs] == ["gpt-tiny-fp32-s0", "tests.user_models.make-fp32-s0"]
+
+
+def test_several_devices_are_planned_without_probing_them(tmp_path: Path) -> None:
+    runs = expand_grid(tmp_path, CPU, ["fp32"], [0], {"device": ["cpu", "cuda"]})  # cuda: whether or not there is one
+    assert [r.name for r in runs] == ["gpt-tiny-fp32-s0-device=cpu", "gpt-tiny-fp32-s0-device=cuda"]
+    assert [r.parameters["device"] for r in runs] == ["cpu", "cuda"]
+
+
+def test_expand_rejects_repeats_and_colliding_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        expand_grid(tmp_path, CPU, ["fp32", "32"], [0])
+    assert str(info.value) == "precisions ['fp32', 'fp32'] and seeds [0] must not repeat"
+    with pytest.raises(ValueError, match=r"precisions \['fp32'\] and seeds \[1, 1\] must not repeat"):
+        expand_grid(tmp_path, CPU, ["fp32"], [1, 1])
+    with pytest.raises(ValueError) as info:
+        expand_grid(tmp_path, CPU, ["fp32"], [0], {"model": ["a:b", "c", "a.b"]})
+    assert str(info.value) == "run names collide: ['a.b-fp32-s0']"
