@@ -36,7 +36,7 @@ class CharTokenizer:
     chars: str
 
     @classmethod
-    def for_text(cls, text: str) -> "CharTokenizer":
+    def for_text(cls, text: str) -> CharTokenizer:
         return cls("".join(sorted(set(text))))
 
     @property

@@ -155,7 +155,7 @@ def _gpt_workload(name: str, config: RunConfig, device: torch.device) -> Workloa
         raise ValueError(f"seq_len={config.seq_len} exceeds {name}'s block size {base.block_size}")
     cfg = GPTConfig(base.n_layer, base.n_head, base.n_embd, vocab_size=tok.vocab_size, block_size=base.block_size)
     model = GPT(cfg)
-    common = dict(batch_size=config.batch_size, seq_len=config.seq_len, device=device)
+    common: dict[str, Any] = {"batch_size": config.batch_size, "seq_len": config.seq_len, "device": device}
     train = TokenBatches(ids[:split], num_batches=config.steps * config.grad_accum, seed=config.seed, **common)
     evals = TokenBatches(ids[split:], num_batches=4, seed=10_000 + config.seed, **common)
     return Workload(
@@ -172,7 +172,7 @@ def _gpt_workload(name: str, config: RunConfig, device: torch.device) -> Workloa
 def _mlp_workload(config: RunConfig, device: torch.device) -> Workload:
     width, hidden, classes = 256, 1024, 16
     model = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, classes))
-    common = dict(batch_size=config.batch_size, in_features=width, num_classes=classes, device=device)
+    common: dict[str, Any] = {"batch_size": config.batch_size, "in_features": width, "num_classes": classes, "device": device}
     n_params = sum(p.numel() for p in model.parameters())
     return Workload(
         model=model,

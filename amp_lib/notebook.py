@@ -39,7 +39,7 @@ class NotebookRun:
 
     config: RunConfig
     plan: PrecisionPlan
-    tracking: TrackingConfig = TrackingConfig()
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def run_notebook_parameters(namespace: Mapping[str, Any], before: Collection[str]) -> NotebookRun:

@@ -11,11 +11,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amp_lib.config import PROJECT, RunConfig
 from amp_lib.precision import PrecisionPlan
 from amp_lib.results import HistoryRow, RunResult, finite_or_none
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Self
 
 WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
 
@@ -140,7 +143,7 @@ class WandbTracker:
         if run is not None:
             run.finish(exit_code=exit_code)
 
-    def __enter__(self) -> WandbTracker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

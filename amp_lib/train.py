@@ -168,7 +168,7 @@ def train(
         metrics, status, error = recorder.metrics(), "diverged", str(exc)
     except torch.cuda.OutOfMemoryError as exc:
         metrics, status, error = recorder.metrics(), "oom", f"out of memory: {exc}"
-    except Exception as exc:  # a user model can raise anything; the result must still be written
+    except Exception as exc:  # noqa: BLE001 - a user model can raise anything; the result must still be written
         tail = "".join(traceback.format_exception(exc)[-3:])
         metrics, status, error = recorder.metrics(), "failed", f"{type(exc).__name__}: {exc}\n{tail}"
     gc.collect()  # the workload (model, optimizer, batches) died with _run's frame: return its memory

@@ -3,7 +3,9 @@ files, and the `gpu` tier skipped with its reason where there is no GPU."""
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,3 +125,38 @@ def tiny_config(tmp_path) -> Callable[..., Any]:
         return RunConfig(**values)
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> Iterator[None]:
+    """The models in these tests are tiny: one intra-op thread is as fast, and far faster on a busy 2-core box."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+class CtrlCOnFirstOutcome(io.StringIO):
+    """A stdout on which Ctrl-C arrives (a real SIGINT) as the sweep prints its first finished run."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker, self.sent = marker, False
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if self.marker in text and not self.sent:
+            self.sent = True
+            signal.raise_signal(signal.SIGINT)
+        return n
+
+
+@pytest.fixture
+def ctrl_c_stdout() -> Iterator[type[CtrlCOnFirstOutcome]]:
+    """`ctrl_c_stdout(marker)` makes a stdout that sends a real SIGINT when `marker` is first printed; meanwhile
+    SIGINT raises KeyboardInterrupt, as in a terminal."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield CtrlCOnFirstOutcome
+    signal.signal(signal.SIGINT, saved)

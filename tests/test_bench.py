@@ -15,15 +15,6 @@ from amp_lib.precision import probe, resolve_precision
 from amp_lib.train import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are small: one intra-op thread is as fast, and far faster on a busy 2-core box."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def cpu_plan(precision: str, allow_slow: bool = False):
     return resolve_precision(precision, probe(torch.device("cpu")), allow_slow=allow_slow)
 

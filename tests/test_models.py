@@ -26,15 +26,6 @@ from amp_lib.train import train
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are small: one intra-op thread is as fast, and far faster on a busy 2-core box."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(autouse=True)
 def _seeded():
     """Model construction draws from torch's global RNG: seed it in every test."""

@@ -11,9 +11,7 @@ import contextlib
 import io
 import json
 import os
-import signal
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,28 +59,6 @@ def _finished_sweep(
 
 def _recommendation_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("recommendation")]
-
-
-class CtrlCOnFirstOutcome(io.StringIO):
-    """A stdout on which Ctrl-C arrives (a real SIGINT) as the sweep prints its first finished run."""
-
-    def __init__(self, marker: str) -> None:
-        super().__init__()
-        self.marker, self.sent = marker, False
-
-    def write(self, text: str) -> int:
-        n = super().write(text)
-        if self.marker in text and not self.sent:
-            self.sent = True
-            signal.raise_signal(signal.SIGINT)
-        return n
-
-
-@pytest.fixture
-def default_sigint() -> Iterator[None]:
-    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # SIGINT raises KeyboardInterrupt
-    yield
-    signal.signal(signal.SIGINT, saved)
 
 
 # --- SweepResult: what failed, the exit code ---
@@ -240,20 +216,19 @@ def test_sweep_runs_in_this_process_with_one_worker_and_the_bar_names_the_run(
     assert [f.strip() for f in frames if f.strip()][-1].endswith(f"run/s, {run.name}]")
 
 
-@pytest.mark.usefixtures("default_sigint")
 def test_ctrl_c_exits_130_keeps_finished_runs_and_writes_no_report(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ctrl_c_stdout: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "sw"
     (first, second) = expand_grid(out, CPU, ["fp32", "bf16"], [0], {"device": ["cpu"], "steps": [9]})
-    monkeypatch.setattr(sys, "stdout", CtrlCOnFirstOutcome(first.name))
+    monkeypatch.setattr(sys, "stdout", ctrl_c_stdout(first.name))
     result = sweep(out, ["fp32", "bf16"], [0], ["device=cpu", "steps=9"], settings=NO_KERNEL_SETTINGS)
     assert (result.interrupted, result.exit_code, result.planned) == (True, 130, 2)
     assert [o.name for o in result.outcomes] == [first.name]
     assert (result.report, result.files, result.report_error) == (None, {}, None)  # no report of half a sweep
     assert sorted(p.name for p in out.iterdir()) == ["results", "runs"] and not second.result_path.exists()
     capsys.readouterr()
-    stdout = CtrlCOnFirstOutcome(first.name)  # again, through the command (the failed run is retried)
+    stdout = ctrl_c_stdout(first.name)  # again, through the command (the failed run is retried)
     monkeypatch.setattr(sys, "stdout", stdout)
     argv = ["--out", str(out), "--precisions", "fp32,bf16", "-p", "device=cpu", "-p", "steps=9", *NO_KERNEL]
     assert main(argv) == 130

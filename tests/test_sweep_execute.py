@@ -6,13 +6,11 @@ kernel, which is enough to test everything around the notebook. The `notebook` t
 
 from __future__ import annotations
 
-import io
 import json
 import queue
 import re
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -268,32 +266,11 @@ def test_sweep_progress_bar_counts_runs_and_names_the_one_running(
 # --- Ctrl-C ---
 
 
-class CtrlCOnFirstOutcome(io.StringIO):
-    """A stdout on which Ctrl-C arrives (a real SIGINT) as the sweep prints its first finished run."""
-
-    def __init__(self, marker: str) -> None:
-        super().__init__()
-        self.marker, self.sent = marker, False
-
-    def write(self, text: str) -> int:
-        n = super().write(text)
-        if self.marker in text and not self.sent:
-            self.sent = True
-            signal.raise_signal(signal.SIGINT)
-        return n
-
-
-@pytest.fixture
-def default_sigint() -> Iterator[None]:
-    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # SIGINT raises KeyboardInterrupt
-    yield
-    signal.signal(signal.SIGINT, saved)
-
-
-@pytest.mark.usefixtures("default_sigint")
-def test_ctrl_c_stops_the_sweep_and_keeps_the_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_stops_the_sweep_and_keeps_the_finished_runs(
+    ctrl_c_stdout: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runs = expand_grid(tmp_path / "sw", CPU, ["fp32", "bf16"], [0], {"device": ["cpu"], "steps": [9]})
-    stdout = CtrlCOnFirstOutcome(runs[0].name)
+    stdout = ctrl_c_stdout(runs[0].name)
     monkeypatch.setattr(sys, "stdout", stdout)
     outcomes, interrupted = run_sweep(runs, NO_KERNEL)
     assert stdout.sent and interrupted is True

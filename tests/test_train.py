@@ -24,15 +24,6 @@ from amp_lib.scaler import COLLAPSED_SCALE, StepOutcome
 from amp_lib.train import Diverged, Recorder, check_divergence, make_optimizer, seed_everything, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread is as fast, and far faster on a busy 2-core box."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 class KeepingObserver:
     """A real RunObserver that keeps what it was given."""
 

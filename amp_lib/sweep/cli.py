@@ -57,9 +57,10 @@ def sweep(
     force: bool = False,
     report: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
-    settings: Settings = Settings(),
+    settings: Settings | None = None,
 ) -> SweepResult:
     """Plan, run (resumably, failures isolated) and report a sweep; the Python face of the CLI."""
+    settings = settings or Settings()
     check_tolerance(tolerance)  # before any run: a bad tolerance must not waste a sweep
     out_path = Path(out)
     grid = parse_params(params)
