@@ -57,7 +57,7 @@ def bare_loop(config: RunConfig, plan: PrecisionPlan) -> BareRun:
     seed_everything(config.seed)
     work = build_workload(config, device)
     model = plan.prepare_model(work.model, device, config.compile)
-    optimizer = make_optimizer(model, config.lr, device)
+    optimizer = make_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(
         device.type,
         init_scale=config.init_scale,
@@ -70,7 +70,7 @@ def bare_loop(config: RunConfig, plan: PrecisionPlan) -> BareRun:
     loss = torch.zeros(())
     with plan.tf32_scope():
         for step in range(config.steps):
-            if step >= config.warmup_steps:
+            if step >= config.timing_warmup_steps:
                 timer.start()
             x, y = work.train_batches[step]
             with autocast:
@@ -82,7 +82,7 @@ def bare_loop(config: RunConfig, plan: PrecisionPlan) -> BareRun:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if step >= config.warmup_steps:
+            if step >= config.timing_warmup_steps:
                 timer.stop()
             if (step + 1) % config.log_every == 0:
                 times.extend(timer.read_ms())
@@ -159,7 +159,7 @@ def build_parser(cuda: bool) -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=BUILTIN_MODELS, default=default_model_for("cuda" if cuda else "cpu"))
     parser.add_argument("--precisions", nargs="+", default=list(DEFAULT_PRECISIONS))
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--timing-warmup-steps", type=int, default=10, help="untimed steps before measuring")
     parser.add_argument("--batch-size", type=int, default=16 if cuda else 8)
     parser.add_argument("--seq-len", type=int, default=1024 if cuda else 128)
     parser.add_argument("--device", default="auto")
@@ -174,7 +174,7 @@ def base_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model=args.model,
         steps=args.steps,
-        warmup_steps=args.warmup_steps,
+        timing_warmup_steps=args.timing_warmup_steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         device=args.device,

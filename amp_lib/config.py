@@ -24,6 +24,58 @@ BUILTIN_MODELS: tuple[str, ...] = ("gpt-tiny", "gpt-small", "gpt2-124m", "mlp")
 NON_SETTING_FIELDS: tuple[str, ...] = ("precision", "seed", "run_name", "out_dir")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
+_SHAKESPEARE_CHAR: dict[str, Any] = {
+    # nanoGPT's config/train_shakespeare_char.py, the "baby GPT": best validation loss 1.4697 after 5,000
+    # steps (about 3 minutes on one A100). Weight decay 0.1 and gradient clipping 1.0 are nanoGPT's defaults.
+    "model": "gpt-small",  # 6 layers, 6 heads, 384 wide
+    "seq_len": 256,
+    "batch_size": 64,
+    "dropout": 0.2,
+    "lr": 1e-3,
+    "lr_warmup_steps": 100,
+    "lr_decay_steps": 5000,
+    "min_lr": 1e-4,
+    "beta2": 0.99,
+    "weight_decay": 0.1,
+    "steps": 5000,
+    "eval_every": 250,
+    "eval_batches": 200,
+    "timing_warmup_steps": 50,
+    "log_every": 50,
+}
+# Named sets of values a run starts from; a value the user sets (anything but the field's default) wins.
+RECIPES: dict[str, dict[str, Any]] = {
+    "shakespeare-char": _SHAKESPEARE_CHAR,
+    # The default GPU sweep: the same model and schedule shape, short enough that fp32, tf32, fp16-mixed and
+    # bf16-mixed x 3 seeds fit in about 10 minutes on one H100 (an estimate until measured: docs/benchmarks.md).
+    "shakespeare-char-short": {
+        **_SHAKESPEARE_CHAR,
+        "steps": 500,
+        "lr_decay_steps": 500,
+        "eval_every": 50,
+        "eval_batches": 50,
+        "timing_warmup_steps": 20,
+        "log_every": 25,
+    },
+    # The default CPU sweep: a 2-layer, 64-wide model for seconds per run on 2 cores.
+    "shakespeare-char-tiny": {
+        "model": "gpt-tiny",
+        "seq_len": 64,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "lr_warmup_steps": 10,
+        "lr_decay_steps": 60,
+        "min_lr": 3e-4,
+        "beta2": 0.99,
+        "weight_decay": 0.1,
+        "steps": 60,
+        "eval_every": 20,
+        "eval_batches": 8,
+        "timing_warmup_steps": 10,
+        "log_every": 10,
+    },
+}
+
 
 def _parse_bool(text: str) -> bool:
     word = text.lower()
@@ -88,7 +140,7 @@ class RunConfig:
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"
-    warmup_steps: int = 5  # untimed steps before throughput and memory are measured
+    timing_warmup_steps: int = 5  # untimed steps before throughput and memory are measured
     log_every: int = 5
     out_dir: str = "results"
     run_name: str = ""
@@ -96,10 +148,21 @@ class RunConfig:
     growth_interval: int = 2000
     allow_slow: bool = False  # run fp16 on a CPU without fast fp16 instead of falling back to bf16
     compile: bool = False  # torch.compile the model (fp8 needs it to be fast)
+    recipe: str = ""  # a name in RECIPES: its values replace every value left at its default
+    lr_warmup_steps: int = 0  # learning-rate warm-up (linear); not the timing warm-up above
+    lr_decay_steps: int = 0  # cosine decay of the learning rate to min_lr by this step; 0: no decay
+    min_lr: float = 0.0
+    beta2: float = 0.999  # AdamW's second-moment decay
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    dropout: float = 0.0  # built-in GPT models only
+    eval_every: int = 0  # steps between evaluations on held-out batches; 0: only at the end
+    eval_batches: int = 4  # held-out batches per evaluation (built-in models)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             TYPES[str(f.type)].check(f.name, getattr(self, f.name))
+        if self.recipe:
+            self._apply_recipe()
         parse_precision(self.precision)
         for name, minimum in (
             ("steps", 1),
@@ -108,17 +171,33 @@ class RunConfig:
             ("grad_accum", 1),
             ("log_every", 1),
             ("growth_interval", 1),
-            ("warmup_steps", 0),
+            ("timing_warmup_steps", 0),
             ("seed", 0),
+            ("lr_warmup_steps", 0),
+            ("lr_decay_steps", 0),
+            ("eval_every", 0),
+            ("eval_batches", 1),
         ):
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= {minimum}")
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be less than steps={self.steps} (nothing left to time)")
+        if self.timing_warmup_steps >= self.steps:
+            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} must be less than steps={self.steps} (nothing left to time)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr!r} must be a positive finite number")
         if self.grad_clip is not None and not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise ValueError(f"grad_clip={self.grad_clip!r} must be None, 0 (off) or a positive number")
+        if not (0 <= self.min_lr <= self.lr):
+            raise ValueError(f"min_lr={self.min_lr!r} must be between 0 and lr={self.lr!r}")
+        if self.lr_decay_steps and self.lr_decay_steps <= self.lr_warmup_steps:
+            raise ValueError(
+                f"lr_decay_steps={self.lr_decay_steps} must be 0 (no decay) or more than lr_warmup_steps={self.lr_warmup_steps}"
+            )
+        if not 0 < self.beta2 < 1:
+            raise ValueError(f"beta2={self.beta2!r} must be between 0 and 1 (exclusive)")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
         if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
             raise ValueError(f"init_scale={self.init_scale!r} must be a positive finite number")
         if self.model not in BUILTIN_MODELS and ":" not in self.model:
@@ -127,6 +206,20 @@ class RunConfig:
             raise ValueError(f"invalid device {self.device!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
         if self.run_name and not re.fullmatch(r"[\w.=+-]+", self.run_name):
             raise ValueError(f"invalid run_name {self.run_name!r}; use letters, digits and . _ = + -")
+
+    def _apply_recipe(self) -> None:
+        """Fill in the recipe's values wherever the config still holds the field's default."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"invalid recipe {self.recipe!r}; valid: {', '.join(RECIPES)}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) == defaults[name]:
+                object.__setattr__(self, name, value)  # frozen: this is still construction
+
+    @property
+    def schedules_lr(self) -> bool:
+        """Whether the learning rate changes during the run (warm-up or decay)."""
+        return bool(self.lr_warmup_steps or self.lr_decay_steps)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -141,7 +234,7 @@ class RunConfig:
 
     @property
     def name(self) -> str:
-        return self.run_name or f"{self.model.replace(':', '.')}-{self.precision}-s{self.seed}"
+        return self.run_name or f"{self.model.replace(':', '.')}-{parse_precision(self.precision)}-s{self.seed}"
 
     @property
     def result_path(self) -> Path:

@@ -1,9 +1,12 @@
 """Built-in workloads (`gpt-*`, `mlp`) and the hook for a user's own `"package.module:function"`.
 
-A user function takes the `RunConfig` and returns either a `Workload` or a tuple
-`(model, batches, loss_fn)`: `batches` is a sequence (or callable `i -> batch`) of `(inputs, targets)`
-pairs already on the run's device (`config.device`), and `loss_fn(model(inputs), targets)` is a
-scalar loss. Example (see `amp_lib.examples`):
+A user function takes the `RunConfig` and returns either a `Workload` (its own train and eval batches)
+or a tuple `(model, batches, loss_fn)`: `batches` is a sequence (or a callable `i -> batch`) of
+`(inputs, targets)` pairs already on the run's device (`config.device`), and `loss_fn(model(inputs),
+targets)` is a scalar loss. With the tuple form, training cycles through a sequence (batch `i % len`) or
+calls the callable with every micro-batch index `0 .. steps * grad_accum - 1`; evaluation uses the same
+batches (the whole sequence, or the callable's indices `0 .. eval_batches - 1`): there is no held-out data
+unless you return a `Workload`. Example (see `amp_lib.examples`):
 
     def build(config):
         model = torch.nn.Linear(32, 1)
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amp_lib.config import BUILTIN_MODELS, RunConfig
-from amp_lib.data import CharTokenizer, TensorBatches, TokenBatches, corpus
+from amp_lib.data import TRAIN_FRACTION, CharTokenizer, TensorBatches, TokenBatches, corpus
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,6 +40,7 @@ class GPTConfig:
     n_embd: int
     vocab_size: int = 64
     block_size: int = 256
+    dropout: float = 0.0
 
 
 GPT_SIZES: dict[str, GPTConfig] = {
@@ -49,19 +53,23 @@ GPT_SIZES: dict[str, GPTConfig] = {
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout)
+        )
+        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln_1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        x = x + self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -73,6 +81,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -88,7 +97,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
@@ -122,7 +131,7 @@ class Workload:
 
 
 class _CallableBatches:
-    def __init__(self, fn: Callable[[int], Batch], length: int = 4) -> None:
+    def __init__(self, fn: Callable[[int], Batch], length: int) -> None:
         self.fn, self.length = fn, length
 
     def __len__(self) -> int:
@@ -149,15 +158,17 @@ def _gpt_workload(name: str, config: RunConfig, device: torch.device) -> Workloa
     text = corpus()
     tok = CharTokenizer.for_text(text)
     ids = tok.encode(text)
-    split = int(0.9 * ids.numel())
+    split = int(TRAIN_FRACTION * ids.numel())
     base = GPT_SIZES[name]
     if config.seq_len > base.block_size:
         raise ValueError(f"seq_len={config.seq_len} exceeds {name}'s block size {base.block_size}")
-    cfg = GPTConfig(base.n_layer, base.n_head, base.n_embd, vocab_size=tok.vocab_size, block_size=base.block_size)
+    cfg = GPTConfig(
+        base.n_layer, base.n_head, base.n_embd, vocab_size=tok.vocab_size, block_size=base.block_size, dropout=config.dropout
+    )
     model = GPT(cfg)
     common: dict[str, Any] = {"batch_size": config.batch_size, "seq_len": config.seq_len, "device": device}
     train = TokenBatches(ids[:split], num_batches=config.steps * config.grad_accum, seed=config.seed, **common)
-    evals = TokenBatches(ids[split:], num_batches=4, seed=10_000 + config.seed, **common)
+    evals = TokenBatches(ids[split:], num_batches=config.eval_batches, seed=10_000 + config.seed, **common)
     return Workload(
         model=model,
         train_batches=train,
@@ -177,7 +188,7 @@ def _mlp_workload(config: RunConfig, device: torch.device) -> Workload:
     return Workload(
         model=model,
         train_batches=TensorBatches(num_batches=config.steps * config.grad_accum, seed=config.seed, **common),
-        eval_batches=TensorBatches(num_batches=4, seed=10_000 + config.seed, teacher_seed=config.seed, **common),
+        eval_batches=TensorBatches(num_batches=config.eval_batches, seed=10_000 + config.seed, teacher_seed=config.seed, **common),
         loss_fn=class_loss,
         items_per_batch=config.batch_size,
         flops_per_item=6.0 * n_params,
@@ -209,8 +220,10 @@ def _user_workload(spec: str, config: RunConfig) -> Workload:
         model, batches, loss_fn = built
     except (TypeError, ValueError) as exc:
         raise TypeError(f"model factory {spec!r} must return a Workload or (model, batches, loss_fn)") from exc
+    evals = None
     if callable(batches) and not hasattr(batches, "__getitem__"):
-        batches = _CallableBatches(batches)
+        evals = _CycledBatches(_CallableBatches(batches, config.eval_batches))
+        batches = _CallableBatches(batches, config.steps * config.grad_accum)
     elif not hasattr(batches, "__getitem__"):
         batches = list(batches)
     # The training loop indexes modulo len(), bench's bare loop by step: cycling gives both the same batches.
@@ -219,7 +232,7 @@ def _user_workload(spec: str, config: RunConfig) -> Workload:
     return Workload(
         model=model,
         train_batches=batches,
-        eval_batches=batches,
+        eval_batches=evals or batches,
         loss_fn=loss_fn,
         items_per_batch=int(first_inputs.shape[0]) if hasattr(first_inputs, "shape") else 1,
     )

@@ -16,7 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: metrics.tokens_per_s became items_per_s (it holds samples/s for non-LM models)
+# 2: metrics.tokens_per_s became items_per_s (it holds samples/s for non-LM models), config.warmup_steps
+# became timing_warmup_steps (the learning-rate warm-up is lr_warmup_steps); eval curves, the learning rate
+# per step, the best eval loss, training time and the memory split were added.
+SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 STATUSES = ("ok", "failed", "oom", "diverged")
 
@@ -54,6 +57,12 @@ class Metrics:
     final_loss_scale: float | None = None
     min_loss_scale: float | None = None
     mfu: float | None = None
+    best_eval_loss: float | None = None  # lowest of the periodic evals (the final one included)
+    train_time_s: float | None = None  # wall time of the training steps, evals excluded
+    # What the peak memory holds, as tensor sizes: the rest of the peak is activations and workspace.
+    param_memory_mb: float | None = None
+    grad_memory_mb: float | None = None
+    optimizer_memory_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,16 @@ class HistoryRow:
     step_time_ms: float | None
     skipped: bool = False
     skipped_steps: int = 0  # cumulative
+    lr: float | None = None  # learning rate the step used
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One evaluation on the held-out batches, after `step` optimizer steps (skipped ones included)."""
+
+    step: int
+    loss: float | None
+    elapsed_s: float  # training wall time until this eval, earlier evals excluded: for time-to-quality
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,7 @@ class RunResult:
     plan: dict[str, Any]
     metrics: Metrics = field(default_factory=Metrics)
     history: tuple[HistoryRow, ...] = ()
+    evals: tuple[EvalRow, ...] = ()
     status: str = "ok"
     error: str | None = None
     schema_version: int = SCHEMA_VERSION
@@ -92,6 +112,7 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["history"] = [asdict(row) for row in self.history]
+        d["evals"] = [asdict(row) for row in self.evals]
         return _finite(d)
 
     @classmethod
@@ -99,14 +120,17 @@ class RunResult:
         version = d.get("schema_version")
         if version not in READABLE_VERSIONS:
             raise ValueError(f"unsupported schema_version {version!r}; this amp_lib reads {', '.join(map(str, READABLE_VERSIONS))}")
-        metrics = dict(d.get("metrics", {}))
+        metrics, config = dict(d.get("metrics", {})), dict(d["config"])
         if version == 1:
             metrics["items_per_s"] = metrics.pop("tokens_per_s", None)
+            if "warmup_steps" in config:
+                config["timing_warmup_steps"] = config.pop("warmup_steps")
         return cls(
-            config=dict(d["config"]),
+            config=config,
             plan=dict(d["plan"]),
             metrics=Metrics(**metrics),
             history=tuple(HistoryRow(**row) for row in d.get("history", [])),
+            evals=tuple(EvalRow(**row) for row in d.get("evals", [])),
             status=d["status"],
             error=d.get("error"),
         )
@@ -130,12 +154,27 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _file_mode() -> int:
+    """The mode a plain `open()` would give a new file: 0666 less the umask (0644 under the usual 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read the umask by setting it (and put it back at once)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to a temp file beside `path`, fsync it, then rename it over `path`."""
+    """Write `text` to a temp file beside `path`, fsync it, then rename it over `path`. The file gets the
+    mode a plain `open()` would give it (mkstemp's 0600 would hide results from the rest of the team)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -152,15 +191,102 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False))
 
 
-def load_results(directory: str | os.PathLike[str]) -> list[RunResult]:
-    """Every complete result JSON in `directory` (recursively), sorted by path."""
-    return [RunResult.load(p) for p in sorted(Path(directory).rglob("*.json")) if not p.name.startswith(".")]
+# -- reading a folder of results -------------------------------------------------------------------
+
+MANIFEST = "sweep.json"  # written by a sweep into its folder: the runs of the grid it was last asked for
 
 
-def load_sweep(directory: str | os.PathLike[str]) -> list[RunResult]:
-    """The results of a sweep folder (its `results/` subfolder when it has one) or of a folder of JSONs."""
+@dataclass(frozen=True)
+class LoadProblem:
+    """A JSON file in a results folder that is not in a report, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path.name}: {self.reason}"
+
+
+class LoadedResults(list):  # type: ignore[type-arg]
+    """The results read from a folder (a plain list of `RunResult`), plus what was not read:
+    `problems` (unreadable, truncated or foreign JSON files) and `left_out` (well-formed results of an
+    earlier grid in a sweep folder, not part of the grid it was last asked for)."""
+
+    def __init__(
+        self, results: Any = (), problems: Any = (), left_out: Any = ()
+    ) -> None:
+        super().__init__(results)
+        self.problems: tuple[LoadProblem, ...] = tuple(problems)
+        self.left_out: tuple[LoadProblem, ...] = tuple(left_out)
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per file not in the results, for a report: unreadable ones first."""
+        return [f"not read: {p}" for p in self.problems] + [f"left out: {p}" for p in self.left_out]
+
+
+def read_result(path: str | os.PathLike[str]) -> RunResult | LoadProblem:
+    """The result in `path`, or a `LoadProblem` saying (in one line) why it is not one."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        return LoadProblem(path, f"unreadable ({exc.strerror or exc})")
+    except UnicodeDecodeError:
+        return LoadProblem(path, "not text (not a result file)")
+    except json.JSONDecodeError as exc:
+        return LoadProblem(path, f"not valid JSON, truncated or corrupt ({exc.msg} at line {exc.lineno} column {exc.colno})")
+    if not isinstance(data, dict) or "schema_version" not in data:
+        return LoadProblem(path, "not an AMP Workbook result (no schema_version)")
+    try:
+        return RunResult.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        return LoadProblem(path, f"not a readable result of this schema ({first_line(detail)})")
+
+
+def _read_folder(directory: Path) -> list[tuple[Path, RunResult | LoadProblem]]:
+    return [(p, read_result(p)) for p in sorted(directory.rglob("*.json")) if not p.name.startswith(".")]
+
+
+def load_results(directory: str | os.PathLike[str]) -> LoadedResults:
+    """Every well-formed result JSON in `directory` (recursively), sorted by path. A truncated, corrupt
+    or foreign JSON file never raises: it is listed in `.problems` with the reason."""
+    read = _read_folder(Path(directory))
+    return LoadedResults(
+        [r for _, r in read if isinstance(r, RunResult)], [r for _, r in read if isinstance(r, LoadProblem)]
+    )
+
+
+def grid_names(directory: str | os.PathLike[str]) -> set[str] | None:
+    """The run names of the grid a sweep folder was last asked for (its `sweep.json`); None without one."""
+    try:
+        names = json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {str(n) for n in names} if isinstance(names, list) else None
+
+
+def load_sweep(directory: str | os.PathLike[str]) -> LoadedResults:
+    """The results of a sweep folder (its `results/` subfolder when it has one) or of a folder of JSONs.
+
+    A sweep folder lists the runs of the grid it was last asked for (`sweep.json`): results of earlier
+    grids in the same folder are not returned but named in `.left_out`, so a report never averages
+    in runs nobody asked for this time. Unreadable or foreign JSON files are named in `.problems`.
+    """
     root = Path(directory)
     if not root.is_dir():
         raise ValueError(f"sweep_dir {str(directory)!r} is not a folder")
     results_dir = root / "results"
-    return load_results(results_dir if results_dir.is_dir() else root)
+    read = _read_folder(results_dir if results_dir.is_dir() else root)
+    names = grid_names(root) if results_dir.is_dir() else None
+    results, problems, left_out = [], [], []
+    for path, loaded in read:
+        if isinstance(loaded, LoadProblem):
+            problems.append(loaded)
+        elif names is None or path.stem in names:
+            results.append(loaded)
+        else:
+            left_out.append(LoadProblem(path, "from an earlier grid, not part of the one this sweep was last run with"))
+    return LoadedResults(results, problems, left_out)

@@ -5,14 +5,20 @@ the loop does forward -> scaled backward -> unscale -> clip -> step, and per-ste
 the device until every `log_every` steps, when the recorder moves them to the host in one transfer.
 The recorder owns the run's history: the metrics of a finished run and of a run cut short by
 divergence, OOM or an error are both read from it.
+
+The learning-rate schedule (nanoGPT's: linear warm-up, cosine decay to `min_lr`) runs on the device: the
+learning rate is a tensor the fused optimizer reads, computed from the count of steps the optimizer
+really took, so a step the loss scaler skipped does not advance the schedule, without a host sync.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import os
 import random
 import statistics
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,7 +30,7 @@ from amp_lib.config import RunConfig
 from amp_lib.measure import PeakMemory, StepTimer, percentile
 from amp_lib.models import Workload, build_workload
 from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
-from amp_lib.results import HistoryRow, Metrics, RunResult
+from amp_lib.results import EvalRow, HistoryRow, Metrics, RunResult
 from amp_lib.scaler import COLLAPSED_SCALE, AmpScaler, StepOutcome
 
 
@@ -47,13 +53,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused where the device has it: fused AdamW takes GradScaler's inf check without a sync."""
+def make_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused where the device has it: fused AdamW takes GradScaler's inf check without a sync.
+
+    With a learning-rate schedule the learning rate is a device tensor (`scheduled_lr` updates it in place).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    lr: float | torch.Tensor = torch.tensor(config.lr, device=device) if config.schedules_lr else config.lr
+    hyper = {"lr": lr, "betas": (0.9, config.beta2), "weight_decay": config.weight_decay}
     try:
-        return torch.optim.AdamW(params, lr=lr, fused=device.type in ("cuda", "cpu"))
+        return torch.optim.AdamW(params, **hyper, fused=device.type in ("cuda", "cpu"))
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr)
+        return torch.optim.AdamW(params, **hyper, foreach=False)  # takes a tensor lr too
+
+
+def scheduled_lr(applied_steps: torch.Tensor, config: RunConfig) -> torch.Tensor:
+    """nanoGPT's schedule after `applied_steps` optimizer steps: linear warm-up over `lr_warmup_steps`, then
+    cosine decay to `min_lr` at `lr_decay_steps` (constant `lr` after the warm-up when that is 0)."""
+    n = applied_steps.float()
+    warm = config.lr * (n + 1) / (config.lr_warmup_steps + 1)
+    if config.lr_decay_steps:
+        span = config.lr_decay_steps - config.lr_warmup_steps
+        ratio = ((n - config.lr_warmup_steps) / span).clamp(0.0, 1.0)
+        after = config.min_lr + 0.5 * (1.0 + torch.cos(math.pi * ratio)) * (config.lr - config.min_lr)
+    else:
+        after = torch.full_like(n, config.lr)
+    return torch.where(n < config.lr_warmup_steps, warm, after)
+
+
+def memory_split_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[float, float, float]:
+    """Parameters, gradients and optimizer state as tensor sizes (MiB): what the peak holds besides
+    activations and workspace. Gradients take their parameters' size and dtype."""
+    params = [p for p in model.parameters()]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    grad_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    state_bytes = sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
+    return param_bytes / 2**20, grad_bytes / 2**20, state_bytes / 2**20
 
 
 @torch.no_grad()
@@ -72,19 +109,26 @@ def evaluate(model: torch.nn.Module, workload: Workload, plan: PrecisionPlan) ->
 class Recorder:
     """Owns the run's history: per-step device tensors, turned into host rows every `log_every` steps."""
 
-    def __init__(self, timer: StepTimer, item_unit: str = "tokens") -> None:
-        self.timer, self.item_unit = timer, item_unit
+    def __init__(self, timer: StepTimer, item_unit: str = "tokens", constant_lr: float | None = None) -> None:
+        self.timer, self.item_unit, self.constant_lr = timer, item_unit, constant_lr
         self.history: list[HistoryRow] = []
+        self.evals: list[EvalRow] = []
         self.timed_ms: list[float] = []
         self._steps: list[int] = []
         self._losses: list[torch.Tensor] = []
         self._outcomes: list[StepOutcome] = []
+        self._lrs: list[torch.Tensor] = []
         self._timed_steps: list[int] = []
 
-    def record(self, step: int, loss: torch.Tensor, outcome: StepOutcome, timed: bool) -> None:
+    def record(
+        self, step: int, loss: torch.Tensor, outcome: StepOutcome, timed: bool, lr: torch.Tensor | None = None
+    ) -> None:
+        """Keep one step's device tensors; `lr` is the scheduled learning rate (None: `constant_lr`)."""
         self._steps.append(step)
         self._losses.append(loss)
         self._outcomes.append(outcome)
+        if lr is not None:
+            self._lrs.append(lr)
         if timed:
             self._timed_steps.append(step)
 
@@ -93,14 +137,17 @@ class Recorder:
         if not self._steps:
             return []
         nan = torch.full_like(self._outcomes[0].grad_norm, math.nan)
-        losses, grad_norms, skipped, scales = torch.stack(
-            [
-                torch.stack(self._losses).float(),
-                torch.stack([o.grad_norm.float() for o in self._outcomes]),
-                torch.stack([o.skipped.float() for o in self._outcomes]),
-                torch.stack([(o.scale if o.scale is not None else nan).float() for o in self._outcomes]),
-            ]
-        ).tolist()
+        columns = [
+            torch.stack(self._losses).float(),
+            torch.stack([o.grad_norm.float() for o in self._outcomes]),
+            torch.stack([o.skipped.float() for o in self._outcomes]),
+            torch.stack([(o.scale if o.scale is not None else nan).float() for o in self._outcomes]),
+        ]
+        if self._lrs:
+            columns.append(torch.stack(self._lrs).float().to(columns[0].device))
+        table = torch.stack(columns).tolist()  # the one host-device transfer per log interval
+        losses, grad_norms, skipped, scales = table[:4]
+        lrs = table[4] if self._lrs else [self.constant_lr] * len(self._steps)
         step_ms = dict(zip(self._timed_steps, self.timer.read_ms()))
         self.timed_ms.extend(step_ms.values())
         cumulative = self.history[-1].skipped_steps if self.history else 0
@@ -116,17 +163,20 @@ class Recorder:
                     step_time_ms=step_ms.get(step),
                     skipped=bool(skipped[i]),
                     skipped_steps=cumulative,
+                    lr=lrs[i],
                 )
             )
         self.history.extend(rows)
-        self._steps, self._losses, self._outcomes, self._timed_steps = [], [], [], []
+        self._steps, self._losses, self._outcomes, self._lrs, self._timed_steps = [], [], [], [], []
         return rows
 
     def metrics(self) -> Metrics:
         """What the history says: losses, skipped steps and loss scales (all a run cut short has)."""
         scales = [r.loss_scale for r in self.history if r.loss_scale is not None]
+        eval_losses = [e.loss for e in self.evals if e.loss is not None]
         return Metrics(
             throughput_unit=self.item_unit,
+            best_eval_loss=min(eval_losses) if eval_losses else None,
             final_train_loss=self.history[-1].loss if self.history else None,
             skipped_steps=self.history[-1].skipped_steps if self.history else 0,
             final_loss_scale=scales[-1] if scales else None,
@@ -176,9 +226,10 @@ def train(
         torch.cuda.empty_cache()
     result = RunResult(
         config=config.to_dict(),
-        plan={**plan.to_dict(), "torch_version": torch.__version__},
+        plan={**plan.to_dict(), "torch_version": torch.__version__, **_machine_share()},
         metrics=metrics,
         history=tuple(recorder.history),
+        evals=tuple(recorder.evals),
         status=status,
         error=error,
     )
@@ -189,6 +240,16 @@ def train(
     return result
 
 
+def _machine_share() -> dict[str, int]:
+    """The intra-op threads this run used, and how many runs shared the machine (a sweep's workers set
+    AMP_WORKBOOK_CONCURRENT_RUNS): the report marks timings taken in parallel."""
+    try:
+        concurrent = max(1, int(os.environ.get("AMP_WORKBOOK_CONCURRENT_RUNS", "1")))
+    except ValueError:
+        concurrent = 1
+    return {"threads": torch.get_num_threads(), "concurrent_runs": concurrent}
+
+
 def _run(
     config: RunConfig, plan: PrecisionPlan, device: torch.device, observers: Sequence[RunObserver], recorder: Recorder
 ) -> Metrics:
@@ -196,7 +257,7 @@ def _run(
     workload = build_workload(config, device)
     recorder.item_unit = workload.item_unit
     model = plan.prepare_model(workload.model, device, config.compile)
-    optimizer = make_optimizer(model, config.lr, device)
+    optimizer = make_optimizer(model, config, device)
     scaler = AmpScaler(
         device.type, enabled=plan.use_loss_scaler, init_scale=config.init_scale, growth_interval=config.growth_interval
     )
@@ -204,17 +265,23 @@ def _run(
     clip = config.grad_clip or None
     items_per_step = workload.items_per_batch * config.grad_accum
     batches, accum = workload.train_batches, config.grad_accum
+    lr = optimizer.param_groups[0]["lr"] if config.schedules_lr else None  # the device tensor the optimizer reads
+    recorder.constant_lr = None if config.schedules_lr else config.lr
+    applied = torch.zeros((), device=device)  # optimizer steps really taken: skipped ones don't count
+    clock = _Clock(device)
 
     with plan.tf32_scope():
         model.train()
         for step in range(config.steps):
-            timed = step >= config.warmup_steps
-            if step == config.warmup_steps:
+            timed = step >= config.timing_warmup_steps
+            if step == config.timing_warmup_steps:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 memory.reset()
             if timed:
                 recorder.timer.start()
+            if lr is not None:
+                lr.copy_(scheduled_lr(applied, config))
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
                 x, y = batches[(step * accum + micro) % len(batches)]
@@ -223,25 +290,27 @@ def _run(
                 outcome = scaler.step(loss, optimizer, clip, update=micro == accum - 1)
                 step_loss += loss.detach().float()
             optimizer.zero_grad(set_to_none=True)
+            if lr is not None:
+                applied += 1 - outcome.skipped.to(applied.dtype)
             if timed:
                 recorder.timer.stop()
-            recorder.record(step, step_loss, outcome, timed)
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            recorder.record(step, step_loss, outcome, timed, lr.clone() if lr is not None else None)
+            eval_due = bool(config.eval_every) and (step + 1) % config.eval_every == 0 and step + 1 < config.steps
+            if eval_due or (step + 1) % config.log_every == 0 or step + 1 == config.steps:  # an eval syncs anyway
                 rows = recorder.flush()
                 for obs in observers:
                     obs.on_log(rows, items_per_step)
                 check_divergence(rows, plan.use_loss_scaler)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        peak = memory.peak_mb()
-        eval_loss = evaluate(model, workload, plan)
+            if eval_due:
+                _evaluate_into(recorder, clock, step + 1, model, workload, plan)
+        peak = memory.peak_mb()  # the training peak; the final eval below adds no gradients to it
+        eval_loss = _evaluate_into(recorder, clock, config.steps, model, workload, plan)
 
-    if not math.isfinite(eval_loss):
-        raise Diverged(f"eval loss is {eval_loss}")
     step_ms = statistics.median(recorder.timed_ms)
     throughput = items_per_step / (step_ms / 1e3)
     peak_flops = plan.peak_tflops
     mfu = throughput * workload.flops_per_item / (peak_flops * 1e12) if peak_flops and workload.flops_per_item else None
+    param_mb, grad_mb, optimizer_mb = memory_split_mb(model, optimizer)
     return replace(
         recorder.metrics(),
         items_per_s=throughput,
@@ -252,5 +321,35 @@ def _run(
         peak_memory_mb=peak,
         peak_memory_kind=memory.kind,
         eval_loss=eval_loss,
+        train_time_s=clock.training_s(),
         mfu=mfu,
+        param_memory_mb=param_mb,
+        grad_memory_mb=grad_mb,
+        optimizer_memory_mb=optimizer_mb,
     )
+
+
+class _Clock:
+    """Training wall time with the evaluations taken out (time-to-quality counts training only)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.start, self.in_evals = device, time.perf_counter(), 0.0
+
+    def training_s(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the queued steps are part of the time
+        return time.perf_counter() - self.start - self.in_evals
+
+
+def _evaluate_into(
+    recorder: Recorder, clock: _Clock, step: int, model: torch.nn.Module, workload: Workload, plan: PrecisionPlan
+) -> float:
+    """Evaluate after `step` optimizer steps, record the eval, and end the run if the loss is not finite."""
+    elapsed = clock.training_s()
+    began = time.perf_counter()
+    loss = evaluate(model, workload, plan)
+    clock.in_evals += time.perf_counter() - began
+    recorder.evals.append(EvalRow(step=step, loss=loss if math.isfinite(loss) else None, elapsed_s=elapsed))
+    if not math.isfinite(loss):
+        raise Diverged(f"eval loss is {loss} after step {step}")
+    return loss

@@ -23,7 +23,7 @@ def mlp_config(**overrides) -> RunConfig:
     values = {
         "model": "mlp",
         "steps": 6,
-        "warmup_steps": 2,
+        "timing_warmup_steps": 2,
         "batch_size": 4,
         "log_every": 2,
         "device": "cpu",
@@ -43,7 +43,7 @@ def test_bare_loop_trains_exactly_like_amp_lib(precision) -> None:
     plan = cpu_plan(precision, allow_slow=True)
     lib = train(config, write=False)
     bare = bare_loop(config, plan)
-    assert lib.ok and bare.step_ms > 0 and bare.timed_steps == config.steps - config.warmup_steps
+    assert lib.ok and bare.step_ms > 0 and bare.timed_steps == config.steps - config.timing_warmup_steps
     assert bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
     # and it is not just the first step's loss: a different run length gives a different loss
     assert bare_loop(
@@ -64,7 +64,7 @@ def test_bare_loop_clips_like_amp_lib() -> None:
 @pytest.mark.slow
 def test_bare_loop_scales_the_loss_only_for_a_plan_with_a_scaler(user_models) -> None:
     """fp32 has no GradScaler: a loss that would overflow once scaled still trains, as in amp_lib's loop."""
-    config = RunConfig(model="user_models:build_huge_loss", steps=4, warmup_steps=1, log_every=2, device="cpu", lr=0.05)
+    config = RunConfig(model="user_models:build_huge_loss", steps=4, timing_warmup_steps=1, log_every=2, device="cpu", lr=0.05)
     lib = train(config, write=False)
     bare = bare_loop(config, cpu_plan("fp32"))
     assert lib.ok and bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
@@ -74,7 +74,7 @@ def test_bare_loop_scales_the_loss_only_for_a_plan_with_a_scaler(user_models) ->
 def test_bare_loop_starts_and_grows_the_loss_scale_as_the_config_says(user_models) -> None:
     # from 2**14 this model's fp16 gradients overflow every few steps, and growth_interval=1 regrows the
     # scale after each clean step: both loops must skip the same steps, or their losses part
-    config = RunConfig(model="user_models:build_ok", precision="fp16-mixed", allow_slow=True, steps=8, warmup_steps=1,
+    config = RunConfig(model="user_models:build_ok", precision="fp16-mixed", allow_slow=True, steps=8, timing_warmup_steps=1,
                        log_every=2, batch_size=4, device="cpu", lr=0.05, init_scale=2.0**14, growth_interval=1)  # fmt: skip
     plan = cpu_plan("fp16-mixed", allow_slow=True)
     lib = train(config, write=False)
@@ -95,7 +95,7 @@ def test_bare_loop_runs_the_model_in_the_plan_dtypes_with_tf32_off(
 
     factories.SEEN_DTYPES.clear()
     config = RunConfig(
-        model="user_models:build_dtype_probe", precision=precision, device="cpu", steps=2, warmup_steps=1
+        model="user_models:build_dtype_probe", precision=precision, device="cpu", steps=2, timing_warmup_steps=1
     )
     bare_loop(config, cpu_plan(precision))
     assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype, False)}
@@ -106,7 +106,7 @@ def test_bare_loop_runs_the_model_in_the_plan_dtypes_with_tf32_off(
 
 @pytest.fixture  # per test: mutation testing must see every test that reads the rows call bench()
 def rows():
-    base = RunConfig(model="mlp", steps=6, warmup_steps=2, batch_size=4, log_every=2, device="cpu")
+    base = RunConfig(model="mlp", steps=6, timing_warmup_steps=2, batch_size=4, log_every=2, device="cpu")
     return bench(base, ["fp32", "fp16-mixed"], repeats=1)
 
 
@@ -138,7 +138,7 @@ def test_bench_table_quotes_ratios_against_the_fp32_row(rows) -> None:
 @pytest.mark.slow
 def test_bench_runs_each_precision_as_asked_and_writes_nothing(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    base = RunConfig(model="mlp", steps=4, warmup_steps=1, batch_size=4, log_every=2, device="cpu", allow_slow=True)
+    base = RunConfig(model="mlp", steps=4, timing_warmup_steps=1, batch_size=4, log_every=2, device="cpu", allow_slow=True)
     (row,) = bench(base, ["fp16-mixed"], repeats=1)
     assert (row.effective, row.fallback_reason) == ("fp16-mixed", None)  # allow_slow reached the plan
     alone = train(replace(base, precision="fp16-mixed"), write=False)
@@ -148,14 +148,14 @@ def test_bench_runs_each_precision_as_asked_and_writes_nothing(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_bench_skips_a_precision_whose_run_fails(user_models, capsys) -> None:
-    base = RunConfig(model="user_models:build_nan", steps=4, warmup_steps=1, log_every=2, device="cpu")
+    base = RunConfig(model="user_models:build_nan", steps=4, timing_warmup_steps=1, log_every=2, device="cpu")
     assert bench(base, ["fp32"], repeats=2) == []
     assert "fp32: skipped, the run ended diverged" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_bench_goes_on_after_a_failed_precision(user_models, capsys) -> None:
-    base = RunConfig(model="user_models:build_fails_in_fp32", steps=4, warmup_steps=1, log_every=2, device="cpu")
+    base = RunConfig(model="user_models:build_fails_in_fp32", steps=4, timing_warmup_steps=1, log_every=2, device="cpu")
     assert [r.precision for r in bench(base, ["fp32", "bf16-mixed"], repeats=1)] == ["bf16-mixed"]
     assert "fp32: skipped, the run ended failed" in capsys.readouterr().err
 
@@ -221,7 +221,7 @@ def test_bench_defaults_are_the_documented_setup(cuda, model, batch_size, seq_le
     args = build_parser(cuda).parse_args([])
     config = base_config(args)
     assert (config.model, config.batch_size, config.seq_len) == (model, batch_size, seq_len)
-    assert (config.steps, config.warmup_steps, config.log_every, config.device) == (40, 10, 10, "auto")
+    assert (config.steps, config.timing_warmup_steps, config.log_every, config.device) == (40, 10, 10, "auto")
     assert (args.precisions, args.repeats, args.json) == (["fp32", "bf16-mixed", "fp16-mixed"], 3, None)
     assert not (config.allow_slow or config.compile)
     flags = base_config(build_parser(cuda).parse_args(["--allow-slow", "--compile", "--steps", "12"]))
@@ -255,7 +255,7 @@ def test_bench_cli_help_and_a_bad_model(capsys) -> None:
 @pytest.mark.slow
 def test_bench_cli_writes_json(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
-    argv = ["--model", "mlp", "--precisions", "fp32", "--steps", "4", "--warmup-steps", "1", "--repeats", "1",
+    argv = ["--model", "mlp", "--precisions", "fp32", "--steps", "4", "--timing-warmup-steps", "1", "--repeats", "1",
             "--batch-size", "2", "--device", "cpu", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     (row,) = json.loads(out.read_text())

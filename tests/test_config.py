@@ -14,6 +14,7 @@ from amp_lib.config import (
     BUILTIN_MODELS,
     NON_SETTING_FIELDS,
     PROJECT,
+    RECIPES,
     TYPES,
     ParamType,
     RunConfig,
@@ -65,8 +66,8 @@ def test_accepted_values_survive_the_papermill_round_trip(field, value):
 
 def test_name_and_result_path():
     config = RunConfig(model="pkg.mod:fn", precision="bf16", seed=3, out_dir="out")
-    assert config.name == "pkg.mod.fn-bf16-s3"
-    assert config.result_path == Path("out") / "pkg.mod.fn-bf16-s3.json"
+    assert config.name == "pkg.mod.fn-bf16-mixed-s3"  # named by the canonical precision, whatever the spelling
+    assert config.result_path == Path("out") / "pkg.mod.fn-bf16-mixed-s3.json"
     assert RunConfig(run_name="mine", out_dir="o").result_path == Path("o") / "mine.json"
 
 
@@ -170,7 +171,82 @@ def test_tracking_config_type_errors_name_the_field_the_value_and_the_type(field
     assert str(info.value) == type_error(field, value, label)
 
 
+# --- recipes ------------------------------------------------------------------------------------
+
+
+def test_the_shakespeare_char_recipe_is_nanogpts_baby_gpt() -> None:
+    config = RunConfig(recipe="shakespeare-char")
+    nanogpt = {  # config/train_shakespeare_char.py, plus nanoGPT's weight decay 0.1 and grad clip 1.0
+        "model": "gpt-small", "seq_len": 256, "batch_size": 64, "dropout": 0.2, "lr": 1e-3, "lr_warmup_steps": 100,
+        "lr_decay_steps": 5000, "min_lr": 1e-4, "beta2": 0.99, "weight_decay": 0.1, "steps": 5000,
+        "eval_every": 250, "eval_batches": 200, "grad_clip": 1.0, "grad_accum": 1,
+    }  # fmt: skip
+    assert {k: getattr(config, k) for k in nanogpt} == nanogpt
+    assert config.schedules_lr and config.recipe == "shakespeare-char"
+
+
+def test_a_recipe_fills_only_the_values_left_at_their_default() -> None:
+    config = RunConfig(recipe="shakespeare-char-tiny", precision="bf16-mixed", steps=40, lr_decay_steps=40, seed=2)
+    assert (config.steps, config.lr_decay_steps, config.seed, config.precision) == (40, 40, 2, "bf16-mixed")
+    assert (config.model, config.lr, config.eval_every) == ("gpt-tiny", 3e-3, 20)  # from the recipe
+    assert RunConfig.from_dict(config.to_dict()) == config  # a saved config reloads to the same values
+    plain = RunConfig()
+    assert not plain.schedules_lr and (plain.lr_warmup_steps, plain.lr_decay_steps, plain.eval_every) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_is_a_valid_config_whose_values_are_fields(name: str) -> None:
+    assert set(RECIPES[name]) <= set(RunConfig.field_names())
+    config = RunConfig(recipe=name)
+    assert all(getattr(config, k) == v for k, v in RECIPES[name].items())
+    assert config.lr_decay_steps <= config.steps and config.eval_every <= config.steps
+
+
+def test_the_default_sweep_variants_are_shorter_versions_of_the_same_run() -> None:
+    full, short = RECIPES["shakespeare-char"], RECIPES["shakespeare-char-short"]
+    same = ("model", "seq_len", "batch_size", "dropout", "lr", "lr_warmup_steps", "min_lr", "beta2", "weight_decay")
+    assert {k: short[k] for k in same} == {k: full[k] for k in same}
+    assert short["steps"] < full["steps"] and short["lr_decay_steps"] == short["steps"]
+    assert RECIPES["shakespeare-char-tiny"]["model"] == "gpt-tiny"
+
+
+def test_an_unknown_recipe_names_the_valid_ones() -> None:
+    with pytest.raises(ValueError) as info:
+        RunConfig(recipe="shakespear")
+    assert str(info.value) == f"invalid recipe 'shakespear'; valid: {', '.join(RECIPES)}"
+
+
 # --- ranges -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"min_lr": 2e-3, "lr": 1e-3}, "min_lr=0.002 must be between 0 and lr=0.001"),
+        ({"min_lr": -1e-4}, "min_lr=-0.0001 must be between 0 and lr=0.001"),
+        ({"lr_warmup_steps": 10, "lr_decay_steps": 10}, "lr_decay_steps=10 must be 0 (no decay) or more than lr_warmup_steps=10"),
+        ({"beta2": 1.0}, "beta2=1.0 must be between 0 and 1 (exclusive)"),
+        ({"beta2": 0.0}, "beta2=0.0 must be between 0 and 1 (exclusive)"),
+        ({"weight_decay": -0.1}, "weight_decay=-0.1 must be a finite number >= 0"),
+        ({"weight_decay": float("inf")}, "weight_decay=inf must be a finite number >= 0"),
+        ({"dropout": 1.0}, "dropout=1.0 must be in [0, 1)"),
+        ({"dropout": -0.1}, "dropout=-0.1 must be in [0, 1)"),
+        ({"lr_warmup_steps": -1}, "lr_warmup_steps=-1 must be >= 0"),
+        ({"lr_decay_steps": -1}, "lr_decay_steps=-1 must be >= 0"),
+        ({"eval_every": -1}, "eval_every=-1 must be >= 0"),
+        ({"eval_batches": 0}, "eval_batches=0 must be >= 1"),
+    ],
+)
+def test_schedule_dropout_and_eval_values_are_checked_with_the_reason(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        RunConfig(**values)
+    assert str(info.value) == message
+
+
+def test_the_edges_of_the_new_ranges_are_accepted() -> None:
+    RunConfig(min_lr=1e-3, lr=1e-3, lr_warmup_steps=4, lr_decay_steps=5, beta2=0.5, weight_decay=0.0, dropout=0.0)
+    RunConfig(eval_every=0, eval_batches=1, lr_decay_steps=0, lr_warmup_steps=0, min_lr=0.0)
+
 
 
 @pytest.mark.parametrize(
@@ -182,7 +258,7 @@ def test_tracking_config_type_errors_name_the_field_the_value_and_the_type(field
         ("grad_accum", 0),
         ("log_every", 0),
         ("growth_interval", 0),
-        ("warmup_steps", -1),
+        ("timing_warmup_steps", -1),
         ("seed", -1),
         ("lr", 0.0),
         ("lr", -1e-3),
@@ -209,7 +285,7 @@ def test_tracking_config_type_errors_name_the_field_the_value_and_the_type(field
 def test_out_of_range_values_name_the_field(field, value):
     kwargs = {field: value}
     if field == "steps":
-        kwargs["warmup_steps"] = 0
+        kwargs["timing_warmup_steps"] = 0
     with pytest.raises(ValueError) as info:
         RunConfig(**kwargs)
     message = str(info.value)
@@ -220,7 +296,7 @@ def test_out_of_range_values_name_the_field(field, value):
 @pytest.mark.parametrize(
     ("field", "bad", "minimum"),
     [("steps", 0, 1), ("batch_size", 0, 1), ("seq_len", -3, 1), ("grad_accum", 0, 1), ("log_every", 0, 1),
-     ("growth_interval", 0, 1), ("warmup_steps", -1, 0), ("seed", -2, 0)],
+     ("growth_interval", 0, 1), ("timing_warmup_steps", -1, 0), ("seed", -2, 0)],
 )  # fmt: skip
 def test_range_errors_name_the_field_its_value_and_the_minimum(field, bad, minimum):
     with pytest.raises(ValueError) as info:
@@ -230,7 +306,7 @@ def test_range_errors_name_the_field_its_value_and_the_minimum(field, bad, minim
 
 def test_every_minimum_itself_is_accepted():
     config = RunConfig(
-        steps=1, batch_size=1, seq_len=1, grad_accum=1, log_every=1, growth_interval=1, warmup_steps=0, seed=0
+        steps=1, batch_size=1, seq_len=1, grad_accum=1, log_every=1, growth_interval=1, timing_warmup_steps=0, seed=0
     )
     assert (config.steps, config.seq_len, config.log_every, config.growth_interval) == (1, 1, 1, 1)
     assert RunConfig(grad_clip=0.0).grad_clip == 0.0  # 0 turns clipping off; it is no error
@@ -238,7 +314,7 @@ def test_every_minimum_itself_is_accepted():
 
 def test_value_error_messages_of_the_other_checks():
     cases = [
-        ({"steps": 8, "warmup_steps": 8}, "warmup_steps=8 must be less than steps=8 (nothing left to time)"),
+        ({"steps": 8, "timing_warmup_steps": 8}, "timing_warmup_steps=8 must be less than steps=8 (nothing left to time)"),
         ({"lr": 0.0}, "lr=0.0 must be a positive finite number"),
         ({"grad_clip": -1.0}, "grad_clip=-1.0 must be None, 0 (off) or a positive number"),
         ({"init_scale": 0.0}, "init_scale=0.0 must be a positive finite number"),
@@ -268,9 +344,9 @@ def test_device_grammar_is_the_one_resolve_device_parses():
 
 @pytest.mark.parametrize("warmup", [8, 9])
 def test_warmup_must_leave_timed_steps(warmup):
-    with pytest.raises(ValueError, match="warmup_steps"):
-        RunConfig(steps=8, warmup_steps=warmup)
-    assert RunConfig(steps=8, warmup_steps=7).warmup_steps == 7
+    with pytest.raises(ValueError, match="timing_warmup_steps"):
+        RunConfig(steps=8, timing_warmup_steps=warmup)
+    assert RunConfig(steps=8, timing_warmup_steps=7).timing_warmup_steps == 7
 
 
 # --- ParamType: the table -----------------------------------------------------------------------

@@ -1,20 +1,27 @@
-"""amp_lib.data: the generated corpus, the character tokenizer, token windows and synthetic tensors."""
+"""amp_lib.data: the shipped corpus, the character tokenizer, token windows and synthetic tensors."""
 
 from __future__ import annotations
+
+import gzip
+import hashlib
 
 import pytest
 import torch
 
-from amp_lib.data import CharTokenizer, TensorBatches, TokenBatches, corpus
+from amp_lib.data import CORPUS_PATH, CORPUS_SHA256, TRAIN_FRACTION, CharTokenizer, TensorBatches, TokenBatches, corpus
 
 # --- corpus --------------------------------------------------------------------------------------
 
 
-def test_corpus_is_deterministic_and_sized():
+def test_corpus_is_the_shipped_tiny_shakespeare_file():
     text = corpus()
-    assert len(text) == 200_000
-    assert corpus(n_chars=5000, seed=1234) == text[:5000]
-    assert corpus(n_chars=5000, seed=99) != text[:5000]
+    assert CORPUS_SHA256 == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # the published hash
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == CORPUS_SHA256
+    assert len(text.encode("utf-8")) == 1_115_394 and text.startswith("First Citizen:\nBefore we proceed any further")
+    assert text == gzip.decompress(CORPUS_PATH.read_bytes()).decode() and CORPUS_PATH.parent.name == "amp_lib"
+    assert len(set(text)) == 65  # nanoGPT's character vocabulary for this corpus
+    assert corpus() is text  # read once per process
+    assert TRAIN_FRACTION == 0.9
 
 
 # --- tokenizer -----------------------------------------------------------------------------------

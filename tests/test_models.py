@@ -48,7 +48,7 @@ def _reference_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     att = (q @ k.transpose(-2, -1)) / math.sqrt(c // h)
     att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
     x = x + F.linear((att @ v).transpose(1, 2).reshape(b, t, c), block.proj.weight, block.proj.bias)
-    fc, proj = block.mlp[0], block.mlp[-1]
+    fc, proj = block.mlp[0], block.mlp[2]  # Linear, GELU, Linear, Dropout
     hidden = F.gelu(F.linear(F.layer_norm(x, (c,), block.ln_2.weight, block.ln_2.bias), fc.weight, fc.bias))
     return x + F.linear(hidden, proj.weight, proj.bias)
 
@@ -104,6 +104,25 @@ def test_gpt_init_is_centred():
     assert abs(weight.mean().item()) < 2e-3 and weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
+def test_dropout_is_active_in_training_only_and_off_by_default() -> None:
+    x = torch.randint(0, 64, (2, 16))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, dropout=0.5)).train()
+    assert not torch.equal(model(x), model(x))  # a new mask on each pass
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    plain = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)).train()
+    assert torch.equal(plain(x), plain(x))
+    config = RunConfig(model="gpt-tiny", dropout=0.2, steps=2, timing_warmup_steps=0, seq_len=8, device="cpu")
+    built = build_workload(config, CPU).model
+    assert built.cfg.dropout == 0.2 and {m.p for m in built.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
+
+
+@pytest.mark.parametrize("model", ["gpt-tiny", "mlp"])
+def test_eval_batches_sets_how_many_held_out_batches_an_eval_takes(model: str) -> None:
+    config = RunConfig(model=model, eval_batches=7, steps=2, timing_warmup_steps=0, batch_size=2, seq_len=8, device="cpu")
+    assert len(build_workload(config, CPU).eval_batches) == 7
+
+
 # --- flops ---------------------------------------------------------------------------------------
 
 
@@ -153,7 +172,7 @@ def test_builtin_model_names():
 )
 def test_every_builtin_model_builds_a_workload_that_trains_a_step(model):
     # tiny batches and sequences; the model itself is the named size (gpt2-124m takes seconds to initialise)
-    config = RunConfig(model=model, steps=2, warmup_steps=0, batch_size=2, seq_len=8, device="cpu")
+    config = RunConfig(model=model, steps=2, timing_warmup_steps=0, batch_size=2, seq_len=8, device="cpu")
     w = build_workload(config, CPU)
     assert isinstance(w, Workload) and len(w.train_batches) == 2 and len(w.eval_batches) == 4
     assert next(w.model.parameters()).dtype == torch.float32
@@ -172,7 +191,7 @@ def test_every_builtin_model_builds_a_workload_that_trains_a_step(model):
 
 
 def test_gpt_tiny_workload():
-    config = RunConfig(model="gpt-tiny", steps=5, warmup_steps=1, batch_size=3, seq_len=16, grad_accum=2, device="cpu")
+    config = RunConfig(model="gpt-tiny", steps=5, timing_warmup_steps=1, batch_size=3, seq_len=16, grad_accum=2, device="cpu")
     w = build_workload(config, CPU)
     assert w.item_unit == "tokens" and w.items_per_batch == 3 * 16
     assert len(w.train_batches) == config.steps * config.grad_accum
@@ -196,11 +215,11 @@ def test_gpt_workload_rejects_seq_len_beyond_block_size():
 
 def test_gpt_accepts_a_sequence_as_long_as_its_block_and_keeps_the_size_block():
     config = RunConfig(
-        model="gpt-tiny", seq_len=GPT_SIZES["gpt-tiny"].block_size, steps=2, warmup_steps=0, device="cpu"
+        model="gpt-tiny", seq_len=GPT_SIZES["gpt-tiny"].block_size, steps=2, timing_warmup_steps=0, device="cpu"
     )
     assert build_workload(config, CPU).train_batches[0][0].shape == (8, 256)
     small = build_workload(
-        RunConfig(model="gpt-small", seq_len=512, batch_size=1, steps=1, warmup_steps=0, device="cpu"), CPU
+        RunConfig(model="gpt-small", seq_len=512, batch_size=1, steps=1, timing_warmup_steps=0, device="cpu"), CPU
     )
     assert small.model.cfg.block_size == GPT_SIZES["gpt-small"].block_size
 
@@ -220,7 +239,7 @@ def test_gpt_eval_windows_come_from_the_held_out_last_tenth():
 
 
 def test_mlp_workload():
-    config = RunConfig(model="mlp", steps=3, warmup_steps=0, batch_size=5, device="cpu")
+    config = RunConfig(model="mlp", steps=3, timing_warmup_steps=0, batch_size=5, device="cpu")
     w = build_workload(config, CPU)
     x, y = w.train_batches[1]
     assert x.shape == (5, 256) and y.shape == (5,)
@@ -242,7 +261,7 @@ def test_mlp_is_the_documented_256_1024_1024_16_gelu_mlp():
 def test_mlp_eval_batches_are_labelled_by_the_training_teacher():
     # Held-out inputs, same labelling rule: training lowers the eval loss well below chance (ln 16).
     # (With a different teacher for the eval batches, the eval loss rose above chance as it trained.)
-    config = RunConfig(model="mlp", steps=60, warmup_steps=1, batch_size=32, lr=1e-3, log_every=20, device="cpu")
+    config = RunConfig(model="mlp", steps=60, timing_warmup_steps=1, batch_size=32, lr=1e-3, log_every=20, device="cpu")
     result = train(config, write=False)
     assert result.status == "ok" and result.metrics.eval_loss < math.log(16) - 0.5
     w = build_workload(config, CPU)
@@ -254,7 +273,7 @@ def test_builtin_batches_land_on_the_given_device_and_the_model_runs_there(model
     # The meta device stands in for a GPU on a CPU build: a batch or position index made without the
     # device would come out on the CPU (or fail to mix with meta weights).
     meta = torch.device("meta")
-    w = build_workload(RunConfig(model=model, steps=2, warmup_steps=1, device="cpu"), meta)
+    w = build_workload(RunConfig(model=model, steps=2, timing_warmup_steps=1, device="cpu"), meta)
     assert next(w.model.parameters()).device == CPU  # the model is moved by the loop, after the cast
     for batches in (w.train_batches, w.eval_batches):
         assert {t.device for i in range(len(batches)) for t in batches[i]} == {meta}
@@ -297,7 +316,7 @@ def test_load_user_factory_imports_a_function(user_models):
 
 
 def user_config(name: str, **kw) -> RunConfig:
-    return RunConfig(model=f"user_models:{name}", steps=6, warmup_steps=1, batch_size=4, device="cpu", **kw)
+    return RunConfig(model=f"user_models:{name}", steps=6, timing_warmup_steps=1, batch_size=4, device="cpu", **kw)
 
 
 def test_user_tuple_batches_are_cycled(user_models):
@@ -312,17 +331,20 @@ def test_user_tuple_batches_are_cycled(user_models):
 
 def test_user_callable_batches(user_models):
     w = build_workload(user_config("build_callable"), CPU)
-    assert len(w.eval_batches) == 4
-    torch.testing.assert_close(w.train_batches[5][0], w.train_batches[1][0])
+    torch.testing.assert_close(w.train_batches[5][0], w.train_batches[1][0])  # this function repeats every 4
 
 
-def test_user_callable_batches_cycle_through_four_indices(user_models):
-    # The training loop asks for index % len(); bench's bare loop asks for the step itself: both must see
-    # the same four batches, even from a function that would give a new batch for every index.
-    w = build_workload(user_config("build_step_function"), CPU)
-    assert len(w.train_batches) == 4
-    torch.testing.assert_close(w.train_batches[6][0], w.train_batches[2][0])
-    assert not torch.equal(w.train_batches[1][0], w.train_batches[2][0])
+def test_user_callable_batches_are_called_with_every_micro_batch_index_and_evaluate_on_the_first_ones(user_models):
+    # A function that gives a new batch for every index gets every index of the run: steps x grad_accum of
+    # them (the training loop asks for index % len(), bench's bare loop for the step: the same batch).
+    config = RunConfig(
+        model="user_models:build_step_function", steps=5, timing_warmup_steps=1, grad_accum=2, eval_batches=3, batch_size=4
+    )
+    w = build_workload(config, CPU)
+    assert len(w.train_batches) == 10 and len(w.eval_batches) == 3
+    assert len({float(w.train_batches[i][0].sum()) for i in range(10)}) == 10
+    torch.testing.assert_close(w.train_batches[12][0], w.train_batches[2][0])
+    torch.testing.assert_close(w.eval_batches[1][0], w.train_batches[1][0])  # evaluation reuses training data
 
 
 def test_user_iterable_batches_become_a_list(user_models):

@@ -714,7 +714,7 @@ def test_tf32_is_on_during_a_tf32_run_and_restored_after(tiny_config, saved_tf32
 
     set_tf32_flags((False, True))
     observer = Flags()
-    result = train(tiny_config(precision="tf32", device="cuda", steps=3, warmup_steps=1, log_every=1), [observer])
+    result = train(tiny_config(precision="tf32", device="cuda", steps=3, timing_warmup_steps=1, log_every=1), [observer])
     assert result.status == "ok", result.error
     on = result.plan["effective"] == "tf32"  # an Ampere or newer GPU
     assert observer.seen == [(on, on)] * 3

@@ -21,7 +21,16 @@ from amp_lib.models import build_workload
 from amp_lib.precision import Capabilities, probe, resolve_precision
 from amp_lib.results import HistoryRow, Metrics, RunResult
 from amp_lib.scaler import COLLAPSED_SCALE, StepOutcome
-from amp_lib.train import Diverged, Recorder, check_divergence, make_optimizer, seed_everything, train
+from amp_lib.train import (
+    Diverged,
+    Recorder,
+    check_divergence,
+    make_optimizer,
+    memory_split_mb,
+    scheduled_lr,
+    seed_everything,
+    train,
+)
 
 
 class KeepingObserver:
@@ -66,7 +75,7 @@ def assert_written(config: RunConfig, result: RunResult) -> dict:
 
 def user_run(name: str, **overrides) -> RunConfig:
     """A few steps of one of tests/user_models.py's factories on the CPU (milliseconds a step)."""
-    values = {"model": f"user_models:{name}", "steps": 3, "warmup_steps": 1, "batch_size": 4, "device": "cpu"}
+    values = {"model": f"user_models:{name}", "steps": 3, "timing_warmup_steps": 1, "batch_size": 4, "device": "cpu"}
     return RunConfig(**{**values, **overrides})
 
 
@@ -97,7 +106,7 @@ def test_first_step_loss_is_the_untrained_models_loss(tiny_config):
 
 @pytest.mark.slow
 def test_fp16_on_this_cpu_falls_back_without_allow_slow(tiny_config):
-    result = train(tiny_config(precision="16-mixed", steps=3, warmup_steps=1), write=False)
+    result = train(tiny_config(precision="16-mixed", steps=3, timing_warmup_steps=1), write=False)
     assert result.status == "ok"
     assert result.plan["requested"] == "16-mixed"
     if not Capabilities().fp16_fast and result.plan["device_type"] == "cpu":
@@ -119,13 +128,13 @@ def test_bf16_true_trains_bf16_parameters(tiny_config):
 @pytest.mark.slow
 @pytest.mark.parametrize("requested,effective", [("tf32", "fp32"), ("fp8", "bf16-mixed")])
 def test_fallback_is_recorded_in_the_result(tiny_config, requested, effective):
-    config = tiny_config(precision=requested, steps=3, warmup_steps=0)
+    config = tiny_config(precision=requested, steps=3, timing_warmup_steps=0)
     result = train(config)
     assert result.status == "ok", result.error
     assert result.plan["requested"] == requested and result.plan["effective"] == effective
     assert result.plan["fallback_reason"]
     assert RunResult.load(config.result_path).plan["fallback_reason"] == result.plan["fallback_reason"]
-    assert result.metrics.timed_steps == 3  # warmup_steps=0: every step is timed
+    assert result.metrics.timed_steps == 3  # timing_warmup_steps=0: every step is timed
 
 
 # --- determinism ---------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ def test_seed_everything_also_seeds_pythons_random_for_user_factories():
 
 @pytest.mark.slow
 def test_grad_accum_two_micro_batches_per_step(tiny_config):
-    config = tiny_config(grad_accum=2, steps=6, warmup_steps=1, lr=3e-3)
+    config = tiny_config(grad_accum=2, steps=6, timing_warmup_steps=1, lr=3e-3)
     observer = KeepingObserver()
     result = train(config, [observer])
     assert result.status == "ok", result.error
@@ -172,7 +181,7 @@ def test_grad_accum_two_micro_batches_per_step(tiny_config):
     first_two = initial_losses(config, 2)
     assert result.history[0].loss == pytest.approx(sum(first_two) / 2, rel=1e-5)
     assert all(items == config.batch_size * config.seq_len * 2 for _, items in observer.logs)
-    assert result.metrics.timed_steps == config.steps - config.warmup_steps
+    assert result.metrics.timed_steps == config.steps - config.timing_warmup_steps
 
 
 # --- optimizer and gradient clipping -------------------------------------------------------------
@@ -182,7 +191,7 @@ def test_optimizer_is_fused_so_grad_scaler_steps_without_a_sync():
     """GradScaler hands a fused optimizer its inf flag as a tensor instead of reading it on the host."""
     model = torch.nn.Linear(4, 2)
     model.bias.requires_grad_(False)
-    optimizer = make_optimizer(model, 0.1, torch.device("cpu"))
+    optimizer = make_optimizer(model, RunConfig(lr=0.1), torch.device("cpu"))
     assert getattr(optimizer, "_step_supports_amp_scaling", False) is True
     assert [p for group in optimizer.param_groups for p in group["params"]] == [model.weight]
     assert optimizer.param_groups[0]["lr"] == 0.1
@@ -190,9 +199,9 @@ def test_optimizer_is_fused_so_grad_scaler_steps_without_a_sync():
 
 @pytest.mark.slow
 def test_grad_clip_zero_turns_clipping_off(tiny_config):
-    a = train(tiny_config(grad_clip=0, lr=3e-2, steps=4, warmup_steps=1), write=False)
-    b = train(tiny_config(grad_clip=None, lr=3e-2, steps=4, warmup_steps=1), write=False)
-    c = train(tiny_config(grad_clip=1e-3, lr=3e-2, steps=4, warmup_steps=1), write=False)
+    a = train(tiny_config(grad_clip=0, lr=3e-2, steps=4, timing_warmup_steps=1), write=False)
+    b = train(tiny_config(grad_clip=None, lr=3e-2, steps=4, timing_warmup_steps=1), write=False)
+    c = train(tiny_config(grad_clip=1e-3, lr=3e-2, steps=4, timing_warmup_steps=1), write=False)
     assert [r.loss for r in a.history] == [r.loss for r in b.history]
     assert [r.loss for r in a.history] != [r.loss for r in c.history]
 
@@ -236,7 +245,9 @@ def test_a_given_plan_is_used_instead_of_resolving_the_configs_precision(user_mo
     assert result.ok, result.error
     assert set(factories.SEEN_DTYPES) == {(torch.bfloat16, torch.bfloat16, False)}
     assert observer.started == [(config, plan)] and observer.started[0][1] is plan
-    assert result.plan == {**plan.to_dict(), "torch_version": torch.__version__}
+    assert result.plan == {
+        **plan.to_dict(), "torch_version": torch.__version__, "threads": torch.get_num_threads(), "concurrent_runs": 1
+    }
     assert result.config["precision"] == "fp32"  # the config is recorded as given
 
 
@@ -257,7 +268,7 @@ def test_mfu_is_throughput_times_flops_per_item_over_the_plans_peak(tiny_config)
     caps = Capabilities(device_name="NVIDIA H100 80GB HBM3 (named for the test)")
     plan = resolve_precision("fp32", caps)
     assert plan.peak_tflops == 67.0
-    config = tiny_config(steps=4, warmup_steps=1)
+    config = tiny_config(steps=4, timing_warmup_steps=1)
     result = train(config, plan=plan, write=False)
     assert result.ok, result.error
     flops = build_workload(config, torch.device("cpu")).flops_per_item
@@ -275,7 +286,7 @@ def test_metrics_of_a_non_fp16_run(tiny_config, precision):
     result = train(config)
     m = result.metrics
     assert result.status == "ok" and result.error is None
-    assert m.timed_steps == config.steps - config.warmup_steps
+    assert m.timed_steps == config.steps - config.timing_warmup_steps
     assert m.step_time_ms_p10 <= m.step_time_ms_median <= m.step_time_ms_p90
     assert m.items_per_s > 0 and m.throughput_unit == "tokens"
     assert m.peak_memory_mb > 0 and m.peak_memory_kind == "cpu_rss"
@@ -285,16 +296,16 @@ def test_metrics_of_a_non_fp16_run(tiny_config, precision):
     assert m.final_loss_scale is None and m.min_loss_scale is None
     assert m.skipped_steps == 0
     timed = [r.step_time_ms for r in result.history]
-    assert all(t is None for t in timed[: config.warmup_steps])
-    assert all(t is not None and t > 0 for t in timed[config.warmup_steps :])
-    assert m.step_time_ms_median == pytest.approx(statistics.median(timed[config.warmup_steps :]))
+    assert all(t is None for t in timed[: config.timing_warmup_steps])
+    assert all(t is not None and t > 0 for t in timed[config.timing_warmup_steps :])
+    assert m.step_time_ms_median == pytest.approx(statistics.median(timed[config.timing_warmup_steps :]))
     assert m.items_per_s == pytest.approx(config.batch_size * config.seq_len / (m.step_time_ms_median / 1e3))
     assert math.isfinite(m.eval_loss)
 
 
 @pytest.mark.slow
 def test_metrics_and_history_of_an_fp16_run(tiny_config):
-    config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, warmup_steps=1, growth_interval=2)
+    config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, timing_warmup_steps=1, growth_interval=2)
     result = train(config)
     assert result.status == "ok", result.error
     assert result.plan["effective"] == "fp16-mixed"
@@ -313,13 +324,13 @@ def test_metrics_and_history_of_an_fp16_run(tiny_config):
     assert_cumulative_skips(result)
     m = result.metrics
     assert m.final_loss_scale == scales[-1] and m.min_loss_scale == min(scales)
-    assert m.timed_steps == config.steps - config.warmup_steps
+    assert m.timed_steps == config.steps - config.timing_warmup_steps
 
 
 @pytest.mark.slow
 def test_fp16_overflow_steps_are_skipped_and_counted(tiny_config):
     # an absurd initial scale overflows fp16 at once: the first steps skip until the scale is small enough
-    config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, warmup_steps=1, init_scale=2.0**60)
+    config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, timing_warmup_steps=1, init_scale=2.0**60)
     result = train(config)
     assert result.status == "ok", result.error
     assert result.history[0].skipped
@@ -331,7 +342,7 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tiny_config):
 
 @pytest.mark.slow
 def test_mlp_model_counts_samples(tiny_config):
-    result = train(tiny_config(model="mlp", steps=4, warmup_steps=1, precision="bf16-mixed"), write=False)
+    result = train(tiny_config(model="mlp", steps=4, timing_warmup_steps=1, precision="bf16-mixed"), write=False)
     assert result.status == "ok", result.error
     assert result.metrics.throughput_unit == "samples"
     assert result.metrics.eval_loss is not None and math.isfinite(result.metrics.eval_loss)
@@ -343,7 +354,7 @@ def test_peak_memory_covers_the_timed_steps_and_not_the_warmup(user_models):
 
     def peak(spike_at_call: int | None) -> float:
         factories.SPIKE_AT["call"] = spike_at_call
-        result = train(user_run("build_memory_spike", steps=5, warmup_steps=2, log_every=5), write=False)
+        result = train(user_run("build_memory_spike", steps=5, timing_warmup_steps=2, log_every=5), write=False)
         assert result.ok
         return result.metrics.peak_memory_mb
 
@@ -429,7 +440,7 @@ def test_huge_lr_diverges_with_result_written_and_process_healthy(tiny_config):
     assert any(row["loss"] is None for row in data["history"])  # NaN is stored as null
     assert not math.isfinite(result.history[-1].loss)
     # the process carries on: a healthy run right after works
-    after = train(tiny_config(steps=3, warmup_steps=1, run_name="after"))
+    after = train(tiny_config(steps=3, timing_warmup_steps=1, run_name="after"))
     assert after.status == "ok"
 
 
@@ -446,7 +457,7 @@ def test_nan_loss_user_model_diverges(tiny_config, user_models):
 def test_nan_loss_under_fp16_ends_diverged_not_ok(tiny_config, user_models):
     # every fp16 step is skipped (the scaler tolerates it), but the run must not be reported 'ok'
     config = tiny_config(
-        model="user_models:build_nan", precision="fp16-mixed", allow_slow=True, steps=4, warmup_steps=1
+        model="user_models:build_nan", precision="fp16-mixed", allow_slow=True, steps=4, timing_warmup_steps=1
     )
     result = train(config)
     assert result.status == "diverged"
@@ -463,7 +474,7 @@ def test_collapsed_loss_scale_diverges(tiny_config, user_models):
         allow_slow=True,
         init_scale=COLLAPSED_SCALE * 2,
         steps=6,
-        warmup_steps=1,
+        timing_warmup_steps=1,
     )
     result = train(config)
     assert result.status == "diverged"
@@ -550,7 +561,7 @@ def test_seq_len_beyond_block_size_fails(tiny_config):
 @pytest.mark.slow
 def test_a_non_finite_eval_loss_ends_the_run_diverged_and_says_so(user_models):
     result = train(user_run("build_bad_eval"), write=False)
-    assert result.status == "diverged" and result.error in ("eval loss is inf", "eval loss is nan")
+    assert result.status == "diverged" and result.error in ("eval loss is inf after step 3", "eval loss is nan after step 3")
     assert len(result.history) == 3 and all(math.isfinite(r.loss) for r in result.history)
 
 
@@ -573,6 +584,113 @@ def test_a_collapsed_scale_only_counts_with_a_scaler():
     assert str(info.value) == f"loss scale collapsed to {COLLAPSED_SCALE / 4:g} at step 2: fp16 overflows on every step"
     check_divergence([row], use_scaler=False)
     check_divergence([replace(row, loss=math.inf, skipped=True, loss_scale=None)], use_scaler=True)
+
+
+# --- learning-rate schedule ----------------------------------------------------------------------
+
+
+def lr_after(applied: int, config: RunConfig) -> float:
+    return float(scheduled_lr(torch.tensor(applied), config))
+
+
+def test_the_schedule_warms_up_linearly_then_decays_by_a_cosine_to_the_minimum() -> None:
+    config = RunConfig(lr=1e-3, lr_warmup_steps=4, lr_decay_steps=12, min_lr=1e-4, steps=20)
+    assert [lr_after(n, config) for n in range(4)] == pytest.approx([1e-3 * (n + 1) / 5 for n in range(4)])
+    assert lr_after(4, config) == pytest.approx(1e-3)  # the peak: the decay starts from lr
+    assert lr_after(8, config) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half way: the cosine's middle
+    assert lr_after(12, config) == pytest.approx(1e-4) and lr_after(19, config) == pytest.approx(1e-4)
+    decay = [lr_after(n, config) for n in range(4, 13)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    no_decay = RunConfig(lr=1e-3, lr_warmup_steps=2, steps=20)
+    assert [lr_after(n, no_decay) for n in (0, 1, 2, 10)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+
+
+def test_the_optimizer_reads_the_scheduled_lr_and_history_records_it(user_models) -> None:
+    config = user_run("build_ok", steps=6, lr=1e-2, lr_warmup_steps=2, lr_decay_steps=6, min_lr=1e-3, log_every=4)
+    result = train(config, write=False)
+    assert result.ok, result.error
+    assert [r.lr for r in result.history] == pytest.approx([lr_after(n, config) for n in range(6)])
+    constant = train(user_run("build_ok", steps=3, lr=5e-3), write=False)
+    assert [r.lr for r in constant.history] == [5e-3] * 3  # no schedule: the config's lr, no device tensor
+
+
+def test_a_step_the_loss_scaler_skips_does_not_advance_the_schedule(user_models) -> None:
+    """A real fp16 run on GradScaler('cpu') with an overflow injected at step 2 (batch 2)."""
+    config = user_run(
+        "build_overflow_at_batch_2", precision="fp16-mixed", allow_slow=True, steps=5, init_scale=256.0,
+        lr=1e-2, lr_warmup_steps=2, lr_decay_steps=5, min_lr=1e-3, log_every=5,
+    )  # fmt: skip
+    result = train(config, write=False)
+    assert result.ok, result.error
+    assert [r.skipped for r in result.history] == [False, False, True, False, False]
+    applied = [0, 1, 2, 2, 3]  # the skipped step took no optimizer step, so the next one gets its lr again
+    assert [r.lr for r in result.history] == pytest.approx([lr_after(n, config) for n in applied])
+    fp32 = train(RunConfig(**{**config.to_dict(), "precision": "fp32"}), write=False)
+    assert not any(r.skipped for r in fp32.history)
+    assert [r.lr for r in fp32.history] == pytest.approx([lr_after(n, config) for n in range(5)])
+
+
+def test_adamw_takes_beta2_and_weight_decay_from_the_config() -> None:
+    model = torch.nn.Linear(4, 4)
+    optimizer = make_optimizer(model, RunConfig(beta2=0.99, weight_decay=0.1), torch.device("cpu"))
+    group = optimizer.param_groups[0]
+    assert (group["betas"], group["weight_decay"], group["lr"]) == ((0.9, 0.99), 0.1, 1e-3)
+    scheduled = make_optimizer(model, RunConfig(lr=2e-3, lr_warmup_steps=3), torch.device("cpu"))
+    assert torch.is_tensor(scheduled.param_groups[0]["lr"]) and float(scheduled.param_groups[0]["lr"]) == pytest.approx(2e-3)
+
+
+# --- periodic evaluation --------------------------------------------------------------------------
+
+
+def test_evals_run_every_n_steps_and_at_the_end_with_training_time_only(user_models) -> None:
+    result = train(user_run("build_ok", steps=5, eval_every=2, log_every=5), write=False)
+    assert result.ok, result.error
+    assert [e.step for e in result.evals] == [2, 4, 5]
+    assert all(e.loss is not None and math.isfinite(e.loss) for e in result.evals)
+    elapsed = [e.elapsed_s for e in result.evals]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert result.metrics.eval_loss == result.evals[-1].loss
+    assert result.metrics.best_eval_loss == min(e.loss for e in result.evals)
+    assert result.metrics.train_time_s >= elapsed[-1]
+    once = train(user_run("build_ok", steps=4, eval_every=4), write=False)
+    assert [e.step for e in once.evals] == [4]  # the last step's eval is not taken twice
+
+
+def test_a_non_finite_periodic_eval_ends_the_run_diverged_keeping_the_evals(user_models) -> None:
+    result = train(user_run("build_bad_eval", steps=4, eval_every=2), write=False)
+    assert result.status == "diverged"
+    assert result.error in ("eval loss is inf after step 2", "eval loss is nan after step 2")
+    assert [(e.step, e.loss) for e in result.evals] == [(2, None)]
+    assert len(result.history) == 2 and result.metrics.best_eval_loss is None
+
+
+@pytest.mark.slow
+def test_the_eval_curve_of_a_builtin_model_falls_on_held_out_text(tiny_config) -> None:
+    result = train(tiny_config(steps=30, eval_every=10, eval_batches=4, lr=3e-3, log_every=10), write=False)
+    losses = [e.loss for e in result.evals]
+    assert [e.step for e in result.evals] == [10, 20, 30] and losses[-1] < losses[0] < math.log(65)
+
+
+# --- memory split and the machine share ----------------------------------------------------------
+
+
+def test_the_memory_split_counts_parameters_gradients_and_optimizer_state(user_models) -> None:
+    result = train(user_run("build_ok", steps=2), write=False)  # nn.Linear(8, 1): 9 fp32 parameters, 36 bytes
+    m = result.metrics
+    assert m.param_memory_mb * 2**20 == 36 and m.grad_memory_mb * 2**20 == 36
+    assert 72 <= m.optimizer_memory_mb * 2**20 <= 72 + 2 * 8  # AdamW's two moments, plus a step counter per tensor
+    model = torch.nn.Linear(8, 1).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert memory_split_mb(model, optimizer) == (18 / 2**20, 18 / 2**20, 0.0)  # bf16 sizes, no state before a step
+
+
+def test_the_plan_records_threads_and_how_many_runs_shared_the_machine(user_models, monkeypatch) -> None:
+    result = train(user_run("build_ok", steps=2), write=False)
+    assert (result.plan["threads"], result.plan["concurrent_runs"]) == (torch.get_num_threads(), 1)
+    monkeypatch.setenv("AMP_WORKBOOK_CONCURRENT_RUNS", "3")
+    assert train(user_run("build_ok", steps=2), write=False).plan["concurrent_runs"] == 3
+    monkeypatch.setenv("AMP_WORKBOOK_CONCURRENT_RUNS", "many")
+    assert train(user_run("build_ok", steps=2), write=False).plan["concurrent_runs"] == 1
 
 
 # --- the recorder --------------------------------------------------------------------------------
@@ -669,7 +787,7 @@ def test_metrics_without_a_scaler_have_no_loss_scales():
 
 
 def gpu_config(tmp_path, **overrides) -> RunConfig:
-    values = {"model": "gpt-small", "steps": 24, "warmup_steps": 4, "batch_size": 8, "seq_len": 128, "log_every": 8,
+    values = {"model": "gpt-small", "steps": 24, "timing_warmup_steps": 4, "batch_size": 8, "seq_len": 128, "log_every": 8,
               "device": "cuda", "out_dir": str(tmp_path), "lr": 3e-3}  # fmt: skip
     return RunConfig(**{**values, **overrides})
 
@@ -720,7 +838,7 @@ def test_hot_loop_adds_no_sync_per_step(tmp_path, precision):
 
     Model set-up copies sync too, so compare two runs that differ only by 40 steps (two flushes).
     """
-    short = gpu_config(tmp_path, precision=precision, steps=20, warmup_steps=2, log_every=20)
+    short = gpu_config(tmp_path, precision=precision, steps=20, timing_warmup_steps=2, log_every=20)
     train(short, write=False)  # warm caches and kernels
     extra = _count_syncs(replace(short, steps=60)) - _count_syncs(short)
     assert extra <= 8, f"40 more steps added {extra} synchronizations"

@@ -219,3 +219,12 @@ def build_step_function(config):
         return x, x.sum(1, keepdim=True)
 
     return model, batch, F.mse_loss
+
+
+def build_overflow_at_batch_2(config):
+    """Batch 2's targets are 1e17 times larger: its loss (~1e34) is finite, but scaled by 2**16 it overflows,
+    so an fp16-mixed run skips exactly the steps that take batch 2 (and an fp32 run takes them)."""
+    model, batches = _regression(config)
+    x, y = batches[2]
+    batches[2] = (x, y * 1e17)
+    return model, batches, F.mse_loss
