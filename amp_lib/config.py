@@ -157,6 +157,8 @@ class RunConfig:
     dropout: float = 0.0  # built-in GPT models only
     eval_every: int = 0  # steps between evaluations on held-out batches; 0: only at the end
     eval_batches: int = 4  # held-out batches per evaluation (built-in models)
+    headroom_every: int = 0  # fp16 headroom map (amp_lib.headroom): sample every N steps; 0: off, no hooks
+    profile_step: bool = False  # profile one step after the timing warm-up (amp_lib.diagnose)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -177,6 +179,7 @@ class RunConfig:
             ("lr_decay_steps", 0),
             ("eval_every", 0),
             ("eval_batches", 1),
+            ("headroom_every", 0),
         ):
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= {minimum}")

@@ -152,6 +152,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+HALF_PRECISION_ISA = ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16", "amx_tile", "avx512f", "avx2")
+
+
+def cpu_isa() -> frozenset[str]:
+    """The CPU instruction sets that decide half-precision speed, as /proc/cpuinfo lists them."""
+    return frozenset(_cpu_flags() & set(HALF_PRECISION_ISA))
+
+
 def probe(device: str | torch.device | None = None) -> Capabilities:
     """Read the capabilities of `device` (default: CUDA when available, else CPU)."""
     dev = resolve_device(device)

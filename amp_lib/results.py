@@ -93,6 +93,8 @@ class RunResult:
     metrics: Metrics = field(default_factory=Metrics)
     history: tuple[HistoryRow, ...] = ()
     evals: tuple[EvalRow, ...] = ()
+    headroom: dict[str, Any] | None = None  # the fp16 headroom map (amp_lib.headroom), when it was on
+    profile: dict[str, Any] | None = None  # one profiled step (amp_lib.diagnose), when asked for
     status: str = "ok"
     error: str | None = None
     schema_version: int = SCHEMA_VERSION
@@ -131,6 +133,8 @@ class RunResult:
             metrics=Metrics(**metrics),
             history=tuple(HistoryRow(**row) for row in d.get("history", [])),
             evals=tuple(EvalRow(**row) for row in d.get("evals", [])),
+            headroom=d.get("headroom"),
+            profile=d.get("profile"),
             status=d["status"],
             error=d.get("error"),
         )

@@ -22,11 +22,13 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from amp_lib.config import RunConfig
+from amp_lib.diagnose import StepProfiler, machine_facts
+from amp_lib.headroom import HeadroomMap
 from amp_lib.measure import PeakMemory, StepTimer, percentile
 from amp_lib.models import Workload, build_workload
 from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
@@ -111,6 +113,8 @@ class Recorder:
 
     def __init__(self, timer: StepTimer, item_unit: str = "tokens", constant_lr: float | None = None) -> None:
         self.timer, self.item_unit, self.constant_lr = timer, item_unit, constant_lr
+        self.headroom: HeadroomMap | None = None  # set by the loop when the map is on
+        self.profile: dict[str, Any] | None = None  # the profiled step's summary, when asked for
         self.history: list[HistoryRow] = []
         self.evals: list[EvalRow] = []
         self.timed_ms: list[float] = []
@@ -230,6 +234,8 @@ def train(
         metrics=metrics,
         history=tuple(recorder.history),
         evals=tuple(recorder.evals),
+        headroom=recorder.headroom.to_dict() if recorder.headroom else None,
+        profile=recorder.profile,
         status=status,
         error=error,
     )
@@ -269,6 +275,10 @@ def _run(
     recorder.constant_lr = None if config.schedules_lr else config.lr
     applied = torch.zeros((), device=device)  # optimizer steps really taken: skipped ones don't count
     clock = _Clock(device)
+    headroom = recorder.headroom = HeadroomMap(model, config.headroom_every) if config.headroom_every else None
+    scale_in_use = config.init_scale if plan.use_loss_scaler else None
+    # One profiled step, the last untimed one, so the profiler's overhead stays out of the timings.
+    profiled = max(config.timing_warmup_steps - 1, 0) if config.profile_step else None
 
     with plan.tf32_scope():
         model.train()
@@ -280,8 +290,13 @@ def _run(
                 memory.reset()
             if timed:
                 recorder.timer.start()
+            profiler = StepProfiler(device) if step == profiled else None
+            if profiler is not None:
+                profiler.start()
             if lr is not None:
                 lr.copy_(scheduled_lr(applied, config))
+            if headroom is not None:
+                headroom.begin_step(step)
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
                 x, y = batches[(step * accum + micro) % len(batches)]
@@ -290,6 +305,10 @@ def _run(
                 outcome = scaler.step(loss, optimizer, clip, update=micro == accum - 1)
                 step_loss += loss.detach().float()
             optimizer.zero_grad(set_to_none=True)
+            if headroom is not None:
+                headroom.end_step(step)
+            if profiler is not None:
+                recorder.profile = {"step": step, **profiler.stop().to_dict(), "facts": machine_facts(probe(device))}
             if lr is not None:
                 applied += 1 - outcome.skipped.to(applied.dtype)
             if timed:
@@ -298,6 +317,12 @@ def _run(
             eval_due = bool(config.eval_every) and (step + 1) % config.eval_every == 0 and step + 1 < config.steps
             if eval_due or (step + 1) % config.log_every == 0 or step + 1 == config.steps:  # an eval syncs anyway
                 rows = recorder.flush()
+                if headroom is not None:
+                    used = []  # the scale each step's backward ran with: the one before its update
+                    for row in rows:
+                        used.append(scale_in_use)
+                        scale_in_use = row.loss_scale
+                    headroom.flush([r.skipped for r in rows], used)
                 for obs in observers:
                     obs.on_log(rows, items_per_step)
                 check_divergence(rows, plan.use_loss_scaler)
@@ -305,6 +330,8 @@ def _run(
                 _evaluate_into(recorder, clock, step + 1, model, workload, plan)
         peak = memory.peak_mb()  # the training peak; the final eval below adds no gradients to it
         eval_loss = _evaluate_into(recorder, clock, config.steps, model, workload, plan)
+    if headroom is not None:
+        headroom.remove()
 
     step_ms = statistics.median(recorder.timed_ms)
     throughput = items_per_step / (step_ms / 1e3)

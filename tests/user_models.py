@@ -228,3 +228,33 @@ def build_overflow_at_batch_2(config):
     x, y = batches[2]
     batches[2] = (x, y * 1e17)
     return model, batches, F.mse_loss
+
+
+def build_fp16_overflow(config):
+    """A three-layer model whose middle layer ("big") outputs 1e5 on every input: finite in fp32, inf in fp16."""
+    from collections import OrderedDict
+
+    inp, big, out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 1)
+    with torch.no_grad():
+        inp.weight.zero_()
+        inp.bias.fill_(1.0)  # every hidden unit is exactly 1 ...
+        big.weight.copy_(torch.eye(16) * 1e5)  # ... so every output of "big" is 1e5 > 65504
+        big.bias.zero_()
+    model = nn.Sequential(OrderedDict(inp=inp, act=nn.ReLU(), big=big, out=out))
+    batches = [(torch.randn(config.batch_size, 8), torch.randn(config.batch_size, 1)) for _ in range(4)]
+    return model, batches, F.mse_loss
+
+
+HOOKED: list = []  # (forward hooks on the model's modules at each loss call), and the model, for build_hook_probe
+
+
+def build_hook_probe(config):
+    """build_ok whose loss records how many forward hooks the model carries while it trains."""
+    model, batches = _regression(config)
+    HOOKED.append(model)
+
+    def loss(output, target):
+        HOOKED.append(sum(len(m._forward_hooks) for m in model.modules()))
+        return F.mse_loss(output, target)
+
+    return model, batches, loss

@@ -1,0 +1,192 @@
+"""Why a precision is (not) faster than fp32: one profiled training step, the machine facts that decide
+the answer, and a ranked, plain-language list of causes.
+
+`profile_step` runs one step under torch.profiler (opt-in per run: `RunConfig.profile_step`) and keeps a
+small summary in the result JSON: where the step's time went (matrix multiplies, element-wise work,
+normalisation, the optimizer, data movement, host overhead or idle device) and the shapes of the GEMMs
+that ran in a reduced precision. `explain` turns the summaries of a precision and of fp32, the measured
+speed-up and the machine facts into causes; it reads only data, so a test can feed it a recorded profile.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from amp_lib.precision import Capabilities, cpu_isa
+
+CATEGORIES = ("matmul", "elementwise", "norm", "optimizer", "data_movement")
+_PATTERNS = (  # first match wins, on the op's name
+    ("optimizer", re.compile(r"adam|_foreach_|Optimizer\.", re.I)),
+    ("matmul", re.compile(r"aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm|conv|cudnn_conv|_convolution|mkldnn_conv)|"
+                          r"scaled_dot_product|flash|efficient_attention|gemm|cutlass|sm\d+_xmma", re.I)),
+    ("norm", re.compile(r"norm", re.I)),
+    ("data_movement", re.compile(r"aten::(copy_|_to_copy|to|contiguous|clone|cat|index|gather|embedding)\b|memcpy|Memcpy", re.I)),
+)
+_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+REDUCED = ("c10::Half", "c10::BFloat16", "c10::Float8_e4m3fn", "c10::Float8_e5m2")
+
+
+def categorize(name: str) -> str:
+    for category, pattern in _PATTERNS:
+        if pattern.search(name):
+            return category
+    return "elementwise"
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """Where one training step's time went, in ms, and the GEMMs that ran in a reduced precision."""
+
+    wall_ms: float
+    busy_ms: dict[str, float]  # by category: self time of the ops (device time on a GPU)
+    gemms: tuple[tuple[int, int, int, str], ...] = ()  # (m, k, n, dtype) of reduced-precision GEMMs
+    device_type: str = "cpu"
+
+    @property
+    def busy_total_ms(self) -> float:
+        return sum(self.busy_ms.values())
+
+    @property
+    def idle_ms(self) -> float:
+        """Host overhead, or a device waiting for the host: the step's wall time not spent in any op."""
+        return max(0.0, self.wall_ms - self.busy_total_ms)
+
+    def share(self, category: str) -> float:
+        return self.busy_ms.get(category, 0.0) / self.wall_ms if self.wall_ms > 0 else 0.0
+
+    @property
+    def misaligned_gemms(self) -> list[tuple[int, int, int, str]]:
+        """GEMMs with a dimension that is not a multiple of 8 (fp16/bf16 tensor cores) or 16 (fp8)."""
+        def aligned(g: tuple[int, int, int, str]) -> bool:
+            multiple = 16 if "Float8" in g[3] else 8
+            return all(d % multiple == 0 for d in g[:3])
+
+        return [g for g in self.gemms if not aligned(g)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gemms"] = [list(g) for g in self.gemms]
+        d["idle_ms"] = self.idle_ms
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepProfile:
+        gemms = tuple((int(g[0]), int(g[1]), int(g[2]), str(g[3])) for g in d.get("gemms", []))
+        return cls(float(d["wall_ms"]), dict(d["busy_ms"]), gemms, d.get("device_type", "cpu"))
+
+
+def summarize(events: Any, wall_ms: float, device_type: str) -> StepProfile:
+    """A StepProfile from torch.profiler's events (self times, so nested ops are not counted twice)."""
+    busy = dict.fromkeys(CATEGORIES, 0.0)
+    gemms = []
+    for event in events:
+        self_us = event.self_device_time_total if device_type == "cuda" else event.self_cpu_time_total
+        if self_us > 0 and (device_type == "cuda" or event.name.startswith(("aten::", "Optimizer."))):
+            busy[categorize(event.name)] += self_us / 1e3
+        if event.name in _GEMMS:
+            gemm = _gemm(event.input_shapes, list(getattr(event, "input_dtypes", []) or []))
+            if gemm is not None and gemm[3] in REDUCED:
+                gemms.append(gemm)
+    return StepProfile(wall_ms=wall_ms, busy_ms=busy, gemms=tuple(sorted(set(gemms))), device_type=device_type)
+
+
+def _gemm(shapes: list[list[int]], dtypes: list[str]) -> tuple[int, int, int, str] | None:
+    mats = [(s, dtypes[i] if i < len(dtypes) else "") for i, s in enumerate(shapes) if isinstance(s, list) and len(s) >= 2]
+    if len(mats) < 2:
+        return None
+    (a, dtype), (b, _) = mats[-2], mats[-1]
+    return int(a[-2]), int(a[-1]), int(b[-1]), str(dtype)
+
+
+class StepProfiler:
+    """torch.profiler around one training step: `start()` before it, `stop()` after it gives the summary."""
+
+    def __init__(self, device: torch.device) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.device, self._prof = device, torch.profiler.profile(activities=activities, record_shapes=True)
+        self._began = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self._prof.start()
+        self._sync()
+        self._began = time.perf_counter()
+
+    def stop(self) -> StepProfile:
+        self._sync()
+        wall_ms = (time.perf_counter() - self._began) * 1e3
+        self._prof.stop()
+        return summarize(self._prof.events(), wall_ms, self.device.type)
+
+
+def machine_facts(caps: Capabilities) -> dict[str, Any]:
+    """The facts that decide whether a reduced precision can be fast here."""
+    facts: dict[str, Any] = {"device_type": caps.device_type, "device_name": caps.device_name}
+    if caps.device_type == "cuda":
+        facts["compute_capability"] = list(caps.compute_capability or ())
+        facts["tf32_for_fp32"] = bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    else:
+        facts["cpu_isa"] = sorted(cpu_isa())
+    return facts
+
+
+@dataclass(frozen=True)
+class Cause:
+    weight: float  # how much of the missing speed-up it plausibly explains (ranking only)
+    text: str
+
+
+def explain(
+    precision: str, speedup: float | None, profile: StepProfile | None, fp32: StepProfile | None, facts: dict[str, Any]
+) -> list[Cause]:
+    """Ranked causes, most likely first, for `precision` not being (much) faster than fp32. Computed from the
+    profiles and the machine facts, not from the device's name."""
+    family = precision.split("-")[0]
+    causes: list[Cause] = []
+    isa = set(facts.get("cpu_isa", []))
+    if facts.get("device_type") == "cpu":
+        if family == "bf16" and not isa & {"avx512_bf16", "amx_bf16"}:
+            causes.append(Cause(1.0, "this CPU has no bf16 instructions (avx512_bf16/amx_bf16): bf16 matmuls are emulated"))
+        if family == "fp16" and not isa & {"avx512_fp16", "amx_fp16"}:
+            causes.append(Cause(1.0, "this CPU has no fp16 instructions (avx512_fp16/amx_fp16): fp16 matmuls are emulated"))
+    elif facts.get("device_type") == "cuda":
+        cc = tuple(facts.get("compute_capability") or (0, 0))
+        if family == "bf16" and cc < (8, 0):
+            causes.append(Cause(1.0, f"compute capability {cc[0]}.{cc[1]} has no bf16 tensor cores"))
+        if family == "fp16" and cc < (7, 0):
+            causes.append(Cause(1.0, f"compute capability {cc[0]}.{cc[1]} has no fp16 tensor cores"))
+        if facts.get("tf32_for_fp32") and family in ("fp16", "bf16", "fp8"):
+            causes.append(Cause(0.5, "fp32 already ran its matmuls on TF32 tensor cores: the baseline is fast"))
+    if profile is not None:
+        outside = 1.0 - profile.share("matmul")
+        if outside > 0.5:
+            causes.append(Cause(outside * 0.8, f"{outside:.0%} of the step is outside matmuls: the model is too small to gain"))
+        idle = profile.idle_ms / profile.wall_ms if profile.wall_ms else 0.0
+        if idle > 0.3:
+            where = "the device is idle" if profile.device_type == "cuda" else "the host runs Python/dispatch, not ops,"
+            causes.append(Cause(idle * 0.9, f"launch-bound: {where} {idle:.0%} of the step — try a bigger batch or compile"))
+        opt = profile.share("optimizer")
+        if opt > 0.2:
+            causes.append(Cause(opt * 0.6, f"the optimizer takes {opt:.0%} of the step: it updates fp32 weights whatever the precision"))
+        if fp32 is not None:
+            extra = profile.busy_ms.get("data_movement", 0.0) - fp32.busy_ms.get("data_movement", 0.0)
+            if profile.wall_ms and extra / profile.wall_ms > 0.1:
+                causes.append(Cause(extra / profile.wall_ms, f"dtype casts add {extra / profile.wall_ms:.0%} of the step (autocast copies)"))
+        bad = profile.misaligned_gemms
+        if bad:
+            m, k, n, _ = bad[0]
+            causes.append(Cause(0.3, f"{len(bad)} of {len(profile.gemms)} reduced-precision GEMMs have a dimension that is not a "
+                                     f"multiple of 8 (e.g. {m}x{k}x{n}): pad vocabulary/hidden sizes"))
+    if speedup is not None and speedup >= 1.1 and not causes:
+        return []
+    return sorted(causes, key=lambda c: c.weight, reverse=True)
