@@ -21,6 +21,8 @@ _MUTATION_ORDER = (
     "test_results",
     "test_scaler",
     "test_measure",
+    "test_diagnose",
+    "test_headroom",
     "test_data",
     "test_models",
     "test_examples",
@@ -33,6 +35,7 @@ _MUTATION_ORDER = (
     "test_notebook",
     "test_tracking",
     "test_lightning_callback",
+    "test_hf",
     "test_bench",
     "test_train",
 )
