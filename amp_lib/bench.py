@@ -130,6 +130,47 @@ def bench(base: RunConfig, precisions: Sequence[str], repeats: int) -> list[Benc
     return rows
 
 
+@dataclass(frozen=True)
+class HeadroomCost:
+    """What the fp16 headroom map costs a step: off, on but not sampling (device-side flags), and sampling."""
+
+    precision: str
+    off_ms: float
+    unsampled_ms: float
+    sampled_ms: float
+
+
+def headroom_cost(base: RunConfig, precisions: Sequence[str], every: int, repeats: int) -> list[HeadroomCost]:
+    """Median step times with the map off and on (every `every` steps), the same runs alternated `repeats` times."""
+    rows = []
+    for precision in precisions:
+        off, unsampled, sampled = [], [], []
+        for _ in range(repeats):
+            config = replace(base, precision=precision)
+            off.append(train(config, write=False).metrics.step_time_ms_median)
+            mapped = train(replace(config, headroom_every=every), write=False)
+            for row in mapped.history:
+                if row.step_time_ms is not None:
+                    (sampled if row.step % every == 0 else unsampled).append(row.step_time_ms)
+        if off[0] is not None and sampled and unsampled:
+            rows.append(HeadroomCost(precision, statistics.median(off), statistics.median(unsampled), statistics.median(sampled)))
+    return rows
+
+
+def format_headroom_table(rows: Sequence[HeadroomCost], every: int) -> str:
+    lines = [
+        f"headroom map (sampled every {every} steps): median step ms",
+        "| precision | map off | on, unsampled step | on, sampled step | unsampled vs off | sampled vs off |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.precision} | {r.off_ms:.2f} | {r.unsampled_ms:.2f} | {r.sampled_ms:.2f} | "
+            f"{r.unsampled_ms / r.off_ms - 1:+.1%} | {r.sampled_ms / r.off_ms - 1:+.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def format_bench_table(rows: Sequence[BenchRow], device_name: str) -> str:
     fp32 = next((r for r in rows if r.effective == "fp32"), None)
     unit = rows[0].unit if rows else "tokens"
@@ -167,6 +208,9 @@ def build_parser(cuda: bool) -> argparse.ArgumentParser:
     parser.add_argument("--allow-slow", action="store_true", help="run fp16 even on a CPU without fast fp16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--headroom-every", type=int, default=0, help="also measure the fp16 headroom map sampling every N steps"
+    )
     return parser
 
 
@@ -189,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = base_config(args)
     rows = bench(base, args.precisions, args.repeats)
     print(format_bench_table(rows, probe(resolve_device(base.device)).device_name))
+    if args.headroom_every > 0:
+        costs = headroom_cost(base, args.precisions, args.headroom_every, args.repeats)
+        print("\n" + format_headroom_table(costs, args.headroom_every))
     if args.json:
         args.json.write_text(json.dumps([{**r.__dict__, "overhead": r.overhead} for r in rows], indent=2))
     return 0

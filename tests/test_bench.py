@@ -9,7 +9,18 @@ import pytest
 import torch
 from user_models import PLAN_DTYPES
 
-from amp_lib.bench import BenchRow, bare_loop, base_config, bench, build_parser, format_bench_table, main
+from amp_lib.bench import (
+    BenchRow,
+    HeadroomCost,
+    bare_loop,
+    base_config,
+    bench,
+    build_parser,
+    format_bench_table,
+    format_headroom_table,
+    headroom_cost,
+    main,
+)
 from amp_lib.config import BUILTIN_MODELS, RunConfig
 from amp_lib.precision import probe, resolve_precision
 from amp_lib.train import train
@@ -244,7 +255,8 @@ def test_bench_cli_help_and_a_bad_model(capsys) -> None:
     assert description in flat
     assert "--allow-slow run fp16 even on a CPU without fast fp16 --compile" in flat
     assert "--compile torch.compile the model in both loops --json" in flat
-    assert flat.endswith("--json JSON also write the rows as JSON here")
+    assert "--json JSON also write the rows as JSON here --headroom-every" in flat
+    assert flat.endswith("--headroom-every HEADROOM_EVERY also measure the fp16 headroom map sampling every N steps")
     with pytest.raises(SystemExit) as info:
         build_parser(False).parse_args(["--model", "gpt-huge"])
     assert info.value.code == 2
@@ -265,3 +277,24 @@ def test_bench_cli_writes_json(tmp_path, capsys) -> None:
     assert printed[0] == f"device: {probe(torch.device('cpu')).device_name}, torch {torch.__version__}"
     assert printed[3].startswith("| fp32 | fp32 |")
     assert out.read_text() == json.dumps(json.loads(out.read_text()), indent=2)  # readable, two-space indent
+
+
+# --- the headroom map's cost ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_headroom_cost_times_map_off_unsampled_and_sampled_steps_apart(capsys) -> None:
+    base = RunConfig(model="mlp", steps=7, timing_warmup_steps=1, batch_size=4, log_every=3, device="cpu")
+    (row,) = headroom_cost(base, ["fp32"], every=3, repeats=1)
+    assert row.precision == "fp32" and min(row.off_ms, row.unsampled_ms, row.sampled_ms) > 0
+    table = format_headroom_table([HeadroomCost("fp32", 10.0, 11.0, 15.0)], every=3)
+    assert table.splitlines() == [
+        "headroom map (sampled every 3 steps): median step ms",
+        "| precision | map off | on, unsampled step | on, sampled step | unsampled vs off | sampled vs off |",
+        "|---|---|---|---|---|---|",
+        "| fp32 | 10.00 | 11.00 | 15.00 | +10.0% | +50.0% |",
+    ]
+    argv = ["--model", "mlp", "--precisions", "fp32", "--steps", "7", "--timing-warmup-steps", "1", "--repeats", "1",
+            "--batch-size", "2", "--device", "cpu", "--headroom-every", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert "headroom map (sampled every 3 steps): median step ms" in capsys.readouterr().out
