@@ -17,7 +17,16 @@ from typing import Any
 from amp_lib.config import RunConfig, TrackingConfig, parameter_names
 from amp_lib.plots import run_figure, save_figure, save_report_figures
 from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
-from amp_lib.report import DEFAULT_TOLERANCE, Row, SweepReport, build_report, format_table
+from amp_lib.report import (
+    DEFAULT_TOLERANCE,
+    Row,
+    SweepReport,
+    build_report,
+    format_memory,
+    format_table,
+    format_verdicts,
+    memory_note,
+)
 from amp_lib.results import HistoryRow, RunResult, load_sweep
 from amp_lib.train import train
 
@@ -25,7 +34,7 @@ from amp_lib.train import train
 DEMO_CONFIG: dict[str, Any] = {
     "model": "gpt-tiny",
     "steps": 8,
-    "warmup_steps": 2,
+    "timing_warmup_steps": 2,
     "batch_size": 4,
     "seq_len": 32,
     "log_every": 2,
@@ -137,6 +146,23 @@ def table_html(rows: Sequence[Row]) -> Any:
     from IPython.display import HTML
 
     return HTML(format_table(rows, "html"))
+
+
+def verdicts_html(report: SweepReport) -> Any:
+    """The verdict table (quality and speed against fp32 with intervals, time to quality) as HTML."""
+    from IPython.display import HTML
+
+    return HTML(format_verdicts(report.comparisons, report.noise, "html"))
+
+
+def memory_html(report: SweepReport) -> Any:
+    """The memory split table as HTML, with the note a CPU's process-wide peak needs."""
+    import html
+
+    from IPython.display import HTML
+
+    note = memory_note(report.comparisons)
+    return HTML(format_memory(report.comparisons, "html") + (f"<p><em>{html.escape(note)}</em></p>" if note else ""))
 
 
 def show_images(paths: Sequence[str | os.PathLike[str]]) -> None:

@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from amp_lib.report import Row, SweepReport
+from amp_lib.report import Comparison, Row, SweepReport, eval_curve, results_by_precision
 from amp_lib.results import RunResult
 
 _COLORS = {
@@ -125,13 +125,19 @@ def loss_scale_figure(results: Sequence[RunResult]) -> Figure:
 
 
 def throughput_memory_figure(rows: Sequence[Row]) -> Figure:
-    """Throughput and peak memory per row, with the spread over seeds as error bars."""
+    """Throughput and peak memory per row, with the spread over seeds as error bars. When the rows mix
+    units (tokens/s and samples/s), the title says so and each bar's label names its unit."""
     fig, (left, right) = _figure(1, 2, (11.0, 4.0))
     labels = [f"{r.requested}\n{r.setting}" if len({x.setting for x in rows}) > 1 else r.requested for r in rows]
+    units = sorted({r.throughput_unit for r in rows})
+    if len(units) > 1:
+        labels = [f"{label}\n({r.throughput_unit}/s)" for label, r in zip(labels, rows)]
+        throughput_title = f"throughput (mixed units: {' and '.join(f'{u}/s' for u in units)})"
+    else:
+        throughput_title = f"throughput ({units[0] if units else 'tokens'}/s)"
     colors = [_COLORS.get(str(r.effective), "tab:gray") for r in rows]
-    unit = rows[0].throughput_unit if rows else "tokens"
     for ax, attr, title in (
-        (left, "items_per_s", f"throughput ({unit}/s)"),
+        (left, "items_per_s", throughput_title),
         (right, "peak_memory_mb", "peak memory (MB)"),
     ):
         stats = [getattr(r, attr) for r in rows]
@@ -146,6 +152,128 @@ def throughput_memory_figure(rows: Sequence[Row]) -> Figure:
     return fig
 
 
+def _comparison_labels(comparisons: Sequence[Comparison]) -> list[str]:
+    several = len({c.setting for c in comparisons}) > 1
+    return [f"{c.requested}\n{c.setting}" if several else c.requested for c in comparisons]
+
+
+def _comparison_color(c: Comparison) -> str:
+    return _COLORS.get(str(c.effective), "tab:gray")
+
+
+def _draw_eval_curves(
+    ax: Axes, curves_by: Sequence[tuple[Comparison, list[dict[int, float]]]], first_step: int
+) -> bool:
+    drawn = False
+    for c, curves in curves_by:
+        steps = sorted({s for curve in curves for s in curve if s >= first_step})
+        if not steps:
+            continue
+        at = [[curve[s] for curve in curves if s in curve] for s in steps]
+        label = f"{c.requested} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
+        ax.plot(steps, [sum(v) / len(v) for v in at], "-o", color=_comparison_color(c), label=label, markersize=3)
+        if len(curves) > 1:
+            ax.fill_between(steps, [min(v) for v in at], [max(v) for v in at], color=_comparison_color(c), alpha=0.2)
+        drawn = True
+    return drawn
+
+
+def eval_curves_figure(report: SweepReport) -> Figure:
+    """Eval loss vs step per precision: the mean over the ok seeds as a line, their min–max as a band, and
+    the time-to-quality target (fp32's mean best eval loss + tolerance) dashed. One row per setting: the
+    whole run, and its second half zoomed in (where the precisions' differences show)."""
+    settings = list(dict.fromkeys(c.setting for c in report.comparisons)) or [""]
+    groups = results_by_precision(report.results)
+    fig, axes = _figure(len(settings), 2, (13.0, 4.5 * len(settings)))
+    for row, setting in enumerate(settings):
+        curves_by = []
+        for c in (c for c in report.comparisons if c.setting == setting):
+            curves = [
+                {s: loss for s, loss, _ in eval_curve(r)} for r in groups.get((c.setting, c.requested), []) if r.ok
+            ]
+            curves = [curve for curve in curves if curve]
+            if curves:
+                curves_by.append((c, curves))
+        last = max((s for _, curves in curves_by for curve in curves for s in curve), default=0)
+        target = next((c.ttq.target for c in report.comparisons if c.setting == setting and c.ttq), None)
+        where = f" — {setting}" if len(settings) > 1 else ""
+        for ax, first, title in (
+            (axes[2 * row], 0, f"eval loss vs step{where} (band: min–max over seeds)"),
+            (axes[2 * row + 1], last // 2, f"second half, zoomed{where}"),
+        ):
+            drawn = _draw_eval_curves(ax, curves_by, first)
+            if target is not None and drawn:
+                ax.axhline(
+                    target, linestyle="--", color="black", linewidth=1, label=f"fp32's quality target {target:.4f}"
+                )
+            ax.set_xlabel("step")
+            ax.set_ylabel("eval loss")
+            ax.set_title(title)
+            if drawn:
+                ax.legend(fontsize="small")
+            else:
+                ax.text(0.5, 0.5, "no eval recorded", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+def time_to_quality_figure(report: SweepReport) -> Figure:
+    """Per precision: the training time to first reach fp32's quality (its mean best eval loss plus the tolerance),
+    mean over seeds with the spread as an error bar; "never reached" where no seed got there."""
+    comps = [c for c in report.comparisons if c.ttq is not None]
+    fig, (ax,) = _figure(1, 1, (max(6.0, 1.6 * len(comps)), 4.0))
+    values = [c.ttq.time_s.mean if c.ttq and c.ttq.time_s else 0.0 for c in comps]
+    errors = [c.ttq.time_s.std or 0.0 if c.ttq and c.ttq.time_s else 0.0 for c in comps]
+    ax.bar(range(len(comps)), values, yerr=errors, color=[_comparison_color(c) for c in comps], capsize=4)
+    ax.set_xticks(range(len(comps)), _comparison_labels(comps), fontsize="small")
+    ax.set_ylabel("training seconds (evals excluded)")
+    ax.set_title("time to fp32's quality (its mean best eval loss + tolerance)")
+    for i, c in enumerate(comps):
+        assert c.ttq is not None
+        if c.ttq.reached == 0:
+            ax.text(i, 0, f"never reached\nin {c.ttq.horizon} steps", ha="center", va="bottom", fontsize="small")
+        elif c.ttq.reached < c.ttq.runs:
+            ax.text(i, values[i], f"{c.ttq.reached} of {c.ttq.runs} seeds", ha="center", va="bottom", fontsize="small")
+        elif c.ttq.speedup is not None and not c.is_baseline:
+            ax.text(i, values[i], f"{c.ttq.speedup:.2f}x fp32", ha="center", va="bottom", fontsize="small")
+    if not comps:
+        ax.text(0.5, 0.5, "no eval recorded", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+MEMORY_PARTS = (
+    ("params_mb", "parameters"),
+    ("grads_mb", "gradients"),
+    ("optimizer_mb", "optimizer"),
+    ("rest_mb", "rest"),
+)
+_PART_COLORS = {"parameters": "tab:blue", "gradients": "tab:orange", "optimizer": "tab:green", "rest": "tab:gray"}
+
+
+def memory_split_figure(report: SweepReport) -> Figure:
+    """Peak memory per precision as stacked bars: parameters, gradients, optimizer state and the rest
+    (activations and workspace); a run without the split shows its peak as one hatched bar."""
+    comps = [c for c in report.comparisons if c.memory is not None and c.memory.peak_mb is not None]
+    fig, (ax,) = _figure(1, 1, (max(6.0, 1.6 * len(comps)), 4.0))
+    bottoms = [0.0] * len(comps)
+    for attr, name in MEMORY_PARTS:
+        heights = [getattr(c.memory, attr) or 0.0 if c.memory and c.memory.rest_mb is not None else 0.0 for c in comps]
+        ax.bar(range(len(comps)), heights, bottom=bottoms, color=_PART_COLORS[name], label=name)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    unsplit = [i for i, c in enumerate(comps) if c.memory is not None and c.memory.rest_mb is None]
+    if unsplit:
+        ax.bar(unsplit, [comps[i].memory.peak_mb for i in unsplit], color="white", edgecolor="black", hatch="//",
+               label="peak (no split recorded)")  # fmt: skip
+    ax.set_xticks(range(len(comps)), _comparison_labels(comps), fontsize="small")
+    ax.set_ylabel("MB")
+    cpu = any(c.memory is not None and c.memory.kind == "cpu_rss" for c in comps)
+    ax.set_title("peak memory split" + ("\n(CPU: the peak is the whole process's resident set)" if cpu else ""))
+    if comps:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    else:
+        ax.text(0.5, 0.5, "no memory recorded", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -154,11 +282,16 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
 
 
 def save_report_figures(report: SweepReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write the report's figures as `<out_dir>/<name>.png`; returns name -> path."""
+    """Write the report's figures as `<out_dir>/<name>.png`; returns name -> path. The loss-scale figure
+    is drawn only when a run used a loss scaler (otherwise it would only say that none did)."""
     out = Path(out_dir)
     figures = {
-        "loss": loss_figure(report.results),
+        "eval_curves": eval_curves_figure(report),
+        "time_to_quality": time_to_quality_figure(report),
+        "memory_split": memory_split_figure(report),
         "throughput_memory": throughput_memory_figure(report.table),
-        "loss_scale": loss_scale_figure(report.results),
+        "loss": loss_figure(report.results),
     }
+    if any(_uses_scaler(r) for r in report.results):
+        figures["loss_scale"] = loss_scale_figure(report.results)
     return {name: save_figure(fig, out / f"{name}.png") for name, fig in figures.items()}

@@ -20,6 +20,8 @@ from amp_lib.results import HistoryRow, RunResult, finite_or_none
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
 
+    from amp_lib.report import SweepReport
+
 WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
 
 
@@ -58,6 +60,63 @@ def result_summary(result: RunResult) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": d["status"], "error": d["error"], "schema_version": d["schema_version"]}
     summary.update({f"metrics/{k}": v for k, v in d["metrics"].items()})
     summary.update({f"plan/{k}": v for k, v in d["plan"].items()})
+    return summary
+
+
+def report_summary(report: SweepReport) -> dict[str, Any]:
+    """A sweep report's answer, verdicts, intervals and time-to-quality as flat W&B summary keys:
+    `report/answer`, `report/tolerance`, and per precision `report/<precision>/<name>` (with several
+    settings `report/<setting>/<precision>/<name>`, and `report/<setting>/recommendation`). Missing
+    values are left out, never written as null or NaN."""
+    several = len({c.setting for c in report.comparisons}) > 1
+    summary: dict[str, Any] = {"report/answer": report.answer(), "report/tolerance": report.tolerance}
+
+    def prefix(setting: str) -> str:
+        return f"report/{setting}/" if several else "report/"
+
+    for rec in report.recommendations:
+        summary[f"{prefix(rec.setting)}recommendation"] = rec.precision or "none"
+        summary[f"{prefix(rec.setting)}recommendation_reason"] = rec.reason
+    for floor in report.noise:
+        if floor.best_eval_loss is not None:
+            summary[f"{prefix(floor.setting)}fp32_best_eval_loss"] = floor.best_eval_loss.mean
+            summary[f"{prefix(floor.setting)}fp32_noise_std"] = floor.best_eval_loss.std
+            summary[f"{prefix(floor.setting)}fp32_noise_ci_half_width"] = floor.half_width
+            summary[f"{prefix(floor.setting)}tolerance_abs"] = floor.tolerance_abs
+    for c in report.comparisons:
+        key = f"{prefix(c.setting)}{c.requested}/"
+        ttq = c.ttq
+        values: dict[str, Any] = {
+            "verdict": c.verdict,
+            "status": c.status,
+            "best_eval_loss": c.best_eval_loss.mean if c.best_eval_loss else None,
+            "loss_diff": c.loss_diff.mean if c.loss_diff else c.point_diff,
+            "loss_diff_low": c.loss_diff.low if c.loss_diff else None,
+            "loss_diff_high": c.loss_diff.high if c.loss_diff else None,
+            "speed_verdict": c.speed_verdict,
+            "speed_reason": c.speed_reason or None,
+            "speedup": c.speedup.mean if c.speedup else c.point_speedup,
+            "speedup_low": c.speedup.low if c.speedup else None,
+            "speedup_high": c.speedup.high if c.speedup else None,
+            "ttq": ttq.format() if ttq else None,
+            "ttq_time_s": ttq.time_s.mean if ttq and ttq.time_s else None,
+            "ttq_steps": ttq.steps.mean if ttq and ttq.steps else None,
+            "ttq_reached": ttq.reached if ttq else None,
+            "ttq_speedup": ttq.speedup if ttq else None,
+            "peak_memory_mb": c.memory.peak_mb if c.memory else None,
+        }
+        for name, value in values.items():
+            if isinstance(value, float):
+                value = finite_or_none(value)
+            if value is not None:
+                summary[key + name] = value
+    return summary
+
+
+def log_report_summary(report: SweepReport, run: Any) -> dict[str, Any]:
+    """Write `report_summary(report)` into a W&B run's summary (e.g. the sweep's own run); returns it."""
+    summary = report_summary(report)
+    run.summary.update(summary)
     return summary
 
 

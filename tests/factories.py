@@ -3,9 +3,10 @@ builds it here, so a schema change is mended in one place."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from amp_lib.results import HistoryRow, Metrics, RunResult
+from amp_lib.results import EvalRow, HistoryRow, Metrics, RunResult
 
 SCALED = ("fp16-mixed",)  # effective precisions that run with a loss scaler
 
@@ -31,6 +32,14 @@ def history(
     return tuple(rows)
 
 
+def eval_curve(*losses: float | None, every: int = 10, step_s: float = 0.1) -> tuple[EvalRow, ...]:
+    """One eval every `every` steps with these losses, `step_s` seconds of training per step."""
+    return tuple(
+        EvalRow(step=every * (i + 1), loss=loss, elapsed_s=round(every * (i + 1) * step_s, 9))
+        for i, loss in enumerate(losses)
+    )
+
+
 def make_result(
     precision: Any = "fp32",
     seed: int | None = 0,
@@ -49,11 +58,14 @@ def make_result(
     reason: str | None = None,
     rows: tuple[HistoryRow, ...] = (),
     metrics: dict[str, Any] | None = None,
+    evals: Sequence[EvalRow] = (),
+    plan: dict[str, Any] | None = None,
     **config: Any,
 ) -> RunResult:
     """A result as `train()` would write it, with every figure a keyword. `seed=None` leaves the seed out
     of the config; extra keywords become config values (a different setting); `metrics` sets the other
-    `Metrics` fields (step times, memory kind, MFU...)."""
+    `Metrics` fields (step times, memory kind, MFU...); `evals` the eval curve (`eval_curve`), whose lowest
+    loss becomes `best_eval_loss` unless `metrics` sets it; `plan` adds plan keys (threads, concurrent_runs)."""
     cfg: dict[str, Any] = {
         "precision": precision,
         "model": "gpt-tiny",
@@ -63,9 +75,18 @@ def make_result(
     if seed is not None:
         cfg["seed"] = seed
     cfg.update(config)
+    extra = dict(metrics or {})
+    finite = [e.loss for e in evals if e.loss is not None]
+    if finite and "best_eval_loss" not in extra:
+        extra["best_eval_loss"] = min(finite)
     return RunResult(
         config=cfg,
-        plan={"requested": str(precision), "effective": effective or str(precision), "fallback_reason": reason},
+        plan={
+            "requested": str(precision),
+            "effective": effective or str(precision),
+            "fallback_reason": reason,
+            **(plan or {}),
+        },
         metrics=Metrics(
             items_per_s=tps,
             throughput_unit=unit,
@@ -75,9 +96,10 @@ def make_result(
             skipped_steps=skipped,
             final_loss_scale=final_scale,
             min_loss_scale=min_scale,
-            **(metrics or {}),
+            **extra,
         ),
         history=rows,
+        evals=tuple(evals),
         status=status,
         error=error,
     )

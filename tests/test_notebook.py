@@ -25,7 +25,7 @@ from amp_lib.results import RunResult
 from amp_lib.train import train
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-FIGURES = ["loss", "loss_scale", "throughput_memory"]
+FIGURES = ["eval_curves", "loss", "memory_split", "throughput_memory", "time_to_quality"]  # no scaler: no loss_scale
 
 
 def parameters_cell(name: str) -> str:
@@ -76,7 +76,7 @@ def test_notebook_parameters_become_a_config_a_plan_and_tracking_settings() -> N
     namespace = {
         "precision": "bf16",
         "steps": 6,
-        "warmup_steps": 1,
+        "timing_warmup_steps": 1,
         "device": "cpu",
         "wandb_mode": "disabled",
         "wandb_group": "g",
@@ -86,7 +86,7 @@ def test_notebook_parameters_become_a_config_a_plan_and_tracking_settings() -> N
         "earlier": 2,
     }
     run = notebook.run_notebook_parameters(namespace, before={"notebook", "earlier"})
-    assert run.config == RunConfig(precision="bf16", steps=6, warmup_steps=1, device="cpu")
+    assert run.config == RunConfig(precision="bf16", steps=6, timing_warmup_steps=1, device="cpu")
     assert (run.plan.requested, run.plan.effective) == ("bf16", "bf16-mixed")
     assert run.tracking == TrackingConfig(wandb_mode="disabled", wandb_project="amp-workbook", wandb_group="g")
     assert notebook.NotebookRun(config=run.config, plan=run.plan).tracking == TrackingConfig()
@@ -134,7 +134,7 @@ def test_mistyped_and_invalid_parameters_are_named_exactly() -> None:
 
 
 def test_progress_bar_counts_rows_and_shows_loss_scale_and_status() -> None:
-    config = RunConfig(run_name="demo", steps=6, warmup_steps=1, device="cpu")
+    config = RunConfig(run_name="demo", steps=6, timing_warmup_steps=1, device="cpu")
     plan = resolve_precision("fp16-mixed", Capabilities(), allow_slow=True)
     # the second row: loss 1.23456, a backed-off scale 32768 and one skipped step so far
     rows = history(3, scaled=True, skip_at=1, loss0=1.33456)
@@ -161,7 +161,7 @@ def test_progress_bar_redraws_once_per_log_not_once_more_for_the_postfix() -> No
     # redraw per log call would double the notebook's output traffic.
     stream = io.StringIO()
     bar = notebook.ProgressBar(file=stream, mininterval=0, miniters=1)
-    config = RunConfig(run_name="demo", steps=6, warmup_steps=1, device="cpu")
+    config = RunConfig(run_name="demo", steps=6, timing_warmup_steps=1, device="cpu")
     bar.on_start(config, resolve_precision("fp32", Capabilities()))
     for row in history(3, loss0=1.0):
         before = stream.getvalue().count("\r")
@@ -239,24 +239,35 @@ def test_display_objects_wrap_the_text() -> None:
     rows = build_report([make_result("fp32"), make_result("bf16-mixed")]).table
     html = notebook.table_html(rows).data
     assert html.startswith("<table") and "bf16-mixed" in html
+    report = build_report([make_result("fp32", metrics={"peak_memory_kind": "cpu_rss"}), make_result("bf16-mixed")])
+    verdicts = notebook.verdicts_html(report).data
+    assert verdicts.startswith('<table class="amp-verdicts">') and "inconclusive — run more seeds" in verdicts
+    memory = notebook.memory_html(report).data
+    assert memory.startswith('<table class="amp-memory">')
+    assert memory.endswith(
+        "<p><em>CPU: the peak is the whole process&#x27;s resident set, so the rest is mostly the Python process</em></p>"
+    )
+    assert "<p>" not in notebook.memory_html(build_report([make_result("fp32")])).data  # no CPU peak, no note
 
 
 # --- the report view of a sweep folder ----------------------------------------------------------
 
 
-def save_result(folder: Path, precision: str, tps: float) -> None:
-    make_result(precision, tps=tps, final_loss=None).save(folder / "results" / f"{precision}.json")
+def save_result(folder: Path, precision: str, tps: float, seed: int = 0) -> None:
+    make_result(precision, seed, tps=tps, final_loss=None).save(folder / "results" / f"{precision}-s{seed}.json")
 
 
 @pytest.mark.slow
 def test_report_view_of_a_folder_tabulates_recommends_and_draws(tmp_path: Path) -> None:
-    save_result(tmp_path, "fp32", 1000.0)
-    save_result(tmp_path, "bf16-mixed", 1500.0)
+    for seed, (fp32, bf16) in enumerate([(1000.0, 1500.0), (1010.0, 1530.0)]):  # two seeds: a noise estimate
+        save_result(tmp_path, "fp32", fp32, seed)
+        save_result(tmp_path, "bf16-mixed", bf16, seed)
     view = notebook.report_view(str(tmp_path), tolerance=0.1)
     rep = view.report
     assert view.sweep_dir == tmp_path and rep.tolerance == 0.1
-    assert [r.config["precision"] for r in rep.results] == ["bf16-mixed", "fp32"]  # sorted by path
-    assert [r.requested for r in rep.runs] == [r.requested for r in rep.table] == ["fp32", "bf16-mixed"]
+    assert [r.config["precision"] for r in rep.results] == ["bf16-mixed"] * 2 + ["fp32"] * 2  # sorted by path
+    assert [r.requested for r in rep.runs] == ["fp32", "fp32", "bf16-mixed", "bf16-mixed"]
+    assert [r.requested for r in rep.table] == [c.requested for c in rep.comparisons] == ["fp32", "bf16-mixed"]
     assert [r.precision for r in rep.recommendations] == ["bf16-mixed"]
     assert rep.recommendations[0].tolerance == 0.1
     assert rep.recommendation_markdown() == rep.recommendations[0].to_markdown()

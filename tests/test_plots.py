@@ -6,18 +6,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from factories import history, make_result
+from factories import eval_curve, history, make_result
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from amp_lib.plots import (
+    eval_curves_figure,
     loss_figure,
     loss_scale_figure,
+    memory_split_figure,
     run_figure,
     save_figure,
     save_report_figures,
     throughput_memory_figure,
+    time_to_quality_figure,
 )
 from amp_lib.report import build_report, comparison_table
 
@@ -143,6 +146,95 @@ def test_throughput_memory_figure_labels_settings_and_units() -> None:
     assert empty_left.get_title() == "throughput (tokens/s)" and len(empty_left.patches) == 0
 
 
+def test_throughput_title_does_not_take_its_unit_from_the_first_row_when_units_mix() -> None:
+    rows = comparison_table([make_result("fp32", lr=1, unit="tokens"), make_result("fp32", lr=2, unit="samples")])
+    left, right = throughput_memory_figure(rows).axes
+    assert left.get_title() == "throughput (mixed units: samples/s and tokens/s)"
+    assert [t.get_text() for t in left.get_xticklabels()] == [
+        "fp32\ngpt-tiny lr=1\n(tokens/s)",
+        "fp32\ngpt-tiny lr=2\n(samples/s)",
+    ]
+    assert [t.get_text() for t in right.get_xticklabels()] == [t.get_text() for t in left.get_xticklabels()]
+
+
+# --- eval curves, time to quality, memory split ----------------------------------------------------
+
+
+def ttq_report():
+    runs = [make_result("fp32", s, evals=eval_curve(3.0, 2.5, 2.0 + 0.01 * s)) for s in range(2)]
+    runs += [make_result("bf16-mixed", s, evals=eval_curve(3.0, 2.0, 2.0, step_s=0.05)) for s in range(2)]
+    runs += [make_result("fp16-mixed", 0, evals=eval_curve(3.0, 2.9, 2.8))]
+    runs += [make_result("fp16-mixed", 1, status="diverged", evals=eval_curve(3.0, None))]
+    runs += [make_result("tf32", s, evals=eval_curve(3.0, 2.0 if s == 0 else 2.6, 2.9)) for s in range(2)]
+    return build_report(runs)
+
+
+def test_eval_curves_draw_the_seed_mean_a_band_and_the_quality_target() -> None:
+    report = ttq_report()
+    full, zoom = eval_curves_figure(report).axes
+    assert full.get_title() == "eval loss vs step (band: min–max over seeds)"
+    assert zoom.get_title() == "second half, zoomed"
+    assert legend(full) == ["fp32 (2 seeds)", "tf32 (2 seeds)", "fp16-mixed (1 seed)", "bf16-mixed (2 seeds)",
+                            "fp32's quality target 2.0451"]  # fmt: skip
+    fp32_line = full.lines[0]
+    assert list(fp32_line.get_xdata()) == [10, 20, 30] and list(fp32_line.get_ydata()) == pytest.approx(
+        [3.0, 2.5, 2.005]
+    )
+    assert len(full.collections) == 3  # a band for each precision with two seeds; fp16's diverged seed is left out
+    band = full.collections[0].get_paths()[0].vertices[:, 1]
+    assert min(band) == 2.0 and max(band) == 3.0
+    assert full.lines[-1].get_ydata()[0] == pytest.approx(2.0451)  # fp32 mean best 2.005 + 2%
+    assert list(zoom.lines[0].get_xdata()) == [20, 30]  # the second half: from step 15 on
+    empty_full, empty_zoom = eval_curves_figure(build_report([make_result("fp32", eval_loss=None)])).axes
+    assert texts(empty_full) == texts(empty_zoom) == ["no eval recorded"]
+
+
+def test_eval_curves_have_a_row_per_setting() -> None:
+    runs = [make_result("fp32", 0, lr=lr, evals=eval_curve(2.0)) for lr in (1, 2)]
+    axes = eval_curves_figure(build_report(runs)).axes
+    assert [ax.get_title() for ax in axes] == [
+        "eval loss vs step — gpt-tiny lr=1 (band: min–max over seeds)", "second half, zoomed — gpt-tiny lr=1",
+        "eval loss vs step — gpt-tiny lr=2 (band: min–max over seeds)", "second half, zoomed — gpt-tiny lr=2",
+    ]  # fmt: skip
+
+
+def test_the_zoomed_panel_leaves_out_a_precision_that_stopped_in_the_first_half() -> None:
+    runs = [make_result("fp32", evals=eval_curve(3.0, 2.5, 2.2, 2.0)), make_result("bf16-mixed", evals=eval_curve(3.0))]
+    full, zoom = eval_curves_figure(build_report(runs)).axes
+    assert legend(full)[:2] == ["fp32 (1 seed)", "bf16-mixed (1 seed)"]
+    assert legend(zoom)[:1] == ["fp32 (1 seed)"] and len(zoom.lines) == 2  # fp32 and the target line
+    assert list(zoom.lines[0].get_xdata()) == [20, 30, 40]
+
+
+def test_time_to_quality_bars_say_never_reached_and_partly_reached() -> None:
+    (ax,) = time_to_quality_figure(ttq_report()).axes
+    assert ax.get_title() == "time to fp32's quality (its mean best eval loss + tolerance)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["fp32", "tf32", "fp16-mixed", "bf16-mixed"]
+    assert [p.get_height() for p in ax.patches] == [pytest.approx(3.0), pytest.approx(2.0), 0.0, pytest.approx(1.0)]
+    assert texts(ax) == ["1 of 2 seeds", "never reached\nin 30 steps", "3.00x fp32"]
+    (empty,) = time_to_quality_figure(build_report([make_result("fp32", eval_loss=None)])).axes
+    assert texts(empty) == ["no eval recorded"] and len(empty.patches) == 0
+
+
+def test_memory_split_stacks_the_parts_and_hatches_a_peak_without_a_split() -> None:
+    split = {"param_memory_mb": 10.0, "grad_memory_mb": 10.0, "optimizer_memory_mb": 20.0}
+    runs = [make_result("fp32", mem=100.0, metrics={**split, "peak_memory_kind": "cpu_rss"}),
+            make_result("bf16-mixed", mem=70.0), make_result("fp16-mixed", status="oom", mem=None)]  # fmt: skip
+    (ax,) = memory_split_figure(build_report(runs)).axes
+    assert ax.get_title() == "peak memory split\n(CPU: the peak is the whole process's resident set)"
+    assert legend(ax) == ["parameters", "gradients", "optimizer", "rest", "peak (no split recorded)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["fp32", "bf16-mixed"]  # the oom run has no peak
+    heights = [(p.get_y(), p.get_height()) for p in ax.patches]
+    assert heights[0::2][:4] == [(0.0, 10.0), (10.0, 10.0), (20.0, 20.0), (40.0, 60.0)]  # fp32: stacked to its peak
+    assert heights[-1] == (0.0, 70.0) and ax.patches[-1].get_hatch() == "//"
+    (gpu,) = memory_split_figure(
+        build_report([make_result("fp32", metrics={**split, "peak_memory_kind": "cuda_allocated"})])
+    ).axes
+    assert gpu.get_title() == "peak memory split"
+    (empty,) = memory_split_figure(build_report([make_result("fp32", mem=None)])).axes
+    assert texts(empty) == ["no memory recorded"]
+
+
 # --- saving --------------------------------------------------------------------------------------
 
 
@@ -153,20 +245,20 @@ def test_save_figure_writes_a_png_creating_folders(tmp_path: Path) -> None:
     assert target.read_bytes()[:8] == PNG
 
 
-@pytest.mark.slow  # renders three PNGs: about a second of CPU on its own, more on a busy 2-core machine
-def test_save_report_figures_writes_the_three_figures_of_a_report(tmp_path: Path) -> None:
+@pytest.mark.slow  # renders five or six PNGs: a few seconds on a busy 2-core machine
+def test_save_report_figures_writes_the_report_figures_and_the_scale_only_with_a_scaler(tmp_path: Path) -> None:
     runs = [
         make_result("fp32", rows=history(5)),
         make_result("fp16-mixed", **FP16),
         make_result("bf16-mixed", status="failed", error="boom"),
     ]
     paths = save_report_figures(build_report(runs), tmp_path / "figures")
-    assert list(paths) == ["loss", "throughput_memory", "loss_scale"]
+    names = ["eval_curves", "time_to_quality", "memory_split", "throughput_memory", "loss", "loss_scale"]
+    assert list(paths) == names
     for name, path in paths.items():
         assert path == tmp_path / "figures" / f"{name}.png"
         assert path.read_bytes()[:8] == PNG
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "loss.png",
-        "loss_scale.png",
-        "throughput_memory.png",
-    ]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(f"{n}.png" for n in names)
+    unscaled = save_report_figures(build_report(runs[:1] + runs[2:]), tmp_path / "unscaled")
+    assert list(unscaled) == names[:-1]  # no run used a scaler: no figure that only says so
+    assert not (tmp_path / "unscaled" / "loss_scale.png").exists()

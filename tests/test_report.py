@@ -8,12 +8,13 @@ format, threshold or ordering shows up as a failing test."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import history, make_result
+from factories import eval_curve, history, make_result
 
 from amp_lib import report as R
 from amp_lib.report import (
@@ -24,7 +25,9 @@ from amp_lib.report import (
     build_report,
     check_tolerance,
     comparison_table,
+    format_memory,
     format_table,
+    format_verdicts,
     recommend,
     recommendations,
     run_table,
@@ -46,7 +49,7 @@ def cells(row: R.Row) -> dict[str, str]:
 
 
 def recs_of(results: list[RunResult], tolerance: float = DEFAULT_TOLERANCE) -> list[Recommendation]:
-    return recommendations(comparison_table(results), tolerance)
+    return list(build_report(results, tolerance).recommendations)
 
 
 # --- settings and labels -------------------------------------------------------------------------
@@ -72,7 +75,8 @@ def test_precision_seed_run_name_and_out_dir_do_not_make_a_setting() -> None:
 
 
 def test_several_settings_are_compared_separately() -> None:
-    runs = [make_result(p, lr=lr, tps=tps) for lr in (1e-3, 1e-2) for p, tps in (("fp32", 1000), ("bf16-mixed", 1500))]
+    runs = [make_result(p, seed, lr=lr, tps=tps) for lr in (1e-3, 1e-2) for p, tps in (("fp32", 1000), ("bf16-mixed", 1500))
+            for seed in (0, 1)]  # fmt: skip
     recs = recs_of(runs)
     assert [r.setting for r in recs] == ["gpt-tiny lr=0.001", "gpt-tiny lr=0.01"]
     assert all(r.precision == "bf16-mixed" for r in recs)
@@ -334,167 +338,455 @@ def test_an_empty_table_is_its_header() -> None:
     assert format_table([], "html").endswith("</tr></thead><tbody></tbody></table>")
 
 
-# --- verdicts and recommendations ----------------------------------------------------------------
+# --- statistics: t quantiles and intervals -------------------------------------------------------
 
 
-def test_recommends_the_fastest_precision_within_tolerance() -> None:
-    runs = [
-        make_result("fp32", tps=1000, mem=200, eval_loss=2.00),
-        make_result("bf16-mixed", tps=1800, mem=120, eval_loss=2.02),  # +1%: within 2%
-        make_result("fp16-mixed", tps=2000, mem=110, eval_loss=2.20),  # faster but +10%
-    ]
-    rec = recommend(runs, tolerance=0.02)
-    assert (rec.precision, rec.requested, rec.stay_in_fp32) == ("bf16-mixed", "bf16-mixed", False)
-    assert "2%" in rec.reason and "1.80x" in rec.reason
-    assert any(line.startswith("fp16-mixed") and "Δ vs fp32 +0.2000" in line for line in rec.evidence)
-    assert recommend(runs, tolerance=0.15).precision == "fp16-mixed"  # a looser tolerance admits fp16
-    assert "**Recommendation" in rec.to_markdown() and "- fp32" in rec.to_markdown()
+def seeds(precision: str, values: list[float], *, what: str = "eval_loss", **kw: Any) -> list[RunResult]:
+    """One result per seed 0, 1, 2...: `values` are the eval losses (or, with what="tps", throughputs)."""
+    return [make_result(precision, seed, **{what: value}, **kw) for seed, value in enumerate(values)]
 
 
-def test_fastest_qualifying_precision_wins_and_fallbacks_are_explained() -> None:
-    runs = [make_result("fp32"), make_result("fp16-mixed", effective="bf16-mixed", tps=3000, reason="no fast fp16 here"),
-            make_result("bf16-true", tps=2000), make_result("tf32", tps=4000, eval_loss=2.0401)]  # fmt: skip
-    rec = recommend(runs, tolerance=0.02)
-    assert (rec.precision, rec.requested) == ("bf16-mixed", "fp16-mixed")
-    assert rec.reason == (
-        "the fastest precision whose eval loss stays within 2% of fp32's (or below it): 3.00x fp32 throughput, eval loss 2.0000 vs"
-        " 2.0000 (request 'fp16-mixed'; it runs as bf16-mixed: no fast fp16 here)"
+def comparison(results: list[RunResult], precision: str, tolerance: float = DEFAULT_TOLERANCE) -> R.Comparison:
+    comparisons, _ = R.compare(results, tolerance)
+    return next(c for c in comparisons if c.requested == precision)
+
+
+def test_t_quantiles_come_from_the_table_rounding_df_down() -> None:
+    assert R.t_quantile(1) == 12.706 and R.t_quantile(2) == 4.303 and R.t_quantile(30) == 2.042
+    assert R.t_quantile(2.9) == 4.303  # a Welch df between rows takes the lower row: a wider interval
+    assert R.t_quantile(35) == 2.042 and R.t_quantile(60) == 2.000 and R.t_quantile(1e6) == 1.980
+    assert R.t_quantile(math.inf) == 1.960
+    with pytest.raises(ValueError, match=r"^degrees of freedom must be >= 1, got 0\.5$"):
+        R.t_quantile(0.5)
+
+
+def test_difference_interval_pairs_by_seed_else_welch_else_none() -> None:
+    paired = R.difference_interval([(0, 2.01), (1, 2.05), (2, 1.99)], [(0, 2.00), (1, 2.02), (2, 1.98)])
+    half = 4.303 * statistics.stdev([0.01, 0.03, 0.01]) / math.sqrt(3)
+    mean = 0.05 / 3
+    assert paired == R.Interval(
+        pytest.approx(mean), pytest.approx(mean - half), pytest.approx(mean + half), 3, "paired"
     )
+    assert paired.half_width == pytest.approx(half)
+    # no seed in common: Welch, with Welch-Satterthwaite df 1.47 rounded down to 1
+    welch = R.difference_interval([(5, 2.1), (6, 2.14)], [(0, 2.0), (1, 2.02)])
+    assert (welch.method, welch.n) == ("Welch", 2) and welch.mean == pytest.approx(0.11)
+    assert welch.half_width == pytest.approx(12.706 * math.sqrt(0.0008 / 2 + 0.0002 / 2))
+    # one value on a side: no noise estimate, so no interval; a seed that ran twice, or None, never pairs
+    assert R.difference_interval([(0, 2.0)], [(0, 2.0), (1, 2.1)]) is None
+    assert R.difference_interval([(0, 2.0), (1, math.nan)], [(0, 2.0), (1, 2.1)]) is None
+    dup = R.difference_interval([(0, 2.0), (0, 2.2), (None, 2.1)], [(0, 2.0), (None, 2.0)])
+    assert dup is not None and dup.method == "Welch"  # 3 vs 2 values, nothing paired
+
+
+def test_ratio_interval_pairs_ratios_else_combines_relative_spreads() -> None:
+    paired = R.ratio_interval([(0, 2000.0), (1, 2100.0), (2, 1900.0)], [(0, 1000.0)] * 1 + [(1, 1000.0), (2, 1000.0)])
+    assert paired.method == "paired" and paired.mean == pytest.approx(2.0)
+    assert paired.half_width == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    welch = R.ratio_interval([(5, 2000.0), (6, 2000.0)], [(0, 1000.0), (1, 1000.0)])
+    assert (welch.mean, welch.low, welch.high, welch.method) == (2.0, 2.0, 2.0, "Welch")  # no spread at all
+    spread = R.ratio_interval([(5, 1800.0), (6, 2200.0)], [(0, 1000.0), (1, 1000.0)])
+    assert spread.mean == pytest.approx(2.0) and spread.half_width == pytest.approx(
+        2.0 * 12.706 * math.sqrt(0.08 / 4 / 2)
+    )
+    assert R.ratio_interval([(0, 2000.0)], [(0, 1000.0), (1, 1000.0)]) is None
+    assert R.ratio_interval([(0, 2000.0), (1, 0.0)], [(0, 1000.0), (1, 1000.0)]) is None  # a zero throughput is no rate
+
+
+def test_interval_format_puts_the_suffix_on_every_number() -> None:
+    assert R.Interval(1.5, 1.25, 1.75, 3, "paired").format(".2f", "x") == "1.50x [1.25x, 1.75x]"
+    assert R.Interval(0.01, -0.02, 0.04, 3, "paired").format() == "+0.0100 [-0.0200, +0.0400]"
+
+
+# --- quality verdicts against fp32 ----------------------------------------------------------------
+
+FP32 = seeds("fp32", [2.00, 2.02, 1.98])  # mean 2.0: the tolerance is ±0.04
+
+
+def test_an_interval_straddling_the_tolerance_is_inconclusive() -> None:
+    c = comparison([*FP32, *seeds("bf16-mixed", [2.01, 2.05, 1.99])], "bf16-mixed")
+    assert c.loss_diff.method == "paired" and c.loss_diff.low < 0.04 < c.loss_diff.high  # [-0.012, +0.045]
+    assert c.tolerance_abs == pytest.approx(0.04) and c.verdict == "inconclusive — run more seeds"
+    assert not c.quality_ok
+
+
+def test_a_clearly_worse_precision_is_worse_by_its_mean_difference() -> None:
+    c = comparison([*FP32, *seeds("fp16-mixed", [2.20, 2.24, 2.19])], "fp16-mixed")
+    assert c.loss_diff.low > 0.04 and c.verdict == "worse by +0.2100 (+10.5%)"
+
+
+def test_matches_and_better_need_the_whole_interval_inside_or_below_the_band() -> None:
+    assert comparison([*FP32, *seeds("bf16-mixed", [2.001, 2.019, 1.98])], "bf16-mixed").verdict == "matches fp32"
+    better = comparison([*FP32, *seeds("bf16-mixed", [1.80, 1.81, 1.76])], "bf16-mixed")
+    assert better.verdict == "better" and better.quality_ok
+    # a wide interval that covers the band is inconclusive, even with its mean at zero
+    assert comparison([*FP32, *seeds("bf16-mixed", [2.1, 1.92, 1.98])], "bf16-mixed").verdict == R.INCONCLUSIVE
+
+
+def test_the_band_edges_are_inside_and_the_tolerance_is_relative_to_fp32s_size() -> None:
+    base, edge = seeds("fp32", [2.0, 2.0]), seeds("bf16-mixed", [2.0625, 2.0625])  # a zero-width interval
+    assert comparison([*base, *edge], "bf16-mixed", 0.03125).verdict == "matches fp32"  # +0.0625 == +tolerance
+    assert comparison([*base, *edge], "bf16-mixed", 0.0312).verdict == "worse by +0.0625 (+3.1%)"
+    low = seeds("bf16-mixed", [1.9375, 1.9375])
+    assert comparison([*base, *low], "bf16-mixed", 0.03125).verdict == "matches fp32"
+    assert comparison([*base, *low], "bf16-mixed", 0.0312).verdict == "better"
+    negative = [*seeds("fp32", [-2.0, -2.0]), *seeds("bf16-mixed", [-1.9, -1.9])]  # a higher loss is worse
+    assert comparison(negative, "bf16-mixed").verdict == "worse by +0.1000 (+5.0%)"
+    zero = [*seeds("fp32", [0.0, 0.0]), *seeds("bf16-mixed", [0.5, 0.5])]  # no percentage of a zero loss
+    assert comparison(zero, "bf16-mixed", 10).verdict == "worse by +0.5000"
     assert (
-        rec.evidence[2]
-        == "fp16-mixed → bf16-mixed, ok, 3.00x fp32 throughput, 0.0% memory saved, eval loss 2.0000, Δ vs fp32 +0.0000"
+        comparison([*seeds("fp32", [0.0, 0.0]), *seeds("bf16-mixed", [0.0, 0.0])], "bf16-mixed", 0).verdict == R.MATCHES
     )
-    assert recommend(runs, tolerance=0.0201).precision == "tf32"  # 2.005% is inside 2.01%
 
 
-def test_just_faster_qualifies() -> None:
-    assert recommend([make_result("fp32", tps=1000), make_result("bf16-mixed", tps=1001)]).precision == "bf16-mixed"
+def test_one_seed_has_no_noise_estimate_and_is_not_judged() -> None:
+    runs = [make_result("fp32", eval_loss=2.0), make_result("bf16-mixed", eval_loss=2.5)]
+    report = build_report(runs)
+    c = report.comparisons[1]
+    assert c.loss_diff is None and c.point_diff == pytest.approx(0.5) and c.verdict == R.INCONCLUSIVE
+    assert report.noise[0].format() == "fp32 best eval loss 2.0000: no noise estimate (one seed)"
+    table = format_verdicts(report.comparisons, report.noise, "text")
+    assert "+0.5000 (one seed)" in table and "no noise estimate (one seed)" in table
+    # one seed of the precision against three of fp32 is no better: nothing to pair, nothing for Welch
+    assert comparison([*FP32, make_result("bf16-mixed", 0, eval_loss=2.5)], "bf16-mixed").verdict == R.INCONCLUSIVE
+    assert "With one seed on either side there is no noise estimate" in report.rules_markdown()
 
 
-def test_each_verdict_is_spelled_out_when_staying_in_fp32() -> None:
+def test_without_an_eval_loss_there_is_nothing_to_judge() -> None:
+    report = build_report([*seeds("fp32", [2.0, 2.1]), make_result("bf16-mixed", eval_loss=None)])
+    assert report.comparisons[1].verdict == "no fp32 baseline" and report.comparisons[1].point_diff is None
+    assert report.recommendations[0].reason == "stay in fp32: bf16-mixed has no eval loss to compare with fp32"
+    missing = build_report([make_result("bf16-mixed")]).noise[0]
+    assert missing.format() == "no fp32 baseline (missing)" and missing.tolerance_abs is None
+    failed = build_report([make_result("fp32", status="oom"), make_result("fp32", 1, status="failed")]).noise[0]
+    assert failed.format() == "no fp32 baseline (failed×1, oom×1)"
+
+
+def test_any_failed_seed_makes_the_verdict_diverged_failed() -> None:
+    runs = [*FP32, *seeds("fp16-mixed", [2.0, 2.0]), make_result("fp16-mixed", 2, status="diverged", error="nan\nx")]
+    c = comparison(runs, "fp16-mixed")
+    assert c.verdict == "diverged/failed" and c.status == "ok×2, diverged×1" and c.error == "nan"
+    assert c.best_eval_loss.n == 2  # the diverged seed's loss is no measurement
+
+
+def test_the_noise_floor_is_fp32s_spread_and_interval() -> None:
+    report = build_report([*FP32, *seeds("bf16-mixed", [2.0, 2.0, 2.0])])
+    (floor,) = report.noise
+    assert floor.best_eval_loss == Stat(pytest.approx(2.0), pytest.approx(0.02), 3)
+    assert floor.half_width == pytest.approx(4.303 * 0.02 / math.sqrt(3))
+    assert floor.tolerance_abs == pytest.approx(0.04)
+    assert floor.format() == "fp32 best eval loss 2.0000, std 0.0200 over 3 seeds (95% CI ±0.0497)"
+    assert R._noise_cell(report.comparisons[1], {floor.setting: floor}) == "std 0.0200, CI ±0.0497"
+    assert report.comparisons[0].is_baseline and report.comparisons[0].loss_diff is None
+
+
+def test_best_eval_loss_is_the_curves_minimum_else_the_recorded_best_else_the_final_eval() -> None:
+    curve = make_result("fp32", evals=eval_curve(3.0, 1.5, 1.7), eval_loss=1.7, metrics={"best_eval_loss": 9.0})
+    assert R.best_eval_loss(curve) == 1.5  # the curve wins over a stored figure
+    assert R.best_eval_loss(make_result("fp32", eval_loss=2.2, metrics={"best_eval_loss": 2.1})) == 2.1
+    assert R.best_eval_loss(make_result("fp32", eval_loss=2.2)) == 2.2
+    assert R.best_eval_loss(make_result("fp32", eval_loss=None)) is None
+    assert R.best_eval_loss(make_result("fp32", evals=eval_curve(None, math.nan), eval_loss=2.2)) == 2.2
+
+
+# --- speed verdicts -----------------------------------------------------------------------------
+
+
+def test_faster_needs_the_whole_interval_above_the_margin() -> None:
+    base = seeds("fp32", [1000.0] * 3, what="tps")
+    fast = comparison([*base, *seeds("bf16-mixed", [2000.0, 2100.0, 1900.0], what="tps")], "bf16-mixed")
+    assert fast.speed_verdict == "faster" and fast.speedup.low > 1.05
+    slight = comparison([*base, *seeds("bf16-mixed", [1000.0, 1200.0, 1100.0], what="tps")], "bf16-mixed")
+    assert slight.speed_verdict == "no measurable gain" and slight.speedup.mean == pytest.approx(1.1)
+    assert slight.speed_reason == "interval reaches below 1.05x"
+    one = comparison([make_result("fp32"), make_result("bf16-mixed", tps=3000.0)], "bf16-mixed")
+    assert (one.speedup, one.point_speedup, one.speed_verdict) == (None, 3.0, "no measurable gain")
+    assert R._speed_verdict_cell(one) == "no measurable gain (one seed: no interval)"
+    assert R._speed_cell(one) == "3.00x (one seed)"
+    none = comparison([make_result("fp32"), make_result("bf16-mixed", tps=None)], "bf16-mixed")
+    assert (none.speed_verdict, none.speed_reason, R._speed_cell(none)) == ("—", "no throughput to compare", "—")
+
+
+def test_timings_in_parallel_or_with_a_wide_spread_are_unreliable() -> None:
+    parallel = make_result("fp32", 0, plan={"concurrent_runs": 2})
+    assert R.timing_problems(parallel) == ["timed while 2 runs trained at once on one machine"]
+    wide = make_result("bf16-mixed", 1, metrics={"step_time_ms_p10": 10.0, "step_time_ms_p90": 20.0})
+    assert R.timing_problems(wide) == ["step times spread 2.0x from p10 to p90 (limit 1.5x)"]
+    edge = make_result(
+        "fp32", metrics={"step_time_ms_p10": 10.0, "step_time_ms_p90": 15.0}, plan={"concurrent_runs": 1}
+    )
+    assert R.timing_problems(edge) == []  # exactly at the limit, and one run at a time, is fine
+    assert R.timing_problems(make_result("fp32", plan={"concurrent_runs": True})) == []
     runs = [
-        make_result("fp32"),
-        make_result("tf32", effective="fp32"),
+        parallel,
+        *seeds("fp32", [1000.0] * 3, what="tps")[1:],
+        *seeds("bf16-mixed", [2000.0, 2100.0, 1900.0], what="tps"),
+    ]
+    c = comparison(runs, "bf16-mixed")
+    assert c.speed_verdict == "unreliable" and c.speed_reason == "timed while 2 runs trained at once on one machine"
+    runs[4] = make_result("bf16-mixed", 1, tps=2100.0, metrics={"step_time_ms_p10": 10.0, "step_time_ms_p90": 20.0})
+    assert R._ttq_speedup_cell(c) == "—"  # no eval curves: no time to quality to mark
+    timed = [make_result(r.config["precision"], r.config["seed"], tps=r.metrics.items_per_s, plan=r.plan,
+                         evals=eval_curve(3.0, 2.0, 2.0)) for r in runs]  # fmt: skip
+    timed_report = build_report(timed)
+    # the time-to-quality speed-up is wall time too: fp32's and bf16's carry the mark
+    assert [R._ttq_speedup_cell(x) for x in timed_report.comparisons] == ["1.00x (timing unreliable)"] * 2
+    assert comparison(runs, "bf16-mixed").speed_reason == (
+        "bf16-mixed seed 1: step times spread 2.0x from p10 to p90 (limit 1.5x); "
+        "timed while 2 runs trained at once on one machine"
+    )
+
+
+def test_an_unreliable_speed_figure_never_decides_the_recommendation() -> None:
+    runs = [
+        *seeds("fp32", [2.0, 2.0, 2.0], tps=1000.0, plan={"concurrent_runs": 2}),
+        *seeds("bf16-mixed", [2.0, 2.0, 2.0], tps=3000.0, plan={"concurrent_runs": 2}),
+    ]
+    report = build_report(runs)
+    (rec,) = report.recommendations
+    assert rec.stay_in_fp32 and report.comparisons[1].verdict == "matches fp32"
+    assert rec.reason == (
+        "stay in fp32: bf16-mixed matches fp32, but its speed figure is unreliable "
+        "(timed while 2 runs trained at once on one machine)"
+    )
+    assert report.answer().startswith("Stay in fp32: no other precision was shown")
+
+
+# --- time to quality -----------------------------------------------------------------------------
+
+
+def ttq_runs() -> list[RunResult]:
+    fp32 = [make_result("fp32", s, evals=eval_curve(3.0, 2.5, 2.0)) for s in range(3)]  # best 2.0: target 2.04
+    bf16 = [make_result("bf16-mixed", s, evals=eval_curve(3.0, 2.03, 2.0, step_s=0.05)) for s in range(3)]
+    fp16 = [make_result("fp16-mixed", s, evals=eval_curve(3.0, 2.6, 2.3)) for s in range(3)]
+    tf32 = [make_result("tf32", 0, evals=eval_curve(2.5, 2.04, 2.0))]
+    tf32 += [make_result("tf32", s, evals=eval_curve(2.5, 2.2, 2.1)) for s in (1, 2)]
+    return fp32 + bf16 + fp16 + tf32
+
+
+def test_time_to_quality_from_eval_curves_including_never_reached() -> None:
+    report = build_report(ttq_runs())
+    ttq = {c.requested: c.ttq for c in report.comparisons}
+    assert ttq["fp32"].target == pytest.approx(2.04)  # fp32's mean best eval loss + the 2% tolerance
+    assert (ttq["fp32"].time_s, ttq["fp32"].steps, ttq["fp32"].speedup) == (Stat(3.0, 0.0, 3), Stat(30.0, 0.0, 3), 1.0)
+    assert (ttq["bf16-mixed"].time_s.mean, ttq["bf16-mixed"].steps.mean) == (1.0, 20.0)
+    assert ttq["bf16-mixed"].speedup == pytest.approx(3.0)  # fp32's 3 s to the target over bf16's 1 s
+    never = ttq["fp16-mixed"]
+    assert (never.reached, never.runs, never.horizon, never.speedup) == (0, 3, 30, None)
+    assert never.format() == "never reached in 30 steps"
+    part = ttq["tf32"]  # 2.04 itself counts as reached
+    assert (part.reached, part.runs, part.speedup) == (1, 3, None)
+    assert part.format() == "2 s, 20 steps (1 of 3 seeds; the rest never in 30 steps)"
+    assert ttq["bf16-mixed"].format() == "1 ± 0 s, 20 ± 0 steps"
+    cells_ = format_verdicts(report.comparisons, report.noise, "text")
+    assert "never reached in 30 steps" in cells_ and "3.00x" in cells_
+    assert R._ttq_speedup_cell(report.comparisons[2]) == "—"
+
+
+def test_results_without_eval_curves_count_the_final_eval_at_the_last_step() -> None:
+    old = make_result("fp32", eval_loss=2.0, steps=40, metrics={"train_time_s": 5.0})
+    assert R.eval_curve(old) == [(40, 2.0, 5.0)]
+    assert R.eval_curve(make_result("fp32", eval_loss=2.0, rows=history(5))) == [(5, 2.0, None)]
+    assert R.eval_curve(make_result("fp32", eval_loss=None)) == []
+    assert R.eval_curve(make_result("fp32", evals=eval_curve(None), eval_loss=2.0)) == []  # evals ran, none finite
+    assert R.first_reach(old, 2.0) == (40, 5.0) and R.first_reach(old, 1.99) is None
+    report = build_report([make_result("fp32", 0, steps=40), make_result("bf16-mixed", 0, steps=40)])
+    ttq = report.comparisons[1].ttq
+    assert (ttq.reached, ttq.time_s, ttq.steps, ttq.speedup) == (1, None, Stat(40.0), None)  # untimed: no speed-up
+    assert ttq.format() == "—, 40 steps"
+
+
+# --- memory split -------------------------------------------------------------------------------
+
+SPLIT = {"param_memory_mb": 10.0, "grad_memory_mb": 10.0, "optimizer_memory_mb": 20.0}
+
+
+def test_memory_split_is_tensor_sizes_and_the_rest_of_the_peak() -> None:
+    runs = [
+        make_result("fp32", 0, mem=200.0, metrics={**SPLIT, "peak_memory_kind": "cuda_allocated"}),
+        make_result("fp32", 1, mem=220.0, metrics={**SPLIT, "peak_memory_kind": "cuda_allocated"}),
+        make_result("bf16-mixed", mem=150.0),  # no split recorded
+    ]
+    fp32, bf16 = build_report(runs).comparisons
+    assert (fp32.memory.peak_mb, fp32.memory.rest_mb, fp32.memory.kind, fp32.memory.note) == (
+        210.0,
+        170.0,
+        "cuda_allocated",
+        "",
+    )
+    assert bf16.memory.rest_mb is None and bf16.memory.kind is None
+    text = format_memory([fp32, bf16], "text").splitlines()
+    assert text[1].split() == ["fp32", "210.0", "10.0", "10.0", "20.0", "170.0", "cuda_allocated"]
+    assert text[2].split() == ["bf16-mixed", "150.0", "—", "—", "—", "—", "?"]
+    assert R.memory_note([fp32, bf16]) == ""
+
+
+def test_on_a_cpu_the_report_says_the_peak_is_the_whole_process() -> None:
+    report = build_report([make_result("fp32", mem=900.0, metrics={**SPLIT, "peak_memory_kind": "cpu_rss"})])
+    note = "CPU: the peak is the whole process's resident set, so the rest is mostly the Python process"
+    assert report.comparisons[0].memory.note == note and R.memory_note(report.comparisons) == note
+    assert report.memory_markdown().endswith(f"\n\n_{note}_")
+    assert build_report([make_result("fp32", status="oom")]).comparisons[0].memory is None  # no ok run, no split
+
+
+# --- recommendations -----------------------------------------------------------------------------
+
+
+def test_recommends_the_fastest_precision_that_matches_and_is_measurably_faster() -> None:
+    runs = [
+        *seeds("fp32", [2.0, 2.02, 1.98], tps=1000.0),
+        *[
+            make_result("bf16-mixed", s, eval_loss=v, tps=t)
+            for s, (v, t) in enumerate([(2.0, 1800.0), (2.02, 1900.0), (1.98, 1700.0)])
+        ],
+        *[
+            make_result("tf32", s, eval_loss=v, tps=t)
+            for s, (v, t) in enumerate([(2.0, 1300.0), (2.02, 1400.0), (1.98, 1200.0)])
+        ],
+        *seeds("fp16-mixed", [2.2, 2.24, 2.19], tps=2500.0),  # faster still, but worse
+    ]
+    report = build_report(runs)
+    (rec,) = report.recommendations
+    assert (rec.precision, rec.requested, rec.stay_in_fp32) == ("bf16-mixed", "bf16-mixed", False)
+    assert rec.reason == (
+        "matches fp32 in best eval loss (Δ +0.0000 [+0.0000, +0.0000]) and faster: 1.80x [1.55x, 2.05x] fp32 throughput"
+    )
+    assert report.answer() == (
+        "Train in bf16-mixed: it matches fp32's best eval loss and is 1.80x as fast (95% CI 1.55–2.05x)."
+    )
+    assert rec.evidence[2].startswith(
+        "fp16-mixed, ok, quality worse by +0.2100 (+10.5%) (Δ +0.2100 [+0.1852, +0.2348])"
+    )
+    assert recommend(runs, tolerance=0.15).precision == "fp16-mixed"  # a looser tolerance admits fp16
+
+
+def test_a_better_precision_counts_and_a_fallback_is_explained() -> None:
+    runs = [
+        *seeds("fp32", [2.0, 2.0, 2.0], tps=1000.0),
+        *[
+            make_result("fp16-mixed", s, effective="bf16-mixed", reason="no fast fp16", eval_loss=1.8, tps=t)
+            for s, t in enumerate([2000.0, 2100.0, 1900.0])
+        ],
+    ]
+    report = build_report(runs)
+    (rec,) = report.recommendations
+    assert (rec.precision, rec.requested) == ("bf16-mixed", "fp16-mixed")
+    assert rec.reason.endswith(" (request 'fp16-mixed'; it runs as bf16-mixed: no fast fp16)")
+    assert report.comparisons[1].name == "fp16-mixed (ran as bf16-mixed)" and report.comparisons[1].verdict == "better"
+    assert report.answer().startswith("Train in fp16-mixed: it reaches a better best eval loss than fp32 and is 2.00x")
+
+
+def test_the_answer_quotes_the_time_to_quality_speed_up() -> None:
+    runs = [make_result(r.config["precision"], r.config["seed"], evals=r.evals, eval_loss=2.0, tps=t)
+            for r, t in zip(ttq_runs()[:6], [1000.0] * 3 + [2000.0, 2100.0, 1900.0])]  # fmt: skip
+    report = build_report(runs)
+    assert report.answer() == (
+        "Train in bf16-mixed: it matches fp32's best eval loss and is 2.00x as fast (95% CI 1.75–2.25x),"
+        " reaching fp32's quality 3.00x sooner."
+    )
+    assert report.recommendations[0].reason.endswith("; reaches fp32's quality 3.00x sooner")
+
+
+def test_each_reason_to_stay_in_fp32_is_spelled_out() -> None:
+    runs = [
+        *seeds("fp32", [2.0, 2.02, 1.98], tps=1000.0),
+        *seeds("tf32", [2.0, 2.02, 1.98], tps=1010.0, effective="fp32"),
         make_result("fp16-mixed", status="diverged", error="loss became nan\nmore"),
-        make_result("bf16-mixed", tps=1000.0),
-        make_result("fp16-true", eval_loss=2.1),
-        make_result("bf16-true", eval_loss=None),
-        make_result("fp8-mixed", tps=None),
-        make_result("fp16", status="oom", effective="fp16-mixed"),
+        make_result("fp16-mixed", 1, status="oom"),
+        *[
+            make_result("bf16-mixed", s, eval_loss=v, tps=t)
+            for s, (v, t) in enumerate([(2.0, 1000.0), (2.02, 1010.0), (1.98, 990.0)])
+        ],
+        *seeds("fp16-true", [2.01, 2.05, 1.99]),
+        *seeds("bf16-true", [2.2, 2.24, 2.19]),
+        *seeds("fp8-mixed", [2.0, 2.02, 1.98], tps=None),
     ]
     rec = recommend(runs)
-    assert rec.precision == "fp32" and rec.requested == "fp32" and rec.stay_in_fp32
+    assert rec.stay_in_fp32 and rec.requested == "fp32"
     assert rec.reason == "stay in fp32: " + "; ".join(  # noqa: FLY002
         [
             "tf32 (ran as fp32) runs as fp32 on this machine (no fallback reason recorded)",
             "fp16-mixed is not safe: diverged×1, oom×1: loss became nan",
-            "bf16-mixed is not faster than fp32 here (1.00x fp32 throughput)",
-            "fp16-true: eval loss 2.1000 vs fp32 2.0000 (+5.00%) is worse than the 2% tolerance",
-            "bf16-true has no eval loss to compare with fp32",
-            "fp8-mixed has no throughput to compare with fp32",
+            "bf16-mixed matches fp32, but shows no measurable gain in speed (1.00x [0.98x, 1.02x])",
+            (
+                "fp16-true: quality inconclusive — run more seeds (Δ best eval loss +0.0167 [-0.0120, +0.0454];"
+                " its interval is wider than the tolerance or straddles its edge)"
+            ),
+            "bf16-true is worse by +0.2100 (+10.5%) in best eval loss (Δ +0.2100 [+0.1852, +0.2348], tolerance ±0.0400)",
+            "fp8-mixed matches fp32, but has no throughput to compare with fp32",
         ]
     )
-    assert rec.evidence[2] == (
-        "fp16-mixed, diverged×1, oom×1, 1.00 ± 0.00x fp32 throughput, 0.0 ± 0.0% memory saved,"
-        " eval loss 2.0000 ± 0.0000, Δ vs fp32 +0.0000 ± 0.0000, 2 seeds"
-    )
-    oom = recommend([make_result("fp32"), make_result("bf16-mixed", status="oom")])
-    assert oom.reason == "stay in fp32: bf16-mixed is not safe: oom"
-    diverged = recommend(
-        [make_result("fp32"), make_result("fp16-mixed", status="diverged", error="scale collapsed\nx")]
-    )
-    assert diverged.reason == "stay in fp32: fp16-mixed is not safe: diverged: scale collapsed"
 
 
-def test_a_fallback_to_fp32_quotes_its_reason() -> None:
-    runs = [
-        make_result("fp32", tps=1000),
-        make_result("tf32", effective="fp32", tps=1010, reason="tf32 needs an Ampere or newer GPU"),
-    ]
+def test_no_measurable_gain_and_one_seed_are_reasons_to_stay() -> None:
+    runs = [*seeds("fp32", [2.0, 2.0, 2.0], tps=1000.0), *seeds("bf16-mixed", [1000.0, 1200.0, 1100.0], what="tps")]
     assert recommend(runs).reason == (
-        "stay in fp32: tf32 (ran as fp32) runs as fp32 on this machine (tf32 needs an Ampere or newer GPU)"
+        "stay in fp32: bf16-mixed matches fp32, but shows no measurable gain in speed (1.10x [0.85x, 1.35x])"
+    )
+    one = recommend([make_result("fp32"), make_result("bf16-mixed", tps=3000.0)])
+    assert one.reason == (
+        "stay in fp32: bf16-mixed: quality inconclusive — run more seeds (Δ best eval loss +0.0000 (one seed);"
+        " no noise estimate (one seed))"
     )
 
 
-def test_tolerance_edges() -> None:
-    runs = [make_result("fp32", eval_loss=2.0), make_result("bf16-mixed", tps=1500, eval_loss=2.0625)]
-    assert recommend(runs, tolerance=0.03125).precision == "bf16-mixed"  # exactly at the tolerance is within
-    assert recommend(runs, tolerance=0.0312).precision == "fp32"
-    below = [make_result("fp32", eval_loss=2.0), make_result("bf16-mixed", tps=1500, eval_loss=1.9375)]
-    assert recommend(below, 0.0312).precision == "bf16-mixed"  # one-sided: a lower loss is never held against it
-    assert recommend(below, 0).precision == "bf16-mixed"
-    assert recommend(runs, tolerance=0).reason.endswith("(+3.12%) is worse than the 0% tolerance")
-    zero = [make_result("fp32", eval_loss=0.0), make_result("bf16-mixed", tps=1500, eval_loss=0.0)]
-    assert recommend(zero, tolerance=0).precision == "bf16-mixed"  # the same zero loss is within any tolerance
-    off_zero = [make_result("fp32", eval_loss=0.0), make_result("bf16-mixed", tps=1500, eval_loss=0.5)]
-    rec = recommend(off_zero, tolerance=10)  # any change from a zero loss is infinitely far in relative terms
-    assert rec.stay_in_fp32 and rec.reason.endswith(
-        "bf16-mixed: eval loss 0.5000 vs fp32 0.0000 (+0.5000 absolute) is worse than the 1000% tolerance"
-    )
-    assert recs_of(runs, tolerance=0)[0].tolerance == 0
-
-
-def test_negative_losses_are_compared_by_their_size() -> None:
-    # a higher loss is worse whatever its sign, and its change is quoted with a + (it was "-5.00%")
-    worse = [make_result("fp32", eval_loss=-2.0), make_result("bf16-mixed", tps=2000, eval_loss=-1.9)]
-    rec = recommend(worse)
-    assert rec.reason == (
-        "stay in fp32: bf16-mixed: eval loss -1.9000 vs fp32 -2.0000 (+5.00%) is worse than the 2% tolerance"
-    )
-    better = [make_result("fp32", eval_loss=-2.0), make_result("bf16-mixed", tps=2000, eval_loss=-2.1)]
-    assert recommend(better, tolerance=0).precision == "bf16-mixed"
-
-
-def test_fp32_alone_or_no_baseline() -> None:
-    alone = recommend([make_result("fp32"), make_result("fp32", 1)])
+def test_fp32_alone_missing_or_failed() -> None:
+    alone = recommend(seeds("fp32", [2.0, 2.1]))
     assert alone.reason == "stay in fp32: fp32 is the only precision in the sweep"
-    assert alone.evidence == (
-        "fp32, ok, 1.00 ± 0.00x fp32 throughput, 0.0 ± 0.0% memory saved, eval loss 2.0000 ± 0.0000, 2 seeds",
+    assert alone.evidence == ("fp32, ok, best eval loss 2.0500 ± 0.0707",)  # no steps nor curve: no time to quality
+    missing = recommend([make_result("bf16-mixed")])
+    assert (missing.precision, missing.requested, missing.tolerance) == (None, None, 0.02)
+    assert missing.reason == "no fp32 run in this setting to compare against: add fp32 to the sweep"
+    failed = recommend(
+        [make_result("fp32", status="failed", error="ValueError: boom\ntrace"), make_result("bf16-mixed")]
     )
-    none = recommend([make_result("bf16-mixed"), make_result("fp32", effective="bf16-mixed")])
-    assert (none.precision, none.requested, none.tolerance) == (None, None, 0.02)
-    assert none.reason == "no successful fp32 run to compare against: add fp32 to the sweep"
-    assert none.evidence == ("fp32 → bf16-mixed, ok, eval loss 2.0000", "bf16-mixed, ok, eval loss 2.0000")
-    failed = recommend([make_result("fp32", status="failed", error="ValueError: boom"), make_result("bf16-mixed")])
-    assert failed.precision is None and failed.reason.startswith("no successful fp32 run")
-    assert failed.to_markdown().startswith("**Recommendation (gpt-tiny): none** — no successful fp32 run")
+    assert failed.precision is None and "add fp32" not in failed.reason
+    assert failed.reason == (
+        "fp32 failed (failed: ValueError: boom), so there is no baseline to compare against: fix the fp32 run first"
+    )
+    assert failed.to_markdown().startswith("**Recommendation (gpt-tiny): none** — fp32 failed (failed")
+    diverged = build_report([*seeds("fp32", [2.0, 2.0], status="diverged"), make_result("bf16-mixed")])
+    assert diverged.recommendations[0].reason.startswith("fp32 failed (diverged), so there is no baseline")
+    assert diverged.answer() == f"No answer: {diverged.recommendations[0].reason}."
+    elsewhere = recommend([make_result("fp32", effective="bf16-mixed", reason="x"), make_result("bf16-mixed")])
+    assert elsewhere.reason == "fp32 ran as bf16-mixed (x), so there is no fp32 baseline"
+
+
+def test_a_partly_failed_fp32_still_is_the_baseline_and_is_noted() -> None:
+    runs = [*FP32, make_result("fp32", 3, status="diverged"), *seeds("bf16-mixed", [2.01, 2.05, 1.99])]
+    report = build_report(runs)
+    assert report.comparisons[0].verdict == "diverged/failed" and report.noise[0].best_eval_loss.n == 3
+    assert report.recommendations[0].reason.endswith("; note: fp32 itself ok×3, diverged×1")
 
 
 def test_a_setting_without_baseline_does_not_hide_the_next_setting() -> None:
-    recs = recs_of(
-        [make_result("bf16-mixed", lr=1), make_result("fp32", lr=2), make_result("bf16-mixed", lr=2, tps=2000.0)]
+    runs = [make_result("bf16-mixed", lr=1), *seeds("fp32", [2.0, 2.0], lr=2, tps=1000.0),
+            *seeds("bf16-mixed", [2000.0, 2000.0], what="tps", lr=2)]  # fmt: skip
+    report = build_report(runs)
+    assert [(r.setting, r.precision) for r in report.recommendations] == [
+        ("gpt-tiny lr=1", None),
+        ("gpt-tiny lr=2", "bf16-mixed"),
+    ]
+    assert report.answer() == (
+        "For gpt-tiny lr=1, there is no answer: no fp32 run in this setting to compare against: add fp32 to the sweep."
+        " For gpt-tiny lr=2, train in bf16-mixed: it matches fp32's best eval loss and is 2.00x as fast (95% CI 2.00–2.00x)."
     )
-    assert [(r.setting, r.precision) for r in recs] == [("gpt-tiny lr=1", None), ("gpt-tiny lr=2", "bf16-mixed")]
-    assert recs[0].to_markdown().startswith("**Recommendation (gpt-tiny lr=1): none**")
-
-
-def test_evidence_leaves_out_what_is_missing_or_zero() -> None:
-    (fp32, fp16) = run_table(
-        [make_result("fp32", tps=None, mem=None, eval_loss=None), make_result("fp16-mixed", skipped=0)]
-    )
-    assert R._evidence(fp32) == "fp32, ok"
-    assert R._evidence(fp16) == "fp16-mixed, ok, eval loss 2.0000"
-
-
-def test_many_skipped_steps_use_a_lowercase_exponent() -> None:
-    (row,) = run_table([make_result("fp16-mixed", skipped=1500)])
-    assert R._evidence(row).endswith("1.5e+03 skipped steps")
 
 
 def test_nameless_recommendation_markdown() -> None:
     nameless = Recommendation("", None, None, 0.005, "why", ())
-    assert (
-        nameless.to_markdown()
-        == "**Recommendation: none** — why\n\n_Tolerance: eval loss at most 0.5% above fp32's. Evidence:_\n"
+    assert nameless.to_markdown() == (
+        "**Recommendation: none** — why\n\n_Tolerance: best eval loss within ±0.5% of fp32's (95% interval). Evidence:_\n"
     )
     assert not nameless.stay_in_fp32 and Recommendation("s", "fp32", "tf32", 0.0, "", ()).stay_in_fp32
 
 
-def test_recommendations_take_comparison_table_rows() -> None:
-    table = comparison_table(THREE)
-    (rec,) = recommendations(table)
-    assert (rec.precision, rec.requested, rec.tolerance, rec.stay_in_fp32) == ("fp16-mixed", "fp16-mixed", 0.02, False)
-    assert recommendations(tuple(table), 0.02) == [rec] and recommendations([]) == []
+def test_recommendations_take_comparisons_and_noise_floors() -> None:
+    comparisons, floors = R.compare(THREE)
+    recs = recommendations(comparisons, floors)
+    assert recs == list(build_report(THREE).recommendations) and recommendations([], []) == []
+    assert [r.setting for r in recommendations(comparisons, [])] == ["gpt-tiny"]  # no floor: no baseline
+    assert recommendations(comparisons, [])[0].precision is None
 
 
 def test_recommend_needs_exactly_one_setting_and_points_to_build_report() -> None:
@@ -532,10 +824,11 @@ def test_check_tolerance_returns_a_float() -> None:
     "call",
     [
         lambda tol: build_report([], tol),
-        lambda tol: recommendations([], tol),
+        lambda tol: recommendations([], [], tol),
+        lambda tol: R.compare([], tol),
         lambda tol: recommend([make_result("fp32")], tol),
     ],
-    ids=["build_report", "recommendations", "recommend"],
+    ids=["build_report", "recommendations", "compare", "recommend"],
 )
 def test_every_entry_point_checks_the_tolerance(call: Any) -> None:
     with pytest.raises(ValueError, match=r"^tolerance=-0\.5 must be a finite number >= 0"):
@@ -546,6 +839,22 @@ def test_every_entry_point_checks_the_tolerance(call: Any) -> None:
 
 # --- SweepReport and summary ---------------------------------------------------------------------
 
+# Three seeds of four precisions, as a GPU sweep records them: eval curves, the memory split, timings.
+SWEEP = [
+    make_result(
+        precision, seed, tps=tps * (1 + 0.01 * (seed * (i + 1) % 4)), mem=peak, eval_loss=curve[-1], evals=eval_curve(*curve, step_s=step_s),
+        metrics={**SPLIT, "peak_memory_kind": "cuda_allocated", "train_time_s": 3 * 10 * step_s},
+        plan={"concurrent_runs": 1, "threads": 16},
+    )
+    for i, (precision, tps, peak, step_s, curves) in enumerate((
+        ("fp32", 1000.0, 400.0, 0.1, [(3.0, 2.3, 2.0), (3.0, 2.35, 2.02), (3.0, 2.3, 1.98)]),
+        ("tf32", 1500.0, 400.0, 0.07, [(3.0, 2.3, 2.01), (3.0, 2.3, 2.0), (3.0, 2.4, 2.05)]),
+        ("fp16-mixed", 2600.0, 250.0, 0.04, [(3.0, 2.6, 2.2), (3.0, 2.6, 2.24), (3.0, 2.7, 2.19)]),
+        ("bf16-mixed", 2400.0, 240.0, 0.04, [(3.0, 2.03, 2.0), (3.0, 2.02, 2.02), (3.0, 2.035, 1.985)]),
+    ))
+    for seed, curve in enumerate(curves)
+]  # fmt: skip
+
 
 def test_build_report_fields_equal_the_separate_functions() -> None:
     runs = [*THREE, make_result("fp32", 1, tps=1100), make_result("bf16-mixed", lr=1), make_result("fp32", lr=1)]
@@ -554,14 +863,17 @@ def test_build_report_fields_equal_the_separate_functions() -> None:
     assert report.results == tuple(runs)
     assert report.runs == tuple(run_table(runs)) and len(report.runs) == 6
     assert report.table == tuple(comparison_table(runs)) and len(report.table) == 5
-    assert report.recommendations == tuple(recommendations(comparison_table(runs), 0.05))
+    comparisons, floors = R.compare(runs, 0.05)
+    assert report.comparisons == tuple(comparisons) and report.noise == tuple(floors) and len(floors) == 2
+    assert [(c.setting, c.requested) for c in report.comparisons] == [(r.setting, r.requested) for r in report.table]
+    assert report.recommendations == tuple(recommendations(comparisons, floors, 0.05))
     assert report.tolerance == 0.05 and all(r.tolerance == 0.05 for r in report.recommendations)
     assert build_report(runs).tolerance == DEFAULT_TOLERANCE == 0.02
 
 
-def test_build_report_computes_the_table_runs_and_recommendations_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_report_computes_everything_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: Counter[str] = Counter()
-    for name in ("comparison_table", "run_table", "recommendations"):
+    for name in ("comparison_table", "run_table", "recommendations", "compare"):
         real = getattr(R, name)
 
         def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
@@ -569,26 +881,59 @@ def test_build_report_computes_the_table_runs_and_recommendations_once(monkeypat
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(R, name, counted)
-    report = build_report(THREE)
-    assert calls == {"comparison_table": 1, "run_table": 1, "recommendations": 1}
+    report = build_report(SWEEP)
+    assert calls == {"comparison_table": 1, "run_table": 1, "recommendations": 1, "compare": 1}
     report.summary_markdown()
     report.recommendation_markdown()
-    assert sum(calls.values()) == 3  # the markdown is made from the stored rows, nothing is recomputed
+    report.answer()
+    assert sum(calls.values()) == 4  # the markdown is made from the stored rows, nothing is recomputed
 
 
-def test_golden_summary_of_three_precisions(golden) -> None:
+def test_golden_verdict_and_memory_tables_of_a_three_seed_sweep(golden) -> None:
+    report = build_report(SWEEP)
+    verdicts = {c.requested: c.verdict for c in report.comparisons}
+    assert verdicts == {"fp32": "baseline", "tf32": "inconclusive — run more seeds", "fp16-mixed": "worse by +0.2100 (+10.5%)",
+                        "bf16-mixed": "matches fp32"}  # fmt: skip
+    assert report.recommendations[0].precision == "bf16-mixed"
+    golden("verdicts_three_seeds.md", report.verdict_markdown() + "\n\n" + report.memory_markdown() + "\n")
+    html = format_verdicts(report.comparisons, report.noise, "html")
+    assert html.startswith('<table class="amp-verdicts">') and html.count("</tr><tr>") == 3
+    assert format_memory(report.comparisons, "html").startswith('<table class="amp-memory">')
+    with pytest.raises(ValueError, match=r"^invalid fmt 'csv'"):
+        format_verdicts(report.comparisons, report.noise, "csv")
+
+
+def test_golden_summary_of_a_three_seed_sweep(golden) -> None:
+    report = build_report(SWEEP)
+    summary = report.summary_markdown()
+    golden("summary_three_seeds.md", summary)
+    assert summary.startswith(
+        f"# AMP Workbook sweep summary\n\n**Answer:** {report.answer()}\n\n## Verdicts against fp32\n"
+    )
+    for part in (report.verdict_markdown(), report.memory_markdown(), report.recommendation_markdown(),
+                 format_table(report.table), report.rules_markdown()):  # fmt: skip
+        assert part in summary
+
+
+def test_golden_summary_of_three_precisions_one_seed_each(golden) -> None:
     report = build_report(THREE)
     summary = report.summary_markdown()
     golden("summary_three.md", summary)
     (rec,) = report.recommendations
-    assert summary == f"# AMP Workbook sweep summary\n\n{format_table(report.table)}\n\n{rec.to_markdown()}\n"
-    assert report.recommendation_markdown() == rec.to_markdown()
+    assert rec.stay_in_fp32 and report.recommendation_markdown() == rec.to_markdown()
+    assert report.answer() == (
+        "Stay in fp32: no other precision was shown to match fp32's best eval loss and be measurably faster"
+        " (fp16-mixed, bf16-mixed: inconclusive — run more seeds)."
+    )
 
 
 def test_golden_summary_of_two_settings(golden) -> None:
     runs = [
-        make_result("fp32", lr=0.01),
-        make_result("bf16", effective="bf16-mixed", tps=1800, mem=80, eval_loss=2.01, lr=0.01),
+        *seeds("fp32", [2.0, 2.01], lr=0.01),
+        *[
+            make_result("bf16", s, effective="bf16-mixed", tps=t, mem=80, eval_loss=v, lr=0.01)
+            for s, (v, t) in enumerate([(2.0, 1800.0), (2.01, 1850.0)])
+        ],
         make_result(
             "fp16-mixed", status="diverged", error="loss became nan at step 7\ntrace", tps=None, eval_loss=None, lr=0.01
         ),
@@ -600,29 +945,32 @@ def test_golden_summary_of_two_settings(golden) -> None:
     golden("summary_two_settings.md", summary)
     first, second = report.recommendations
     assert report.recommendation_markdown() == f"{first.to_markdown()}\n\n{second.to_markdown()}"
-    assert summary.endswith(f"\n\n{first.to_markdown()}\n\n{second.to_markdown()}\n")
     assert (first.setting, first.precision, second.setting, second.precision) == (
         "gpt-tiny lr=0.01", "bf16-mixed", "gpt-tiny lr=0.1", None,
     )  # fmt: skip
+    assert second.reason.startswith("fp32 failed (oom: CUDA out of memory)")
 
 
 def test_the_report_of_no_results_is_an_empty_table() -> None:
     report = build_report([])
     assert (report.results, report.runs, report.table, report.recommendations) == ((), (), (), ())
+    assert (report.comparisons, report.noise, report.answer()) == ((), (), "")
     assert report.recommendation_markdown() == ""
-    assert report.summary_markdown() == f"# AMP Workbook sweep summary\n\n{format_table([])}\n"
+    summary = report.summary_markdown()
+    assert "**Answer:**" not in summary and "## Recommendation" not in summary
+    assert f"## Every measurement (seeds aggregated)\n\n{format_table([])}\n" in summary
 
 
 def test_a_report_of_saved_files_equals_the_report_of_the_results(tmp_path: Path) -> None:
     runs = [
-        make_result("fp32", 0, rows=history(5)),
-        make_result("fp32", 1, tps=1100, rows=history(5)),
-        make_result("fp16-mixed", 0, tps=2000, **FP16_SCALED),
-        make_result("fp16-mixed", 1, status="diverged", error="nan\nmore", final_loss=math.nan, min_scale=2.0**-30),
+        *SWEEP,
+        make_result("fp16-mixed", 3, status="diverged", error="nan\nmore", final_loss=math.nan, min_scale=2.0**-30),
+        make_result("fp32", 4, rows=history(5), evals=eval_curve(3.0, math.nan)),
     ]
     for r in runs:
         r.save(tmp_path / "results" / f"{r.config['run_name']}.json")
     from_files, in_memory = build_report(load_sweep(tmp_path)), build_report(runs)
     assert from_files.table == in_memory.table and from_files.runs == in_memory.runs
+    assert from_files.comparisons == in_memory.comparisons and from_files.noise == in_memory.noise
     assert from_files.recommendations == in_memory.recommendations
     assert from_files.summary_markdown() == in_memory.summary_markdown()

@@ -16,16 +16,19 @@ from factories import history, make_result
 
 from amp_lib import results
 from amp_lib.results import (
+    MANIFEST,
     READABLE_VERSIONS,
     SCHEMA_VERSION,
     STATUSES,
     HistoryRow,
+    LoadProblem,
     Metrics,
     RunResult,
     finite_or_none,
     first_line,
     load_results,
     load_sweep,
+    read_result,
     write_json_atomic,
     write_text_atomic,
 )
@@ -157,7 +160,7 @@ def test_save_load_round_trip(tmp_path: Path, status: str) -> None:
     assert loaded.ok is (status == "ok")
     data = no_nan_constants(path.read_text())
     assert data["schema_version"] == SCHEMA_VERSION == 2
-    assert set(data) == {"schema_version", "config", "plan", "metrics", "history", "status", "error"}
+    assert set(data) == {"schema_version", "config", "plan", "metrics", "history", "evals", "headroom", "profile", "status", "error"}
     assert data["metrics"]["items_per_s"] == 1234.5 and "tokens_per_s" not in data["metrics"]
     assert data["metrics"]["mfu"] == 0.125 and data["metrics"]["peak_memory_kind"] == "cpu_rss"
     assert data["config"]["grad_clip"] is None and data["config"]["allow_slow"] is True
@@ -196,6 +199,7 @@ def test_non_finite_floats_become_null(tmp_path: Path) -> None:
         "step_time_ms": 1.0,
         "skipped": False,
         "skipped_steps": 0,
+        "lr": None,
     }
     path = result.save(tmp_path / "d.json")
     no_nan_constants(path.read_text())
@@ -270,6 +274,17 @@ class ExplodingDict(dict):
 
 def leftovers(folder: Path, keep: str = "r.json") -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != keep)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_a_plain_open_gives_under_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        text = write_text_atomic(tmp_path / "a.md", "x")
+        result = sample_result().save(tmp_path / "r.json")
+    finally:
+        os.umask(old)
+    assert (text.stat().st_mode & 0o777, result.stat().st_mode & 0o777) == (mode, mode)  # not mkstemp's 0600
 
 
 def test_write_text_atomic_writes_utf8_and_replaces_the_whole_file(tmp_path: Path) -> None:
@@ -405,6 +420,57 @@ def test_load_sweep_prefers_the_results_folder_else_reads_a_flat_folder(tmp_path
     assert load_sweep(tmp_path / "empty") == []  # an empty results/ folder still wins over the files beside it
 
 
+def test_unreadable_truncated_and_foreign_json_files_are_named_with_the_reason_never_raised(tmp_path: Path) -> None:
+    good = sample_result("ok")
+    good.save(tmp_path / "good.json")
+    text = json.dumps(good.to_dict())
+    (tmp_path / "truncated.json").write_text(text[: len(text) // 2])
+    (tmp_path / "hello.json").write_text('{"hello": 1}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "future.json").write_text(json.dumps({**good.to_dict(), "schema_version": 99}))
+    (tmp_path / "keys.json").write_text('{"schema_version": 2}')
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "folder.json").mkdir()  # unreadable as a file, even for root
+    loaded = load_results(tmp_path)
+    assert loaded == [good]  # the good result is still read
+    reasons = {p.path.name: p.reason for p in loaded.problems}
+    assert reasons == {
+        "binary.json": "not text (not a result file)",
+        "folder.json": "unreadable (Is a directory)",
+        "future.json": "not a readable result of this schema (unsupported schema_version 99; this amp_lib reads 1, 2)",
+        "hello.json": "not an AMP Workbook result (no schema_version)",
+        "keys.json": "not a readable result of this schema (missing key 'config')",
+        "list.json": "not an AMP Workbook result (no schema_version)",
+        "truncated.json": reasons["truncated.json"],
+    }
+    assert reasons["truncated.json"].startswith("not valid JSON, truncated or corrupt (")
+    assert [p.path for p in loaded.problems] == sorted(p.path for p in loaded.problems)
+    assert str(loaded.problems[0]) == "binary.json: not text (not a result file)"
+    assert loaded.notes[0] == "not read: binary.json: not text (not a result file)" and len(loaded.notes) == 7
+    assert read_result(tmp_path / "good.json") == good
+    assert read_result(tmp_path / "gone.json") == LoadProblem(tmp_path / "gone.json", "unreadable (No such file or directory)")
+    swept = load_sweep(tmp_path)
+    assert swept == [good] and swept.problems == loaded.problems and swept.left_out == ()
+
+
+def test_a_sweep_folder_returns_the_runs_of_its_last_grid_and_names_the_others(tmp_path: Path) -> None:
+    results_dir = tmp_path / "results"
+    old, new = make_result("fp32", run_name="old"), make_result("bf16-mixed", run_name="new")
+    old.save(results_dir / "old.json")
+    new.save(results_dir / "new.json")
+    assert load_sweep(tmp_path) == [new, old]  # no sweep.json (a folder from before it existed): every result
+    (tmp_path / MANIFEST).write_text(json.dumps({"runs": ["new", "never-ran"]}))
+    loaded = load_sweep(tmp_path)
+    assert loaded == [new] and loaded.problems == ()
+    assert loaded.left_out == (
+        LoadProblem(results_dir / "old.json", "from an earlier grid, not part of the one this sweep was last run with"),
+    )
+    assert loaded.notes == ["left out: old.json: from an earlier grid, not part of the one this sweep was last run with"]
+    assert load_results(results_dir) == [new, old]  # a plain folder of results has no grid
+    (tmp_path / MANIFEST).write_text("{ half")
+    assert load_sweep(tmp_path) == [new, old]  # an unreadable manifest hides nothing
+
+
 @pytest.mark.parametrize("missing", ["missing", "a-file.json"])
 def test_load_sweep_names_a_path_that_is_not_a_folder(tmp_path: Path, missing: str) -> None:
     make_result().save(tmp_path / "a-file.json")
@@ -419,3 +485,23 @@ def test_results_is_io_only_and_does_not_re_export_the_report() -> None:
     # the report imports results, never the other way round (the old re-exports made an import cycle)
     for name in ("comparison_table", "recommend", "recommendations", "format_table", "summary_markdown"):
         assert not hasattr(results, name)
+
+
+def test_eval_curves_headroom_and_profile_round_trip(tmp_path: Path) -> None:
+    from amp_lib.results import EvalRow
+
+    result = RunResult(
+        config={"precision": "fp16-mixed"},
+        plan={"effective": "fp16-mixed"},
+        metrics=Metrics(best_eval_loss=1.5, train_time_s=2.0, param_memory_mb=1.0, grad_memory_mb=1.0, optimizer_memory_mb=2.0),
+        history=(HistoryRow(step=0, loss=2.0, loss_scale=1024.0, grad_norm=1.0, step_time_ms=None, lr=1e-4),),
+        evals=(EvalRow(step=5, loss=1.6, elapsed_s=1.0), EvalRow(step=10, loss=None, elapsed_s=2.0)),
+        headroom={"every": 2, "modules": ["fc"], "samples": [], "first_overflow": [{"step": 3, "module": "fc"}]},
+        profile={"step": 1, "wall_ms": 3.0, "busy_ms": {"matmul": 1.0}},
+    )
+    loaded = RunResult.load(result.save(tmp_path / "r.json"))
+    assert loaded == result and loaded.evals[1].loss is None and loaded.history[0].lr == 1e-4
+    old = {"schema_version": 1, "config": {"warmup_steps": 3}, "plan": {}, "status": "ok", "metrics": {"tokens_per_s": 9.0}}
+    upgraded = RunResult.from_dict(old)
+    assert upgraded.config == {"timing_warmup_steps": 3} and upgraded.metrics.items_per_s == 9.0
+    assert (upgraded.evals, upgraded.headroom, upgraded.profile) == ((), None, None)

@@ -13,14 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import make_result
+from factories import eval_curve, make_result
 from wandb_readback import only_run_dir, read_run, read_summary
 
 from amp_lib import tracking
 from amp_lib.config import PROJECT, RunConfig
 from amp_lib.precision import Capabilities, resolve_precision
+from amp_lib.report import build_report
 from amp_lib.results import HistoryRow, RunResult
-from amp_lib.tracking import WANDB_MODES, WandbTracker, history_row_metrics, resolve_wandb_mode, result_summary
+from amp_lib.tracking import (
+    WANDB_MODES,
+    WandbTracker,
+    history_row_metrics,
+    log_report_summary,
+    report_summary,
+    resolve_wandb_mode,
+    result_summary,
+)
 from amp_lib.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +47,7 @@ def saved_json(config: RunConfig) -> dict[str, Any]:
 
 def small_config() -> RunConfig:
     """A config for hand-driven trackers: on_start only reads it, nothing trains."""
-    return RunConfig(device="cpu", steps=3, warmup_steps=1)
+    return RunConfig(device="cpu", steps=3, timing_warmup_steps=1)
 
 
 def open_and_finish(tracker: WandbTracker) -> None:
@@ -164,6 +173,83 @@ def test_result_summary_flattens_the_result_json() -> None:
     assert summary["metrics/final_loss_scale"] is None
 
 
+# --- sweep report -> W&B summary ----------------------------------------------------------------
+
+
+def sweep_report(**config: Any):
+    """fp32 and bf16-mixed over three seeds with eval curves (bf16 matches and is faster), fp16 diverged."""
+    runs = [make_result("fp32", s, tps=1000.0, evals=eval_curve(3.0, 2.5, 2.0 + 0.01 * s), **config) for s in range(3)]
+    runs += [make_result("bf16-mixed", s, tps=t, evals=eval_curve(3.0, 2.02, 2.0 + 0.01 * s, step_s=0.05), **config)
+             for s, t in enumerate([2000.0, 2100.0, 1900.0])]  # fmt: skip
+    runs.append(make_result("fp16-mixed", 0, status="diverged", error="nan", tps=None, eval_loss=None, **config))
+    return build_report(runs)
+
+
+def test_report_summary_holds_the_answer_verdicts_intervals_and_time_to_quality() -> None:
+    report = sweep_report()
+    summary = report_summary(report)
+    bf16 = report.comparisons[2]
+    assert summary["report/answer"] == report.answer() and summary["report/answer"].startswith("Train in bf16-mixed")
+    assert summary["report/tolerance"] == 0.02
+    assert summary["report/recommendation"] == "bf16-mixed"
+    assert summary["report/recommendation_reason"] == report.recommendations[0].reason
+    assert summary["report/fp32_noise_std"] == pytest.approx(0.01) and summary["report/tolerance_abs"] == pytest.approx(
+        0.0402
+    )
+    assert summary["report/fp32_noise_ci_half_width"] == pytest.approx(report.noise[0].half_width)
+    assert (
+        summary["report/bf16-mixed/verdict"] == "matches fp32"
+        and summary["report/bf16-mixed/speed_verdict"] == "faster"
+    )
+    assert (summary["report/bf16-mixed/loss_diff_low"], summary["report/bf16-mixed/loss_diff_high"]) == (
+        bf16.loss_diff.low, bf16.loss_diff.high,
+    )  # fmt: skip
+    assert summary["report/bf16-mixed/speedup"] == pytest.approx(2.0)
+    assert summary["report/bf16-mixed/speedup_low"] == pytest.approx(2.0 - 4.303 * 0.1 / math.sqrt(3))
+    assert (
+        summary["report/bf16-mixed/ttq_time_s"] == pytest.approx(1.0) and summary["report/bf16-mixed/ttq_steps"] == 20
+    )
+    assert (
+        summary["report/bf16-mixed/ttq_speedup"] == pytest.approx(3.0) and summary["report/bf16-mixed/ttq_reached"] == 3
+    )
+    assert (
+        summary["report/fp16-mixed/verdict"] == "diverged/failed" and summary["report/fp16-mixed/status"] == "diverged"
+    )
+    # nothing missing is written: no interval, no speed-up, no time to quality for the diverged run
+    assert {k for k in summary if k.startswith("report/fp16-mixed/")} == {
+        "report/fp16-mixed/verdict", "report/fp16-mixed/status", "report/fp16-mixed/speed_verdict",
+        "report/fp16-mixed/speed_reason",
+    }  # fmt: skip
+    assert all(v is not None for v in summary.values())
+    assert "report/fp32/loss_diff" not in summary and summary["report/fp32/verdict"] == "baseline"
+
+
+def test_report_summary_keys_name_the_setting_when_there_are_several() -> None:
+    runs = [*sweep_report(lr=1).results, *sweep_report(lr=2).results]
+    summary = report_summary(build_report(runs))
+    assert (
+        summary["report/gpt-tiny lr=1/recommendation"] == summary["report/gpt-tiny lr=2/recommendation"] == "bf16-mixed"
+    )
+    assert summary["report/gpt-tiny lr=2/bf16-mixed/verdict"] == "matches fp32"
+    assert not any(k.startswith("report/bf16-mixed/") for k in summary)
+
+
+@pytest.mark.slow
+def test_a_reports_verdicts_are_read_back_from_an_offline_run_summary(tmp_path: Path) -> None:
+    import wandb
+
+    report = sweep_report()
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="amp-test", name="sweep-report", reinit="create_new")
+    run_dir = Path(run.settings.sync_dir)
+    written = log_report_summary(report, run)
+    run.finish()
+    assert written == report_summary(report)
+    stored = read_summary(run_dir)["summary"]
+    for key, value in written.items():
+        assert stored[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+    assert stored["report/bf16-mixed/verdict"] == "matches fp32" and stored["report/recommendation"] == "bf16-mixed"
+
+
 # --- tracker construction and no-ops ------------------------------------------------------------
 
 
@@ -277,7 +363,7 @@ def test_fp16_run_logs_every_row_scale_and_skips_and_summary_matches_result_json
 
 @pytest.mark.slow
 def test_fp32_run_has_no_loss_scale_anywhere(wandb_dir: Path, tiny_config: Any) -> None:
-    config = tiny_config(precision="32-true", steps=5, warmup_steps=1)
+    config = tiny_config(precision="32-true", steps=5, timing_warmup_steps=1)
     tracker = WandbTracker(project="amp-test")  # mode from $WANDB_MODE (offline), default dir = $WANDB_DIR
     result = train(config, observers=[tracker])
     assert result.status == "ok"
@@ -293,7 +379,7 @@ def test_fp32_run_has_no_loss_scale_anywhere(wandb_dir: Path, tiny_config: Any) 
 
 @pytest.mark.slow
 def test_fallback_reason_is_in_run_config_and_notes(wandb_dir: Path, tiny_config: Any) -> None:
-    config = tiny_config(precision="tf32", steps=2, warmup_steps=1)  # no TF32 on a CPU: falls back to fp32
+    config = tiny_config(precision="tf32", steps=2, timing_warmup_steps=1)  # no TF32 on a CPU: falls back to fp32
     tracker = WandbTracker(dir=wandb_dir)
     result = train(config, observers=[tracker])
     reason = result.plan["fallback_reason"]
@@ -310,7 +396,7 @@ def test_fallback_reason_is_in_run_config_and_notes(wandb_dir: Path, tiny_config
 
 @pytest.mark.slow
 def test_failed_run_is_marked_failed_with_its_error(wandb_dir: Path, tiny_config: Any) -> None:
-    config = tiny_config(model="amp_lib_no_such_module:build", steps=3, warmup_steps=1)
+    config = tiny_config(model="amp_lib_no_such_module:build", steps=3, timing_warmup_steps=1)
     tracker = WandbTracker(dir=wandb_dir)
     result = train(config, observers=[tracker])
     assert result.status == "failed"
@@ -329,7 +415,7 @@ def test_reused_tracker_opens_one_run_per_training_run(wandb_dir: Path, tiny_con
     tracker = WandbTracker(dir=wandb_dir, group="g")
     dirs = []
     for seed in (1, 2):
-        config = tiny_config(steps=2, warmup_steps=1, seed=seed)
+        config = tiny_config(steps=2, timing_warmup_steps=1, seed=seed)
         assert train(config, observers=[tracker]).status == "ok"
         assert tracker.run_dir is not None
         dirs.append(tracker.run_dir)
@@ -339,7 +425,7 @@ def test_reused_tracker_opens_one_run_per_training_run(wandb_dir: Path, tiny_con
 
 @pytest.mark.slow
 def test_disabled_mode_writes_nothing(wandb_dir: Path, tiny_config: Any) -> None:
-    config = tiny_config(steps=2, warmup_steps=1)
+    config = tiny_config(steps=2, timing_warmup_steps=1)
     tracker = WandbTracker(mode="disabled", dir=wandb_dir)
     result = train(config, observers=[tracker])
     assert result.status == "ok"
