@@ -21,11 +21,11 @@ from amp_lib.precision import Capabilities, cpu_isa
 
 CATEGORIES = ("matmul", "elementwise", "norm", "optimizer", "data_movement")
 _PATTERNS = (  # first match wins, on the op's name
-    ("optimizer", re.compile(r"adam|_foreach_|Optimizer\.", re.I)),
+    ("optimizer", re.compile(r"adam|_foreach_|Optimizer\.", re.IGNORECASE)),
     ("matmul", re.compile(r"aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm|conv|cudnn_conv|_convolution|mkldnn_conv)|"
-                          r"scaled_dot_product|flash|efficient_attention|gemm|cutlass|sm\d+_xmma", re.I)),
-    ("norm", re.compile(r"norm", re.I)),
-    ("data_movement", re.compile(r"aten::(copy_|_to_copy|to|contiguous|clone|cat|index|gather|embedding)\b|memcpy|Memcpy", re.I)),
+                          r"scaled_dot_product|flash|efficient_attention|gemm|cutlass|sm\d+_xmma", re.IGNORECASE)),
+    ("norm", re.compile(r"norm", re.IGNORECASE)),
+    ("data_movement", re.compile(r"aten::(copy_|_to_copy|to|contiguous|clone|cat|index|gather|embedding)\b|memcpy|Memcpy", re.IGNORECASE)),
 )
 _GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
 REDUCED = ("c10::Half", "c10::BFloat16", "c10::Float8_e4m3fn", "c10::Float8_e5m2")

@@ -174,14 +174,16 @@ def headroom_table(headroom: dict[str, Any]) -> list[dict[str, Any]]:
         grad = [s["gradient"][name] for s in headroom.get("samples", []) if name in s["gradient"]]
         scaled = [g.get("max_abs_scaled", g["max_abs"]) for g in grad]
         act_max = max((a["max_abs"] for a in act), default=None)
+        act_bad, grad_bad = any(a["nonfinite"] for a in act), any(g["nonfinite"] for g in grad)
         out.append(
             {
                 "module": name,
-                "max_activation": act_max,
-                "max_gradient": max((g["max_abs"] for g in grad), default=None),
-                "fp16_headroom_activation": headroom_doublings(act_max),
-                "bf16_headroom_activation": headroom_doublings(act_max, BF16_MAX),
-                "fp16_headroom_gradient": headroom_doublings(max(scaled, default=None)),
+                "max_activation": math.inf if act_bad else act_max,
+                "max_gradient": math.inf if grad_bad else max((g["max_abs"] for g in grad), default=None),
+                # an inf/NaN seen: no headroom left at all (-inf), whatever the finite values were
+                "fp16_headroom_activation": -math.inf if act_bad else headroom_doublings(act_max),
+                "bf16_headroom_activation": -math.inf if act_bad else headroom_doublings(act_max, BF16_MAX),
+                "fp16_headroom_gradient": -math.inf if grad_bad else headroom_doublings(max(scaled, default=None)),
                 "underflow_subnormal": max((x["underflow_subnormal"] for x in act + grad), default=None),
                 "underflow_normal": max((x["underflow_normal"] for x in act + grad), default=None),
                 "nonfinite": any(x["nonfinite"] for x in act + grad),

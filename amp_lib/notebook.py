@@ -6,6 +6,7 @@ A notebook cell should be one call here and one display; anything worth testing 
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import types
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from amp_lib.config import RunConfig, TrackingConfig, parameter_names
-from amp_lib.plots import run_figure, save_figure, save_report_figures
+from amp_lib.diagnose import StepProfile
+from amp_lib.headroom import headroom_table, way_out
+from amp_lib.plots import headroom_figure, run_figure, save_figure, save_report_figures
 from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
 from amp_lib.report import (
     DEFAULT_TOLERANCE,
@@ -26,6 +29,7 @@ from amp_lib.report import (
     format_table,
     format_verdicts,
     memory_note,
+    why_markdown,
 )
 from amp_lib.results import HistoryRow, RunResult, load_sweep
 from amp_lib.train import train
@@ -203,3 +207,57 @@ def report_view(sweep_dir: str = "", tolerance: float = DEFAULT_TOLERANCE, figur
     report = build_report(results, tolerance)
     figures = save_report_figures(report, Path(figures_dir) if figures_dir else folder / "figures")
     return ReportView(sweep_dir=folder, report=report, figures=figures)
+
+
+# -- why: the headroom map and the profiled step -------------------------------------------------
+
+
+def why_text(report: SweepReport) -> str:
+    """The report's causes and overflow diagnoses, or what to turn on to get them."""
+    if report.why:
+        return why_markdown(report.why)
+    return (
+        "_Nothing to explain, or nothing recorded: run the sweep with `-p profile_step=true` (why a precision is "
+        "not faster) and `-p headroom_every=N` (which layer overflows fp16)._"
+    )
+
+
+def headroom_markdown(result: RunResult) -> str:
+    """The headroom map of one run in words: the first module to overflow (and the way out), and the layers
+    with the least fp16 headroom."""
+    if not result.headroom:
+        return "_The headroom map was off (`headroom_every=0`)._"
+    lines = []
+    bf16 = result.plan.get("device_type") != "cuda" or tuple(
+        (result.profile or {}).get("facts", {}).get("compute_capability") or (8, 0)
+    ) >= (8, 0)
+    events = result.headroom.get("first_overflow", [])
+    lines += [f"- {way_out(e, bf16)}" for e in events[:1]] + ([f"- ({len(events) - 1} more overflowing steps)"] if len(events) > 1 else [])
+    rows = [r for r in headroom_table(result.headroom) if r["fp16_headroom_activation"] is not None]
+    tight = sorted(rows, key=lambda r: r["fp16_headroom_activation"])[:3]
+    lines += [
+        f"- `{r['module']}`: overflowed fp16 (inf/NaN)"
+        if r["fp16_headroom_activation"] == -math.inf
+        else f"- `{r['module']}`: largest |activation| {r['max_activation']:.3g}, "
+        f"{r['fp16_headroom_activation']:.1f} doublings of fp16 headroom"
+        for r in tight
+    ]
+    return "\n".join(lines) or "_No sampled step yet._"
+
+
+def save_headroom_figure(result: RunResult, config: RunConfig) -> Path | None:
+    """The headroom heatmap beside the run's result JSON, when the map was on."""
+    if not result.headroom or not result.headroom.get("samples"):
+        return None
+    return save_figure(headroom_figure(result.headroom), config.result_path.with_name(f"{config.name}-headroom.png"))
+
+
+def profile_markdown(result: RunResult) -> str:
+    """Where the profiled step's time went, when the run was asked to profile one."""
+    if not result.profile:
+        return "_No step was profiled (`profile_step=False`)._"
+    profile = StepProfile.from_dict(result.profile)
+    parts = ", ".join(f"{name} {profile.share(name):.0%}" for name in profile.busy_ms) + f", idle/host {profile.idle_ms / profile.wall_ms:.0%}"
+    bad = profile.misaligned_gemms
+    gemms = f"; {len(bad)} of {len(profile.gemms)} reduced-precision GEMMs not multiples of 8" if profile.gemms else ""
+    return f"Step {result.profile['step']} took {profile.wall_ms:.1f} ms: {parts}{gemms}."

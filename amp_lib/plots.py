@@ -6,14 +6,18 @@ global state, need no display and are freed when dropped; notebooks show the sav
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from amp_lib.headroom import headroom_doublings
 from amp_lib.report import Comparison, Row, SweepReport, eval_curve, results_by_precision
 from amp_lib.results import RunResult
 
@@ -295,3 +299,34 @@ def save_report_figures(report: SweepReport, out_dir: str | os.PathLike[str]) ->
     if any(_uses_scaler(r) for r in report.results):
         figures["loss_scale"] = loss_scale_figure(report.results)
     return {name: save_figure(fig, out / f"{name}.png") for name, fig in figures.items()}
+
+
+def headroom_figure(headroom: dict[str, Any]) -> Figure:
+    """The fp16 headroom map of one run: layers x sampled steps, in doublings to fp16's largest value, for
+    activations and (scaled) gradients; an x marks each module that overflowed first on a skipped step."""
+    names = list(headroom.get("modules", []))
+    samples = list(headroom.get("samples", []))
+    steps = [s["step"] for s in samples]
+    fig, axes = _figure(1, 2, (12.0, max(3.0, 0.25 * len(names) + 1.5)))
+    for ax, kind, key in ((axes[0], "activation", "max_abs"), (axes[1], "gradient", "max_abs_scaled")):
+        grid = np.full((len(names), len(samples)), np.nan)
+        for j, sample in enumerate(samples):
+            for i, name in enumerate(names):
+                stats = sample[kind].get(name)
+                value = headroom_doublings(stats.get(key, stats["max_abs"])) if stats else None
+                if stats and stats["nonfinite"]:
+                    grid[i, j] = -4.0  # overflowed: the bottom of the colour scale
+                elif value is not None and math.isfinite(value):
+                    grid[i, j] = value
+        image = ax.imshow(grid, aspect="auto", cmap="RdYlGn", vmin=-4, vmax=16, interpolation="nearest")
+        ax.set_yticks(range(len(names)), names, fontsize="x-small")
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize="x-small")
+        ax.set_xlabel("sampled step")
+        ax.set_title(f"fp16 headroom of {kind}s (doublings; < 0 overflows)")
+        for event in headroom.get("first_overflow", []):
+            if event["phase"] == ("forward" if kind == "activation" else "backward") and event["module"] in names:
+                column = steps.index(event["step"]) if event["step"] in steps else None
+                if column is not None:
+                    ax.plot(column, names.index(event["module"]), "x", color="black", markersize=10, markeredgewidth=2)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig

@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from amp_lib.config import NON_SETTING_FIELDS
+from amp_lib.diagnose import StepProfile, explain
+from amp_lib.headroom import way_out
 from amp_lib.precision import CANONICAL, parse_precision
 from amp_lib.results import RunResult, finite_or_none
 
@@ -1032,6 +1034,61 @@ def _answer(rec: Recommendation, rows: Sequence[Comparison], several: bool) -> s
 
 
 @dataclass(frozen=True)
+class Diagnosis:
+    """Why one precision failed or did not pay on one setting, in words."""
+
+    setting: str
+    precision: str
+    causes: tuple[str, ...]  # ranked, from its profiled step, fp32's and the machine facts
+    overflows: tuple[str, ...]  # per run that skipped steps or diverged: the first module to overflow, the way out
+
+
+def _profile(runs: Sequence[_Run]) -> tuple[StepProfile | None, dict[str, Any]]:
+    for run in runs:
+        if run.result.profile:
+            return StepProfile.from_dict(run.result.profile), dict(run.result.profile.get("facts", {}))
+    return None, {}
+
+
+def diagnoses(results: Sequence[RunResult], comparisons: Sequence[Comparison]) -> list[Diagnosis]:
+    """For each precision that is not *faster*, the ranked causes (from profiled steps: `profile_step`);
+    for each that skipped steps or diverged, the first module to overflow fp16 and the way out (from the
+    headroom map: `headroom_every`). Precisions with nothing to say are left out."""
+    runs = _runs(results)
+    out = []
+    for c in comparisons:
+        if c.is_baseline:
+            continue
+        mine = [r for r in runs if r.setting == c.setting and r.requested == c.requested]
+        fp32 = [r for r in runs if r.setting == c.setting and r.requested == BASELINE and r.result.ok]
+        causes: list[str] = []
+        if c.speed_verdict != FASTER:
+            profile, facts = _profile([r for r in mine if r.result.ok])
+            if profile is not None or facts:
+                causes = [x.text for x in explain(c.effective or c.requested, c.point_speedup, profile, _profile(fp32)[0], facts)]
+        overflows = []
+        for run in mine:
+            events = (run.result.headroom or {}).get("first_overflow", [])
+            if events and (run.result.metrics.skipped_steps or run.result.status == "diverged"):
+                cc = tuple((run.result.profile or {}).get("facts", {}).get("compute_capability") or (8, 0))
+                bf16 = run.result.plan.get("device_type") != "cuda" or cc >= (8, 0)
+                overflows.append(f"seed {run.seed}: {way_out(events[0], bf16)}")
+        if causes or overflows:
+            out.append(Diagnosis(c.setting, c.requested, tuple(causes), tuple(overflows)))
+    return out
+
+
+def why_markdown(items: Sequence[Diagnosis]) -> str:
+    several = len({d.setting for d in items}) > 1
+    lines = []
+    for d in items:
+        lines.append(f"**{d.precision}**" + (f" ({d.setting})" if several else ""))
+        lines += [f"- {text}" for text in (*d.causes, *d.overflows)]
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+@dataclass(frozen=True)
 class SweepReport:
     """Everything a sweep's report shows, computed once from its results."""
 
@@ -1042,6 +1099,7 @@ class SweepReport:
     tolerance: float
     comparisons: tuple[Comparison, ...] = ()  # per setting and precision: the verdicts against fp32
     noise: tuple[NoiseFloor, ...] = ()  # per setting: fp32's own seed-to-seed spread
+    why: tuple[Diagnosis, ...] = ()  # precisions that failed or did not pay: the causes and the way out
 
     def answer(self) -> str:
         """The answer in one sentence per setting."""
@@ -1072,6 +1130,8 @@ class SweepReport:
             parts += [f"**Answer:** {self.answer()}", ""]
         parts += ["## Verdicts against fp32", "", self.verdict_markdown(), ""]
         parts += ["## Memory split", "", self.memory_markdown(), ""]
+        if self.why:
+            parts += ["## Why a precision fails or doesn't pay", "", why_markdown(self.why), ""]
         if self.recommendations:
             parts += ["## Recommendation", "", self.recommendation_markdown(), ""]
         parts += ["## Every measurement (seeds aggregated)", "", format_table(self.table, "markdown"), ""]
@@ -1091,6 +1151,7 @@ def build_report(results: Sequence[RunResult], tolerance: float = DEFAULT_TOLERA
         tolerance=tolerance,
         comparisons=tuple(comparisons),
         noise=tuple(floors),
+        why=tuple(diagnoses(results, comparisons)),
     )
 
 

@@ -60,6 +60,8 @@ def make_result(
     metrics: dict[str, Any] | None = None,
     evals: Sequence[EvalRow] = (),
     plan: dict[str, Any] | None = None,
+    headroom: dict[str, Any] | None = None,
+    profile: dict[str, Any] | None = None,
     **config: Any,
 ) -> RunResult:
     """A result as `train()` would write it, with every figure a keyword. `seed=None` leaves the seed out
@@ -100,6 +102,8 @@ def make_result(
         ),
         history=rows,
         evals=tuple(evals),
+        headroom=headroom,
+        profile=profile,
         status=status,
         error=error,
     )

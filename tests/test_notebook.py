@@ -318,3 +318,31 @@ def test_report_view_of_an_empty_folder_says_so(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         notebook.report_view(str(tmp_path))
     assert str(info.value) == f"no result JSON files in {str(tmp_path)!r} (nor in its results/ folder)"
+
+
+# --- why: headroom and profile in words --------------------------------------------------------------
+
+
+def test_headroom_and_profile_in_words_and_what_to_turn_on_when_they_are_off(tmp_path: Path) -> None:
+    off = make_result("fp16-mixed")
+    assert notebook.headroom_markdown(off) == "_The headroom map was off (`headroom_every=0`)._"
+    assert notebook.profile_markdown(off) == "_No step was profiled (`profile_step=False`)._"
+    assert notebook.save_headroom_figure(off, RunConfig(out_dir=str(tmp_path))) is None
+    stats = {"max_abs": 2.0, "underflow_subnormal": 0.0, "underflow_normal": 0.5, "nonfinite": 0.0}
+    headroom = {
+        "modules": ["fc", "out"],
+        "samples": [{"step": 0, "activation": {"fc": stats, "out": {**stats, "nonfinite": 1.0}}, "gradient": {}}],
+        "first_overflow": [{"step": 0, "module": "out", "phase": "forward", "loss_scale": 4.0}] * 2,
+    }
+    profile = {"step": 3, "wall_ms": 10.0, "busy_ms": {"matmul": 5.0, "optimizer": 2.0}, "gemms": [[8, 8, 9, "c10::Half"]]}
+    run = make_result("fp16-mixed", headroom=headroom, profile=profile, plan={"device_type": "cpu"})
+    lines = notebook.headroom_markdown(run).splitlines()
+    assert lines[0].startswith("- `out` overflowed fp16 first (forward, step 0): train in bf16-mixed")
+    assert lines[1:] == ["- (1 more overflowing steps)", "- `out`: overflowed fp16 (inf/NaN)",
+                         "- `fc`: largest |activation| 2, 15.0 doublings of fp16 headroom"]  # fmt: skip
+    assert notebook.profile_markdown(run) == (
+        "Step 3 took 10.0 ms: matmul 50%, optimizer 20%, idle/host 30%; 1 of 1 reduced-precision GEMMs not multiples of 8."
+    )
+    config = RunConfig(out_dir=str(tmp_path), run_name="hm")
+    assert notebook.save_headroom_figure(run, config) == tmp_path / "hm-headroom.png" and (tmp_path / "hm-headroom.png").exists()
+    assert notebook.why_text(build_report([make_result("fp32")])).startswith("_Nothing to explain, or nothing recorded")

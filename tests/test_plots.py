@@ -262,3 +262,31 @@ def test_save_report_figures_writes_the_report_figures_and_the_scale_only_with_a
     unscaled = save_report_figures(build_report(runs[:1] + runs[2:]), tmp_path / "unscaled")
     assert list(unscaled) == names[:-1]  # no run used a scaler: no figure that only says so
     assert not (tmp_path / "unscaled" / "loss_scale.png").exists()
+
+
+# --- the headroom heatmap ----------------------------------------------------------------------------
+
+
+def test_the_headroom_heatmap_has_a_row_per_layer_a_column_per_sampled_step_and_marks_the_overflow() -> None:
+    from amp_lib.plots import headroom_figure
+
+    stats = {"max_abs": 65504 / 2**3, "underflow_subnormal": 0.0, "underflow_normal": 0.0, "nonfinite": 0.0}
+    bad = {**stats, "max_abs": 0.0, "nonfinite": 1.0}
+    headroom = {
+        "modules": ["a", "b"],
+        "samples": [
+            {"step": 0, "activation": {"a": stats, "b": stats}, "gradient": {"a": stats, "b": stats}},
+            {"step": 5, "activation": {"a": stats, "b": bad}, "gradient": {"a": stats}},
+        ],
+        "first_overflow": [{"step": 5, "module": "b", "phase": "forward", "loss_scale": 8.0}],
+    }
+    fig = headroom_figure(headroom)
+    act, grad = fig.axes[:2]  # two heatmaps (their colour bars come after)
+    assert len(fig.axes) == 4
+    grid = act.images[0].get_array()
+    assert grid.shape == (2, 2) and grid[0, 0] == pytest.approx(3.0) and grid[1, 1] == -4.0  # overflowed: the floor
+    assert [t.get_text() for t in act.get_yticklabels()] == ["a", "b"]
+    assert [t.get_text() for t in act.get_xticklabels()] == ["0", "5"]
+    (marker,) = act.lines
+    assert (list(marker.get_xdata()), list(marker.get_ydata())) == ([1], [1])  # step 5, module b
+    assert not grad.lines and bool(grad.images[0].get_array().mask[1, 1])  # no gradient sample: left blank

@@ -32,6 +32,7 @@ from amp_lib.report import (
     recommendations,
     run_table,
     setting_labels,
+    why_markdown,
 )
 from amp_lib.results import RunResult, load_sweep
 
@@ -974,3 +975,40 @@ def test_a_report_of_saved_files_equals_the_report_of_the_results(tmp_path: Path
     assert from_files.comparisons == in_memory.comparisons and from_files.noise == in_memory.noise
     assert from_files.recommendations == in_memory.recommendations
     assert from_files.summary_markdown() == in_memory.summary_markdown()
+
+
+# --- why a precision fails or doesn't pay -----------------------------------------------------------
+
+SLOW_CPU_PROFILE = {
+    "step": 1, "wall_ms": 100.0, "device_type": "cpu",
+    "busy_ms": {"matmul": 30.0, "elementwise": 40.0, "norm": 5.0, "optimizer": 5.0, "data_movement": 5.0},
+    "gemms": [[512, 64, 65, "c10::BFloat16"]], "facts": {"device_type": "cpu", "device_name": "AVX2", "cpu_isa": ["avx2"]},
+}  # fmt: skip
+OVERFLOW = {"every": 1, "modules": ["fc"], "samples": [],
+            "first_overflow": [{"step": 2, "module": "fc", "phase": "forward", "loss_scale": 1024.0}]}  # fmt: skip
+
+
+def test_a_precision_that_does_not_pay_gets_ranked_causes_from_its_profile() -> None:
+    fp32 = [make_result("fp32", s, tps=1000.0, eval_loss=2.0, profile={**SLOW_CPU_PROFILE, "gemms": []}) for s in (0, 1)]
+    bf16 = [make_result("bf16-mixed", s, tps=200.0, eval_loss=2.0, profile=SLOW_CPU_PROFILE) for s in (0, 1)]
+    report = build_report([*fp32, *bf16])
+    (why,) = report.why
+    assert (why.precision, why.overflows) == ("bf16-mixed", ())
+    assert why.causes[0] == "this CPU has no bf16 instructions (avx512_bf16/amx_bf16): bf16 matmuls are emulated"
+    assert "70% of the step is outside matmuls: the model is too small to gain" in why.causes
+    assert "## Why a precision fails or doesn't pay" in report.summary_markdown()
+    assert why_markdown(report.why).splitlines()[:2] == ["**bf16-mixed**", f"- {why.causes[0]}"]
+    plain = build_report([make_result("fp32"), make_result("bf16-mixed", tps=200.0)])
+    assert plain.why == () and "## Why" not in plain.summary_markdown()  # nothing profiled: nothing claimed
+
+
+def test_a_precision_that_skipped_steps_names_the_first_layer_to_overflow_and_the_way_out() -> None:
+    fp16 = make_result("fp16-mixed", 0, skipped=3, headroom=OVERFLOW, eval_loss=2.0, tps=3000.0)
+    healthy = make_result("fp16-mixed", 1, headroom={**OVERFLOW, "first_overflow": []}, eval_loss=2.0, tps=3000.0)
+    report = build_report([make_result("fp32", 0), make_result("fp32", 1), fp16, healthy])
+    (why,) = report.why
+    assert why.overflows == (
+        ("seed 0: `fc` overflowed fp16 first (forward, step 2): train in bf16-mixed (same exponent range as fp32, no "
+        "loss scaling needed); or keep `fc` in fp32: run it inside `torch.autocast(device_type, enabled=False)` with "
+        "its input cast to float32"),
+    )

@@ -3,6 +3,7 @@ its statuses and metrics."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -600,7 +601,7 @@ def test_the_schedule_warms_up_linearly_then_decays_by_a_cosine_to_the_minimum()
     assert lr_after(8, config) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half way: the cosine's middle
     assert lr_after(12, config) == pytest.approx(1e-4) and lr_after(19, config) == pytest.approx(1e-4)
     decay = [lr_after(n, config) for n in range(4, 13)]
-    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert all(a > b for a, b in itertools.pairwise(decay))
     no_decay = RunConfig(lr=1e-3, lr_warmup_steps=2, steps=20)
     assert [lr_after(n, no_decay) for n in (0, 1, 2, 10)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
 
