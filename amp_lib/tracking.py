@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from amp_lib.config import PROJECT, RunConfig
+from amp_lib.diagnose import StepProfile
 from amp_lib.precision import PrecisionPlan
 from amp_lib.results import HistoryRow, RunResult, finite_or_none
 
@@ -60,6 +61,15 @@ def result_summary(result: RunResult) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": d["status"], "error": d["error"], "schema_version": d["schema_version"]}
     summary.update({f"metrics/{k}": v for k, v in d["metrics"].items()})
     summary.update({f"plan/{k}": v for k, v in d["plan"].items()})
+    overflows = (result.headroom or {}).get("first_overflow", [])
+    if overflows:  # the headroom map's answer to "which layer overflows in fp16?"
+        first = overflows[0]
+        summary.update({"headroom/first_overflow_module": first["module"], "headroom/first_overflow_step": first["step"],
+                        "headroom/first_overflow_phase": first["phase"], "headroom/overflowing_steps": len(overflows)})  # fmt: skip
+    if result.profile:
+        profile = StepProfile.from_dict(result.profile)
+        summary.update({f"profile/{name}_share": profile.share(name) for name in profile.busy_ms})
+        summary["profile/idle_share"] = profile.idle_ms / profile.wall_ms if profile.wall_ms else None
     return summary
 
 
@@ -104,6 +114,8 @@ def report_summary(report: SweepReport) -> dict[str, Any]:
             "ttq_reached": ttq.reached if ttq else None,
             "ttq_speedup": ttq.speedup if ttq else None,
             "peak_memory_mb": c.memory.peak_mb if c.memory else None,
+            "why": "; ".join(w for d in report.why if (d.setting, d.precision) == (c.setting, c.requested)
+                             for w in (*d.causes, *d.overflows)) or None,  # fmt: skip
         }
         for name, value in values.items():
             if isinstance(value, float):

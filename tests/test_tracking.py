@@ -173,6 +173,18 @@ def test_result_summary_flattens_the_result_json() -> None:
     assert summary["metrics/final_loss_scale"] is None
 
 
+def test_result_summary_names_the_first_layer_to_overflow_and_the_profiled_shares() -> None:
+    overflow = [{"step": 4, "module": "blocks.0.mlp", "phase": "backward", "loss_scale": 8.0}] * 3
+    profile = {"step": 1, "wall_ms": 10.0, "busy_ms": {"matmul": 6.0, "optimizer": 1.0}}
+    summary = result_summary(make_result("fp16-mixed", headroom={"first_overflow": overflow}, profile=profile))
+    assert {k: v for k, v in summary.items() if k.startswith(("headroom/", "profile/"))} == {
+        "headroom/first_overflow_module": "blocks.0.mlp", "headroom/first_overflow_step": 4,
+        "headroom/first_overflow_phase": "backward", "headroom/overflowing_steps": 3,
+        "profile/matmul_share": 0.6, "profile/optimizer_share": 0.1, "profile/idle_share": pytest.approx(0.3),
+    }  # fmt: skip
+    assert not [k for k in result_summary(make_result("fp32")) if k.startswith(("headroom/", "profile/"))]
+
+
 # --- sweep report -> W&B summary ----------------------------------------------------------------
 
 
@@ -549,3 +561,15 @@ def test_a_run_the_user_has_open_is_left_alone(tmp_path: Path) -> None:
     finally:
         user_run.finish()
     assert t.run_dir is not None and t.run_dir.parent == tmp_path / "tracker" / "wandb"
+
+
+def test_report_summary_carries_why_a_precision_does_not_pay() -> None:
+    facts = {"device_type": "cpu", "cpu_isa": ["avx2"]}
+    profile = {"step": 1, "wall_ms": 10.0, "busy_ms": {"matmul": 9.0}, "facts": facts}
+    runs = [make_result("fp32", s, profile=profile) for s in (0, 1)]
+    runs += [make_result("bf16-mixed", s, tps=100.0, profile=profile) for s in (0, 1)]
+    summary = report_summary(build_report(runs))
+    assert summary["report/bf16-mixed/why"] == (
+        "this CPU has no bf16 instructions (avx512_bf16/amx_bf16): bf16 matmuls are emulated"
+    )
+    assert "report/fp32/why" not in summary
