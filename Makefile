@@ -2,6 +2,9 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch
+# A package index for torch only, e.g. https://download.pytorch.org/whl/cpu (PyTorch's CPU builds: no CUDA
+# download). Empty: the default index (or a local wheel) decides which build TORCH_SPEC gets.
+TORCH_INDEX ?=
 KERNEL     ?= amp-workbook
 SWEEP_ARGS ?=
 BENCH_ARGS ?=
@@ -18,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "AMP Workbook (Python 3)"
 	touch $(STAMP)
@@ -38,8 +41,9 @@ goldens: setup
 sweep: setup
 	$(PY) -m amp_lib.sweep --out sweeps/default $(SWEEP_ARGS)
 
+# Jupyter refuses to run as root unless told: containers often run as root.
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: setup
 	$(PY) -m amp_lib.bench $(BENCH_ARGS)

@@ -6,11 +6,16 @@ kernel, which is enough to test everything around the notebook. The `notebook` t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import queue
 import re
 import signal
+import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +29,31 @@ from amp_lib.results import RunResult, load_sweep
 from amp_lib.sweep.cli import main
 from amp_lib.sweep.execute import (
     COMPLETE,
+    CONCURRENT_RUNS_ENV,
     Outcome,
     Settings,
     _init_worker,
     _is_port_race,
     _stamp,
     _visible_gpus,
+    cpu_threads,
     error_text,
     execute_run,
     failed_result,
     is_complete,
+    kernel_environment,
     outcome_line,
+    reuse_identical,
     run_sweep,
+    same_config,
+    wandb_run_id,
 )
 from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params
 
 CPU = Capabilities(device_type="cpu", device_name="test-cpu")
 NO_KERNEL = Settings(kernel="no-such-kernel", retries=1)
 NO_KERNEL_ERROR = "NoSuchKernel: No such kernel named no-such-kernel"
-TINY = ["steps=8", "warmup_steps=2", "batch_size=4", "seq_len=32", "log_every=2"]
+TINY = ["steps=8", "timing_warmup_steps=2", "batch_size=4", "seq_len=32", "log_every=2"]
 
 
 def _saved_result(run: SweepRun, status: str = "ok", **changes: Any) -> RunResult:
@@ -85,6 +96,48 @@ def test_complete_means_same_parameters_and_a_final_status(tmp_path: Path) -> No
     (other,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [10], "wandb_mode": ["disabled"]})
     assert other.name == run.name and not is_complete(other)  # same name, different run: not skipped
     assert COMPLETE == ("ok", "diverged", "oom")
+
+
+def test_a_value_left_to_its_default_is_compared_too(tmp_path: Path) -> None:
+    # `-p lr=3e-3` alone names its run like a run at the default lr: the result must not stand for it.
+    (with_lr,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9], "lr": [3e-3]})
+    (default_lr,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9]})
+    assert with_lr.name == default_lr.name
+    result = _saved_result(with_lr)
+    assert is_complete(with_lr) and not is_complete(default_lr)
+    assert same_config(default_lr, replace(result, config={**result.config, "lr": RunConfig().lr}))
+    older = {k: v for k, v in result.config.items() if k != "lr"}  # a file from before a field existed
+    assert same_config(default_lr, replace(result, config=older)) and not same_config(
+        with_lr, replace(result, config=older)
+    )
+
+
+# --- reuse: an identical run finished by an earlier grid in the same folder ---
+
+
+def test_an_identical_config_finished_under_another_name_is_reused_not_rerun(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sw"
+    first = expand_grid(out, CPU, ["fp32"], [0], parse_params(["device=cpu", "steps=9", "lr=1e-3,3e-3"]))
+    for run in first:
+        _saved_result(run)
+    again = expand_grid(out, CPU, ["fp32", "bf16"], [0], parse_params(["device=cpu", "steps=9", "lr=1e-3"]))
+    assert [r.name for r in again] == ["gpt-tiny-fp32-s0", "gpt-tiny-bf16-mixed-s0"]
+    assert reuse_identical(again, out.resolve() / "results") == {"gpt-tiny-fp32-s0": first[0].result_path}
+    outcomes, _ = run_sweep(again, NO_KERNEL)
+    assert [(o.name, o.status, o.resumed) for o in outcomes] == [
+        ("gpt-tiny-fp32-s0", "ok", True),  # reused: no kernel, no new name for the same numbers
+        ("gpt-tiny-bf16-mixed-s0", "failed", False),
+    ]
+    copied, source = RunResult.load(again[0].result_path), RunResult.load(first[0].result_path)
+    assert copied.config == {**source.config, "run_name": "gpt-tiny-fp32-s0"} and copied.metrics == source.metrics
+    assert f"reused {first[0].name}.json for gpt-tiny-fp32-s0 (identical config)" in capsys.readouterr().out
+    assert not (out / "runs" / "gpt-tiny-fp32-s0.ipynb").exists()
+    assert reuse_identical(again, out.resolve() / "results") == {}  # complete now: nothing more to reuse
+    run_sweep(again[:1], NO_KERNEL, force=True)  # --force re-runs instead of reusing
+    assert RunResult.load(again[0].result_path).status == "failed"
+    assert reuse_identical(again, tmp_path / "missing") == {}
 
 
 # --- the `failed` record of a run that wrote none ---
@@ -163,7 +216,7 @@ def test_outcome_line_is_status_name_and_the_first_error_line() -> None:
 
 def test_settings_defaults() -> None:
     s = Settings()
-    assert (s.kernel, s.timeout, s.retries) == ("amp-workbook", 3600.0, 3)
+    assert (s.kernel, s.timeout, s.retries, s.workdir, s.concurrent_runs) == ("amp-workbook", 3600.0, 3, None, 1)
     assert Path(s.notebooks, "train.ipynb").exists() and Path(s.notebooks, "compare.ipynb").exists()
 
 
@@ -213,6 +266,31 @@ def test_failing_runs_are_isolated_and_recorded_with_their_error(tmp_path: Path)
     assert results["typo"].config["stepz"] == 3 and results["typo"].plan["effective"] == "fp32"  # written by the sweep
     assert results[too_long.name].config["seq_len"] == 512 and results[too_long.name].history == ()
     assert (tmp_path / "runs" / "typo.ipynb").exists()  # the executed notebook shows the error
+
+
+def test_the_kernel_environment_finds_user_modules_counts_parallel_runs_and_names_the_wandb_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (run,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"lr": [1e-3, 3e-3]})[:1]
+    monkeypatch.setenv("PYTHONPATH", f"/elsewhere{os.pathsep}/work{os.pathsep}")
+    env = kernel_environment(run, Settings(workdir="/work", concurrent_runs=3))
+    assert env["PYTHONPATH"] == f"/work{os.pathsep}/elsewhere"  # the invoking folder first, once
+    assert env[CONCURRENT_RUNS_ENV] == "3" == str(Settings(concurrent_runs=3).concurrent_runs)
+    assert re.fullmatch(r"gpt-tiny-fp32-s0-lr_0_001-\d{10}", env["WANDB_RUN_ID"])  # the W&B folder names the run
+    monkeypatch.delenv("PYTHONPATH")
+    monkeypatch.chdir(tmp_path)
+    assert kernel_environment(run, Settings())["PYTHONPATH"] == str(tmp_path)  # default: the current folder
+    assert re.fullmatch(r"a_b_c-\d{10}", wandb_run_id("a:b/c")) and len(wandb_run_id("x" * 300)) == 107
+
+
+def test_execute_run_restores_the_environment_it_gave_the_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (run,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"device": ["cpu"]})
+    monkeypatch.setenv("PYTHONPATH", "/before")
+    monkeypatch.delenv(CONCURRENT_RUNS_ENV, raising=False)
+    execute_run(run, NO_KERNEL)
+    assert os.environ["PYTHONPATH"] == "/before" and CONCURRENT_RUNS_ENV not in os.environ
 
 
 # --- the sweep loop: resume, force, the progress bar ---
@@ -293,10 +371,28 @@ def test_each_worker_gets_its_own_visible_gpu(monkeypatch: pytest.MonkeyPatch) -
     assert _visible_gpus() == [str(i) for i in range(torch.cuda.device_count())]
 
 
+def test_each_worker_gets_its_share_of_the_cores() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(1) == cores and cpu_threads(0) == cores
+    assert cpu_threads(2) == max(1, cores // 2) and cpu_threads(cores + 1) == 1  # never 0 threads
+
+
+def test_a_worker_takes_its_thread_share_for_its_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    saved_threads, saved_int = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    gpus: queue.Queue[str | None] = queue.Queue()
+    gpus.put(None)
+    try:
+        _init_worker(gpus, queue.Queue(), None, 1)  # no parent to die with: that is tested on real processes
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved_threads)
+        signal.signal(signal.SIGINT, saved_int)
+
+
 def test_a_worker_ignores_ctrl_c_reports_its_pid_and_pins_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_init_worker` run in this process (what each pool worker runs first); SIGINT restored after."""
-    import os
-
     saved = signal.getsignal(signal.SIGINT)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     gpus: queue.Queue[str | None] = queue.Queue()
@@ -330,3 +426,115 @@ def test_runs_that_cannot_start_in_worker_processes_are_reported_one_line_each_a
     assert {r.status for r in results} == {"failed"} and len(results) == 2
     assert all(r.config["steps"] == 8 and r.error == NO_KERNEL_ERROR for r in results)  # written in the workers
     assert "| failed |" in (tmp_path / "summary.md").read_text()  # written from Python even without the notebook
+
+
+def _processes() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, state, start time) of every process, read from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # it exited meanwhile
+        fields_ = text[text.rindex(")") + 2 :].split()
+        table[int(stat.parent.name)] = (int(fields_[1]), fields_[0], int(fields_[19]))
+    return table
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """pid -> start time of every living descendant of `root`."""
+    table = _processes()
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _, start) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    entry = _processes().get(pid)
+    return entry is not None and entry[2] == start and entry[1] != "Z"  # same process, not a zombie
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and relies on PR_SET_PDEATHSIG")
+def test_sigkill_of_a_parallel_sweep_takes_its_workers_and_kernels_with_it(tmp_path: Path) -> None:
+    out = tmp_path / "k"
+    argv = ["--out", str(out), "--precisions", "fp32,bf16-mixed", "--seeds", "0,1", "-p", "device=cpu",
+            *(f for p in [*TINY, "wandb_mode=disabled"] for f in ("-p", p)), "--no-report"]  # fmt: skip
+    log = (tmp_path / "stderr.txt").open("w")
+    sweep_proc = subprocess.Popen(
+        [sys.executable, "-m", "amp_lib.sweep", *argv, "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,  # setsid, as in the issue
+    )  # fmt: skip
+    seen: dict[int, int] = {}
+    commands: dict[int, bytes] = {}
+
+    def look() -> None:
+        for pid, start in _descendants(sweep_proc.pid).items():
+            if pid not in seen:
+                with contextlib.suppress(OSError):
+                    commands[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+            seen[pid] = start
+
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "results").glob("*.json")):
+            assert sweep_proc.poll() is None and time.monotonic() < deadline, "no result before the deadline"
+            look()
+            time.sleep(0.2)
+        look()
+        assert sum(b"spawn_main" in c for c in commands.values()) == 2  # the two workers...
+        assert sum(b"ipykernel" in c for c in commands.values()) >= 2  # ...and the kernels they started
+    finally:
+        sweep_proc.kill()  # SIGKILL: the parent can clean nothing up
+        sweep_proc.wait()
+        log.close()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid, start) for pid, start in seen.items()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid, s in seen.items() if _alive(pid, s)}
+    assert survivors == {}, "orphaned processes"
+    finished = load_sweep(out)
+    assert finished and all(r.plan.get("concurrent_runs") == 2 for r in finished if r.ok)
+    assert all(r.plan.get("threads") == cpu_threads(2) for r in finished if r.ok)  # each run its share of cores
+    assert "without encryption" not in (tmp_path / "stderr.txt").read_text()  # the kernels' noise is gone
+    # The killed sweep's lock blocks nothing, and what it finished is resumed, not run twice.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    assert main([*argv, "--kernel", "no-such-kernel"]) == 1
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_ctrl_c_of_a_serial_sweep_mid_run_prints_no_traceback_and_leaves_no_kernel(tmp_path: Path) -> None:
+    argv = ["--out", str(tmp_path / "c"), "--precisions", "fp32", "-p", "device=cpu", "-p", "steps=100000",
+            "-p", "wandb_mode=disabled", "--no-report"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amp_lib.sweep", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    kernels: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not kernels:
+            assert proc.poll() is None and time.monotonic() < deadline, "no kernel started"
+            kernels = {p: s for p, s in _descendants(proc.pid).items()
+                       if b"ipykernel" in Path(f"/proc/{p}/cmdline").read_bytes()}  # fmt: skip
+            time.sleep(0.2)
+        time.sleep(4)  # the kernel is training now (100000 steps: it will not finish on its own)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "ZMQError" not in err, err
+    assert "interrupted: finished results are kept; run the same command again to resume" in err
+    deadline = time.monotonic() + 15
+    while any(_alive(p, s) for p, s in kernels.items()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p, s) for p, s in kernels.items())
+    assert list((tmp_path / "c" / "results").glob("*.json")) == []  # the unfinished run wrote nothing

@@ -10,7 +10,15 @@ import pytest
 
 from amp_lib.config import NON_SETTING_FIELDS, RunConfig
 from amp_lib.precision import Capabilities
-from amp_lib.sweep.grid import DEVICE_DEFAULTS, SweepRun, _slug, expand_grid, parse_params
+from amp_lib.sweep.grid import (
+    DEVICE_DEFAULTS,
+    SweepRun,
+    _slug,
+    expand_grid,
+    parse_params,
+    run_problems,
+    timing_warmup_for,
+)
 
 CPU = Capabilities(device_type="cpu", device_name="test-cpu")  # no fast fp16: native fp32 and bf16-mixed
 H100 = Capabilities(
@@ -100,6 +108,7 @@ def test_expand_orders_grid_then_precisions_then_seeds_and_names_varying_keys(tm
         **DEVICE_DEFAULTS["cpu"],
         "model": "gpt-tiny",
         "steps": 9,  # the grid wins over the device default
+        "timing_warmup_steps": 1,  # the default warm-up follows the steps the user set: 9 // 5
         "lr": 0.001,
         "precision": "fp32",
         "seed": 1,
@@ -144,6 +153,7 @@ def test_cuda_capabilities_give_the_cuda_defaults_and_model_without_a_gpu(tmp_pa
         **DEVICE_DEFAULTS["cuda"],
         "model": "gpt2-124m",
         "steps": 50,
+        "timing_warmup_steps": 10,  # the device's 20, but at most a fifth of the steps the user set
         "precision": "fp32",
         "seed": 0,
         "run_name": "gpt2-124m-fp32-s0",
@@ -174,3 +184,49 @@ def test_expand_rejects_repeats_and_colliding_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         expand_grid(tmp_path, CPU, ["fp32"], [0], {"model": ["a:b", "c", "a.b"]})
     assert str(info.value) == "run names collide: ['a.b-fp32-s0']"
+
+
+# --- defaults that depend on the user's values ---
+
+
+def test_the_default_timing_warm_up_follows_the_steps_the_user_set(tmp_path: Path) -> None:
+    runs = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [5, 1, 100]})
+    assert [r.parameters["timing_warmup_steps"] for r in runs] == [1, 0, 8]  # a fifth, at most the device's 8
+    assert run_problems(runs) == []  # -p steps=5 no longer fails on a warm-up of 8 nobody set
+    (default,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {})
+    assert default.parameters["timing_warmup_steps"] == DEVICE_DEFAULTS["cpu"]["timing_warmup_steps"]
+    assert timing_warmup_for(40, 8) == 8 and timing_warmup_for(39, 8) == 7 and timing_warmup_for(4, 8) == 0
+    (kept,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [5], "timing_warmup_steps": [7]})
+    assert kept.parameters["timing_warmup_steps"] == 7  # a value the user set is never changed...
+    assert run_problems([kept]) == ["timing_warmup_steps=7 must be less than steps=5 (nothing left to time)"]
+
+
+# --- checking every run's values before any kernel starts ---
+
+
+def test_run_problems_lists_each_bad_value_once_with_its_field_and_what_is_valid(tmp_path: Path) -> None:
+    grid = parse_params(["batch_size=0,-1", "device=cpu", "wandb_mode=offline,loud"])
+    runs = expand_grid(tmp_path, CPU, ["fp32", "bf16"], [0, 1], grid)
+    assert len(runs) == 16
+    assert run_problems(runs) == [
+        "batch_size=0 must be >= 1",
+        "invalid wandb_mode 'loud'; valid values are: offline, online, disabled",
+        "batch_size=-1 must be >= 1",
+    ]
+    good = expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["model=mlp", "wandb_group=g"]))
+    assert run_problems(good) == []
+    bad_model = expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["model=resnet"]))
+    assert run_problems(bad_model) == [
+        "invalid model 'resnet'; valid: gpt-tiny, gpt-small, gpt2-124m, mlp or 'package.module:function'"
+    ]
+
+
+def test_every_bad_field_of_one_run_is_listed_not_only_the_first(tmp_path: Path) -> None:
+    grid = parse_params(["batch_size=0", "lr=-1", "model=resnet", "device=tpu"])
+    runs = expand_grid(tmp_path, CPU, ["fp32"], [0], grid)
+    assert run_problems(runs) == [
+        "batch_size=0 must be >= 1",
+        "lr=-1.0 must be a positive finite number",
+        "invalid model 'resnet'; valid: gpt-tiny, gpt-small, gpt2-124m, mlp or 'package.module:function'",
+        "invalid device 'tpu'; valid: 'auto', 'cpu', 'cuda', 'cuda:N'",
+    ]

@@ -15,15 +15,18 @@ from factories import make_result
 from amp_lib.report import build_report
 from amp_lib.results import load_sweep
 from amp_lib.sweep.execute import Settings
-from amp_lib.sweep.publish import write_report
+from amp_lib.sweep.publish import mark_stale, notes_markdown, unmarked, write_report
+
+TWO_SEEDS = [make_result(p, s, tps=t, eval_loss=2.0 + 0.01 * s) for p, t in (("fp32", 1000.0), ("bf16-mixed", 1500.0))
+             for s in (0, 1)]  # fmt: skip
 
 
 def test_write_report_writes_the_given_report_then_exports_even_a_failed_notebook(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # On disk: an fp32 run alone. Given: a report of fp32 and a faster bf16 run, at a 25% tolerance.
+    # On disk: an fp32 run alone. Given: a report of fp32 and a faster bf16 run (two seeds), at a 25% tolerance.
     make_result("fp32").save(tmp_path / "sw" / "results" / "fp32-s0.json")
-    report = build_report([make_result("fp32"), make_result("bf16-mixed", tps=1500.0, eval_loss=2.1)], 0.25)
+    report = build_report(TWO_SEEDS, 0.25)
     assert report.summary_markdown() != build_report(load_sweep(tmp_path / "sw"), 0.25).summary_markdown()
     monkeypatch.chdir(tmp_path)  # a relative folder: the notebook must still be given absolute paths
     settings = Settings(kernel="no-such-kernel")
@@ -35,7 +38,7 @@ def test_write_report_writes_the_given_report_then_exports_even_a_failed_noteboo
     assert info.value.__cause__ is not None
     summary = (out / "summary.md").read_text(encoding="utf-8")
     assert summary == report.summary_markdown()  # the report it was given, not one recomputed from disk
-    assert summary.startswith("# AMP Workbook sweep summary") and "within 25% of fp32's" in summary
+    assert summary.startswith("# AMP Workbook sweep summary") and "±25% of fp32's" in summary
     assert "**Recommendation (gpt-tiny): bf16-mixed**" in summary
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.ipynb", "results", "summary.md"]
     meta = json.loads(notebook.read_text())["metadata"]["papermill"]
@@ -43,8 +46,9 @@ def test_write_report_writes_the_given_report_then_exports_even_a_failed_noteboo
     assert meta["output_path"] == str(notebook)
     assert meta["parameters"] == {"sweep_dir": str(out), "tolerance": 0.25, "figures_dir": str(out / "figures")}
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert "<html" in html and "report_view" in html  # the export of compare.ipynb, its code unexecuted
-    assert "Which precision should this model train in?" in html
+    assert "<html" in html and "Which precision should this model train in?" in html  # compare.ipynb's export...
+    assert "report_view" not in html and "from amp_lib import notebook" not in html  # ...a report: code hidden
+    assert "Not in this report" not in html  # nothing left out, nothing said
 
 
 def test_a_report_notebook_that_never_ran_leaves_the_summary_and_no_html(tmp_path: Path) -> None:
@@ -55,3 +59,49 @@ def test_a_report_notebook_that_never_ran_leaves_the_summary_and_no_html(tmp_pat
     assert str(info.value).startswith(f"report notebook failed ({tmp_path / 'report.ipynb'}): FileNotFoundError")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"]
     assert (tmp_path / "summary.md").read_text(encoding="utf-8") == report.summary_markdown()
+
+
+# --- what the report leaves out, and a report that could not be rebuilt ---
+
+
+def test_left_out_files_are_listed_in_summary_md_and_report_html(tmp_path: Path) -> None:
+    report = build_report(TWO_SEEDS, 0.25)
+    notes = ["not read: bad.json: not valid JSON", "left out: old.json: from an earlier grid <lr=0.003>"]
+    with pytest.raises(RuntimeError):
+        write_report(tmp_path, report, Settings(kernel="no-such-kernel"), notes=notes)
+    assert (tmp_path / "summary.md").read_text() == report.summary_markdown() + (
+        "\n## Not in this report\n\n- not read: bad.json: not valid JSON\n"
+        "- left out: old.json: from an earlier grid <lr=0.003>\n"
+    )
+    html = (tmp_path / "report.html").read_text()
+    assert html.index('<div id="amp-not-in-report"') < html.index("Which precision should this model train in?")
+    assert "<li>left out: old.json: from an earlier grid &lt;lr=0.003&gt;</li>" in html  # escaped
+    assert notes_markdown([]) == ""
+
+
+def test_stale_report_files_are_marked_once_and_unmarked_text_is_the_old_one(tmp_path: Path) -> None:
+    assert mark_stale(tmp_path, "nothing there") == []  # marks only files that exist
+    (tmp_path / "summary.md").write_text("# old summary\n")
+    (tmp_path / "report.html").write_text('<html><body class="x"><p>old</p></body></html>')
+    assert mark_stale(tmp_path, "first reason") == [tmp_path / "summary.md", tmp_path / "report.html"]
+    mark_stale(tmp_path, "second <reason>")  # marked again: one banner, the latest reason
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary == (
+        "> **STALE:** second <reason>; this summary is older than the results. Run the sweep again to rebuild it."
+        "\n\n# old summary\n"
+    )
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("STALE") == 1 and "second &lt;reason&gt;" in html and "first reason" not in html
+    assert html.startswith('<html><body class="x"><div id="amp-stale"') and html.endswith("<p>old</p></body></html>")
+    assert unmarked(tmp_path / "summary.md") == "# old summary\n"
+    assert unmarked(tmp_path / "report.html") == '<html><body class="x"><p>old</p></body></html>'
+
+
+def test_an_old_report_html_the_notebook_could_not_replace_is_marked_stale(tmp_path: Path) -> None:
+    (tmp_path / "report.html").write_text("<html><body><p>last week's report</p></body></html>")
+    report = build_report(TWO_SEEDS, 0.25)
+    with pytest.raises(RuntimeError, match="FileNotFoundError"):
+        write_report(tmp_path, report, Settings(notebooks=str(tmp_path / "missing")))
+    html = (tmp_path / "report.html").read_text()
+    assert "last week's report" in html and "<b>STALE:</b> the report notebook could not run (FileNotFoundError" in html
+    assert (tmp_path / "summary.md").read_text() == report.summary_markdown()  # the summary itself is fresh

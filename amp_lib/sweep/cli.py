@@ -4,26 +4,32 @@
     python -m amp_lib.sweep --out sweeps/lr --precisions fp32,bf16 --seeds 0,1,2 -p lr=1e-3,3e-3 --workers 2
 
 Layout of `<out>`: `runs/<run_name>.ipynb` (each executed notebook), `results/<run_name>.json`,
-`report.ipynb`, `report.html`, `figures/*.png`, `summary.md`. One run failing never stops the
-others: it is recorded, shown in the report, and makes the command exit 1 at the end.
+`report.ipynb`, `report.html`, `figures/*.png`, `summary.md`, `sweep.json` (the runs of the grid last
+asked for: the report covers those) and, while a sweep runs, `.sweep.lock` (its pid). One run failing
+never stops the others: it is recorded, shown in the report, and makes the command exit 1 at the end.
+Everything is checked before the first kernel starts: a refused sweep exits 2, one `error:` line per
+problem, and writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from amp_lib.config import PROJECT
-from amp_lib.precision import probe
+from amp_lib.precision import parse_precision, probe, valid_precision_names
 from amp_lib.report import DEFAULT_TOLERANCE, SweepReport, build_report, check_tolerance
-from amp_lib.results import load_sweep
-from amp_lib.sweep.execute import Outcome, Settings, outcome_line, run_sweep
-from amp_lib.sweep.grid import expand_grid, parse_params
-from amp_lib.sweep.publish import write_report
+from amp_lib.results import MANIFEST, grid_names, load_sweep, write_json_atomic
+from amp_lib.sweep.execute import Outcome, Settings, error_text, outcome_line, run_sweep
+from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params, run_problems
+from amp_lib.sweep.lock import SweepLock
+from amp_lib.sweep.publish import mark_stale, notes_markdown, unmarked, write_report
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,97 @@ class SweepResult:
         return 1 if self.failed or self.report_error else 0
 
 
+class SweepRefused(ValueError):
+    """A sweep refused before anything ran or was written: every problem, one line each."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def path_problems(out: Path) -> list[str]:
+    """What stops the sweep from writing in `out`, its `results/` and `runs/`: found before any run."""
+    problems = []
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        return [f"--out {out}: {existing} is a file, not a folder"]
+    for folder in (out, out / "results", out / "runs"):
+        if folder.exists() and not folder.is_dir():
+            problems.append(f"--out {out}: {folder} is a file, not a folder")
+        elif folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            problems.append(f"--out {out}: no permission to write in {folder}")
+    if existing != out and not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(f"--out {out}: no permission to create it in {existing}")
+    return problems
+
+
+def model_problems(runs: Sequence[SweepRun], workdir: str) -> list[str]:
+    """A user model ("module:function") whose module the kernels could not import."""
+    problems = []
+    for model in sorted({str(r.parameters.get("model", "")) for r in runs}):
+        module = model.partition(":")[0]
+        if ":" not in model or not module:
+            continue
+        top = module.split(".")[0]
+        if (
+            importlib.machinery.PathFinder.find_spec(top, [workdir, *sys.path]) is None
+            and top not in sys.builtin_module_names
+        ):
+            problems.append(
+                f"model={model!r}: no module named {top!r} in {workdir} (the kernels' PYTHONPATH) or the installed packages"
+            )
+    return problems
+
+
+def plan_sweep(
+    out: Path,
+    precisions: Sequence[str] | None,
+    seeds: Sequence[int],
+    params: Sequence[str],
+    tolerance: float,
+    settings: Settings,
+) -> list[SweepRun]:
+    """The sweep's runs, every parameter, path and tolerance checked: raises `SweepRefused` listing every
+    problem (one line each) before any kernel starts or anything is written."""
+    problems: list[str] = []
+
+    def check(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ValueError as exc:
+            problems.extend(line for line in str(exc).splitlines() if line not in problems)
+            return None
+
+    check(check_tolerance, tolerance)
+    before_grid = len(problems)
+    if precisions is not None and not [p for p in precisions if str(p).strip()]:
+        problems.append(f"--precisions is empty; valid values are: {', '.join(valid_precision_names())}")
+    for p in precisions or ():
+        check(parse_precision, p)
+    if not seeds:
+        problems.append("--seeds is empty; expected comma-separated ints, e.g. 0 or 0,1,2")
+    grid: dict[str, list[Any]] = {}
+    for item in params:
+        grid.update(check(parse_params, [item]) or {})
+    runs: list[SweepRun] = []
+    devices = grid.get("device", ["auto"])
+    caps = check(probe, devices[0] if len(devices) == 1 else "auto")
+    if caps is not None and len(problems) == before_grid:  # the grid itself is sound: check every run
+        runs = check(expand_grid, out, caps, precisions, seeds, grid) or []
+        problems += [p for p in run_problems(runs) if p not in problems]
+        problems += model_problems(runs, settings.workdir or os.getcwd())
+    problems += path_problems(out)
+    if problems:
+        raise SweepRefused(problems)
+    return runs
+
+
+def _report_text(report: SweepReport, notes: Sequence[str]) -> str:
+    return report.summary_markdown() + notes_markdown(notes)
+
+
 def sweep(
     out: str | os.PathLike[str],
     precisions: Sequence[str] | None = None,
@@ -59,25 +156,44 @@ def sweep(
     tolerance: float = DEFAULT_TOLERANCE,
     settings: Settings | None = None,
 ) -> SweepResult:
-    """Plan, run (resumably, failures isolated) and report a sweep; the Python face of the CLI."""
+    """Plan, run (resumably, failures isolated) and report a sweep; the Python face of the CLI.
+
+    Everything is checked first (`plan_sweep`): a refused sweep raises `SweepRefused` (a `ValueError`)
+    and writes nothing. The folder is then locked for this sweep (`SweepLock`), its grid recorded in
+    `sweep.json`, and the report covers exactly that grid's runs.
+    """
     settings = settings or Settings()
-    check_tolerance(tolerance)  # before any run: a bad tolerance must not waste a sweep
+    settings = replace(settings, workdir=settings.workdir or os.getcwd())
     out_path = Path(out)
-    grid = parse_params(params)
-    devices = grid.get("device", ["auto"])
-    caps = probe(devices[0] if len(devices) == 1 else "auto")
-    runs = expand_grid(out_path, caps, precisions, seeds, grid)
-    outcomes, interrupted = run_sweep(runs, settings, workers=workers, force=force)
-    summary: SweepReport | None = None
-    files: dict[str, Path] = {}
-    report_error = None
-    if outcomes and not interrupted:
-        summary = build_report(load_sweep(out_path), tolerance)
-        if report:
+    runs = plan_sweep(out_path, precisions, seeds, params, tolerance, settings)
+    out_path.mkdir(parents=True, exist_ok=True)
+    with SweepLock(out_path):
+        if grid_names(out_path) != {r.name for r in runs}:  # rewritten only when the grid changes
+            write_json_atomic(out_path / MANIFEST, {"runs": [r.name for r in runs]})
+        outcomes, interrupted = run_sweep(runs, settings, workers=workers, force=force)
+        summary: SweepReport | None = None
+        files: dict[str, Path] = {}
+        report_error = None
+        executed = any(not o.resumed for o in outcomes)
+        if interrupted:
+            if executed:
+                mark_stale(out_path, "the sweep was interrupted after new runs finished")
+            return SweepResult(out_path, tuple(outcomes), len(runs), interrupted, None, files, None)
+        loaded = load_sweep(out_path)
+        try:
+            summary = build_report(list(loaded), tolerance)
+        except Exception as exc:  # noqa: BLE001 - the runs are done and kept whatever the report does
+            report_error = f"the report could not be built: {error_text(exc)}"
+            mark_stale(out_path, report_error)
+        if summary is not None and report:
             try:
-                files = write_report(out_path, summary, settings)
+                files = write_report(out_path, summary, settings, notes=loaded.notes)
             except Exception as exc:  # noqa: BLE001 - the runs are done and kept whatever the report does
                 report_error = str(exc)
+        elif summary is not None:
+            summary_path = out_path / "summary.md"
+            if summary_path.exists() and unmarked(summary_path) != _report_text(summary, loaded.notes):
+                mark_stale(out_path, "the results changed since it was written and --no-report skipped the report")
     return SweepResult(out_path, tuple(outcomes), len(runs), interrupted, summary, files, report_error)
 
 
@@ -111,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="runs in parallel, one process each (one GPU each on multi-GPU machines)"
     )
     parser.add_argument("--force", action="store_true", help="re-run runs whose results are already complete")
-    parser.add_argument("--kernel", default=PROJECT, help=f"Jupyter kernel to run the notebooks with (default {PROJECT})")
+    parser.add_argument(
+        "--kernel", default=PROJECT, help=f"Jupyter kernel to run the notebooks with (default {PROJECT})"
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds a notebook cell may run (default 3600)")
     parser.add_argument(
         "--tolerance",
@@ -130,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         print(f"error: invalid --seeds {','.join(args.seeds)!r}; expected comma-separated ints", file=sys.stderr)
         return 2
+    if args.timeout is not None and not args.timeout > 0:
+        print(f"error: invalid --timeout {args.timeout}; expected seconds > 0", file=sys.stderr)
+        return 2
     if args.workers < 1:
         print(f"error: invalid --workers {args.workers}; expected >= 1", file=sys.stderr)
         return 2
@@ -140,8 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers, force=args.force, report=args.report, tolerance=args.tolerance, settings=settings,
         )  # fmt: skip
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the folder changed under a running sweep (checked at the start): say so, no traceback
+        print(f"error: {exc.strerror or exc}: {exc.filename or args.out}; finished results are kept", file=sys.stderr)
+        return 1
     out = result.out
     ran = sum(not o.resumed for o in result.outcomes)
     print(

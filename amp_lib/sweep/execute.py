@@ -3,7 +3,9 @@
 A re-run skips every run whose result is complete (status ok, diverged or oom, with the same
 parameters); `failed` runs are retried and `force` re-runs everything. One run failing never stops
 the others: it is recorded as a `failed` result. Runs go to separate processes with `workers`
-because papermill's `cwd` is a process-wide chdir.
+because papermill's `cwd` is a process-wide chdir; each worker dies with the sweep (PR_SET_PDEATHSIG,
+so even a SIGKILL of the sweep leaves no worker, and ipykernel exits with its worker) and gets its
+share of the CPU threads. A run identical to one an earlier grid finished in the folder is reused.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import re
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
@@ -27,7 +31,7 @@ from tqdm import tqdm
 
 from amp_lib.config import PROJECT, RunConfig, TrackingConfig
 from amp_lib.precision import probe, resolve_precision
-from amp_lib.results import RunResult, first_line
+from amp_lib.results import RunResult, first_line, read_result
 from amp_lib.sweep.grid import SweepRun
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent.parent / "notebooks"
@@ -35,15 +39,50 @@ COMPLETE = ("ok", "diverged", "oom")  # outcomes of the config itself; "failed" 
 PORT_RACE = ("Address already in use", "Kernel died before replying to kernel_info")
 
 
+# Fields that place or name a run: a result with every other value equal stands for the same run.
+PLACEMENT = ("run_name", "out_dir")
+
+
+def run_config_values(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Every `RunConfig` value a run with these parameters trains with: its defaults filled in."""
+    values = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
+    values.update({k: v for k, v in parameters.items() if k in values})
+    return values
+
+
+def same_config(run: SweepRun, result: RunResult) -> bool:
+    """`result` was trained with exactly the config `run` stands for (its name and folder aside; a value
+    an older result lacks counts as the default it had)."""
+    defaults = run_config_values({})
+    expected = run_config_values(run.parameters)
+    return all(result.config.get(k, defaults[k]) == v for k, v in expected.items() if k not in PLACEMENT)
+
+
 def is_complete(run: SweepRun) -> bool:
-    """A finished result for exactly these parameters is on disk (so a resumed sweep skips the run)."""
-    try:
-        result = RunResult.load(run.result_path)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    fields_ = set(RunConfig.field_names()) - {"out_dir"}  # a moved sweep folder still resumes
-    same = all(result.config.get(k) == v for k, v in run.parameters.items() if k in fields_)
-    return same and result.status in COMPLETE
+    """A finished result for exactly this config is on disk (so a resumed sweep skips the run)."""
+    loaded = read_result(run.result_path)
+    return isinstance(loaded, RunResult) and loaded.status in COMPLETE and same_config(run, loaded)
+
+
+def reuse_identical(runs: Sequence[SweepRun], results_dir: Path) -> dict[str, Path]:
+    """Runs without a complete result of their own whose exact config an earlier grid in the same folder
+    already finished (under another name): run name -> that result file. `run_sweep` copies it."""
+    found: dict[str, Path] = {}
+    candidates = []
+    if results_dir.is_dir():
+        for path in sorted(results_dir.glob("*.json")):
+            loaded = read_result(path)
+            if isinstance(loaded, RunResult) and loaded.status in COMPLETE:
+                candidates.append((path, loaded))
+    for run in runs:
+        if is_complete(run):
+            continue
+        match = next(
+            (path for path, result in candidates if path != run.result_path and same_config(run, result)), None
+        )
+        if match is not None:
+            found[run.name] = match
+    return found
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -57,6 +96,10 @@ class Settings:
     timeout: float | None = 3600.0  # per cell, i.e. per training run
     notebooks: str = str(NOTEBOOKS)
     retries: int = 3
+    # Put on the kernels' PYTHONPATH, so `-p model=mymodule:fn` finds a module beside the user (the
+    # kernels run in <out>/runs); None means the current directory when the sweep starts.
+    workdir: str | None = None
+    concurrent_runs: int = 1  # runs executing at once (the workers): recorded in each result's plan
 
 
 @dataclass(frozen=True)
@@ -106,6 +149,39 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+# The kernel's warning that its local TCP sockets are unencrypted is noise a user cannot act on.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+CONCURRENT_RUNS_ENV = "AMP_WORKBOOK_CONCURRENT_RUNS"
+
+
+def wandb_run_id(name: str) -> str:
+    """A W&B run id (so the offline folder) named after the run, unique per attempt."""
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)[:96]}-{int(time.time() * 1000) % 10**10:010d}"
+
+
+def kernel_environment(run: SweepRun, settings: Settings) -> dict[str, str]:
+    """What a run's kernel finds in its environment besides ours (kernels inherit the process env)."""
+    workdir = settings.workdir or os.getcwd()
+    path = [workdir, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != workdir)]
+    env = {"PYTHONPATH": os.pathsep.join(path), CONCURRENT_RUNS_ENV: str(settings.concurrent_runs)}
+    env["WANDB_RUN_ID"] = wandb_run_id(run.name)
+    return env
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     """Execute train.ipynb for `run`; whatever happens, a result JSON for it exists afterwards.
 
@@ -118,15 +194,25 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     error: str | None = None
     for attempt in range(settings.retries):
         try:
-            pm.execute_notebook(
-                str(Path(settings.notebooks) / "train.ipynb"),
-                str(notebook),
-                parameters=run.parameters,
-                kernel_name=settings.kernel,
-                cwd=str(runs_dir),
-                execution_timeout=settings.timeout,
-                progress_bar=False,
-            )
+            # The kernel's temp files (W&B stages media and artifacts there) go to a folder of this
+            # attempt's own, removed afterwards: a sweep leaves nothing in the system temp folder.
+            with (
+                tempfile.TemporaryDirectory(prefix="amp-run-", ignore_cleanup_errors=True) as scratch,
+                _environment({**kernel_environment(run, settings), "TMPDIR": scratch}),
+            ):
+                pm.execute_notebook(
+                    str(Path(settings.notebooks) / "train.ipynb"),
+                    str(notebook),
+                    parameters=run.parameters,
+                    kernel_name=settings.kernel,
+                    cwd=str(runs_dir),
+                    execution_timeout=settings.timeout,
+                    progress_bar=False,
+                    extra_arguments=KERNEL_ARGUMENTS,
+                    # The notebook is saved by then: a kernel killed, not asked to shut down mid-cell on
+                    # Ctrl-C, leaves no zmq traceback of a reply sent to a closed socket.
+                    shutdown_kernel="immediate",
+                )
             error = None
             break
         except Exception as exc:  # noqa: BLE001 - a notebook error of any kind is this run's failure, not the sweep's
@@ -135,8 +221,15 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
                 break
             time.sleep(0.5 * (attempt + 1))
     if _stamp(run.result_path) != before:
-        result = RunResult.load(run.result_path)
-        if error and result.ok:
+        loaded = read_result(run.result_path)
+        result = (
+            loaded
+            if isinstance(loaded, RunResult)
+            else failed_result(run.parameters, f"unreadable result: {loaded.reason}")
+        )
+        if not isinstance(loaded, RunResult):
+            result.save(run.result_path)
+        elif error and result.ok:
             result = replace(result, status="failed", error=f"notebook failed after the run finished: {error}")
             result.save(run.result_path)
     else:
@@ -145,14 +238,48 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     return Outcome(run.name, result.status, result.error, notebook=str(notebook))
 
 
-def _init_worker(gpus: Any, pids: Any) -> None:
-    """Worker initializer: pin this worker (and the kernels it starts) to one GPU, and leave Ctrl-C to
-    the parent, which stops workers itself (a half-interrupted papermill call can linger)."""
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> bool:
+    """Have the kernel send `sig` to this process when its parent dies (Linux; False elsewhere), and exit
+    now if the parent `parent` is already gone. A worker's kernels then exit too: ipykernel polls its
+    parent and quits when it changes."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # the parent died before prctl: no signal will come
+        os._exit(1)
+    return True
+
+
+def cpu_threads(workers: int) -> int:
+    """Each of `workers` parallel runs gets its share of this process's cores, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def _init_worker(gpus: Any, pids: Any, parent: int | None = None, threads: int | None = None) -> None:
+    """Worker initializer: die with the sweep (any signal, SIGKILL included), pin this worker (and the
+    kernels it starts) to one GPU and its share of the CPU threads, and leave Ctrl-C to the parent,
+    which stops workers itself (a half-interrupted papermill call can linger)."""
+    if parent is not None:
+        die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pids.put(os.getpid())
     gpu = gpus.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if threads is not None:  # kernels inherit the environment: torch reads OMP_NUM_THREADS at start-up
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def _visible_gpus() -> list[str]:
@@ -170,8 +297,20 @@ def outcome_line(outcome: Outcome) -> str:
 def run_sweep(
     runs: Sequence[SweepRun], settings: Settings, *, workers: int = 1, force: bool = False
 ) -> tuple[list[Outcome], bool]:
-    """Execute `runs` (skipping complete ones unless `force`); returns outcomes and whether interrupted."""
+    """Execute `runs` (skipping complete ones unless `force`); returns outcomes and whether interrupted.
+
+    Without `force`, a run whose exact config an earlier grid in the same folder finished under another
+    name reuses that result (copied under the run's own name) instead of training again.
+    """
     outcomes: dict[str, Outcome] = {}
+    reused: list[str] = []
+    if not force and runs:
+        for name, source in reuse_identical(runs, runs[0].result_path.parent).items():
+            run = next(r for r in runs if r.name == name)
+            old = RunResult.load(source)
+            config = {**old.config, "run_name": run.name, "out_dir": run.parameters["out_dir"]}
+            replace(old, config=config).save(run.result_path)
+            reused.append(f"reused {source.name} for {run.name} (identical config)")
     todo = []
     for run in runs:
         if not force and is_complete(run):
@@ -179,7 +318,11 @@ def run_sweep(
             outcomes[run.name] = Outcome(run.name, result.status, result.error, resumed=True)
         else:
             todo.append(run)
+    concurrent = max(1, min(workers, len(todo)))
+    settings = replace(settings, workdir=settings.workdir or os.getcwd(), concurrent_runs=concurrent)
     bar = tqdm(total=len(runs), initial=len(outcomes), unit="run", desc="sweep", file=sys.stderr, dynamic_ncols=True)
+    for line in reused:
+        bar.write(line)
     if outcomes:
         bar.write(f"resuming: {len(outcomes)} of {len(runs)} runs already complete (--force re-runs them)")
 
@@ -195,7 +338,7 @@ def run_sweep(
                 bar.set_postfix_str(run.name)
                 done(execute_run(run, settings))
         elif todo:
-            interrupted = _run_parallel(todo, settings, workers, done)
+            interrupted = _run_parallel(todo, settings, concurrent, done)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -204,15 +347,18 @@ def run_sweep(
     return sorted(outcomes.values(), key=lambda o: order[o.name]), interrupted
 
 
-def _run_parallel(
-    todo: Sequence[SweepRun], settings: Settings, workers: int, done: Callable[[Outcome], None]
-) -> bool:
+def _run_parallel(todo: Sequence[SweepRun], settings: Settings, workers: int, done: Callable[[Outcome], None]) -> bool:
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
     gpus, pids = ctx.Queue(), ctx.Queue()
     visible = _visible_gpus()
     for i in range(workers):
         gpus.put(visible[i % len(visible)] if len(visible) > 1 else None)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(gpus, pids))
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(gpus, pids, os.getpid(), cpu_threads(workers)),
+    )
     futures: dict[Future[Outcome], SweepRun] = {pool.submit(execute_run, run, settings): run for run in todo}
     pending = set(futures)
     try:

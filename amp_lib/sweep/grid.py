@@ -1,7 +1,7 @@
 """A sweep's grid -> the runs it stands for (pure: no files, no processes, no hardware probing).
 
-    -p lr=1e-3,3e-3 --precisions fp32,bf16 --seeds 0,1   ->   8 `SweepRun`s, each a name and the
-                                                             parameters papermill injects
+-p lr=1e-3,3e-3 --precisions fp32,bf16 --seeds 0,1   ->   8 `SweepRun`s, each a name and the
+                                                         parameters papermill injects
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amp_lib.config import NON_SETTING_FIELDS, parameter_names, parse_value
+from amp_lib.config import NON_SETTING_FIELDS, RunConfig, TrackingConfig, parameter_names, parse_value
 from amp_lib.models import default_model_for
 from amp_lib.precision import Capabilities, native_precisions, parse_precision
 
 # What `make sweep` runs when not told otherwise: sized to finish in seconds on a CPU, to measure on a GPU.
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 40, "warmup_steps": 8, "batch_size": 8, "seq_len": 64, "log_every": 5},
-    "cuda": {"steps": 300, "warmup_steps": 20, "batch_size": 16, "seq_len": 512, "log_every": 25, "lr": 6e-4},
+    "cpu": {"steps": 40, "timing_warmup_steps": 8, "batch_size": 8, "seq_len": 64, "log_every": 5},
+    "cuda": {"steps": 300, "timing_warmup_steps": 20, "batch_size": 16, "seq_len": 512, "log_every": 25, "lr": 6e-4},
 }
 
 
@@ -77,11 +77,15 @@ def expand_grid(
         raise ValueError(f"precisions {list(precisions)} and seeds {list(seeds)} must not repeat")
     defaults = {"model": default_model_for(caps.device_type), **DEVICE_DEFAULTS[caps.device_type]}
     base = {k: v for k, v in defaults.items() if k not in grid}
+    derive_warmup = "timing_warmup_steps" not in grid and "timing_warmup_steps" in defaults
     results_dir = str(Path(out).resolve() / "results")
     varying = [k for k, values in grid.items() if len(values) > 1 and k != "model"]
     runs = []
     for combo in itertools.product(*grid.values()):
         values = {**base, **dict(zip(grid, combo))}
+        if derive_warmup and isinstance(values.get("steps"), int):
+            # A default that depends on a value the user set: -p steps=5 must not fail on a warm-up of 8.
+            values["timing_warmup_steps"] = timing_warmup_for(values["steps"], defaults["timing_warmup_steps"])
         for precision, seed in itertools.product(precisions, seeds):
             name = "-".join(
                 [_slug(values["model"]), precision, f"s{seed}", *(_slug(f"{k}={values[k]}") for k in varying)]
@@ -99,3 +103,52 @@ def expand_grid(
     if len(set(names)) != len(names):
         raise ValueError(f"run names collide: {sorted({n for n in names if names.count(n) > 1})}")
     return runs
+
+
+def timing_warmup_for(steps: int, default: int) -> int:
+    """The untimed warm-up a sweep gives `steps` when the user sets none: the device default, but at most
+    a fifth of the steps (so there is always something left to time)."""
+    return max(0, min(default, steps // 5))
+
+
+def _config_problems(values: dict[str, Any]) -> list[str]:
+    """Every problem `RunConfig` finds in `values`, not just the first: after each one, the field it
+    names goes back to its default and the config is built again."""
+    defaults = RunConfig()
+    values, problems, reset = dict(values), [], set()
+    while True:
+        try:
+            RunConfig.from_dict(values)
+            return problems
+        except (ValueError, TypeError) as exc:
+            match = re.match(r"(?:invalid )?(\w+)[= ]", str(exc))
+            name = match.group(1) if match else None
+            if name in reset or str(exc) in problems:  # its default clashes too: nothing more to learn
+                return problems
+            problems.append(str(exc))
+            if name not in values or not hasattr(defaults, name):
+                return problems
+            reset.add(name)
+            values[name] = getattr(defaults, name)
+
+
+def run_problems(runs: Sequence[SweepRun]) -> list[str]:
+    """Every problem with the runs' parameters, one line each (value, field, what is valid), found by
+    building each run's `RunConfig` and `TrackingConfig` exactly as its notebook will: no kernel needed.
+    A problem shared by many runs is listed once."""
+    from amp_lib.tracking import WANDB_MODES
+
+    tracking_fields = set(TrackingConfig.field_names())
+    problems: list[str] = []
+    for run in runs:
+        found = _config_problems({k: v for k, v in run.parameters.items() if k not in tracking_fields})
+        tracking = {k: v for k, v in run.parameters.items() if k in tracking_fields}
+        try:
+            TrackingConfig(**tracking)
+        except (ValueError, TypeError) as exc:
+            found.append(str(exc))
+        mode = tracking.get("wandb_mode")
+        if isinstance(mode, str) and mode.strip().lower() not in WANDB_MODES:
+            found.append(f"invalid wandb_mode {mode!r}; valid values are: {', '.join(WANDB_MODES)}")
+        problems += [p for p in found if p not in problems]
+    return problems
