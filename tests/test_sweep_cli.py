@@ -30,7 +30,8 @@ from amp_lib.report import SweepReport, build_report
 from amp_lib.results import RunResult, load_sweep
 from amp_lib.sweep.cli import SweepResult, _csv, build_parser, main, sweep
 from amp_lib.sweep.execute import Outcome, Settings
-from amp_lib.sweep.grid import DEVICE_DEFAULTS, SweepRun, expand_grid
+from amp_lib.config import RECIPES
+from amp_lib.sweep.grid import SweepRun, expand_grid
 from amp_lib.sweep.lock import LOCK_NAME, FolderLocked, SweepLock
 
 CPU = Capabilities(device_type="cpu", device_name="test-cpu")
@@ -183,7 +184,7 @@ def test_a_cuda_sweep_on_a_cpu_machine_is_rejected_before_any_run(tmp_path: Path
 def test_the_device_probed_is_the_one_in_the_grid_or_auto_for_several(tmp_path: Path) -> None:
     one = sweep(tmp_path / "one", ["fp32"], [0], ["device=cpu"], report=False, settings=NO_KERNEL_SETTINGS)
     (result,) = load_sweep(one.out)
-    assert result.config["model"] == "gpt-tiny" and result.config["steps"] == DEVICE_DEFAULTS["cpu"]["steps"]
+    assert result.config["model"] == "gpt-tiny" and result.config["steps"] == RECIPES["shakespeare-char-tiny"]["steps"]
     several = sweep(tmp_path / "two", ["fp32"], [0], ["device=cpu,cuda", "model=gpt-tiny"], report=False,
                     settings=NO_KERNEL_SETTINGS)  # fmt: skip
     assert [o.name for o in several.outcomes] == ["gpt-tiny-fp32-s0-device=cpu", "gpt-tiny-fp32-s0-device=cuda"]

@@ -99,14 +99,14 @@ def test_complete_means_same_parameters_and_a_final_status(tmp_path: Path) -> No
 
 
 def test_a_value_left_to_its_default_is_compared_too(tmp_path: Path) -> None:
-    # `-p lr=3e-3` alone names its run like a run at the default lr: the result must not stand for it.
-    (with_lr,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9], "lr": [3e-3]})
+    # `-p dropout=0.1` alone names its run like a run at the default dropout: the result must not stand for it.
+    (with_lr,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9], "dropout": [0.1]})
     (default_lr,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9]})
     assert with_lr.name == default_lr.name
     result = _saved_result(with_lr)
     assert is_complete(with_lr) and not is_complete(default_lr)
-    assert same_config(default_lr, replace(result, config={**result.config, "lr": RunConfig().lr}))
-    older = {k: v for k, v in result.config.items() if k != "lr"}  # a file from before a field existed
+    assert same_config(default_lr, replace(result, config={**result.config, "dropout": RunConfig().dropout}))
+    older = {k: v for k, v in result.config.items() if k != "dropout"}  # a file from before a field existed
     assert same_config(default_lr, replace(result, config=older)) and not same_config(
         with_lr, replace(result, config=older)
     )

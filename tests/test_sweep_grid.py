@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amp_lib.config import NON_SETTING_FIELDS, RunConfig
+from amp_lib.config import RECIPES, NON_SETTING_FIELDS, RunConfig
 from amp_lib.precision import Capabilities
 from amp_lib.sweep.grid import (
     DEVICE_DEFAULTS,
@@ -105,9 +105,11 @@ def test_expand_orders_grid_then_precisions_then_seeds_and_names_varying_keys(tm
     ]
     first = runs[0].parameters
     assert first == {
-        **DEVICE_DEFAULTS["cpu"],
+        **RECIPES["shakespeare-char-tiny"],  # the device default recipe, spelt out (the name is not passed on)
+        "profile_step": True,
         "model": "gpt-tiny",
-        "steps": 9,  # the grid wins over the device default
+        "steps": 9,  # the grid wins over the recipe
+        "lr_decay_steps": 0,  # the recipe decays over its steps; 9 steps end inside its warm-up: no decay
         "timing_warmup_steps": 1,  # the default warm-up follows the steps the user set: 9 // 5
         "lr": 0.001,
         "precision": "fp32",
@@ -126,7 +128,8 @@ def test_default_sweep_uses_native_precisions_and_device_defaults(tmp_path: Path
     assert [r.parameters["precision"] for r in runs[:4]] == ["fp32", "fp32", "bf16-mixed", "bf16-mixed"]
     assert len(runs) == 2 * 2 * 2
     first = runs[0].parameters
-    assert first["model"] == "gpt-tiny" and first["steps"] == DEVICE_DEFAULTS["cpu"]["steps"]
+    assert first["model"] == "gpt-tiny" and first["steps"] == RECIPES["shakespeare-char-tiny"]["steps"]
+    assert "recipe" not in first and first["profile_step"] is True  # the CPU default, spelt out
     assert first["grad_clip"] is None and first["allow_slow"] is False and first["lr"] == 0.001
     assert first["out_dir"] == str(tmp_path.resolve() / "results") and first["wandb_group"] == tmp_path.name
     assert runs[0].name == "gpt-tiny-fp32-s0-lr=0.001"
@@ -147,21 +150,24 @@ def test_default_precisions_seed_and_group_with_an_explicit_group(tmp_path: Path
 def test_cuda_capabilities_give_the_cuda_defaults_and_model_without_a_gpu(tmp_path: Path) -> None:
     runs = expand_grid(tmp_path / "gpu", H100, None, [0], {"steps": [50]})
     assert [r.parameters["precision"] for r in runs] == ["fp32", "tf32", "fp16-mixed", "bf16-mixed"]
-    assert [r.name for r in runs] == ["gpt2-124m-fp32-s0", "gpt2-124m-tf32-s0", "gpt2-124m-fp16-mixed-s0",
-                                      "gpt2-124m-bf16-mixed-s0"]  # fmt: skip
+    assert [r.name for r in runs] == ["gpt-small-fp32-s0", "gpt-small-tf32-s0", "gpt-small-fp16-mixed-s0",
+                                      "gpt-small-bf16-mixed-s0"]  # fmt: skip
     assert runs[0].parameters == {
-        **DEVICE_DEFAULTS["cuda"],
-        "model": "gpt2-124m",
+        **RECIPES["shakespeare-char-short"],  # nanoGPT's baby GPT, shortened: the GPU default
+        "profile_step": True,
         "steps": 50,
-        "timing_warmup_steps": 10,  # the device's 20, but at most a fifth of the steps the user set
+        "lr_decay_steps": 0,  # 50 steps end inside the recipe's 100-step warm-up: no decay
+        "timing_warmup_steps": 10,  # the recipe's 20, but at most a fifth of the steps the user set
         "precision": "fp32",
         "seed": 0,
-        "run_name": "gpt2-124m-fp32-s0",
+        "run_name": "gpt-small-fp32-s0",
         "out_dir": str((tmp_path / "gpu").resolve() / "results"),
         "wandb_group": "gpu",
     }
-    assert DEVICE_DEFAULTS["cuda"]["seq_len"] > DEVICE_DEFAULTS["cpu"]["seq_len"]  # the two really differ
-    assert expand_grid(tmp_path, H100, ["fp32"], [0], {"model": ["gpt-tiny"]})[0].parameters["lr"] == 6e-4
+    assert DEVICE_DEFAULTS["cuda"]["recipe"] != DEVICE_DEFAULTS["cpu"]["recipe"]  # the two really differ
+    (decayed,) = expand_grid(tmp_path, H100, ["fp32"], [0], {"steps": [300]})
+    assert decayed.parameters["lr_decay_steps"] == 300  # past the warm-up: the decay follows the steps set
+    assert expand_grid(tmp_path, H100, ["fp32"], [0], {"model": ["gpt-tiny"]})[0].parameters["lr"] == 1e-3
 
 
 def test_model_is_in_the_name_but_never_twice(tmp_path: Path) -> None:
@@ -191,10 +197,10 @@ def test_expand_rejects_repeats_and_colliding_names(tmp_path: Path) -> None:
 
 def test_the_default_timing_warm_up_follows_the_steps_the_user_set(tmp_path: Path) -> None:
     runs = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [5, 1, 100]})
-    assert [r.parameters["timing_warmup_steps"] for r in runs] == [1, 0, 8]  # a fifth, at most the device's 8
-    assert run_problems(runs) == []  # -p steps=5 no longer fails on a warm-up of 8 nobody set
+    assert [r.parameters["timing_warmup_steps"] for r in runs] == [1, 0, 10]  # a fifth, at most the recipe's 10
+    assert run_problems(runs) == []  # -p steps=5 no longer fails on a warm-up of 10 nobody set
     (default,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {})
-    assert default.parameters["timing_warmup_steps"] == DEVICE_DEFAULTS["cpu"]["timing_warmup_steps"]
+    assert default.parameters["timing_warmup_steps"] == RECIPES["shakespeare-char-tiny"]["timing_warmup_steps"]
     assert timing_warmup_for(40, 8) == 8 and timing_warmup_for(39, 8) == 7 and timing_warmup_for(4, 8) == 0
     (kept,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [5], "timing_warmup_steps": [7]})
     assert kept.parameters["timing_warmup_steps"] == 7  # a value the user set is never changed...
@@ -230,3 +236,11 @@ def test_every_bad_field_of_one_run_is_listed_not_only_the_first(tmp_path: Path)
         "invalid model 'resnet'; valid: gpt-tiny, gpt-small, gpt2-124m, mlp or 'package.module:function'",
         "invalid device 'tpu'; valid: 'auto', 'cpu', 'cuda', 'cuda:N'",
     ]
+
+
+def test_a_recipe_is_spelt_out_under_what_the_user_set(tmp_path: Path) -> None:
+    (run,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"recipe": ["shakespeare-char"], "steps": [30], "timing_warmup_steps": [5]})
+    p = run.parameters
+    assert (p["model"], p["seq_len"], p["dropout"], p["eval_every"]) == ("gpt-small", 256, 0.2, 250)  # the recipe's
+    assert (p["steps"], p["timing_warmup_steps"], p["lr_decay_steps"]) == (30, 5, 0)  # the user's, even at defaults
+    assert "recipe" not in p and RunConfig.from_dict({k: v for k, v in p.items() if k != "wandb_group"}).steps == 30
