@@ -321,6 +321,7 @@ def _render(header: Sequence[str], body: Sequence[Sequence[str]], fmt: str, css_
 CONFIDENCE = 0.95
 SPEED_MARGIN = 0.05  # "faster" needs the speed-up's whole interval above 1 + this
 STEP_SPREAD_LIMIT = 1.5  # a run whose p90 step time is above this many times its p10 was timed under contention
+DRIFT_LIMIT = 1.25  # a run whose second half of timed steps is this much slower or faster than its first drifted
 
 # Student t, 97.5% quantile (two-sided 95%) by degrees of freedom; between rows the next lower row is used.
 _T975: dict[int, float] = {
@@ -471,7 +472,20 @@ def timing_problems(result: RunResult) -> list[str]:
     p10, p90 = finite_or_none(result.metrics.step_time_ms_p10), finite_or_none(result.metrics.step_time_ms_p90)
     if p10 and p90 and p10 > 0 and p90 / p10 > STEP_SPREAD_LIMIT:
         problems.append(f"step times spread {p90 / p10:.1f}x from p10 to p90 (limit {STEP_SPREAD_LIMIT:g}x)")
+    drift = step_time_drift(result)
+    if drift is not None and max(drift, 1 / drift) > DRIFT_LIMIT:
+        problems.append(f"step times drifted {drift:.2f}x from the first to the second half of the timed steps")
     return problems
+
+
+def step_time_drift(result: RunResult) -> float | None:
+    """Median step time of the second half of the timed steps over the first half's: far from 1 when the
+    machine got busier (or quieter) while the run was timed — contention that a spread can hide."""
+    times = [t for t in (finite_or_none(r.step_time_ms) for r in result.history) if t is not None and t > 0]
+    if len(times) < 4:
+        return None
+    half = len(times) // 2
+    return statistics.median(times[half:]) / statistics.median(times[:half])
 
 
 # -- comparisons against fp32 --------------------------------------------------------------------
@@ -500,8 +514,9 @@ SPEED_RULE = (
     "Speed: the speed-up over fp32 (throughput ratio, per seed where both ran) with its 95% interval; "
     "*faster* only when the interval's lower end is above {margin:g}x, otherwise *no measurable gain*. "
     "A throughput figure is *unreliable* when any of its runs or fp32's was timed while other runs trained "
-    "on the same machine, or its step times spread more than {spread:g}x from p10 to p90; an unreliable "
-    "figure never decides a recommendation."
+    "on the same machine, its step times spread more than {spread:g}x from p10 to p90, or they drifted more "
+    "than {drift:g}x between the first and second half of the timed steps; an unreliable figure never "
+    "decides a recommendation."
 )
 TTQ_RULE = (
     "Time to quality: the training time (evals excluded) and the steps until the first eval at or below "
@@ -997,7 +1012,7 @@ def rules_markdown(tolerance: float) -> str:
         f"- {rule}"
         for rule in (
             QUALITY_RULE.format(tol=100 * tolerance),
-            SPEED_RULE.format(margin=1 + SPEED_MARGIN, spread=STEP_SPREAD_LIMIT),
+            SPEED_RULE.format(margin=1 + SPEED_MARGIN, spread=STEP_SPREAD_LIMIT, drift=DRIFT_LIMIT),
             TTQ_RULE,
             RECOMMENDATION_RULE,
         )
@@ -1065,7 +1080,10 @@ def diagnoses(results: Sequence[RunResult], comparisons: Sequence[Comparison]) -
         if c.speed_verdict != FASTER:
             profile, facts = _profile([r for r in mine if r.result.ok])
             if profile is not None or facts:
-                causes = [x.text for x in explain(c.effective or c.requested, c.point_speedup, profile, _profile(fp32)[0], facts)]
+                causes = [
+                    x.text
+                    for x in explain(c.effective or c.requested, c.point_speedup, profile, _profile(fp32)[0], facts)
+                ]
         overflows = []
         for run in mine:
             events = (run.result.headroom or {}).get("first_overflow", [])

@@ -114,8 +114,13 @@ def report_summary(report: SweepReport) -> dict[str, Any]:
             "ttq_reached": ttq.reached if ttq else None,
             "ttq_speedup": ttq.speedup if ttq else None,
             "peak_memory_mb": c.memory.peak_mb if c.memory else None,
-            "why": "; ".join(w for d in report.why if (d.setting, d.precision) == (c.setting, c.requested)
-                             for w in (*d.causes, *d.overflows)) or None,  # fmt: skip
+            "why": "; ".join(
+                w
+                for d in report.why
+                if (d.setting, d.precision) == (c.setting, c.requested)
+                for w in (*d.causes, *d.overflows)
+            )
+            or None,  # fmt: skip
         }
         for name, value in values.items():
             if isinstance(value, float):
@@ -130,6 +135,36 @@ def log_report_summary(report: SweepReport, run: Any) -> dict[str, Any]:
     summary = report_summary(report)
     run.summary.update(summary)
     return summary
+
+
+def record_report(
+    report: SweepReport,
+    *,
+    mode: str | None = None,
+    project: str | None = None,
+    group: str | None = None,
+    name: str | None = None,
+    dir: str | os.PathLike[str] | None = None,  # wandb.init's own name
+) -> Path | None:
+    """A sweep's verdicts in a W&B run of their own (job_type "report", in the sweep's group beside its
+    training runs); returns the run's folder, None when W&B is disabled."""
+    import wandb
+
+    mode = resolve_wandb_mode(mode)
+    if mode == "disabled":
+        return None
+    root = str(dir) if dir is not None else os.environ.get("WANDB_DIR") or None
+    if root is not None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=project or PROJECT, group=group, name=name, job_type="report", dir=root, mode=mode,  # type: ignore[arg-type]
+        reinit="create_new",
+    )  # fmt: skip
+    try:
+        log_report_summary(report, run)
+    finally:
+        run.finish()
+    return Path(run.settings.sync_dir)
 
 
 class WandbTracker:

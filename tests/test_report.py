@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -538,6 +539,29 @@ def test_timings_in_parallel_or_with_a_wide_spread_are_unreliable() -> None:
     )
 
 
+def test_timings_that_drift_between_the_halves_of_a_run_are_unreliable() -> None:
+    from factories import history
+
+    def timed(*ms: float) -> RunResult:
+        rows = tuple(replace(r, step_time_ms=t) for r, t in zip(history(len(ms)), ms))
+        return make_result("fp32", rows=rows)
+
+    assert R.step_time_drift(timed(10.0, 10.0, 14.0, 14.0)) == pytest.approx(1.4)
+    assert R.timing_problems(timed(10.0, 10.0, 14.0, 14.0)) == [
+        "step times drifted 1.40x from the first to the second half of the timed steps"
+    ]
+    assert R.timing_problems(timed(14.0, 14.0, 10.0, 10.0)) == [  # a machine that got quieter drifted too
+        "step times drifted 0.71x from the first to the second half of the timed steps"
+    ]
+    assert R.timing_problems(timed(10.0, 10.0, 12.5, 12.5)) == []  # exactly at the limit
+    assert R.step_time_drift(timed(10.0, 10.0, 30.0)) is None  # too few timed steps to split
+    warm = replace(
+        timed(10.0, 10.0, 10.0, 10.0),
+        history=(replace(history(1)[0], step_time_ms=None), *timed(10.0, 10.0, 10.0, 10.0).history),
+    )
+    assert R.step_time_drift(warm) == 1.0  # untimed warm-up steps are left out
+
+
 def test_an_unreliable_speed_figure_never_decides_the_recommendation() -> None:
     runs = [
         *seeds("fp32", [2.0, 2.0, 2.0], tps=1000.0, plan={"concurrent_runs": 2}),
@@ -989,7 +1013,9 @@ OVERFLOW = {"every": 1, "modules": ["fc"], "samples": [],
 
 
 def test_a_precision_that_does_not_pay_gets_ranked_causes_from_its_profile() -> None:
-    fp32 = [make_result("fp32", s, tps=1000.0, eval_loss=2.0, profile={**SLOW_CPU_PROFILE, "gemms": []}) for s in (0, 1)]
+    fp32 = [
+        make_result("fp32", s, tps=1000.0, eval_loss=2.0, profile={**SLOW_CPU_PROFILE, "gemms": []}) for s in (0, 1)
+    ]
     bf16 = [make_result("bf16-mixed", s, tps=200.0, eval_loss=2.0, profile=SLOW_CPU_PROFILE) for s in (0, 1)]
     report = build_report([*fp32, *bf16])
     (why,) = report.why
@@ -1008,7 +1034,9 @@ def test_a_precision_that_skipped_steps_names_the_first_layer_to_overflow_and_th
     report = build_report([make_result("fp32", 0), make_result("fp32", 1), fp16, healthy])
     (why,) = report.why
     assert why.overflows == (
-        ("seed 0: `fc` overflowed fp16 first (forward, step 2): train in bf16-mixed (same exponent range as fp32, no "
-        "loss scaling needed); or keep `fc` in fp32: run it inside `torch.autocast(device_type, enabled=False)` with "
-        "its input cast to float32"),
+        (
+            "seed 0: `fc` overflowed fp16 first (forward, step 2): train in bf16-mixed (same exponent range as fp32, no "
+            "loss scaling needed); or keep `fc` in fp32: run it inside `torch.autocast(device_type, enabled=False)` with "
+            "its input cast to float32"
+        ),
     )

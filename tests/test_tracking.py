@@ -573,3 +573,18 @@ def test_report_summary_carries_why_a_precision_does_not_pay() -> None:
         "this CPU has no bf16 instructions (avx512_bf16/amx_bf16): bf16 matmuls are emulated"
     )
     assert "report/fp32/why" not in summary
+
+
+@pytest.mark.slow
+def test_a_sweeps_verdicts_go_to_a_wandb_run_of_their_own_read_back_from_disk(tmp_path: Path) -> None:
+    from amp_lib.tracking import record_report
+
+    report = sweep_report()
+    run_dir = record_report(report, mode="offline", group="sw", name="sw-report", dir=tmp_path)
+    assert run_dir is not None and run_dir.is_relative_to(tmp_path)
+    back = read_summary(run_dir)
+    summary = back["summary"]
+    assert summary["report/answer"] == report.answer()
+    assert summary["report/bf16-mixed/verdict"] == "matches fp32"
+    assert summary["report/fp16-mixed/verdict"] == "diverged/failed"
+    assert record_report(report, mode="disabled") is None

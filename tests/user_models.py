@@ -127,17 +127,18 @@ def build_dtype_probe(config):
     return model, batches, loss_fn
 
 
-SPIKE_AT: dict = {"call": None}  # build_memory_spike touches 256 MiB in this loss call (0-based)
+SPIKE_AT: dict = {"call": None}  # build_memory_spike touches 512 MiB in this loss call (0-based)
 
 
 def build_memory_spike(config):
-    """build_ok whose loss, on one call, allocates and touches 256 MiB and frees it again."""
+    """build_ok whose loss, on one call, allocates and touches 512 MiB and frees it again (more than an earlier
+    test can leave resident in the process for it to reuse)."""
     model, batches = _regression(config)
     calls = {"n": 0}
 
     def loss_fn(output, target):
         if calls["n"] == SPIKE_AT["call"]:
-            torch.ones(64 * 2**20).add_(1)
+            torch.ones(128 * 2**20).add_(1)
         calls["n"] += 1
         return F.mse_loss(output, target)
 

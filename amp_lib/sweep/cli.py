@@ -30,6 +30,7 @@ from amp_lib.sweep.execute import Outcome, Settings, error_text, outcome_line, r
 from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params, run_problems
 from amp_lib.sweep.lock import SweepLock
 from amp_lib.sweep.publish import mark_stale, notes_markdown, unmarked, write_report
+from amp_lib.tracking import record_report
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,8 @@ def sweep(
         except Exception as exc:  # noqa: BLE001 - the runs are done and kept whatever the report does
             report_error = f"the report could not be built: {error_text(exc)}"
             mark_stale(out_path, report_error)
+        if summary is not None:
+            _record_in_wandb(summary, runs, out_path)
         if summary is not None and report:
             try:
                 files = write_report(out_path, summary, settings, notes=loaded.notes)
@@ -195,6 +198,20 @@ def sweep(
             if summary_path.exists() and unmarked(summary_path) != _report_text(summary, loaded.notes):
                 mark_stale(out_path, "the results changed since it was written and --no-report skipped the report")
     return SweepResult(out_path, tuple(outcomes), len(runs), interrupted, summary, files, report_error)
+
+
+def _record_in_wandb(report: SweepReport, runs: Sequence[SweepRun], out: Path) -> None:
+    """The verdicts go to a W&B run of their own, in the runs' mode, project and group; W&B trouble is
+    reported and never costs the sweep its results or its report."""
+    values = runs[0].parameters if runs else {}
+    group = values.get("wandb_group")
+    try:
+        record_report(
+            report, mode=values.get("wandb_mode"), project=values.get("wandb_project"), group=group,
+            name=f"{group or out.name}-report", dir=out / "runs",
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - tracking must not be why a sweep fails
+        print(f"warning: the report's W&B run failed: {error_text(exc)}", file=sys.stderr)
 
 
 def _csv(text: str) -> list[str]:
