@@ -120,7 +120,7 @@ def report_summary(report: SweepReport) -> dict[str, Any]:
                 if (d.setting, d.precision) == (c.setting, c.requested)
                 for w in (*d.causes, *d.overflows)
             )
-            or None,  # fmt: skip
+            or None,
         }
         for name, value in values.items():
             if isinstance(value, float):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

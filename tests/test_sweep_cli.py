@@ -24,13 +24,12 @@ import pytest
 import torch
 from factories import make_result
 
-from amp_lib.config import RunConfig, parameter_names
+from amp_lib.config import RECIPES, RunConfig, parameter_names
 from amp_lib.precision import Capabilities, valid_precision_names
 from amp_lib.report import SweepReport, build_report
 from amp_lib.results import RunResult, load_sweep
 from amp_lib.sweep.cli import SweepResult, _csv, build_parser, main, sweep
 from amp_lib.sweep.execute import Outcome, Settings
-from amp_lib.config import RECIPES
 from amp_lib.sweep.grid import SweepRun, expand_grid
 from amp_lib.sweep.lock import LOCK_NAME, FolderLocked, SweepLock
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amp_lib.config import RECIPES, NON_SETTING_FIELDS, RunConfig
+from amp_lib.config import NON_SETTING_FIELDS, RECIPES, RunConfig
 from amp_lib.precision import Capabilities
 from amp_lib.sweep.grid import (
     DEVICE_DEFAULTS,
