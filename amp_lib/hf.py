@@ -31,8 +31,7 @@ from typing import Any
 import torch
 
 from amp_lib.config import RunConfig
-from amp_lib.data import CharTokenizer, TokenBatches, corpus
-from amp_lib.models import GPT_SIZES, Workload, lm_loss
+from amp_lib.models import GPT_SIZES, Workload, lm_loss, text_batches
 from amp_lib.precision import parse_precision, resolve_device
 from amp_lib.results import finite_or_none
 from amp_lib.scaler import check_gradscaler_internals, find_grad_scaler, get_loss_scale, scale_tensor
@@ -385,16 +384,13 @@ def gpt2_small(config: RunConfig) -> Workload:
     transformers = require("transformers")
     size = GPT_SIZES["gpt-small"]
     device = resolve_device(config.device)
-    text = corpus()
-    tok = CharTokenizer.for_text(text)
-    ids = tok.encode(text)
-    split = int(0.9 * ids.numel())
+    train, evals, vocab_size = text_batches(config, device)
     hf_config = transformers.GPT2Config(
         n_layer=size.n_layer,
         n_head=size.n_head,
         n_embd=size.n_embd,
         n_positions=max(size.block_size, config.seq_len),
-        vocab_size=tok.vocab_size,
+        vocab_size=vocab_size,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -403,9 +399,6 @@ def gpt2_small(config: RunConfig) -> Workload:
         eos_token_id=None,
     )
     model = transformers.GPT2LMHeadModel(hf_config)
-    common: dict[str, Any] = {"batch_size": config.batch_size, "seq_len": config.seq_len, "device": device}
-    train = TokenBatches(ids[:split], num_batches=config.steps * config.grad_accum, seed=config.seed, **common)
-    evals = TokenBatches(ids[split:], num_batches=4, seed=10_000 + config.seed, **common)
     # nanoGPT's 6N + 12·L·H·Q·T training flops per token, N without the position embeddings
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     attention = 12 * size.n_layer * size.n_head * (size.n_embd // size.n_head) * config.seq_len

@@ -154,21 +154,28 @@ class _CycledBatches:
         return self.items[i % len(self.items)]
 
 
-def _gpt_workload(name: str, config: RunConfig, device: torch.device) -> Workload:
+def text_batches(config: RunConfig, device: torch.device) -> tuple[TokenBatches, TokenBatches, int]:
+    """The built-in text as character windows: training batches from the first 90%, `eval_batches`
+    held-out batches from the last 10%, and the vocabulary size (every language model here uses these)."""
     text = corpus()
     tok = CharTokenizer.for_text(text)
     ids = tok.encode(text)
     split = int(TRAIN_FRACTION * ids.numel())
-    base = GPT_SIZES[name]
-    if config.seq_len > base.block_size:
-        raise ValueError(f"seq_len={config.seq_len} exceeds {name}'s block size {base.block_size}")
-    cfg = GPTConfig(
-        base.n_layer, base.n_head, base.n_embd, vocab_size=tok.vocab_size, block_size=base.block_size, dropout=config.dropout
-    )
-    model = GPT(cfg)
     common: dict[str, Any] = {"batch_size": config.batch_size, "seq_len": config.seq_len, "device": device}
     train = TokenBatches(ids[:split], num_batches=config.steps * config.grad_accum, seed=config.seed, **common)
     evals = TokenBatches(ids[split:], num_batches=config.eval_batches, seed=10_000 + config.seed, **common)
+    return train, evals, tok.vocab_size
+
+
+def _gpt_workload(name: str, config: RunConfig, device: torch.device) -> Workload:
+    base = GPT_SIZES[name]
+    if config.seq_len > base.block_size:
+        raise ValueError(f"seq_len={config.seq_len} exceeds {name}'s block size {base.block_size}")
+    train, evals, vocab_size = text_batches(config, device)
+    cfg = GPTConfig(
+        base.n_layer, base.n_head, base.n_embd, vocab_size=vocab_size, block_size=base.block_size, dropout=config.dropout
+    )
+    model = GPT(cfg)
     return Workload(
         model=model,
         train_batches=train,
