@@ -72,8 +72,9 @@ def test_cpu_peak_memory_covers_the_timed_region_only():
     meter = PeakMemory(torch.device("cpu"))
     assert meter.kind == "cpu_rss"
     lifetime_peak_mib = meter.peak_mb()
-    # the kernel's high-water mark, in KiB / 1024 (ru_maxrss is the same counter; allow a few pages of drift)
-    assert lifetime_peak_mib * 1024 == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, abs=64)
+    # the kernel's high-water mark in MiB: ru_maxrss (KiB) is updated at other moments than VmHWM, so
+    # the two can differ by a few hundred KiB (seen: 232) but never by a factor of 1024
+    assert lifetime_peak_mib * 1024 == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, abs=4096)
     meter.reset()
     assert 0 < meter.peak_mb() < lifetime_peak_mib - 200
 
