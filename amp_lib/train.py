@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from amp_lib.config import RunConfig
-from amp_lib.diagnose import StepProfiler, machine_facts
+from amp_lib.diagnose import StepProfiler, explain, machine_facts
 from amp_lib.headroom import HeadroomMap
 from amp_lib.measure import PeakMemory, StepTimer, percentile
 from amp_lib.models import Workload, build_workload
@@ -195,7 +195,9 @@ def check_divergence(rows: Sequence[HistoryRow], use_scaler: bool) -> None:
         if not loss_ok and not (use_scaler and row.skipped):
             raise Diverged(f"loss became {row.loss} at step {row.step}")
         if use_scaler and row.loss_scale is not None and row.loss_scale < COLLAPSED_SCALE:
-            raise Diverged(f"loss scale collapsed to {row.loss_scale:g} at step {row.step}: fp16 overflows on every step")
+            raise Diverged(
+                f"loss scale collapsed to {row.loss_scale:g} at step {row.step}: fp16 overflows on every step"
+            )
 
 
 def train(
@@ -308,7 +310,14 @@ def _run(
             if headroom is not None:
                 headroom.end_step(step)
             if profiler is not None:
-                recorder.profile = {"step": step, **profiler.stop().to_dict(), "facts": machine_facts(probe(device))}
+                profile, facts = profiler.stop(), machine_facts(probe(device))
+                # What this run alone can tell (the report adds fp32's profile and the measured speed-up).
+                causes = (
+                    [c.text for c in explain(plan.effective, None, profile, None, facts)]
+                    if plan.family != "fp32"
+                    else []
+                )
+                recorder.profile = {"step": step, **profile.to_dict(), "facts": facts, "causes": causes}
             if lr is not None:
                 applied += 1 - outcome.skipped.to(applied.dtype)
             if timed:
