@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from amp_lib.precision import parse_precision
+from amp_lib.precision import compute_dtype_name, parse_parallelism, parse_precision, parse_reduce_dtype
 
 PROJECT = "amp-workbook"  # the package, its Jupyter kernel and the default W&B project
 BUILTIN_MODELS: tuple[str, ...] = ("gpt-tiny", "gpt-small", "gpt2-124m", "mlp")
@@ -23,6 +23,8 @@ BUILTIN_MODELS: tuple[str, ...] = ("gpt-tiny", "gpt-small", "gpt2-124m", "mlp")
 # and the report groups runs into one setting across them.
 NON_SETTING_FIELDS: tuple[str, ...] = ("precision", "seed", "run_name", "out_dir")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+# Built-in models FSDP cannot shard per transformer block (they have none): DDP runs them.
+UNSHARDABLE_MODELS: tuple[str, ...] = ("mlp",)
 
 _SHAKESPEARE_CHAR: dict[str, Any] = {
     # nanoGPT's config/train_shakespeare_char.py, the "baby GPT": best validation loss 1.4697 after 5,000
@@ -159,6 +161,9 @@ class RunConfig:
     eval_batches: int = 4  # held-out batches per evaluation (built-in models)
     headroom_every: int = 0  # fp16 headroom map (amp_lib.headroom): sample every N steps; 0: off, no hooks
     profile_step: bool = False  # profile one step after the timing warm-up (amp_lib.diagnose)
+    parallelism: str = "none"  # none, ddp or fsdp (FSDP2): ddp/fsdp run under torchrun (amp_lib.distributed)
+    nproc: int = 1  # processes (one per GPU) on this machine; batch_size is per process
+    reduce_dtype: str = "fp32"  # FSDP's gradient-reduction dtype: fp32 or the compute dtype (bf16, fp16)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -209,6 +214,31 @@ class RunConfig:
             raise ValueError(f"invalid device {self.device!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
         if self.run_name and not re.fullmatch(r"[\w.=+-]+", self.run_name):
             raise ValueError(f"invalid run_name {self.run_name!r}; use letters, digits and . _ = + -")
+        self._check_parallelism()
+
+    def _check_parallelism(self) -> None:
+        """Canonical spellings, and the combinations that make no sense refused before anything runs."""
+        object.__setattr__(self, "parallelism", parse_parallelism(self.parallelism))
+        object.__setattr__(self, "reduce_dtype", parse_reduce_dtype(self.reduce_dtype))
+        if self.nproc < 1:
+            raise ValueError(f"nproc={self.nproc!r} must be >= 1")
+        if self.nproc > 1 and self.parallelism == "none":
+            raise ValueError(f"nproc={self.nproc} needs parallelism 'ddp' or 'fsdp' (valid: none, ddp, fsdp); 'none' runs one process")
+        if self.reduce_dtype != "fp32" and self.parallelism != "fsdp":
+            raise ValueError(
+                f"reduce_dtype={self.reduce_dtype!r} applies to parallelism 'fsdp' only (parallelism={self.parallelism!r}); "
+                "DDP reduces gradients in their own dtype: use 'fp32'"
+            )
+        compute = compute_dtype_name(parse_precision(self.precision))
+        if self.reduce_dtype not in ("fp32", compute):
+            raise ValueError(
+                f"reduce_dtype={self.reduce_dtype!r} does not fit precision {self.precision!r}; valid: 'fp32' or its compute dtype {compute!r}"
+            )
+        if self.parallelism == "fsdp" and self.model in UNSHARDABLE_MODELS:
+            raise ValueError(
+                f"model {self.model!r} has no transformer blocks for fsdp to shard one by one; use parallelism 'ddp' "
+                "(or a model with blocks in an nn.ModuleList)"
+            )
 
     def _apply_recipe(self) -> None:
         """Fill in the recipe's values wherever the config still holds the field's default."""
@@ -236,8 +266,18 @@ class RunConfig:
         return cls(**values)
 
     @property
+    def global_batch(self) -> int:
+        """Samples (sequences) per optimizer step over all processes: what runs must share to compare."""
+        return self.nproc * self.batch_size * self.grad_accum
+
+    @property
     def name(self) -> str:
-        return self.run_name or f"{self.model.replace(':', '.')}-{parse_precision(self.precision)}-s{self.seed}"
+        if self.run_name:
+            return self.run_name
+        parallel = "" if self.parallelism == "none" else f"-{self.parallelism}{self.nproc}"
+        if self.parallelism == "fsdp" and self.reduce_dtype != "fp32":
+            parallel += f"-reduce-{self.reduce_dtype}"
+        return f"{self.model.replace(':', '.')}-{parse_precision(self.precision)}{parallel}-s{self.seed}"
 
     @property
     def result_path(self) -> Path:

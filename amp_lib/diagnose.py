@@ -19,8 +19,11 @@ import torch
 
 from amp_lib.precision import Capabilities, cpu_isa
 
-CATEGORIES = ("matmul", "elementwise", "norm", "optimizer", "data_movement")
+CATEGORIES = ("matmul", "elementwise", "norm", "optimizer", "data_movement", "communication")
+# Collectives as the profiler names them (DDP/FSDP gradient reduction, parameter all-gathers).
+_COMMUNICATION = re.compile(r"^(c10d::|gloo:|nccl:|record_param_comms)|nccl|all_?reduce|all_?gather|reduce_?scatter", re.IGNORECASE)
 _PATTERNS = (  # first match wins, on the op's name
+    ("communication", _COMMUNICATION),
     ("optimizer", re.compile(r"adam|_foreach_|Optimizer\.", re.IGNORECASE)),
     ("matmul", re.compile(r"aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm|conv|cudnn_conv|_convolution|mkldnn_conv)|"
                           r"scaled_dot_product|flash|efficient_attention|gemm|cutlass|sm\d+_xmma", re.IGNORECASE)),
@@ -86,7 +89,8 @@ def summarize(events: Any, wall_ms: float, device_type: str) -> StepProfile:
     gemms = []
     for event in events:
         self_us = event.self_device_time_total if device_type == "cuda" else event.self_cpu_time_total
-        if self_us > 0 and (device_type == "cuda" or event.name.startswith(("aten::", "Optimizer."))):
+        counted = device_type == "cuda" or event.name.startswith(("aten::", "Optimizer.")) or _COMMUNICATION.search(event.name)
+        if self_us > 0 and counted:
             busy[categorize(event.name)] += self_us / 1e3
         if event.name in _GEMMS:
             gemm = _gemm(event.input_shapes, list(getattr(event, "input_dtypes", []) or []))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import re
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,25 @@ ALIASES: dict[str | int, str] = {
 }
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# How a run spreads over processes: one device, DDP (replicas, gradients all-reduced) or FSDP2 (`fully_shard`
+# per transformer block and the root: parameters, gradients and optimizer state sharded).
+PARALLELISMS: tuple[str, ...] = ("none", "ddp", "fsdp")
+PARALLELISM_ALIASES: dict[str, str] = {"none": "none", "single": "none", "ddp": "ddp", "fsdp": "fsdp", "fsdp2": "fsdp"}
+# The dtype FSDP reduces gradients in: fp32 (torchtitan's choice) or the compute dtype (Lightning's for
+# bf16-mixed, half the bytes on the wire).
+REDUCE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REDUCE_ALIASES: dict[str, str] = {
+    "fp32": "fp32",
+    "float32": "fp32",
+    "32": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "16": "fp16",
+}
 # Dense peak TFLOP/s by (GPU name fragment, precision family), for the MFU estimate.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100": {"fp32": 67.0, "tf32": 494.0, "fp16": 989.0, "bf16": 989.0, "fp8": 1979.0},
@@ -85,6 +104,40 @@ def parse_precision(value: Any) -> str:
             f"invalid precision {value!r}; valid values are: {', '.join(valid_precision_names())}"
         )
     return ALIASES[key]
+
+
+def parse_parallelism(value: Any) -> str:
+    """The canonical parallelism (none, ddp, fsdp) for any accepted spelling; `ValueError` otherwise."""
+    key = value.strip().lower() if isinstance(value, str) else None
+    if key not in PARALLELISM_ALIASES:
+        raise ValueError(f"invalid parallelism {value!r}; valid values are: {', '.join(PARALLELISMS)} (or fsdp2)")
+    return PARALLELISM_ALIASES[key]
+
+
+def parse_reduce_dtype(value: Any) -> str:
+    """The canonical gradient-reduction dtype (fp32, bf16, fp16) for any accepted spelling; `ValueError` otherwise."""
+    key = str(value).strip().lower().removeprefix("torch.") if isinstance(value, (str, torch.dtype)) else None
+    if key not in REDUCE_ALIASES:
+        raise ValueError(
+            f"invalid reduce_dtype {value!r}; valid values are: {', '.join(REDUCE_DTYPES)} (or float32, bfloat16, float16)"
+        )
+    return REDUCE_ALIASES[key]
+
+
+def compute_dtype_name(precision: str) -> str:
+    """The dtype a canonical precision computes its matmuls in: fp32 for fp32/tf32, bf16 for fp8's
+    surrounding autocast, else its own half type."""
+    family = precision.split("-")[0]
+    return {"tf32": "fp32", "fp8": "bf16"}.get(family, family)
+
+
+def parallel_label(precision: str, parallelism: str = "none", reduce_dtype: str | None = None) -> str:
+    """How a report row names a precision run under a parallelism: `fsdp bf16-mixed (reduce fp32)`, `ddp
+    fp16-mixed`, `fsdp fp32`, `bf16-mixed`. The reduce dtype is named where FSDP had a choice (a half compute dtype)."""
+    if parallelism == "none":
+        return precision
+    choice = parallelism == "fsdp" and reduce_dtype is not None and compute_dtype_name(precision) != "fp32"
+    return f"{parallelism} {precision}" + (f" (reduce {reduce_dtype})" if choice else "")
 
 
 def is_fp16(value: Any) -> bool:
@@ -198,6 +251,11 @@ class PrecisionPlan:
     param_dtype: torch.dtype
     use_loss_scaler: bool
     fallback_reason: str | None = None
+    parallelism: str = "none"  # none, ddp or fsdp
+    # FSDP2's MixedPrecisionPolicy: the dtype parameters are all-gathered and computed in (None: their own).
+    gather_dtype: torch.dtype | None = None
+    # The dtype gradients are reduced across ranks in (None on one device): DDP reduces them in their own dtype.
+    reduce_dtype: torch.dtype | None = None
 
     @property
     def fell_back(self) -> bool:
@@ -224,9 +282,50 @@ class PrecisionPlan:
         dtype = self.autocast_dtype or torch.float32
         return torch.autocast(self.device_type, dtype=dtype, enabled=self.autocast_dtype is not None)
 
-    def prepare_model(self, model: torch.nn.Module, device: torch.device, compile: bool = False) -> torch.nn.Module:
+    def with_parallelism(self, parallelism: str, reduce_dtype: str = "fp32") -> PrecisionPlan:
+        """This plan run under `parallelism`: DDP reduces gradients in the parameters' dtype; FSDP2 gathers the
+        parameters of a mixed precision in its compute dtype and reduces in `reduce_dtype` (fp32 or the compute
+        dtype). A reduce dtype that stops matching after a fallback (fp16 -> bf16) follows it, with the reason."""
+        parallelism, reduce_name = parse_parallelism(parallelism), parse_reduce_dtype(reduce_dtype)
+        if parallelism == "none":
+            same = (self.parallelism, self.gather_dtype, self.reduce_dtype) == ("none", None, None)
+            return self if same else replace(self, parallelism="none", gather_dtype=None, reduce_dtype=None)
+        if parallelism == "ddp":
+            return replace(self, parallelism="ddp", gather_dtype=None, reduce_dtype=self.param_dtype)
+        reason = self.fallback_reason
+        compute = compute_dtype_name(self.effective)
+        if reduce_name not in ("fp32", compute):
+            requested = compute_dtype_name(parse_precision(self.requested))
+            if reduce_name != requested:
+                raise ValueError(
+                    f"reduce_dtype={reduce_name!r} does not fit precision {self.requested!r}; valid: 'fp32' or its compute dtype {requested!r}"
+                )
+            note = f"gradients reduced in {compute} (not {reduce_name}): the precision runs as {self.effective}"
+            reason, reduce_name = (f"{reason}; then {note}" if reason else note), compute
+        gather = self.autocast_dtype if self.autocast_dtype is not None and self.family != "fp8" else None
+        if self.family == "fp8":
+            gather = torch.bfloat16  # torchao's float8 linears cast to fp8 themselves; the rest runs in bf16
+        return replace(
+            self, parallelism="fsdp", gather_dtype=gather, reduce_dtype=REDUCE_DTYPES[reduce_name], fallback_reason=reason
+        )
+
+    @property
+    def label(self) -> str:
+        """The precision as a report row names it: `fsdp bf16-mixed (reduce fp32)`, `ddp fp16-mixed`, `fp32`."""
+        if self.parallelism == "none":
+            return self.effective
+        return parallel_label(self.effective, self.parallelism, _dtype_name(self.reduce_dtype))
+
+    def prepare_model(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        compile: bool = False,
+        parallel: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    ) -> torch.nn.Module:
         """The model on `device` in the parameter dtype; fp8 swaps eligible linears for torchao's
-        Float8Linear (sizes that are multiples of 16); `compile` wraps it in torch.compile."""
+        Float8Linear (sizes that are multiples of 16); `parallel` wraps it for DDP/FSDP (after fp8, before
+        compile: torchao's and PyTorch's order); `compile` wraps it in torch.compile."""
         model = model.to(device=device, dtype=self.param_dtype)
         if self.effective == "fp8-mixed":
             from torchao.float8 import convert_to_float8_training  # optional extra: only fp8 plans need it
@@ -235,6 +334,8 @@ class PrecisionPlan:
                 return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
             convert_to_float8_training(model, module_filter_fn=eligible)
+        if parallel is not None:
+            model = parallel(model)
         return torch.compile(model) if compile else model
 
     def convert_input(self, x: Any) -> Any:
@@ -256,7 +357,14 @@ class PrecisionPlan:
         d = asdict(self)
         d["autocast_dtype"] = str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else None
         d["param_dtype"] = str(self.param_dtype).removeprefix("torch.")
+        d["gather_dtype"] = str(self.gather_dtype).removeprefix("torch.") if self.gather_dtype else None
+        d["reduce_dtype"] = _dtype_name(self.reduce_dtype)
         return d
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    """fp32 / bf16 / fp16 for the dtypes gradients are reduced in (the config's spelling), None for none."""
+    return next((name for name, d in REDUCE_DTYPES.items() if d == dtype), None) if dtype is not None else None
 
 
 def _plan(requested: Any, effective: str, caps: Capabilities, reason: str | None) -> PrecisionPlan:
@@ -299,12 +407,19 @@ def _fallback(name: str, caps: Capabilities, allow_slow: bool = False) -> tuple[
 
 
 def resolve_precision(
-    requested: Any, caps: Capabilities | None = None, *, strict: bool = False, allow_slow: bool = False
+    requested: Any,
+    caps: Capabilities | None = None,
+    *,
+    strict: bool = False,
+    allow_slow: bool = False,
+    parallelism: str = "none",
+    reduce_dtype: str = "fp32",
 ) -> PrecisionPlan:
     """Resolve a requested precision against the hardware; fallbacks carry their reason.
 
     `allow_slow` runs fp16 on a CPU without fast fp16 anyway (correct, just slow): useful to study
     loss-scale dynamics on a laptop. Precisions the hardware cannot run at all still fall back.
+    `parallelism` and `reduce_dtype` (a config's) add the gradient-reduction dtypes (`with_parallelism`).
     """
     name = parse_precision(requested)
     caps = caps if caps is not None else probe()
@@ -315,7 +430,7 @@ def resolve_precision(
             raise PrecisionUnavailableError(f"precision {requested!r} is unavailable: {step[1]}")
         effective, reason = step
         reasons.append(reason)
-    return _plan(requested, effective, caps, "; then ".join(reasons) or None)
+    return _plan(requested, effective, caps, "; then ".join(reasons) or None).with_parallelism(parallelism, reduce_dtype)
 
 
 def native_precisions(caps: Capabilities | None = None) -> list[str]:

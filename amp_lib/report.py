@@ -32,7 +32,7 @@ from typing import Any
 from amp_lib.config import NON_SETTING_FIELDS
 from amp_lib.diagnose import StepProfile, explain
 from amp_lib.headroom import way_out
-from amp_lib.precision import CANONICAL, parse_precision
+from amp_lib.precision import CANONICAL, parallel_label, parse_precision
 from amp_lib.results import RunResult, finite_or_none
 
 BASELINE = "fp32"
@@ -89,7 +89,7 @@ class Row:
 
     @property
     def is_baseline(self) -> bool:
-        return _canonical(self.requested) == BASELINE and self.effective == BASELINE
+        return _canonical(base_precision(self.requested)) == BASELINE and self.effective == BASELINE
 
     @property
     def all_ok(self) -> bool:
@@ -133,7 +133,25 @@ def _order(name: str) -> int:
 
 
 def _setting_key(result: RunResult) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, repr(v)) for k, v in result.config.items() if k not in NON_SETTING_FIELDS))
+    """Everything a run shares with the runs it is compared with: its config but the precision, the seed, the
+    name and the reduce dtype (a choice of precision under FSDP: a row of its own, against the same fp32).
+    The parallelism, the processes and the batch per process stay: rows compare runs of one global batch."""
+    return tuple(
+        sorted((k, repr(v)) for k, v in result.config.items() if k not in (*NON_SETTING_FIELDS, "reduce_dtype"))
+    )
+
+
+def _label(result: RunResult) -> str:
+    """A row's name: the canonical requested precision, with the parallelism and FSDP's reduce dtype around it
+    (`fsdp bf16-mixed (reduce fp32)`); a single-device run is its precision alone."""
+    precision = _canonical(result.config.get("precision", result.plan.get("requested")))
+    parallelism = str(result.config.get("parallelism", "none"))
+    return parallel_label(precision, parallelism, result.plan.get("reduce_dtype") or result.config.get("reduce_dtype"))
+
+
+def base_precision(label: str) -> str:
+    """The precision inside a row's name: `fsdp bf16-mixed (reduce fp32)` -> `bf16-mixed`."""
+    return label.split(" (", 1)[0].split(" ")[-1]
 
 
 def setting_labels(results: Sequence[RunResult]) -> dict[tuple[tuple[str, str], ...], str]:
@@ -163,7 +181,7 @@ def _baseline_for(run: _Run, runs: Sequence[_Run]) -> list[RunResult]:
         r.result
         for r in runs
         if r.setting == run.setting
-        and r.requested == BASELINE
+        and base_precision(r.requested) == BASELINE
         and r.result.ok
         and r.result.plan.get("effective") == BASELINE
     ]
@@ -237,12 +255,12 @@ def _runs(results: Sequence[RunResult]) -> list[_Run]:
         _Run(
             r,
             labels[_setting_key(r)],
-            _canonical(r.config.get("precision", r.plan.get("requested"))),
+            _label(r),
             r.config.get("seed"),
         )
         for r in results
     ]
-    return sorted(runs, key=lambda r: (r.setting, _order(r.requested), r.requested, str(r.seed)))
+    return sorted(runs, key=lambda r: (r.setting, _order(base_precision(r.requested)), r.requested, str(r.seed)))
 
 
 def results_by_precision(results: Sequence[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
@@ -735,7 +753,7 @@ def compare(
     comparisons: list[Comparison] = []
     floors: list[NoiseFloor] = []
     for setting, by_precision in groups.items():
-        all_fp32 = by_precision.get(BASELINE, [])
+        all_fp32 = next((v for k, v in by_precision.items() if base_precision(k) == BASELINE), [])
         base = [r for r in all_fp32 if r.result.ok and r.result.plan.get("effective") == BASELINE]
         floor = _noise_floor(setting, base, all_fp32, tolerance)
         floors.append(floor)
@@ -748,7 +766,7 @@ def compare(
         for requested, members in by_precision.items():
             results_ = [m.result for m in members]
             ok = [m for m in members if m.result.ok]
-            is_base = requested == BASELINE and bool(base) and all(m in base for m in members)
+            is_base = base_precision(requested) == BASELINE and bool(base) and all(m in base for m in members)
             mine = _samples(ok, best_eval_loss)
             b = _samples(base, best_eval_loss)
             point = None
@@ -949,7 +967,7 @@ def _evidence(c: Comparison) -> str:
 
 
 def _no_baseline_reason(rows: Sequence[Comparison]) -> str:
-    fp32 = next((c for c in rows if c.requested == BASELINE), None)
+    fp32 = next((c for c in rows if base_precision(c.requested) == BASELINE), None)
     if fp32 is None:
         return "no fp32 run in this setting to compare against: add fp32 to the sweep"
     if fp32.ok_runs == 0:
@@ -977,7 +995,7 @@ def recommendations(
         if setting not in has_base:
             out.append(Recommendation(setting, None, None, tolerance, _no_baseline_reason(rows), evidence))
             continue
-        others = [c for c in rows if c.requested != BASELINE]
+        others = [c for c in rows if base_precision(c.requested) != BASELINE]
         winners = [c for c in others if c.quality_ok and c.speed_verdict == FASTER and c.effective != BASELINE]
         if winners:
             best = max(winners, key=lambda c: c.speedup.mean if c.speedup else 0.0)
@@ -989,7 +1007,7 @@ def recommendations(
             out.append(Recommendation(setting, best.effective, best.requested, tolerance, reason, evidence))
             continue
         why = "; ".join(_why_not(c) for c in others) or "fp32 is the only precision in the sweep"
-        fp32 = next((c for c in rows if c.requested == BASELINE), None)
+        fp32 = next((c for c in rows if base_precision(c.requested) == BASELINE), None)
         if fp32 is not None and fp32.verdict == FAILED:
             why += f"; note: fp32 itself {fp32.status}"
         out.append(Recommendation(setting, BASELINE, BASELINE, tolerance, f"stay in fp32: {why}", evidence))
@@ -1075,7 +1093,7 @@ def diagnoses(results: Sequence[RunResult], comparisons: Sequence[Comparison]) -
         if c.is_baseline:
             continue
         mine = [r for r in runs if r.setting == c.setting and r.requested == c.requested]
-        fp32 = [r for r in runs if r.setting == c.setting and r.requested == BASELINE and r.result.ok]
+        fp32 = [r for r in runs if r.setting == c.setting and base_precision(r.requested) == BASELINE and r.result.ok]
         causes: list[str] = []
         if c.speed_verdict != FASTER:
             profile, facts = _profile([r for r in mine if r.result.ok])

@@ -63,6 +63,18 @@ class Metrics:
     param_memory_mb: float | None = None
     grad_memory_mb: float | None = None
     optimizer_memory_mb: float | None = None
+    # Runs over several processes (added within schema 2; absent in older files). The split above is rank 0's
+    # share (FSDP shards it), `peak_memory_mb` the largest rank's peak, these the peaks of every rank in order.
+    peak_memory_mb_ranks: tuple[float, ...] | None = None
+    items_per_step: int | None = None  # items (tokens/samples) per optimizer step over all processes
+    # Time the profiled step spent in collectives, where the profiler names them (None: not profiled or not told apart)
+    comm_time_ms: float | None = None
+
+    @property
+    def peak_memory_spread_mb(self) -> float | None:
+        """Largest minus smallest peak over the ranks: how unevenly a sharding spread the memory."""
+        ranks = [r for r in self.peak_memory_mb_ranks or () if r is not None]
+        return max(ranks) - min(ranks) if ranks else None
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,8 @@ class RunResult:
             metrics["items_per_s"] = metrics.pop("tokens_per_s", None)
             if "warmup_steps" in config:
                 config["timing_warmup_steps"] = config.pop("warmup_steps")
+        if metrics.get("peak_memory_mb_ranks") is not None:
+            metrics["peak_memory_mb_ranks"] = tuple(metrics["peak_memory_mb_ranks"])  # JSON has lists
         return cls(
             config=config,
             plan=dict(d["plan"]),

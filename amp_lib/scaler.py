@@ -8,6 +8,11 @@ GradScaler has no public API for two things this module needs without a sync: th
 the current scale, and whether the last `unscale_` found inf/NaN. Each private attribute is read in
 exactly one function below (`scale_tensor`, `found_inf`), and `check_gradscaler_internals` fails
 loudly, naming the torch version, if a torch release renames them.
+
+Under DDP gradients are all-reduced before `unscale_`, so every rank finds the same inf/NaN. Under FSDP2 they
+are DTensor shards: torch's DTensor dispatch of `_amp_foreach_non_finite_check_and_unscale_` all-reduces the
+found-inf flag over the mesh (`found_inf_reduce_handler`), so the plain `GradScaler` skips on every rank alike
+(FSDP1's `ShardedGradScaler` does the same by hand, for FSDP1's flat parameters).
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ class AmpScaler:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         else:
             grad_norm = total_grad_norm(params)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of partial norms; the whole norm, as on one device
+            grad_norm = grad_norm.full_tensor()
         self.scaler.step(optimizer)
         if self.enabled:
             skipped = found_inf(self.scaler, optimizer).to(grad_norm.device)  # read before update() clears it

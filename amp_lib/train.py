@@ -9,11 +9,17 @@ divergence, OOM or an error are both read from it.
 The learning-rate schedule (nanoGPT's: linear warm-up, cosine decay to `min_lr`) runs on the device: the
 learning rate is a tensor the fused optimizer reads, computed from the count of steps the optimizer
 really took, so a step the loss scaler skipped does not advance the schedule, without a host sync.
+
+A run with `parallelism` ddp/fsdp runs under torchrun (`amp_lib.distributed`): called outside torchrun,
+`train` launches `torchrun -m amp_lib.train` (this module's `main`) and replays rank 0's result to the
+observers; inside, each rank trains its slice of the global batch and rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import math
 import os
 import random
@@ -22,12 +28,27 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from amp_lib.config import RunConfig
+from amp_lib.config import RunConfig, parse_value
 from amp_lib.diagnose import StepProfiler, explain, machine_facts
+from amp_lib.distributed import (
+    Ranks,
+    RankSlice,
+    gather_floats,
+    gradient_sync,
+    in_torchrun,
+    launch,
+    local_tensor,
+    mean_over_ranks,
+    process_group,
+    worker_device,
+    wrap_model,
+)
 from amp_lib.headroom import HeadroomMap
 from amp_lib.measure import PeakMemory, StepTimer, percentile
 from amp_lib.models import Workload, build_workload
@@ -85,19 +106,23 @@ def scheduled_lr(applied_steps: torch.Tensor, config: RunConfig) -> torch.Tensor
 
 def memory_split_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[float, float, float]:
     """Parameters, gradients and optimizer state as tensor sizes (MiB): what the peak holds besides
-    activations and workspace. Gradients take their parameters' size and dtype."""
+    activations and workspace. Gradients take their parameters' size and dtype. Under FSDP these are this
+    rank's shards (a DTensor's local part), under DDP each rank's full copy."""
     params = [p for p in model.parameters()]
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    grad_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    param_bytes = sum(local_tensor(p).numel() * p.element_size() for p in params)
+    grad_bytes = sum(local_tensor(p).numel() * p.element_size() for p in params if p.requires_grad)
     state_bytes = sum(
-        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+        local_tensor(t).numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
     )
     return param_bytes / 2**20, grad_bytes / 2**20, state_bytes / 2**20
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, workload: Workload, plan: PrecisionPlan) -> float:
-    """Mean loss over the workload's held-out batches, in the run's precision."""
+    """Mean loss over the workload's held-out batches, in the run's precision (over all ranks' slices)."""
     model.eval()
     losses, autocast = [], plan.autocast()
     for i in range(len(workload.eval_batches)):
@@ -105,7 +130,7 @@ def evaluate(model: torch.nn.Module, workload: Workload, plan: PrecisionPlan) ->
         with autocast:
             losses.append(workload.loss_fn(model(plan.convert_input(x)), y).float())
     model.train()
-    return torch.stack(losses).mean().item()
+    return mean_over_ranks(torch.stack(losses).mean()).item()
 
 
 class Recorder:
@@ -114,6 +139,7 @@ class Recorder:
     def __init__(self, timer: StepTimer, item_unit: str = "tokens", constant_lr: float | None = None) -> None:
         self.timer, self.item_unit, self.constant_lr = timer, item_unit, constant_lr
         self.headroom: HeadroomMap | None = None  # set by the loop when the map is on
+        self.over_ranks = False  # several processes: the logged loss is the mean of every rank's
         self.profile: dict[str, Any] | None = None  # the profiled step's summary, when asked for
         self.history: list[HistoryRow] = []
         self.evals: list[EvalRow] = []
@@ -141,8 +167,9 @@ class Recorder:
         if not self._steps:
             return []
         nan = torch.full_like(self._outcomes[0].grad_norm, math.nan)
+        losses = torch.stack(self._losses).float()
         columns = [
-            torch.stack(self._losses).float(),
+            mean_over_ranks(losses) if self.over_ranks else losses,  # one collective per log interval
             torch.stack([o.grad_norm.float() for o in self._outcomes]),
             torch.stack([o.skipped.float() for o in self._outcomes]),
             torch.stack([(o.scale if o.scale is not None else nan).float() for o in self._outcomes]),
@@ -206,25 +233,70 @@ def train(
     *,
     plan: PrecisionPlan | None = None,
     write: bool = True,
+    timeout: float | None = None,
 ) -> RunResult:
     """Train per `config`; failures end as a `failed`/`oom`/`diverged` result, never a lost one.
 
     `plan` is the config's resolved precision when the caller already resolved it (the notebook shows
-    it before training); otherwise it is resolved here, once.
+    it before training); otherwise it is resolved here, once. A ddp/fsdp run outside torchrun is launched
+    under torchrun (`timeout` in seconds bounds it) and replayed to the observers when it ends.
     """
     device = resolve_device(config.device)
     if plan is None:
         plan = resolve_precision(config.precision, probe(device), allow_slow=config.allow_slow)
+    plan = plan.with_parallelism(config.parallelism, config.reduce_dtype)
+    if config.parallelism == "none":
+        return _train_here(config, plan, device, observers, write, Ranks())
+    if not in_torchrun():
+        return _launch(config, plan, observers, write, timeout)
+    with process_group(device, config.nproc) as ranks:
+        device = worker_device(device, ranks.local_rank)
+        # Rank 0 alone reports (its rows are every rank's: losses are averaged, scaler decisions agree).
+        return _train_here(config, plan, device, observers if ranks.is_main else (), write and ranks.is_main, ranks)
+
+
+def _launch(
+    config: RunConfig, plan: PrecisionPlan, observers: Sequence[RunObserver], write: bool, timeout: float | None
+) -> RunResult:
+    """Run under torchrun, then hand the observers what rank 0 recorded, as a run in this process would."""
+    for obs in observers:
+        obs.on_start(config, plan)
+    result = launch(config, plan, timeout=timeout)
+    if result.history:
+        for obs in observers:
+            obs.on_log(result.history, result.metrics.items_per_step or 0)
+    if write:
+        result.save(config.result_path)
+    for obs in observers:
+        obs.on_end(result)
+    return result
+
+
+def _train_here(
+    config: RunConfig,
+    plan: PrecisionPlan,
+    device: torch.device,
+    observers: Sequence[RunObserver],
+    write: bool,
+    ranks: Ranks,
+) -> RunResult:
+    """This process's part of the run. Under torchrun an error other than divergence (which every rank
+    sees alike) is raised, not recorded: torchrun then stops every rank and the launcher reports it."""
     for obs in observers:
         obs.on_start(config, plan)
     recorder = Recorder(StepTimer(device))
+    parallel = plan.parallelism != "none"
     try:
-        metrics, status, error = _run(config, plan, device, observers, recorder), "ok", None
+        metrics, status, error = _run(config, plan, device, observers, recorder, ranks), "ok", None
     except Diverged as exc:
         metrics, status, error = recorder.metrics(), "diverged", str(exc)
     except torch.cuda.OutOfMemoryError as exc:
+        if parallel:
+            raise
         metrics, status, error = recorder.metrics(), "oom", f"out of memory: {exc}"
-    except Exception as exc:  # noqa: BLE001 - a user model can raise anything; the result must still be written
+    except Exception as exc:  # a user model can raise anything; the result must still be written
+        if parallel:
+            raise
         tail = "".join(traceback.format_exception(exc)[-3:])
         metrics, status, error = recorder.metrics(), "failed", f"{type(exc).__name__}: {exc}\n{tail}"
     gc.collect()  # the workload (model, optimizer, batches) died with _run's frame: return its memory
@@ -259,19 +331,32 @@ def _machine_share() -> dict[str, int]:
 
 
 def _run(
-    config: RunConfig, plan: PrecisionPlan, device: torch.device, observers: Sequence[RunObserver], recorder: Recorder
+    config: RunConfig,
+    plan: PrecisionPlan,
+    device: torch.device,
+    observers: Sequence[RunObserver],
+    recorder: Recorder,
+    ranks: Ranks,
 ) -> Metrics:
-    seed_everything(config.seed)
-    workload = build_workload(config, device)
+    seed_everything(config.seed)  # the same on every rank: FSDP shards one model, DDP checks it is one
+    world = ranks.world_size
+    # Every rank builds the global batch (recipe already applied: not applied again) and trains on its rows.
+    workload = build_workload(replace(config, batch_size=config.batch_size * world, recipe="") if world > 1 else config, device)
+    if world > 1:
+        workload = replace(
+            workload, train_batches=RankSlice(workload.train_batches, ranks), eval_batches=RankSlice(workload.eval_batches, ranks)
+        )
+        recorder.over_ranks = True
     recorder.item_unit = workload.item_unit
-    model = plan.prepare_model(workload.model, device, config.compile)
+    wrap = partial(wrap_model, plan=plan, device=device) if plan.parallelism != "none" else None
+    model = plan.prepare_model(workload.model, device, config.compile, parallel=wrap)
     optimizer = make_optimizer(model, config, device)
     scaler = AmpScaler(
         device.type, enabled=plan.use_loss_scaler, init_scale=config.init_scale, growth_interval=config.growth_interval
     )
     autocast, memory = plan.autocast(), PeakMemory(device)  # the forward context, chosen once
     clip = config.grad_clip or None
-    items_per_step = workload.items_per_batch * config.grad_accum
+    items_per_step = workload.items_per_batch * config.grad_accum  # over all ranks: the batch was built global
     batches, accum = workload.train_batches, config.grad_accum
     lr = optimizer.param_groups[0]["lr"] if config.schedules_lr else None  # the device tensor the optimizer reads
     recorder.constant_lr = None if config.schedules_lr else config.lr
@@ -302,9 +387,10 @@ def _run(
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
                 x, y = batches[(step * accum + micro) % len(batches)]
-                with autocast:
-                    loss = workload.loss_fn(model(plan.convert_input(x)), y) / accum
-                outcome = scaler.step(loss, optimizer, clip, update=micro == accum - 1)
+                with gradient_sync(model, micro == accum - 1):  # one gradient reduction per optimizer step
+                    with autocast:
+                        loss = workload.loss_fn(model(plan.convert_input(x)), y) / accum
+                    outcome = scaler.step(loss, optimizer, clip, update=micro == accum - 1)
                 step_loss += loss.detach().float()
             optimizer.zero_grad(set_to_none=True)
             if headroom is not None:
@@ -332,12 +418,15 @@ def _run(
                         used.append(scale_in_use)
                         scale_in_use = row.loss_scale
                     headroom.flush([r.skipped for r in rows], used)
+                began = time.perf_counter()  # a live figure's drawing is not training time
                 for obs in observers:
                     obs.on_log(rows, items_per_step)
+                clock.excluded += time.perf_counter() - began
                 check_divergence(rows, plan.use_loss_scaler)
             if eval_due:
                 _evaluate_into(recorder, clock, step + 1, model, workload, plan)
-        peak = memory.peak_mb()  # the training peak; the final eval below adds no gradients to it
+        # the training peak (the final eval below adds no gradients to it), of every rank
+        peaks = gather_floats(memory.peak_mb(), device)
         eval_loss = _evaluate_into(recorder, clock, config.steps, model, workload, plan)
     if headroom is not None:
         headroom.remove()
@@ -345,7 +434,8 @@ def _run(
     step_ms = statistics.median(recorder.timed_ms)
     throughput = items_per_step / (step_ms / 1e3)
     peak_flops = plan.peak_tflops
-    mfu = throughput * workload.flops_per_item / (peak_flops * 1e12) if peak_flops and workload.flops_per_item else None
+    flops = workload.flops_per_item
+    mfu = throughput * flops / (peak_flops * 1e12 * world) if peak_flops and flops else None  # per device
     param_mb, grad_mb, optimizer_mb = memory_split_mb(model, optimizer)
     return replace(
         recorder.metrics(),
@@ -354,7 +444,11 @@ def _run(
         step_time_ms_p10=percentile(recorder.timed_ms, 0.1),
         step_time_ms_p90=percentile(recorder.timed_ms, 0.9),
         timed_steps=len(recorder.timed_ms),
-        peak_memory_mb=peak,
+        peak_memory_mb=max((p for p in peaks if p is not None), default=None),
+        peak_memory_mb_ranks=tuple(p for p in peaks if p is not None) if world > 1 else None,
+        items_per_step=items_per_step,
+        # the profiled step's collectives (DDP/FSDP reductions, FSDP all-gathers): only a profiled step tells
+        comm_time_ms=recorder.profile["busy_ms"]["communication"] if recorder.profile and world > 1 else None,
         peak_memory_kind=memory.kind,
         eval_loss=eval_loss,
         train_time_s=clock.training_s(),
@@ -366,15 +460,16 @@ def _run(
 
 
 class _Clock:
-    """Training wall time with the evaluations taken out (time-to-quality counts training only)."""
+    """Training wall time with evaluations and observers (progress bar, live figure) taken out:
+    time-to-quality counts training only."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.start, self.in_evals = device, time.perf_counter(), 0.0
+        self.device, self.start, self.excluded = device, time.perf_counter(), 0.0
 
     def training_s(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the queued steps are part of the time
-        return time.perf_counter() - self.start - self.in_evals
+        return time.perf_counter() - self.start - self.excluded
 
 
 def _evaluate_into(
@@ -384,8 +479,41 @@ def _evaluate_into(
     elapsed = clock.training_s()
     began = time.perf_counter()
     loss = evaluate(model, workload, plan)
-    clock.in_evals += time.perf_counter() - began
+    clock.excluded += time.perf_counter() - began
     recorder.evals.append(EvalRow(step=step, loss=loss if math.isfinite(loss) else None, elapsed_s=elapsed))
     if not math.isfinite(loss):
         raise Diverged(f"eval loss is {loss} after step {step}")
     return loss
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """One run from the command line, as torchrun starts it (`torchrun --nproc-per-node 2 -m amp_lib.train
+    --config run.json`; without torchrun a ddp/fsdp config launches it). Rank 0 writes the result JSON,
+    the other ranks nothing; an exception on any rank is recorded in torchrun's error file for that rank."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_main)(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m amp_lib.train", description="Train one run; write its result JSON.")
+    parser.add_argument("--config", help="a JSON file of RunConfig values")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a RunConfig value (wins over --config)")
+    parser.add_argument("--result", help="where rank 0 writes the result (default: <out_dir>/<run name>.json)")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
+    for item in args.param:
+        key, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"invalid -p {item!r}; expected KEY=VALUE")
+        values[key.strip()] = parse_value(key.strip(), text)
+    config = RunConfig.from_dict(values)
+    result = train(config, write=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        path = result.save(args.result or config.result_path)
+        print(f"{config.name}: {result.status} -> {path}" + (f" ({result.error_line})" if result.error else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

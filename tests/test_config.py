@@ -4,6 +4,7 @@ the text of a sweep's `-p key=value` for both."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -539,3 +540,40 @@ def test_every_default_written_as_text_parses_back_to_a_value_the_config_accepts
     for name, default in RunConfig().to_dict().items():
         value = parse_value(name, "none" if default is None else str(default))
         assert getattr(RunConfig(**{name: value}), name) == default, name
+
+
+# --- parallelism: ddp / fsdp over nproc processes ---------------------------------------------------
+
+
+def test_parallelism_and_reduce_dtype_are_stored_by_their_canonical_names() -> None:
+    config = RunConfig(parallelism="FSDP2", nproc=2, precision="bf16", reduce_dtype="bfloat16")
+    assert (config.parallelism, config.reduce_dtype) == ("fsdp", "bf16")
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.name == "gpt-tiny-bf16-mixed-fsdp2-reduce-bf16-s0"
+    assert RunConfig(parallelism="ddp", nproc=4).name == "gpt-tiny-fp32-ddp4-s0"
+    assert RunConfig(parallelism="ddp", nproc=4, batch_size=3, grad_accum=2).global_batch == 24
+    assert parse_value("nproc", "2") == 2 and parse_value("reduce_dtype", "bf16") == "bf16"
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"nproc": 2}, "nproc=2 needs parallelism 'ddp' or 'fsdp' (valid: none, ddp, fsdp)"),
+        ({"nproc": 0, "parallelism": "ddp"}, "nproc=0 must be >= 1"),
+        ({"parallelism": "zero3"}, "invalid parallelism 'zero3'; valid values are: none, ddp, fsdp"),
+        ({"reduce_dtype": "int8", "parallelism": "fsdp"}, "invalid reduce_dtype 'int8'; valid values are: fp32, bf16, fp16"),
+        ({"reduce_dtype": "bf16", "parallelism": "ddp", "precision": "bf16"}, "applies to parallelism 'fsdp' only"),
+        ({"reduce_dtype": "bf16", "parallelism": "fsdp"}, "reduce_dtype='bf16' does not fit precision 'fp32'; valid: 'fp32'"),
+        ({"reduce_dtype": "fp16", "parallelism": "fsdp", "precision": "bf16-mixed"}, "its compute dtype 'bf16'"),
+        ({"parallelism": "fsdp", "model": "mlp"}, "model 'mlp' has no transformer blocks for fsdp"),
+    ],
+)
+def test_combinations_that_make_no_sense_are_refused_naming_the_values(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunConfig(**values)
+
+
+def test_the_reduce_dtype_may_be_the_compute_dtype_of_any_reduced_precision() -> None:
+    for precision, reduce in (("bf16-true", "bf16"), ("fp16-mixed", "fp16"), ("fp8-mixed", "bf16"), ("tf32", "fp32")):
+        assert RunConfig(parallelism="fsdp", nproc=2, precision=precision, reduce_dtype=reduce).reduce_dtype == reduce
+    assert RunConfig(parallelism="ddp", model="mlp").parallelism == "ddp"  # DDP runs any model

@@ -719,3 +719,44 @@ def test_tf32_is_on_during_a_tf32_run_and_restored_after(tiny_config, saved_tf32
     on = result.plan["effective"] == "tf32"  # an Ampere or newer GPU
     assert observer.seen == [(on, on)] * 3
     assert tf32_flags() == (False, True)
+
+
+# --- under DDP and FSDP2: what parameters are gathered in and gradients reduced in -------------------
+
+
+def test_ddp_reduces_gradients_in_their_own_dtype() -> None:
+    caps = Capabilities(fp16_fast=True)
+    assert resolve_precision("bf16-mixed", caps, parallelism="ddp").reduce_dtype == torch.float32
+    plan = resolve_precision("bf16-true", caps, parallelism="ddp")
+    assert (plan.reduce_dtype, plan.gather_dtype, plan.label) == (torch.bfloat16, None, "ddp bf16-true")
+    single = resolve_precision("bf16-mixed", caps)
+    assert (single.parallelism, single.reduce_dtype, single.label) == ("none", None, "bf16-mixed")
+
+
+@pytest.mark.parametrize(
+    "precision,reduce,gather,reduced,label",
+    [
+        ("fp32", "fp32", None, torch.float32, "fsdp fp32"),
+        ("bf16-mixed", "fp32", torch.bfloat16, torch.float32, "fsdp bf16-mixed (reduce fp32)"),
+        ("bf16-mixed", "bf16", torch.bfloat16, torch.bfloat16, "fsdp bf16-mixed (reduce bf16)"),
+        ("fp16-mixed", "fp16", torch.float16, torch.float16, "fsdp fp16-mixed (reduce fp16)"),
+        ("bf16-true", "fp32", None, torch.float32, "fsdp bf16-true (reduce fp32)"),
+    ],
+)
+def test_fsdp_gathers_mixed_parameters_in_the_compute_dtype_and_reduces_in_the_chosen_one(
+    precision: str, reduce: str, gather: torch.dtype | None, reduced: torch.dtype, label: str
+) -> None:
+    plan = resolve_precision(precision, Capabilities(fp16_fast=True), parallelism="fsdp", reduce_dtype=reduce)
+    assert (plan.gather_dtype, plan.reduce_dtype, plan.label) == (gather, reduced, label)
+    assert plan.param_dtype == resolve_precision(precision, Capabilities(fp16_fast=True)).param_dtype  # fp32 master
+    assert plan.to_dict()["reduce_dtype"] == reduce and plan.fallback_reason is None
+
+
+def test_a_reduce_dtype_follows_a_fallback_with_the_reason_and_a_misfit_is_refused() -> None:
+    plan = resolve_precision("fp16-mixed", Capabilities(fp16_fast=False), parallelism="fsdp", reduce_dtype="fp16")
+    assert plan.effective == "bf16-mixed" and plan.reduce_dtype == torch.bfloat16
+    assert plan.fallback_reason.endswith("; then gradients reduced in bf16 (not fp16): the precision runs as bf16-mixed")
+    with pytest.raises(ValueError, match="reduce_dtype='bf16' does not fit precision 'fp16-mixed'"):
+        resolve_precision("fp16-mixed", Capabilities(fp16_fast=True), parallelism="fsdp", reduce_dtype="bf16")
+    plain = resolve_precision("fp16-mixed", Capabilities(fp16_fast=True)).with_parallelism("fsdp", "fp16")
+    assert plain.with_parallelism("none").label == "fp16-mixed" and plain.with_parallelism("none").reduce_dtype is None

@@ -23,6 +23,7 @@ from amp_lib.report import (
     Recommendation,
     Stat,
     SweepReport,
+    base_precision,
     build_report,
     check_tolerance,
     comparison_table,
@@ -1040,3 +1041,25 @@ def test_a_precision_that_skipped_steps_names_the_first_layer_to_overflow_and_th
             "its input cast to float32"
         ),
     )
+
+
+# --- runs over several processes: one row per precision and reduce dtype ------------------------------
+
+
+def test_fsdp_rows_name_the_reduce_dtype_and_are_measured_against_fsdp_fp32() -> None:
+    fsdp = {"parallelism": "fsdp", "nproc": 2}
+    results = [
+        make_result("fp32", tps=1000.0, plan={"reduce_dtype": "fp32"}, **fsdp, reduce_dtype="fp32"),
+        make_result("bf16-mixed", tps=1500.0, plan={"reduce_dtype": "fp32"}, **fsdp, reduce_dtype="fp32"),
+        make_result("bf16-mixed", tps=2000.0, plan={"reduce_dtype": "bf16"}, **fsdp, reduce_dtype="bf16"),
+        make_result("fp32", tps=500.0),  # one process: a setting of its own
+    ]
+    rows = comparison_table(results)
+    assert [(r.setting, r.requested) for r in rows] == [
+        ("gpt-tiny nproc=2 parallelism='fsdp'", "fsdp fp32"),
+        ("gpt-tiny nproc=2 parallelism='fsdp'", "fsdp bf16-mixed (reduce bf16)"),
+        ("gpt-tiny nproc=2 parallelism='fsdp'", "fsdp bf16-mixed (reduce fp32)"),
+        ("gpt-tiny nproc=None parallelism=None", "fp32"),
+    ]
+    assert [r.speedup.mean for r in rows] == [1.0, 2.0, 1.5, 1.0]  # against fsdp fp32, not the single process
+    assert rows[0].is_baseline and not rows[1].is_baseline and base_precision(rows[1].requested) == "bf16-mixed"

@@ -505,3 +505,20 @@ def test_eval_curves_headroom_and_profile_round_trip(tmp_path: Path) -> None:
     upgraded = RunResult.from_dict(old)
     assert upgraded.config == {"timing_warmup_steps": 3} and upgraded.metrics.items_per_s == 9.0
     assert (upgraded.evals, upgraded.headroom, upgraded.profile) == ((), None, None)
+
+
+# --- runs over several processes: per-rank memory, global items per step -----------------------------
+
+
+def test_the_per_rank_fields_round_trip_and_a_file_without_them_still_loads(tmp_path: Path) -> None:
+    metrics = Metrics(peak_memory_mb=30.0, peak_memory_mb_ranks=(30.0, 24.5), items_per_step=256)
+    result = RunResult(config={"nproc": 2}, plan={"reduce_dtype": "bf16"}, metrics=metrics)
+    loaded = RunResult.load(result.save(tmp_path / "r.json"))
+    assert loaded == result and loaded.metrics.peak_memory_mb_ranks == (30.0, 24.5)
+    assert loaded.metrics.peak_memory_spread_mb == 5.5 and Metrics().peak_memory_spread_mb is None
+    older = result.to_dict()
+    for name in ("peak_memory_mb_ranks", "items_per_step", "comm_time_ms"):
+        del older["metrics"][name]
+    back = RunResult.from_dict(older)
+    assert back.metrics.items_per_step is None and back.metrics.peak_memory_mb_ranks is None
+    assert back.schema_version == 2

@@ -244,3 +244,17 @@ def test_a_recipe_is_spelt_out_under_what_the_user_set(tmp_path: Path) -> None:
     assert (p["model"], p["seq_len"], p["dropout"], p["eval_every"]) == ("gpt-small", 256, 0.2, 250)  # the recipe's
     assert (p["steps"], p["timing_warmup_steps"], p["lr_decay_steps"]) == (30, 5, 0)  # the user's, even at defaults
     assert "recipe" not in p and RunConfig.from_dict({k: v for k, v in p.items() if k != "wandb_group"}).steps == 30
+
+
+# --- runs over several processes --------------------------------------------------------------------
+
+
+def test_nproc_alone_runs_ddp_and_a_parallelism_the_user_set_is_kept(tmp_path: Path) -> None:
+    caps = Capabilities()
+    (ddp,) = expand_grid(tmp_path, caps, ["fp32"], grid=parse_params(["nproc=2"]))
+    assert ddp.parameters["nproc"] == 2 and ddp.parameters["parallelism"] == "ddp"
+    (fsdp,) = expand_grid(tmp_path, caps, ["fp32"], grid=parse_params(["nproc=2", "parallelism=fsdp"]))
+    assert fsdp.parameters["parallelism"] == "fsdp"
+    (one,) = expand_grid(tmp_path, caps, ["fp32"], grid=parse_params(["nproc=1"]))
+    assert "parallelism" not in one.parameters
+    assert run_problems([ddp, fsdp, one]) == []

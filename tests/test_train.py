@@ -382,6 +382,24 @@ def test_observers_see_start_every_flush_and_end(user_models):
     assert observer.ended == [result]
 
 
+def test_time_spent_in_observers_is_not_training_time(user_models):
+    """A live figure or progress bar drawing at each flush must not inflate time-to-quality."""
+    import time
+
+    class Slow(KeepingObserver):
+        def on_log(self, rows, items_per_step) -> None:
+            super().on_log(rows, items_per_step)
+            time.sleep(0.25)
+
+    config = user_run("build_ok", steps=6, log_every=2)
+    began = time.perf_counter()
+    result = train(config, [Slow()], write=False)
+    wall = time.perf_counter() - began
+    slept = 0.25 * 3
+    assert result.ok and wall > slept
+    assert result.metrics.train_time_s < wall - slept + 0.05
+
+
 @pytest.mark.slow
 def test_result_file_is_written_and_loads_equal(user_models, tmp_path):
     config = user_run("build_ok", out_dir=str(tmp_path))

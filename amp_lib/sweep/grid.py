@@ -94,6 +94,8 @@ def expand_grid(
         values.setdefault("model", default_model_for(caps.device_type))
         if "steps" in user and "lr_decay_steps" not in user and recipe.get("lr_decay_steps") == recipe.get("steps"):
             values["lr_decay_steps"] = values["steps"] if values["steps"] > values.get("lr_warmup_steps", 0) else 0
+        if user.get("nproc", 1) > 1 and "parallelism" not in user:
+            values["parallelism"] = "ddp"  # -p nproc=2 alone: DDP, the one parallelism every model runs under
         if "steps" in user and "timing_warmup_steps" not in user:
             # A default that depends on a value the user set: -p steps=5 must not fail on a warm-up of 8.
             default = values.get("timing_warmup_steps", RunConfig().timing_warmup_steps)

@@ -1,0 +1,444 @@
+"""`amp_lib.distributed`: runs over several processes under torchrun (gloo on CPU), DDP and FSDP2, the
+launcher that `train()` uses outside torchrun, and what ends up in the result.
+
+The slow tests start real torchrun jobs; a launch costs seconds of torch imports per process on 2 cores, so
+several checks share one launch: this file is also the script torchrun runs (`__main__` at the bottom),
+which joins one process group and trains several configs in it, each rank writing what it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from amp_lib.config import RunConfig
+from amp_lib.distributed import (
+    Ranks,
+    RankSlice,
+    gather_floats,
+    gradient_sync,
+    in_torchrun,
+    local_tensor,
+    mean_over_ranks,
+    root_cause,
+    torchrun_command,
+    transformer_blocks,
+)
+from amp_lib.models import build_workload
+from amp_lib.report import build_report
+from amp_lib.results import RunResult, load_results, load_sweep
+from amp_lib.train import train
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# One tiny language-model run: 2 processes x 4 sequences of 16 tokens against 1 process x 8.
+BASE: dict[str, Any] = {
+    "model": "gpt-tiny", "steps": 4, "seq_len": 16, "log_every": 2, "timing_warmup_steps": 1, "eval_batches": 2,
+    "device": "cpu", "lr": 3e-3,
+}  # fmt: skip
+OVERFLOW_AT = 2  # the micro-batch whose rank-1 rows overflow fp16 (see `gate`)
+KILL_AT = 3  # the forward call on rank 1 that kills its own process (see `killed_on_rank_1`)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@cache
+def single_process(out: str) -> RunResult:
+    """The reference: one process with the whole global batch (8), same seed."""
+    return train(RunConfig(**BASE, batch_size=8, out_dir=out, run_name="single"), write=False)
+
+
+# --- models the worker processes import (as "test_distributed:<name>") ------------------------------
+
+CAPTURED: dict[str, nn.Module] = {}
+
+
+class Gate(nn.Module):
+    """One linear block: a weight of 8 rows, which FSDP shards into rows 0-3 (rank 0) and 4-7 (rank 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8, bias=False)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def weighted_sum(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (out.float() * weights).mean()
+
+
+def gate(config: RunConfig) -> tuple[nn.Module, Any, Any]:
+    """Global batches of `batch_size` rows; at micro-batch OVERFLOW_AT the rows of rank 1 (the second half)
+    weigh outputs 4-7 by 1e36, so the scaled gradient overflows there only: under FSDP only rank 1's shard
+    of the weight holds the inf, under DDP the all-reduce spreads it."""
+    torch.manual_seed(config.seed)
+    model = CAPTURED["gate"] = Gate()
+
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(100 + i)
+        x = torch.randn(config.batch_size, 8, generator=gen)
+        w = torch.full((config.batch_size, 8), 0.1)
+        if i == OVERFLOW_AT:
+            w[config.batch_size // 2 :, 4:] = 1e36
+        return x, w
+
+    return model, batch, weighted_sum
+
+
+def killed_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
+    """A linear model whose rank-1 process writes its pid (and torchrun's) and SIGKILLs itself mid-run."""
+    rank = int(os.environ.get("RANK", "0"))
+    Path(os.environ["AMP_TEST_PIDS"], f"rank{rank}").write_text(f"{os.getpid()} {os.getppid()}")
+    model = nn.Linear(8, 1)
+    calls = [0]
+
+    def forward_hook(module: nn.Module, args: Any) -> None:
+        calls[0] += 1
+        if rank == 1 and calls[0] == KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    model.register_forward_pre_hook(forward_hook)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(config.batch_size, 8, generator=gen), torch.randn(config.batch_size, 1, generator=gen))
+        for _ in range(4)
+    ]
+    return model, batches, torch.nn.functional.mse_loss
+
+
+# --- data: each rank's slice of the global batch ---------------------------------------------------
+
+
+def test_the_ranks_slices_are_disjoint_and_together_the_global_batch() -> None:
+    config = RunConfig(**BASE, batch_size=8)
+    whole = build_workload(config, torch.device("cpu")).train_batches
+    slices = [RankSlice(whole, Ranks(rank, 2)) for rank in (0, 1)]
+    for i in (0, 3):
+        x, y = whole[i]
+        parts = [s[i] for s in slices]
+        assert all(p[0].shape == (4, 16) for p in parts) and len(slices[0]) == len(whole)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+def test_a_batch_that_does_not_split_evenly_names_its_rows_and_the_processes() -> None:
+    batches = [(torch.zeros(5, 3), torch.zeros(5))]
+    with pytest.raises(ValueError, match="a batch of 5 rows does not split evenly over 2 processes"):
+        RankSlice(batches, Ranks(1, 2))[0]
+
+
+# --- the model: what FSDP shards, gradient sync ---------------------------------------------------
+
+
+def test_fsdp_shards_the_blocks_of_the_outermost_module_list() -> None:
+    config = RunConfig(**BASE)
+    model = build_workload(config, torch.device("cpu")).model
+    assert transformer_blocks(model) == list(model.blocks)
+    gate_model = Gate()
+    assert transformer_blocks(gate_model) == [gate_model.blocks[0]]
+    assert transformer_blocks(nn.Sequential(nn.Linear(2, 2), nn.GELU())) == []  # an MLP: nothing to shard per block
+
+
+def test_without_a_process_group_the_collectives_are_the_identity() -> None:
+    t = torch.tensor([1.0, 2.0])
+    assert mean_over_ranks(t) is t and gather_floats(3.5, torch.device("cpu")) == [3.5]
+    assert not in_torchrun()
+    model = nn.Linear(2, 2)
+    with gradient_sync(model, sync=False):  # a plain module has no gradient sync to skip
+        model(torch.ones(1, 2)).sum().backward()
+    assert model.weight.grad is not None
+
+
+# --- the launcher ---------------------------------------------------------------------------------
+
+
+def test_torchrun_is_this_interpreters_with_a_free_port_and_the_train_module(tmp_path: Path) -> None:
+    cmd = torchrun_command(tmp_path / "c.json", tmp_path / "r.json", tmp_path / "logs", 3)
+    assert cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert "--nproc-per-node=3" in cmd and cmd[cmd.index("-m", 3) + 1] == "amp_lib.train"
+    assert cmd[-4:] == ["--config", str(tmp_path / "c.json"), "--result", str(tmp_path / "r.json")]
+
+
+TORCHRUN_FAILURE = """  time      : 2026-11-25_19:03:45
+  host      : localhost
+  rank      : {0} (local_rank: {0})
+  exitcode  : {1} (pid: 42)  ({2})
+  error_file: <N/A>
+  traceback : Signal {3} ({2}) received by PID 42
+"""
+
+
+def test_the_root_cause_is_the_earliest_error_file_of_a_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    for rank, text in ((1, "boom on rank 1"), (0, "later on rank 0")):
+        path = tmp_path / "run" / "attempt_0" / str(rank) / "error.json"
+        path.parent.mkdir(parents=True)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+        try:
+            raise ValueError(text)
+        except ValueError as exc:
+            ErrorHandler().record_exception(exc)  # what @record writes in a failing worker
+        time.sleep(1.1)  # the error files stamp whole seconds
+    cause = root_cause(tmp_path, "")
+    assert cause.startswith("rank 1: ValueError: boom on rank 1") and "Traceback" in cause
+    # torchrun's summary when rank 1 was killed and torchrun then stopped rank 0 (as torch 2.13 prints it)
+    summary = (
+        "Failures:\n[1]:\n"
+        + TORCHRUN_FAILURE.format(0, -15, "SIGTERM", 15)
+        + "Root Cause (first observed failure):\n[0]:\n"
+    )
+    summary += TORCHRUN_FAILURE.format(1, -9, "SIGKILL", 9)
+    expected = "rank 1 was killed (exitcode -9): Signal 9 (SIGKILL) received by PID 42"
+    assert root_cause(tmp_path, summary) == root_cause(tmp_path / "none", summary) == expected
+    stopped = "Root Cause (first observed failure):\n[0]:\n" + TORCHRUN_FAILURE.format(0, -15, "SIGTERM", 15)
+    assert root_cause(tmp_path / "none", stopped).endswith(stopped.strip())  # no better cause: torchrun's words
+
+
+# --- under torchrun -------------------------------------------------------------------------------
+
+
+class Rows:
+    """A RunObserver that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.rows: list[Any] = []
+        self.items = 0
+
+    def on_start(self, config: RunConfig, plan: Any) -> None:
+        self.calls.append(f"start {plan.label}")
+
+    def on_log(self, rows: Any, items_per_step: int) -> None:
+        self.calls.append("log")
+        self.rows += list(rows)
+        self.items = items_per_step
+
+    def on_end(self, result: RunResult) -> None:
+        self.calls.append(f"end {result.status}")
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    observer = Rows()
+    config = RunConfig(
+        **BASE, batch_size=4, parallelism="ddp", nproc=2, profile_step=True, out_dir=str(tmp_path / "out")
+    )
+    result = train(config, [observer])
+    reference = single_process(str(tmp_path))
+    assert result.ok, result.error
+    assert [f.name for f in (tmp_path / "out").iterdir()] == [config.result_path.name]  # rank 0's, nothing else
+    assert RunResult.load(config.result_path) == result
+    losses = [r.loss for r in result.history]
+    assert losses == pytest.approx([r.loss for r in reference.history], rel=1e-4)
+    assert result.metrics.eval_loss == pytest.approx(reference.metrics.eval_loss, rel=1e-4)
+    # replayed to the observers as a run in this process would report it, with the global batch's tokens
+    assert observer.calls == ["start ddp fp32", "log", "end ok"] and observer.rows == list(result.history)
+    assert observer.items == result.metrics.items_per_step == 8 * 16
+    assert len(result.metrics.peak_memory_mb_ranks) == 2
+    assert result.metrics.peak_memory_mb == max(result.metrics.peak_memory_mb_ranks)
+    assert result.plan["parallelism"] == "ddp" and result.plan["reduce_dtype"] == "fp32"
+    assert result.metrics.param_memory_mb == pytest.approx(reference.metrics.param_memory_mb)  # a full replica
+    # the profiled step saw DDP's gradient all-reduce; a single process has none to report
+    assert result.metrics.comm_time_ms is not None and result.metrics.comm_time_ms > 0
+    assert reference.metrics.comm_time_ms is None
+
+
+def _scenarios(out: Path) -> dict[str, RunConfig]:
+    fsdp = {**BASE, "batch_size": 4, "parallelism": "fsdp", "nproc": 2, "out_dir": str(out / "results")}
+    overflow = {
+        "model": "test_distributed:gate", "steps": 4, "batch_size": 4, "log_every": 4, "timing_warmup_steps": 1,
+        "eval_batches": 1, "device": "cpu", "precision": "fp16-mixed", "allow_slow": True, "init_scale": 1024.0,
+        "grad_clip": None, "nproc": 2, "out_dir": str(out / "results"),
+    }  # fmt: skip
+    return {
+        "fsdp-fp32": RunConfig(**fsdp, run_name="fsdp-fp32"),
+        "fsdp-bf16-reduce-fp32": RunConfig(
+            **{**fsdp, "steps": 2, "grad_clip": None}, precision="bf16-mixed", run_name="reduce-fp32"
+        ),
+        "fsdp-bf16-reduce-bf16": RunConfig(
+            **{**fsdp, "steps": 2, "grad_clip": None},
+            precision="bf16-mixed",
+            reduce_dtype="bf16",
+            run_name="reduce-bf16",
+        ),
+        "ddp-overflow": RunConfig(**overflow, parallelism="ddp", run_name="ddp-overflow"),
+        "fsdp-overflow": RunConfig(**overflow, parallelism="fsdp", run_name="fsdp-overflow"),
+    }
+
+
+def _worker(out: Path) -> None:
+    """Run by torchrun: every scenario in one process group; each rank writes what it saw, per scenario."""
+    import test_distributed  # the module the workloads are imported from, not this __main__
+    import torch.distributed as dist
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    seen: dict[str, list[dict[str, Any]]] = {}
+
+    def grads_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [
+            local_tensor(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+        seen.setdefault(current, []).append({
+            "dtypes": sorted({str(g.dtype) for g in grads}),
+            "bf16_exact": all(torch.equal(g, g.bfloat16().float()) for g in grads),
+            "weights": sum(float(local_tensor(p).double().sum()) for group in optimizer.param_groups for p in group["params"]),
+        })  # fmt: skip
+
+    hook = register_optimizer_step_pre_hook(grads_before_step)
+    report: dict[str, Any] = {}
+    for current, config in _scenarios(out).items():
+        result = train(config)
+        entry = {"status": result.status, "error": result.error, "history": [vars(r) for r in result.history]}
+        entry["eval_loss"] = result.metrics.eval_loss
+        entry["param_memory_mb"] = result.metrics.param_memory_mb
+        entry["steps_seen"] = seen.get(current, [])
+        if current.endswith("overflow"):
+            weight = test_distributed.CAPTURED["gate"].blocks[0].weight
+            full = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+            entry["weight"] = full.detach().double().flatten().tolist()
+        report[current] = entry
+    hook.remove()
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def _agreed(history: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What every rank must log alike (step times are each rank's own)."""
+    return [(h["step"], h["loss"], h["grad_norm"], h["skipped"], h["loss_scale"]) for h in history]
+
+
+@pytest.fixture(scope="module")
+def under_torchrun(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """One torchrun job of 2 processes running every scenario of `_scenarios`: (folder, per-rank reports)."""
+    out = tmp_path_factory.mktemp("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, str(out)],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_matches_one_process_and_shards_the_memory(under_torchrun: Any, tmp_path: Path) -> None:
+    out, (rank0, rank1) = under_torchrun
+    reference = single_process(str(tmp_path))
+    run = rank0["fsdp-fp32"]
+    assert run["status"] == "ok", run["error"]
+    assert [r["loss"] for r in run["history"]] == pytest.approx([r.loss for r in reference.history], rel=1e-4)
+    assert run["eval_loss"] == pytest.approx(reference.metrics.eval_loss, rel=1e-4)
+    assert _agreed(run["history"]) == _agreed(rank1["fsdp-fp32"]["history"])  # every rank logged the same
+    # each rank holds about half of the parameters (shards are padded to equal sizes)
+    assert 0.45 < run["param_memory_mb"] / reference.metrics.param_memory_mb < 0.6
+    names = sorted(p.name for p in (out / "results").iterdir())  # rank 0 alone wrote, one file per run
+    assert names == sorted(f"{c.run_name}.json" for c in _scenarios(out).values())
+    saved = RunResult.load(out / "results" / "fsdp-fp32.json")
+    assert saved.plan["parallelism"] == "fsdp" and saved.metrics.items_per_step == 8 * 16
+
+
+@pytest.mark.slow
+def test_fsdp_reduces_gradients_in_the_dtype_the_plan_names(under_torchrun: Any) -> None:
+    out, ranks = under_torchrun
+    for name, reduce in (("fsdp-bf16-reduce-fp32", "fp32"), ("fsdp-bf16-reduce-bf16", "bf16")):
+        saved = RunResult.load(out / "results" / f"reduce-{reduce}.json")
+        assert saved.ok and saved.plan["reduce_dtype"] == reduce and saved.plan["gather_dtype"] == "bfloat16"
+        for rank in ranks:
+            steps = rank[name]["steps_seen"]
+            assert len(steps) == 2 and all(s["dtypes"] == ["torch.float32"] for s in steps)  # fp32 master shards
+            # bf16 gradients summed in bf16 stay bf16 numbers; summed in fp32 they need more mantissa
+            assert [s["bf16_exact"] for s in steps] == [reduce == "bf16"] * 2, (name, steps)
+    losses = {r: [h["loss"] for h in ranks[0][f"fsdp-bf16-reduce-{r}"]["history"]] for r in ("fp32", "bf16")}
+    assert losses["fp32"][1] < losses["fp32"][0] and losses["bf16"][1] < losses["bf16"][0]  # both train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_an_overflow_on_one_rank_is_skipped_on_every_rank_and_the_scale_backs_off_once(
+    under_torchrun: Any, parallelism: str
+) -> None:
+    out, ranks = under_torchrun
+    runs = [rank[f"{parallelism}-overflow"] for rank in ranks]
+    for run in runs:
+        assert run["status"] == "ok", run["error"]
+        assert [h["skipped"] for h in run["history"]] == [i == OVERFLOW_AT for i in range(4)]
+        assert [h["loss_scale"] for h in run["history"]] == [1024.0, 1024.0, 512.0, 512.0]
+        # the fused optimizer is called every step and takes the skip from the scaler: the weights before each
+        # call show that the skipped step left them as they were, and that the others moved them
+        before = [s["weights"] for s in run["steps_seen"]]
+        assert len(before) == 4 and before[OVERFLOW_AT + 1] == before[OVERFLOW_AT] != before[OVERFLOW_AT - 1]
+    assert _agreed(runs[0]["history"]) == _agreed(runs[1]["history"])
+    assert runs[0]["weight"] == runs[1]["weight"]  # the replicas (or the shards' whole) agree
+    saved = RunResult.load(out / "results" / f"{parallelism}-overflow.json")  # reported once, by rank 0
+    assert saved.metrics.skipped_steps == 1 and saved.metrics.min_loss_scale == 512.0
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv("AMP_TEST_PIDS", str(pids))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
+    out = tmp_path / "results"
+    finished = RunResult(config={"run_name": "earlier"}, plan={}).save(out / "earlier.json")
+    before = finished.read_bytes()
+    config = RunConfig(
+        model="test_distributed:killed_on_rank_1", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
+        device="cpu", parallelism="ddp", nproc=2, out_dir=str(out), run_name="killed",
+    )  # fmt: skip
+    observer = Rows()
+    result = train(config, [observer])
+    assert result.status == "failed" and "exitcode" in result.error and "-9" in result.error, result.error
+    assert RunResult.load(out / "killed.json").status == "failed" and observer.calls[-1] == "end failed"
+    assert finished.read_bytes() == before  # a finished result is untouched
+    seen = {int(p) for f in pids.iterdir() for p in f.read_text().split()}  # both workers and torchrun's agent
+    assert len(seen) == 3
+    assert [p for p in seen if _alive(p)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_a_sweep_with_nproc_2_runs_under_torchrun_and_its_report_shows_the_parallel_run(tmp_path: Path) -> None:
+    argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "-p", "nproc=2", "-p", "device=cpu",
+            "-p", "model=gpt-tiny", "-p", "steps=4", "-p", "timing_warmup_steps=1", "-p", "batch_size=2",
+            "-p", "seq_len=16", "-p", "log_every=2", "-p", "eval_batches=2", "-p", "wandb_mode=disabled",
+            "--no-report"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "amp_lib.sweep", *argv], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (result,) = load_results(tmp_path / "sw" / "results")
+    assert result.ok and result.config["parallelism"] == "ddp" and result.config["nproc"] == 2
+    assert result.metrics.items_per_step == 2 * 2 * 16 and len(result.metrics.peak_memory_mb_ranks) == 2
+    report = build_report(load_sweep(tmp_path / "sw"))  # what summary.md and report.ipynb show (--no-report: no kernel)
+    (row,) = report.comparisons
+    assert row.requested == "ddp fp32" and "| ddp fp32 |" in report.summary_markdown()
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
