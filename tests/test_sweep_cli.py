@@ -28,10 +28,12 @@ from amp_lib.config import RECIPES, RunConfig, parameter_names
 from amp_lib.precision import Capabilities, valid_precision_names
 from amp_lib.report import SweepReport, build_report
 from amp_lib.results import RunResult, load_sweep
-from amp_lib.sweep.cli import SweepResult, _csv, build_parser, main, sweep
-from amp_lib.sweep.execute import Outcome, Settings
+from amp_lib.sweep.cli import SweepRefused, SweepResult, _csv, build_parser, main, make_executor, sweep
+from amp_lib.sweep.execute import LocalExecutor, Outcome, Settings
 from amp_lib.sweep.grid import SweepRun, expand_grid
 from amp_lib.sweep.lock import LOCK_NAME, FolderLocked, SweepLock
+from amp_lib.sweep.ray_executor import RayExecutor
+from amp_lib.sweep.slurm_executor import SlurmExecutor
 
 CPU = Capabilities(device_type="cpu", device_name="test-cpu")
 ARGS = ["-p", "device=cpu", "-p", "steps=9", "-p", "wandb_mode=disabled"]
@@ -108,7 +110,10 @@ def test_csv_and_parser_defaults() -> None:
 
 HELP = """\
 usage: python -m amp_lib.sweep [-h] --out OUT [--precisions PRECISIONS] [--seeds SEEDS]
-                               [-p KEY=V1[,V2]] [--workers WORKERS] [--force] [--kernel KERNEL]
+                               [-p KEY=V1[,V2]] [--workers WORKERS] [--force]
+                               [--executor {local,ray,slurm}] [--ray-address ADDRESS]
+                               [--ray-dashboard] [--slurm-partition NAME] [--slurm-time MIN]
+                               [--slurm-gpus-per-run N] [--sbatch KEY=VALUE] [--kernel KERNEL]
                                [--timeout TIMEOUT] [--tolerance TOLERANCE] [--no-report]
 
 Run notebooks/train.ipynb over precisions x seeds x parameters with papermill, then the report.
@@ -123,6 +128,19 @@ options:
                         any RunConfig field (or wandb_mode/project/group); repeatable
   --workers WORKERS     runs in parallel, one process each (one GPU each on multi-GPU machines)
   --force               re-run runs whose results are already complete
+  --executor {local,ray,slurm}
+                        where runs execute: this machine (default), a Ray cluster, Slurm jobs
+                        (docs/clusters.md)
+  --ray-address ADDRESS
+                        Ray cluster to use: auto, host:port or ray://host:port (default: a local
+                        one)
+  --ray-dashboard       start the local Ray instance with its dashboard
+  --slurm-partition NAME
+                        Slurm partition (default: the cluster's default)
+  --slurm-time MIN      minutes each run's job may take (default 60)
+  --slurm-gpus-per-run N
+                        GPUs per job (default: nproc for cuda runs, else 0)
+  --sbatch KEY=VALUE    extra sbatch option, e.g. mem=16G; repeatable
   --kernel KERNEL       Jupyter kernel to run the notebooks with (default amp-workbook)
   --timeout TIMEOUT     seconds a notebook cell may run (default 3600)
   --tolerance TOLERANCE
@@ -156,6 +174,24 @@ def test_bad_command_lines_exit_2_with_one_error_line_and_write_nothing(
     assert main(["--out", str(tmp_path / "sw"), *argv, *NO_KERNEL]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(f"error: {message}") and captured.err.count("\n") == 1
+    assert not (tmp_path / "sw").exists()
+
+
+def test_the_command_line_picks_the_executor_with_its_options() -> None:
+    def executor(*argv: str) -> object:
+        return make_executor(build_parser().parse_args(["--out", "o", *argv]))
+
+    assert executor() == LocalExecutor(1) and executor("--workers", "3") == LocalExecutor(3)
+    assert executor("--executor", "ray") == RayExecutor(None, dashboard=False)
+    assert executor("--executor", "ray", "--ray-address", "auto", "--ray-dashboard") == RayExecutor("auto", True)
+    slurm = executor("--executor", "slurm", "--slurm-partition", "gpu", "--slurm-time", "30",
+                     "--slurm-gpus-per-run", "2", "--sbatch", "mem=8G", "--sbatch", "qos=high")  # fmt: skip
+    assert slurm == SlurmExecutor("gpu", 30, 2, {"mem": "8G", "qos": "high"})
+
+
+def test_workers_and_another_executor_are_refused_together(tmp_path: Path) -> None:
+    with pytest.raises(SweepRefused, match="workers=2 applies to the local executor; RayExecutor places runs itself"):
+        sweep(tmp_path / "sw", ["fp32"], [0], PARAMS, workers=2, executor=RayExecutor(), settings=NO_KERNEL_SETTINGS)
     assert not (tmp_path / "sw").exists()
 
 

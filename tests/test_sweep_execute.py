@@ -30,11 +30,11 @@ from amp_lib.sweep.cli import main
 from amp_lib.sweep.execute import (
     COMPLETE,
     CONCURRENT_RUNS_ENV,
+    LocalExecutor,
     Outcome,
     Settings,
     _init_worker,
     _is_port_race,
-    _stamp,
     _visible_gpus,
     cpu_threads,
     error_text,
@@ -42,10 +42,12 @@ from amp_lib.sweep.execute import (
     failed_result,
     is_complete,
     kernel_environment,
+    lost_run,
     outcome_line,
     reuse_identical,
     run_sweep,
     same_config,
+    stamp,
     wandb_run_id,
 )
 from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params
@@ -220,12 +222,12 @@ def test_settings_defaults() -> None:
     assert Path(s.notebooks, "train.ipynb").exists() and Path(s.notebooks, "compare.ipynb").exists()
 
 
-def test_stamp_changes_when_a_file_is_replaced(tmp_path: Path) -> None:
+def teststamp_changes_when_a_file_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
-    assert _stamp(path) is None
+    assert stamp(path) is None
     path.write_text("a")
     st = path.stat()
-    assert _stamp(path) == (st.st_ino, st.st_mtime_ns)
+    assert stamp(path) == (st.st_ino, st.st_mtime_ns)
 
 
 def test_execute_run_creates_its_folders_and_records_the_papermill_call(tmp_path: Path) -> None:
@@ -355,6 +357,34 @@ def test_ctrl_c_stops_the_sweep_and_keeps_the_finished_runs(
     assert [(o.name, o.status) for o in outcomes] == [(runs[0].name, "failed")]
     assert runs[0].result_path.exists() and not runs[1].result_path.exists()  # the second run never started
     assert not (tmp_path / "sw" / "runs" / f"{runs[1].name}.ipynb").exists()
+
+
+# --- executors: a run lost by the engine, the local executor ---
+
+
+def test_a_lost_run_is_recorded_failed_unless_it_wrote_a_final_result_since_it_was_handed_out(tmp_path: Path) -> None:
+    (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], {"device": ["cpu"], "steps": [9]})
+    assert lost_run(run, "Slurm job 3 ended TIMEOUT", stamp(run.result_path)) == Outcome(
+        run.name, "failed", "Slurm job 3 ended TIMEOUT"
+    )
+    saved = RunResult.load(run.result_path)
+    assert saved.status == "failed" and saved.config["steps"] == 9 and saved.plan["effective"] == "fp32"
+    before = stamp(run.result_path)
+    _saved_result(run, "oom")  # the run finished (out of memory) before its worker died: that result stands
+    assert lost_run(run, "worker died", before) == Outcome(run.name, "oom", "oom: first line\nsecond")
+    assert RunResult.load(run.result_path).status == "oom"
+    finished = stamp(run.result_path)  # an old complete result, e.g. under --force: the lost run replaces it
+    assert lost_run(run, "worker died", finished).status == "failed"
+    assert RunResult.load(run.result_path).error == "worker died"
+    before = stamp(run.result_path)
+    _saved_result(run, "failed")  # a `failed` result written by the run itself: the engine's reason wins
+    assert lost_run(run, "Slurm job 4 ended CANCELLED", before).error == "Slurm job 4 ended CANCELLED"
+
+
+def test_the_local_executor_runs_as_many_at_once_as_it_has_workers_and_runs(tmp_path: Path) -> None:
+    runs = expand_grid(tmp_path, CPU, ["fp32", "bf16"], [0, 1], {"device": ["cpu"]})
+    assert [LocalExecutor(w).concurrency(runs) for w in (0, 1, 3, 9)] == [1, 1, 3, 4]
+    assert LocalExecutor(4).concurrency([]) == 1
 
 
 # --- the worker pool ---

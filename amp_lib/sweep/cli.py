@@ -2,6 +2,8 @@
 
     python -m amp_lib.sweep --out sweeps/default                      # native precisions, device defaults
     python -m amp_lib.sweep --out sweeps/lr --precisions fp32,bf16 --seeds 0,1,2 -p lr=1e-3,3e-3 --workers 2
+    python -m amp_lib.sweep --out /shared/sweeps/lr --executor ray --ray-address auto ...     # a Ray cluster
+    python -m amp_lib.sweep --out /shared/sweeps/lr --executor slurm --slurm-partition gpu ... # Slurm jobs
 
 Layout of `<out>`: `runs/<run_name>.ipynb` (each executed notebook), `results/<run_name>.json`,
 `report.ipynb`, `report.html`, `figures/*.png`, `summary.md`, `sweep.json` (the runs of the grid last
@@ -26,10 +28,12 @@ from amp_lib.config import PROJECT
 from amp_lib.precision import parse_precision, probe, valid_precision_names
 from amp_lib.report import DEFAULT_TOLERANCE, SweepReport, build_report, check_tolerance
 from amp_lib.results import MANIFEST, grid_names, load_sweep, write_json_atomic
-from amp_lib.sweep.execute import Outcome, Settings, error_text, outcome_line, run_sweep
+from amp_lib.sweep.execute import Executor, LocalExecutor, Outcome, Settings, error_text, outcome_line, run_sweep
 from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params, run_problems
 from amp_lib.sweep.lock import SweepLock
 from amp_lib.sweep.publish import mark_stale, notes_markdown, unmarked, write_report
+from amp_lib.sweep.ray_executor import RayExecutor, address_problems
+from amp_lib.sweep.slurm_executor import SlurmExecutor, parse_sbatch
 from amp_lib.tracking import record_report
 
 
@@ -156,22 +160,50 @@ def sweep(
     report: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     settings: Settings | None = None,
+    executor: Executor | None = None,
 ) -> SweepResult:
     """Plan, run (resumably, failures isolated) and report a sweep; the Python face of the CLI.
 
-    Everything is checked first (`plan_sweep`): a refused sweep raises `SweepRefused` (a `ValueError`)
-    and writes nothing. The folder is then locked for this sweep (`SweepLock`), its grid recorded in
-    `sweep.json`, and the report covers exactly that grid's runs.
+    Everything is checked first (`plan_sweep`, then `executor.open()`, which connects to Ray or asks
+    Slurm whether it takes such jobs): a refused sweep raises `SweepRefused` (a `ValueError`) and writes
+    nothing. The folder is then locked for this sweep (`SweepLock`), its grid recorded in `sweep.json`,
+    the runs executed by `executor` (default: this machine with `workers` processes), and the report
+    covers exactly that grid's runs.
     """
+    if executor is not None and workers != 1:
+        raise SweepRefused(
+            [f"workers={workers} applies to the local executor; {type(executor).__name__} places runs itself"]
+        )
+    executor = executor if executor is not None else LocalExecutor(workers)
     settings = settings or Settings()
     settings = replace(settings, workdir=settings.workdir or os.getcwd())
     out_path = Path(out)
     runs = plan_sweep(out_path, precisions, seeds, params, tolerance, settings)
+    try:
+        executor.open()
+    except ValueError as exc:
+        raise SweepRefused(str(exc).splitlines()) from None
+    try:
+        return _run_and_report(out_path, runs, settings, executor, force=force, report=report, tolerance=tolerance)
+    finally:
+        executor.close()
+
+
+def _run_and_report(
+    out_path: Path,
+    runs: Sequence[SweepRun],
+    settings: Settings,
+    executor: Executor,
+    *,
+    force: bool,
+    report: bool,
+    tolerance: float,
+) -> SweepResult:
     out_path.mkdir(parents=True, exist_ok=True)
     with SweepLock(out_path):
         if grid_names(out_path) != {r.name for r in runs}:  # rewritten only when the grid changes
             write_json_atomic(out_path / MANIFEST, {"runs": [r.name for r in runs]})
-        outcomes, interrupted = run_sweep(runs, settings, workers=workers, force=force)
+        outcomes, interrupted = run_sweep(runs, settings, force=force, executor=executor)
         summary: SweepReport | None = None
         files: dict[str, Path] = {}
         report_error = None
@@ -245,6 +277,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--force", action="store_true", help="re-run runs whose results are already complete")
     parser.add_argument(
+        "--executor",
+        default="local",
+        metavar="{local,ray,slurm}",
+        help="where runs execute: this machine (default), a Ray cluster, Slurm jobs (docs/clusters.md)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="Ray cluster to use: auto, host:port or ray://host:port (default: a local one)",
+    )
+    parser.add_argument("--ray-dashboard", action="store_true", help="start the local Ray instance with its dashboard")
+    parser.add_argument(
+        "--slurm-partition", default=None, metavar="NAME", help="Slurm partition (default: the cluster's default)"
+    )
+    parser.add_argument(
+        "--slurm-time", type=int, default=60, metavar="MIN", help="minutes each run's job may take (default 60)"
+    )
+    parser.add_argument(
+        "--slurm-gpus-per-run",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPUs per job (default: nproc for cuda runs, else 0)",
+    )
+    parser.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra sbatch option, e.g. mem=16G; repeatable",
+    )
+    parser.add_argument(
         "--kernel", default=PROJECT, help=f"Jupyter kernel to run the notebooks with (default {PROJECT})"
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds a notebook cell may run (default 3600)")
@@ -256,6 +321,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-report", dest="report", action="store_false", help="skip report.ipynb / report.html")
     return parser
+
+
+EXECUTORS = ("local", "ray", "slurm")
+# The options of each executor: given with another executor, they would be silently ignored.
+EXECUTOR_OPTIONS = {
+    "ray": (("ray_address", None), ("ray_dashboard", False)),
+    "slurm": (("slurm_partition", None), ("slurm_time", 60), ("slurm_gpus_per_run", None), ("sbatch", [])),
+    "local": (("workers", 1),),
+}
+
+
+def make_executor(args: argparse.Namespace) -> Executor:
+    """The executor the command line asks for; a `SweepRefused` listing every bad or misplaced option."""
+    if args.executor not in EXECUTORS:
+        raise SweepRefused([f"invalid --executor {args.executor!r}; valid values are: {', '.join(EXECUTORS)}"])
+    problems = [
+        f"--{name.replace('_', '-')} applies to --executor {kind}, not {args.executor}"
+        for kind, options in EXECUTOR_OPTIONS.items()
+        if kind != args.executor
+        for name, default in options
+        if getattr(args, name) != default
+    ]
+    executor: Executor
+    if args.executor == "ray":
+        problems += address_problems(args.ray_address)
+        executor = RayExecutor(args.ray_address, dashboard=args.ray_dashboard)
+    elif args.executor == "slurm":
+        sbatch: dict[str, str] = {}
+        try:
+            sbatch = parse_sbatch(args.sbatch)
+        except ValueError as exc:
+            problems.append(str(exc))
+        executor = SlurmExecutor(args.slurm_partition, args.slurm_time, args.slurm_gpus_per_run, sbatch)
+        problems += executor.problems()
+    else:
+        executor = LocalExecutor(args.workers)
+    if problems:
+        raise SweepRefused(problems)
+    return executor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,9 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = Settings(kernel=args.kernel, timeout=args.timeout)
     try:
+        executor = make_executor(args)
         result = sweep(
-            args.out, args.precisions, seeds, args.param,
-            workers=args.workers, force=args.force, report=args.report, tolerance=args.tolerance, settings=settings,
+            args.out, args.precisions, seeds, args.param, force=args.force, report=args.report,
+            tolerance=args.tolerance, settings=settings, executor=executor,
         )  # fmt: skip
     except ValueError as exc:
         for line in str(exc).splitlines():

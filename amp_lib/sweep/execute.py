@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import papermill as pm
 import torch
@@ -141,7 +141,7 @@ def _is_port_race(exc: BaseException) -> bool:
     return False
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def stamp(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
     except OSError:
@@ -190,7 +190,7 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     runs_dir = Path(run.parameters["out_dir"]).parent / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     notebook = runs_dir / f"{run.name}.ipynb"
-    before = _stamp(run.result_path)
+    before = stamp(run.result_path)
     error: str | None = None
     for attempt in range(settings.retries):
         try:
@@ -220,7 +220,7 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
             if not (_is_port_race(exc) and attempt + 1 < settings.retries):
                 break
             time.sleep(0.5 * (attempt + 1))
-    if _stamp(run.result_path) != before:
+    if stamp(run.result_path) != before:
         loaded = read_result(run.result_path)
         result = (
             loaded
@@ -294,14 +294,92 @@ def outcome_line(outcome: Outcome) -> str:
     return f"{outcome.status:8} {outcome.name}" + (f": {first}" if first else "")
 
 
+class Executor(Protocol):
+    """Where a sweep's runs execute: this machine (`LocalExecutor`), a Ray cluster, Slurm. Each run is
+    still `execute_run` (train.ipynb through papermill), writing its result into the output folder,
+    which is the only state the sweep and its runs share.
+
+    `open()` connects (and checks the options against the engine) before anything is written, `close()`
+    disconnects. `run()` executes `todo`, calling `starting(run)` where it can tell a run starts and
+    `done(outcome)` as each finishes, always with a result JSON on disk for it (a run the engine lost is
+    recorded `failed` with the engine's reason). On KeyboardInterrupt it cancels what is outstanding and
+    re-raises: finished results stay, an unfinished run writes nothing.
+    """
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def concurrency(self, todo: Sequence[SweepRun]) -> int: ...
+
+    def run(
+        self,
+        todo: Sequence[SweepRun],
+        settings: Settings,
+        done: Callable[[Outcome], None],
+        starting: Callable[[SweepRun], None],
+    ) -> None: ...
+
+
+def lost_run(run: SweepRun, reason: str, before: tuple[int, int] | None) -> Outcome:
+    """Record a run whose process the executor lost (a worker crashed, the scheduler killed the job) as
+    `failed` with `reason`, unless the run wrote a final result (its file's `stamp` no longer `before`,
+    taken when the run was handed out) before it was lost. `failed` results are re-run on resume."""
+    if stamp(run.result_path) != before:
+        loaded = read_result(run.result_path)
+        if isinstance(loaded, RunResult) and loaded.status in COMPLETE and same_config(run, loaded):
+            return Outcome(run.name, loaded.status, loaded.error)
+    result = failed_result(run.parameters, reason)
+    result.save(run.result_path)
+    return Outcome(run.name, result.status, result.error)
+
+
+@dataclass(frozen=True)
+class LocalExecutor:
+    """This machine: in this process with one worker, else a pool of `workers` processes (one GPU each
+    on multi-GPU machines, each its share of the cores, each dying with the sweep)."""
+
+    workers: int = 1
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def concurrency(self, todo: Sequence[SweepRun]) -> int:
+        return max(1, min(self.workers, len(todo)))
+
+    def run(
+        self,
+        todo: Sequence[SweepRun],
+        settings: Settings,
+        done: Callable[[Outcome], None],
+        starting: Callable[[SweepRun], None],
+    ) -> None:
+        if self.workers <= 1:
+            for run in todo:
+                starting(run)
+                done(execute_run(run, settings))
+        elif todo:
+            _run_parallel(todo, settings, self.concurrency(todo), done)
+
+
 def run_sweep(
-    runs: Sequence[SweepRun], settings: Settings, *, workers: int = 1, force: bool = False
+    runs: Sequence[SweepRun],
+    settings: Settings,
+    *,
+    workers: int = 1,
+    force: bool = False,
+    executor: Executor | None = None,
 ) -> tuple[list[Outcome], bool]:
     """Execute `runs` (skipping complete ones unless `force`); returns outcomes and whether interrupted.
 
-    Without `force`, a run whose exact config an earlier grid in the same folder finished under another
-    name reuses that result (copied under the run's own name) instead of training again.
+    Runs go to `executor` (default: this machine with `workers` processes), which must be open. Without
+    `force`, a run whose exact config an earlier grid in the same folder finished under another name
+    reuses that result (copied under the run's own name) instead of training again.
     """
+    executor = executor if executor is not None else LocalExecutor(workers)
     outcomes: dict[str, Outcome] = {}
     reused: list[str] = []
     if not force and runs:
@@ -318,7 +396,7 @@ def run_sweep(
             outcomes[run.name] = Outcome(run.name, result.status, result.error, resumed=True)
         else:
             todo.append(run)
-    concurrent = max(1, min(workers, len(todo)))
+    concurrent = executor.concurrency(todo)
     settings = replace(settings, workdir=settings.workdir or os.getcwd(), concurrent_runs=concurrent)
     bar = tqdm(total=len(runs), initial=len(outcomes), unit="run", desc="sweep", file=sys.stderr, dynamic_ncols=True)
     for line in reused:
@@ -333,12 +411,7 @@ def run_sweep(
 
     interrupted = False
     try:
-        if workers <= 1:
-            for run in todo:
-                bar.set_postfix_str(run.name)
-                done(execute_run(run, settings))
-        elif todo:
-            interrupted = _run_parallel(todo, settings, concurrent, done)
+        executor.run(todo, settings, done, lambda run: bar.set_postfix_str(run.name))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -347,7 +420,7 @@ def run_sweep(
     return sorted(outcomes.values(), key=lambda o: order[o.name]), interrupted
 
 
-def _run_parallel(todo: Sequence[SweepRun], settings: Settings, workers: int, done: Callable[[Outcome], None]) -> bool:
+def _run_parallel(todo: Sequence[SweepRun], settings: Settings, workers: int, done: Callable[[Outcome], None]) -> None:
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
     gpus, pids = ctx.Queue(), ctx.Queue()
     visible = _visible_gpus()
@@ -359,6 +432,7 @@ def _run_parallel(todo: Sequence[SweepRun], settings: Settings, workers: int, do
         initializer=_init_worker,
         initargs=(gpus, pids, os.getpid(), cpu_threads(workers)),
     )
+    stamps = {run.name: stamp(run.result_path) for run in todo}
     futures: dict[Future[Outcome], SweepRun] = {pool.submit(execute_run, run, settings): run for run in todo}
     pending = set(futures)
     try:
@@ -367,11 +441,10 @@ def _run_parallel(todo: Sequence[SweepRun], settings: Settings, workers: int, do
             for future in finished:
                 run = futures[future]
                 try:
-                    done(future.result())
+                    outcome = future.result()
                 except Exception as exc:  # noqa: BLE001 - the worker process died: record the run, keep going
-                    result = failed_result(run.parameters, f"worker process failed: {error_text(exc)}")
-                    result.save(run.result_path)
-                    done(Outcome(run.name, result.status, result.error))
+                    outcome = lost_run(run, f"worker process failed: {error_text(exc)}", stamps[run.name])
+                done(outcome)
     except KeyboardInterrupt:
         # Unfinished runs write nothing (results are written whole, at the end of a run); their
         # kernels exit with their worker (ipykernel polls its parent).
@@ -383,6 +456,5 @@ def _run_parallel(todo: Sequence[SweepRun], settings: Settings, workers: int, do
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
         pool.shutdown(wait=True, cancel_futures=True)
-        return True
+        raise
     pool.shutdown(wait=True)
-    return False
