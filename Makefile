@@ -42,9 +42,12 @@ goldens: setup
 sweep: setup
 	$(PY) -m amp_lib.sweep --out sweeps/default --seeds 0,1,2 $(SWEEP_ARGS)
 
-# Jupyter refuses to run as root unless told: containers often run as root.
+# JupyterLab on notebooks/ with the project's kernel as the default for new notebooks (train, compare and
+# explore name it already). Jupyter refuses to run as root unless told: containers often run as root.
+# LAB_ARGS: more options, e.g. LAB_ARGS="--no-browser --port 8899".
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks --MappingKernelManager.default_kernel_name=$(KERNEL) \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 bench: setup
 	$(PY) -m amp_lib.bench $(BENCH_ARGS)

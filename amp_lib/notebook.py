@@ -10,21 +10,32 @@ import math
 import os
 import tempfile
 import types
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from amp_lib.config import RunConfig, TrackingConfig, parameter_names
 from amp_lib.diagnose import StepProfile
+from amp_lib.explore import VIEWS, Explorer, Selection
+from amp_lib.explore import load as load_explorer
 from amp_lib.headroom import headroom_table, way_out
-from amp_lib.plots import headroom_figure, run_figure, save_figure, save_report_figures
+from amp_lib.live import DisplayHandleSink
+from amp_lib.plots import (
+    explore_figure,
+    figure_png,
+    headroom_figure,
+    run_figure,
+    save_figure,
+    save_report_figures,
+)
 from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
 from amp_lib.report import (
     DEFAULT_TOLERANCE,
     Row,
     SweepReport,
     build_report,
+    check_tolerance,
     format_memory,
     format_table,
     format_verdicts,
@@ -70,7 +81,13 @@ def run_notebook_parameters(namespace: Mapping[str, Any], before: Collection[str
         raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(valid)}")
     config = RunConfig.from_dict({k: namespace[k] for k in RunConfig.field_names() if k in namespace})
     tracking = TrackingConfig(**{k: namespace[k] for k in TrackingConfig.field_names() if k in namespace})
-    plan = resolve_precision(config.precision, probe(resolve_device(config.device)), allow_slow=config.allow_slow)
+    plan = resolve_precision(
+        config.precision,
+        probe(resolve_device(config.device)),
+        allow_slow=config.allow_slow,
+        parallelism=config.parallelism,
+        reduce_dtype=config.reduce_dtype,
+    )
     return NotebookRun(config=config, plan=plan, tracking=tracking)
 
 
@@ -108,7 +125,8 @@ def figure_path(config: RunConfig) -> Path:
 
 
 def save_run_figure(result: RunResult, config: RunConfig) -> Path:
-    return save_figure(run_figure(result), figure_path(config))
+    """The run's figure as PNG: the same figure the live figure's last frame shows."""
+    return save_figure(run_figure(result, steps=config.steps), figure_path(config))
 
 
 # -- views (IPython display objects) -------------------------------------------------------------
@@ -117,6 +135,8 @@ def save_run_figure(result: RunResult, config: RunConfig) -> Path:
 def plan_markdown(plan: PrecisionPlan) -> str:
     line = f"**Precision plan:** requested `{plan.requested}` → effective **`{plan.effective}`** on {plan.device_type} ({plan.device_name})"
     line += f"; autocast {plan.autocast_dtype or 'off'}, parameters {plan.param_dtype}, loss scaler {'on' if plan.use_loss_scaler else 'off'}"
+    if plan.parallelism != "none":
+        line += f"; {plan.label} over {plan.parallelism}, gradients reduced in {plan.reduce_dtype}"
     line = line.replace("torch.", "")
     return line + (f"\n\n**Fallback:** {plan.fallback_reason}" if plan.fallback_reason else "")
 
@@ -187,14 +207,14 @@ class ReportView:
     figures: dict[str, Path] = field(default_factory=dict)
 
 
-def demo_sweep(directory: str | os.PathLike[str]) -> Path:
-    """Two tiny runs (fp32 and bf16-mixed, in-process) into `<directory>/results`: the report's demo data."""
+def demo_sweep(directory: str | os.PathLike[str], seeds: Sequence[int] = (0,)) -> Path:
+    """Tiny runs (fp32 and bf16-mixed, each seed, in-process) into `<directory>/results`: the demo data of
+    the report and the explorer. With several seeds the run names end in -s<seed>."""
     out = Path(directory)
     for precision in DEMO_PRECISIONS:
-        config = RunConfig(
-            precision=precision, run_name=f"demo-{precision}", out_dir=str(out / "results"), **DEMO_CONFIG
-        )
-        train(config)
+        for seed in seeds:
+            name = f"demo-{precision}" + (f"-s{seed}" if len(seeds) > 1 else "")
+            train(RunConfig(precision=precision, seed=seed, run_name=name, out_dir=str(out / "results"), **DEMO_CONFIG))
     return out
 
 
@@ -207,6 +227,115 @@ def report_view(sweep_dir: str = "", tolerance: float = DEFAULT_TOLERANCE, figur
     report = build_report(results, tolerance)
     figures = save_report_figures(report, Path(figures_dir) if figures_dir else folder / "figures")
     return ReportView(sweep_dir=folder, report=report, figures=figures)
+
+
+# -- the explorer (explore.ipynb) ------------------------------------------------------------------
+
+DEMO_SEEDS: tuple[int, ...] = (0, 1)  # the explorer's demo: two seeds, so overlaying seeds shows something
+
+
+def explorer(sweep_dir: str = "", tolerance: float = DEFAULT_TOLERANCE) -> Explorer:
+    """The explorer over a sweep folder; "" trains a tiny demo (two precisions, two seeds) into a temp folder."""
+    folder = sweep_dir or demo_sweep(tempfile.mkdtemp(prefix="amp-explore-demo-"), DEMO_SEEDS)
+    return load_explorer(folder, check_tolerance(tolerance))
+
+
+@dataclass(frozen=True)
+class ExploreView:
+    """What the explorer shows for one selection: the figure, a caption, the verdicts (and, for the memory
+    view, the memory split). Plain HTML, so the last view stays in the saved notebook and exported HTML."""
+
+    selection: Selection
+    runs: int
+    png: bytes = field(repr=False)
+    tables_html: str
+
+    @property
+    def caption(self) -> str:
+        s = self.selection
+        return f"{s.view} · {s.setting} · {self.runs} run{'s' if self.runs != 1 else ''} selected"
+
+    def _repr_mimebundle_(self, **_: Any) -> dict[str, str]:
+        import base64
+        import html
+
+        image = base64.b64encode(self.png).decode("ascii")
+        return {
+            "text/html": f'<div class="amp-explore"><div class="amp-explore-caption">{html.escape(self.caption)}</div>'
+            f'<img alt="{html.escape(self.selection.view)}" src="data:image/png;base64,{image}"/>{self.tables_html}</div>',
+            "text/plain": self.caption,
+        }
+
+
+def explore_view(explorer: Explorer, selection: Selection) -> ExploreView:
+    """The view of one selection: its figure and the verdicts of its precisions (against fp32, same seeds)."""
+    import html
+
+    runs = explorer.selected(selection)
+    comparisons, noise = explorer.verdicts(selection)
+    if comparisons:
+        tables = format_verdicts(comparisons, noise, "html")
+        if selection.view == "memory":
+            note = memory_note(comparisons)
+            tables += format_memory(comparisons, "html") + (f"<p><em>{html.escape(note)}</em></p>" if note else "")
+    else:
+        tables = "<p><em>Select at least one precision and one seed to see their verdicts.</em></p>"
+    png = figure_png(explore_figure(explorer.figure_data(selection)))
+    return ExploreView(selection, len(runs), png, tables)
+
+
+class ExplorerPanel:
+    """The explorer's controls (ipywidgets: setting, precisions, seeds, view) above its view, an output
+    replaced in place at each change. Every callback is one call to `explore_view`."""
+
+    def __init__(self, explorer: Explorer, show: Callable[[Any], None] | None = None) -> None:
+        import ipywidgets as widgets
+
+        self.explorer = explorer
+        self.show = show if show is not None else DisplayHandleSink()
+        first = explorer.default_selection()
+        self.setting = widgets.Dropdown(options=explorer.settings, value=first.setting, description="setting")
+        self.precisions = widgets.SelectMultiple(description="precisions", rows=4)
+        self.seeds = widgets.SelectMultiple(description="seeds", rows=4)
+        self.view = widgets.ToggleButtons(options=VIEWS, value=first.view, description="view")
+        self._fill(first.setting)
+        self.controls = widgets.VBox([self.setting, widgets.HBox([self.precisions, self.seeds]), self.view])
+        self._quiet = False
+        self.setting.observe(self._setting_changed, names="value")
+        for control in (self.precisions, self.seeds, self.view):
+            control.observe(lambda _change: self.refresh(), names="value")
+
+    def selection(self) -> Selection:
+        return Selection(self.setting.value, tuple(self.precisions.value), tuple(self.seeds.value), self.view.value)
+
+    def refresh(self) -> ExploreView | None:
+        """Redraw the view for the controls' current values (not while the setting's choices are refilled)."""
+        if self._quiet:
+            return None
+        view = explore_view(self.explorer, self.selection())
+        self.show(view)
+        return view
+
+    def _fill(self, setting: str) -> None:
+        """Offer the setting's precisions and seeds, all selected."""
+        precisions, seeds = self.explorer.precisions(setting), self.explorer.seeds(setting)
+        self.precisions.options, self.precisions.value = precisions, precisions
+        self.seeds.options = [(str(s), s) for s in seeds]
+        self.seeds.value = seeds
+
+    def _setting_changed(self, change: dict[str, Any]) -> None:
+        self._quiet = True
+        try:
+            self._fill(change["new"])
+        finally:
+            self._quiet = False
+        self.refresh()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.controls)
+        self.refresh()
 
 
 # -- why: the headroom map and the profiled step -------------------------------------------------
@@ -232,7 +361,9 @@ def headroom_markdown(result: RunResult) -> str:
         (result.profile or {}).get("facts", {}).get("compute_capability") or (8, 0)
     ) >= (8, 0)
     events = result.headroom.get("first_overflow", [])
-    lines += [f"- {way_out(e, bf16)}" for e in events[:1]] + ([f"- ({len(events) - 1} more overflowing steps)"] if len(events) > 1 else [])
+    lines += [f"- {way_out(e, bf16)}" for e in events[:1]] + (
+        [f"- ({len(events) - 1} more overflowing steps)"] if len(events) > 1 else []
+    )
     rows = [r for r in headroom_table(result.headroom) if r["fp16_headroom_activation"] is not None]
     tight = sorted(rows, key=lambda r: r["fp16_headroom_activation"])[:3]
     lines += [
@@ -257,7 +388,10 @@ def profile_markdown(result: RunResult) -> str:
     if not result.profile:
         return "_No step was profiled (`profile_step=False`)._"
     profile = StepProfile.from_dict(result.profile)
-    parts = ", ".join(f"{name} {profile.share(name):.0%}" for name in profile.busy_ms) + f", idle/host {profile.idle_ms / profile.wall_ms:.0%}"
+    parts = (
+        ", ".join(f"{name} {profile.share(name):.0%}" for name in profile.busy_ms)
+        + f", idle/host {profile.idle_ms / profile.wall_ms:.0%}"
+    )
     bad = profile.misaligned_gemms
     gemms = f"; {len(bad)} of {len(profile.gemms)} reduced-precision GEMMs not multiples of 8" if profile.gemms else ""
     return f"Step {result.profile['step']} took {profile.wall_ms:.1f} ms: {parts}{gemms}."

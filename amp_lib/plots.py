@@ -6,6 +6,7 @@ global state, need no display and are freed when dropped; notebooks show the sav
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -17,8 +18,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from amp_lib.explore import FigureData
 from amp_lib.headroom import headroom_doublings
-from amp_lib.report import Comparison, Row, SweepReport, eval_curve, results_by_precision
+from amp_lib.report import BASELINE, Comparison, Row, SweepReport, eval_curve, results_by_precision
 from amp_lib.results import RunResult
 
 _COLORS = {
@@ -100,16 +102,27 @@ def _plot_scale(ax: Axes, results: Sequence[RunResult]) -> None:
         )
 
 
-def run_figure(result: RunResult) -> Figure:
-    """One run: its loss curve and, when it used a loss scaler, the scale trace with skipped steps."""
+def run_figure(result: RunResult, *, steps: int | None = None, state: str | None = None) -> Figure:
+    """One run: its loss curve (evals as dots) and, when it used a loss scaler, the scale trace with skipped
+    steps. `steps` fixes the x axis to the whole run, so a live figure does not rescale as rows arrive;
+    `state` replaces the status in the title (a run still training has none yet)."""
     panels = 2 if _uses_scaler(result) else 1
     fig, axes = _figure(1, panels, (6.0 * panels, 4.0))
     _plot_loss(axes[0], [result])
+    evals = [e for e in result.evals if e.loss is not None]
+    if evals:
+        axes[0].plot([e.step for e in evals], [e.loss for e in evals], "o:", color=_color(result), label="eval loss")
+        axes[0].set_ylabel("loss (line: train, dots: eval)")
+        axes[0].legend(fontsize="small")
     if panels == 2:
         _plot_scale(axes[1], [result])
+    if steps:
+        for ax in axes:
+            ax.set_xlim(0, steps)
     plan = result.plan
     fig.suptitle(
-        f"{result.config.get('run_name') or ''}: {plan.get('requested')} → {plan.get('effective')} [{result.status}]"
+        f"{result.config.get('run_name') or ''}: {plan.get('requested')} → {plan.get('effective')} "
+        f"[{state or result.status}]"
     )
     return fig
 
@@ -276,6 +289,54 @@ def memory_split_figure(report: SweepReport) -> Figure:
     else:
         ax.text(0.5, 0.5, "no memory recorded", ha="center", va="center", transform=ax.transAxes)
     return fig
+
+
+_SEED_STYLES = ("-", "--", ":", "-.")
+
+
+def explore_figure(data: FigureData) -> Figure:
+    """The explorer's view: one line per run (colour: precision, line style: seed; x = a marked point such as
+    a skipped step), or one bar per run stacked by memory part."""
+    fig, (ax,) = _figure(1, 1, (9.0, 4.0))
+    seeds = list(dict.fromkeys([line.seed for line in data.lines] + [bar.seed for bar in data.bars]))
+    for line in data.lines:
+        style = _SEED_STYLES[seeds.index(line.seed) % len(_SEED_STYLES)] if line.ok else "--"
+        color = _COLORS.get(line.precision, "tab:gray")
+        width = 2.6 if line.precision == BASELINE else 1.5  # wider, so a precision that tracks fp32 leaves it visible
+        ax.plot(line.x, line.y, style, color=color, label=line.label, linewidth=width)
+        if line.marks:
+            ax.plot([m[0] for m in line.marks], [m[1] for m in line.marks], "x", color="black", markersize=8)
+    if data.bars:
+        at = range(len(data.bars))
+        bottoms = [0.0] * len(data.bars)
+        for name, color in _PART_COLORS.items():
+            heights = [dict(bar.parts).get(name, 0.0) for bar in data.bars]
+            if any(heights):
+                ax.bar(at, heights, bottom=bottoms, color=color, label=name)
+                bottoms = [b + h for b, h in zip(bottoms, heights)]
+        unsplit = [i for i, bar in enumerate(data.bars) if not bar.parts]
+        if unsplit:
+            ax.bar(unsplit, [data.bars[i].total for i in unsplit],
+                   color=[_COLORS.get(data.bars[i].precision, "tab:gray") for i in unsplit], label="peak (no split)")  # fmt: skip
+        ax.set_xticks(list(at), [bar.label for bar in data.bars], fontsize="small")
+    else:
+        ax.set_xlabel("step")
+    ax.set_ylabel(data.ylabel)
+    ax.set_title(data.view)
+    if data.log_y:
+        ax.set_yscale("log", base=2)
+    if data.note:
+        ax.text(0.5, 0.5, data.note, ha="center", va="center", transform=ax.transAxes)
+    elif ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def figure_png(fig: Figure, dpi: int = 72) -> bytes:
+    """The figure as PNG bytes (for a display that is updated in place)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:

@@ -60,13 +60,25 @@ def test_compare_notebook_parameters_are_report_views_arguments() -> None:
 
 
 def test_notebooks_are_stored_without_outputs_on_the_project_kernel() -> None:
-    for name in ("train.ipynb", "compare.ipynb"):
+    for name in ("train.ipynb", "compare.ipynb", "explore.ipynb"):
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         assert nb.metadata.kernelspec.name == "amp-workbook"
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert cell.outputs == [] and cell.execution_count is None, f"{name}: {cell.source[:40]!r} has outputs"
         assert "assert" in nb.cells[-1].source  # each notebook ends by checking its own results
+
+
+def test_explore_notebook_parameters_are_the_explorers_arguments() -> None:
+    namespace = run_cell(parameters_cell("explore.ipynb"))
+    assert namespace == {"sweep_dir": "", "tolerance": 0.02}
+    assert list(namespace) == list(inspect.signature(notebook.explorer).parameters)
+
+
+def test_train_notebook_shows_the_live_figure_while_training() -> None:
+    nb = nbformat.read(NOTEBOOKS / "train.ipynb", as_version=4)
+    (cell,) = [c for c in nb.cells if "= train(" in c.source]
+    assert "LiveFigure()" in cell.source and "ProgressBar()" in cell.source
 
 
 # --- parameters -> NotebookRun ------------------------------------------------------------------
@@ -320,6 +332,80 @@ def test_report_view_of_an_empty_folder_says_so(tmp_path: Path) -> None:
     assert str(info.value) == f"no result JSON files in {str(tmp_path)!r} (nor in its results/ folder)"
 
 
+# --- the explorer ------------------------------------------------------------------------------
+
+
+def explorer_of_two_seeds() -> notebook.Explorer:
+    from factories import eval_curve
+
+    from amp_lib.explore import Explorer
+
+    results = [
+        make_result(p, seed, rows=history(4, scaled=p == "fp16-mixed"), evals=eval_curve(2.0 + seed / 10), mem=100.0)
+        for p in ("fp32", "fp16-mixed")
+        for seed in (0, 1)
+    ]
+    results.append(make_result("bf16-mixed", 0, rows=history(3), batch_size=99))  # a second setting
+    return Explorer.of(results)
+
+
+def test_explore_view_shows_the_figure_a_caption_and_the_verdicts_of_the_selection() -> None:
+    ex = explorer_of_two_seeds()
+    selection = ex.default_selection("gpt-tiny batch_size=None")
+    view = notebook.explore_view(ex, selection)
+    assert (view.runs, view.caption) == (4, "train loss · gpt-tiny batch_size=None · 4 runs selected")
+    html = view._repr_mimebundle_()["text/html"]
+    assert html.startswith('<div class="amp-explore"><div class="amp-explore-caption">train loss · ')
+    assert '<img alt="train loss" src="data:image/png;base64,iVBORw0KGgo' in html
+    assert "amp-verdicts" in view.tables_html and "fp16-mixed" in view.tables_html
+    assert "amp-memory" not in view.tables_html
+    memory = notebook.explore_view(ex, dataclasses.replace(selection, view="memory"))
+    assert "amp-memory" in memory.tables_html
+    nothing = notebook.explore_view(ex, dataclasses.replace(selection, precisions=()))
+    assert nothing.runs == 0 and nothing.tables_html.startswith("<p><em>Select at least one precision")
+
+
+def test_the_explorer_panel_redraws_on_each_change_and_refills_the_choices_of_a_new_setting() -> None:
+    ex = explorer_of_two_seeds()
+    shown: list[Any] = []
+    panel = notebook.ExplorerPanel(ex, show=shown.append)
+    assert panel.setting.options == ex.settings and panel.view.options == notebook.VIEWS
+    assert panel.selection() == ex.default_selection() and shown == []  # drawn when displayed
+    panel.setting.value = "gpt-tiny batch_size=None"
+    assert [v.selection for v in shown] == [ex.default_selection("gpt-tiny batch_size=None")]  # one redraw
+    assert panel.precisions.options == ("fp32", "fp16-mixed") and panel.seeds.value == (0, 1)
+    panel.view.value = "loss scale"
+    panel.seeds.value = (1,)
+    panel.precisions.value = ("fp16-mixed",)
+    assert [(v.selection.view, v.selection.seeds, v.selection.precisions, v.runs) for v in shown[1:]] == [
+        ("loss scale", (0, 1), ("fp32", "fp16-mixed"), 4),
+        ("loss scale", (1,), ("fp32", "fp16-mixed"), 2),
+        ("loss scale", (1,), ("fp16-mixed",), 1),
+    ]
+    assert panel.refresh().selection == shown[-1].selection
+
+
+@pytest.mark.slow
+def test_the_explorer_trains_a_two_seed_demo_when_given_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ex = notebook.explorer(tolerance=0.05)
+    (folder,) = tmp_path.glob("amp-explore-demo-*")
+    names = sorted(p.name for p in (folder / "results").glob("*.json"))
+    assert names == sorted(f"demo-{p}-s{s}.json" for p in notebook.DEMO_PRECISIONS for s in notebook.DEMO_SEEDS)
+    assert ex.tolerance == 0.05 and ex.seeds(ex.settings[0]) == notebook.DEMO_SEEDS
+    assert ex.precisions(ex.settings[0]) == notebook.DEMO_PRECISIONS
+    with pytest.raises(ValueError, match="tolerance"):
+        notebook.explorer(str(folder), tolerance=-1)
+
+
+def test_the_saved_run_figure_spans_the_whole_run(tmp_path: Path) -> None:
+    config = RunConfig(out_dir=str(tmp_path), run_name="x", steps=12)
+    path = notebook.save_run_figure(make_result("fp32", rows=history(4)), config)
+    assert path == tmp_path / "x.png" and path.read_bytes().startswith(b"\x89PNG")
+
+
 # --- why: headroom and profile in words --------------------------------------------------------------
 
 
@@ -334,7 +420,12 @@ def test_headroom_and_profile_in_words_and_what_to_turn_on_when_they_are_off(tmp
         "samples": [{"step": 0, "activation": {"fc": stats, "out": {**stats, "nonfinite": 1.0}}, "gradient": {}}],
         "first_overflow": [{"step": 0, "module": "out", "phase": "forward", "loss_scale": 4.0}] * 2,
     }
-    profile = {"step": 3, "wall_ms": 10.0, "busy_ms": {"matmul": 5.0, "optimizer": 2.0}, "gemms": [[8, 8, 9, "c10::Half"]]}
+    profile = {
+        "step": 3,
+        "wall_ms": 10.0,
+        "busy_ms": {"matmul": 5.0, "optimizer": 2.0},
+        "gemms": [[8, 8, 9, "c10::Half"]],
+    }
     run = make_result("fp16-mixed", headroom=headroom, profile=profile, plan={"device_type": "cpu"})
     lines = notebook.headroom_markdown(run).splitlines()
     assert lines[0].startswith("- `out` overflowed fp16 first (forward, step 0): train in bf16-mixed")
@@ -344,5 +435,8 @@ def test_headroom_and_profile_in_words_and_what_to_turn_on_when_they_are_off(tmp
         "Step 3 took 10.0 ms: matmul 50%, optimizer 20%, idle/host 30%; 1 of 1 reduced-precision GEMMs not multiples of 8."
     )
     config = RunConfig(out_dir=str(tmp_path), run_name="hm")
-    assert notebook.save_headroom_figure(run, config) == tmp_path / "hm-headroom.png" and (tmp_path / "hm-headroom.png").exists()
+    assert (
+        notebook.save_headroom_figure(run, config) == tmp_path / "hm-headroom.png"
+        and (tmp_path / "hm-headroom.png").exists()
+    )
     assert notebook.why_text(build_report([make_result("fp32")])).startswith("_Nothing to explain, or nothing recorded")

@@ -11,8 +11,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
+from amp_lib.explore import Bar, FigureData, Line
 from amp_lib.plots import (
     eval_curves_figure,
+    explore_figure,
+    figure_png,
     loss_figure,
     loss_scale_figure,
     memory_split_figure,
@@ -63,6 +66,18 @@ def test_a_run_that_failed_before_its_first_step_says_no_loss_was_recorded() -> 
     (ax,) = run_figure(make_result("bf16-true", status="oom", error="out of memory")).axes
     assert texts(ax) == ["no loss recorded"]
     assert legend(ax) == ["bf16-true-s0 [oom]"]  # still named, so the reader sees which run it was
+
+
+def test_run_figure_draws_evals_as_dots_and_can_fix_the_axis_and_name_the_state() -> None:
+    result = make_result("fp32", rows=history(5), evals=eval_curve(2.9, None, 2.7, every=2))
+    (ax,) = run_figure(result, steps=10, state="training").axes
+    _, evals = ax.lines
+    assert (evals.get_marker(), list(evals.get_xdata()), list(evals.get_ydata())) == ("o", [2, 6], [2.9, 2.7])
+    assert legend(ax) == ["fp32-s0", "eval loss"] and ax.get_ylabel() == "loss (line: train, dots: eval)"
+    assert ax.get_xlim() == (0.0, 10.0)
+    assert run_figure(result, steps=10, state="training").get_suptitle() == "fp32-s0: fp32 → fp32 [training]"
+    (auto,) = run_figure(result).axes
+    assert auto.get_xlim() != (0.0, 10.0) and run_figure(result).get_suptitle().endswith("[ok]")
 
 
 # --- loss and loss-scale figures -----------------------------------------------------------------
@@ -233,6 +248,50 @@ def test_memory_split_stacks_the_parts_and_hatches_a_peak_without_a_split() -> N
     assert gpu.get_title() == "peak memory split"
     (empty,) = memory_split_figure(build_report([make_result("fp32", mem=None)])).axes
     assert texts(empty) == ["no memory recorded"]
+
+
+# --- the explorer's view ------------------------------------------------------------------------
+
+
+def test_explore_figure_colours_lines_by_precision_styles_them_by_seed_and_crosses_marks() -> None:
+    data = FigureData(
+        "loss scale",
+        "loss scale (x = skipped step)",
+        lines=(
+            Line("fp32 s0", "fp32", 0, (0, 1), (1.0, 2.0)),
+            Line("fp16-mixed s1", "fp16-mixed", 1, (0, 1), (4.0, 2.0), marks=((1, 2.0),)),
+            Line("bf16-mixed s0 [diverged]", "bf16-mixed", 0, (0,), (3.0,), ok=False),
+        ),
+        log_y=True,
+    )
+    (ax,) = explore_figure(data).axes
+    fp32, fp16, cross, bf16 = ax.lines
+    assert (fp32.get_color(), fp32.get_linestyle()) == ("tab:blue", "-") and fp32.get_linewidth() > fp16.get_linewidth()
+    assert (fp16.get_color(), fp16.get_linestyle()) == ("tab:red", "--")  # the second seed
+    assert (cross.get_marker(), list(cross.get_xdata())) == ("x", [1])
+    assert bf16.get_linestyle() == "--"  # not ok
+    assert ax.get_yscale() == "log" and ax.get_title() == "loss scale" and ax.get_xlabel() == "step"
+    assert legend(ax) == ["fp32 s0", "fp16-mixed s1", "bf16-mixed s0 [diverged]"] and texts(ax) == []
+
+
+def test_explore_figure_stacks_memory_parts_and_shows_an_unsplit_peak_whole() -> None:
+    parts = (("parameters", 10.0), ("gradients", 10.0), ("optimizer", 20.0), ("rest", 50.0))
+    data = FigureData(
+        "memory",
+        "peak memory (MB)",
+        bars=(Bar("fp16 s0", "fp16-mixed", 0, 90.0, parts), Bar("fp32 s0", "fp32", 0, 100.0)),
+    )
+    (ax,) = explore_figure(data).axes
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [10.0, 0.0, 10.0, 0.0, 20.0, 0.0, 50.0, 0.0, 100.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["fp16 s0", "fp32 s0"]
+    assert legend(ax) == ["parameters", "gradients", "optimizer", "rest", "peak (no split)"]
+
+
+def test_explore_figure_of_nothing_says_why_and_figure_png_is_a_png() -> None:
+    fig = explore_figure(FigureData("eval loss", "eval loss", note="no eval recorded"))
+    assert texts(fig.axes[0]) == ["no eval recorded"] and fig.axes[0].get_legend() is None
+    assert figure_png(fig).startswith(PNG)
 
 
 # --- saving --------------------------------------------------------------------------------------

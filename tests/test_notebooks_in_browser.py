@@ -1,0 +1,376 @@
+"""The notebooks as a JupyterLab user sees them: a headless JupyterLab on a free local port, driven by
+Selenium in Debian's headless Chromium. train.ipynb is run with Run All Cells on the project's kernel and
+its live figure is watched updating; the explorer is opened on a small sweep and its selection changed.
+
+A screenshot of each step goes to the test's temp folder, and to $AMP_TEST_ARTEFACTS when that is set.
+Where Chromium is missing, it is installed with apt-get when we are root; the tests skip (saying why)
+only where that cannot be done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from factories import eval_curve, history, make_result
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+JUPYTER = Path(sys.executable).parent / "jupyter"
+KERNEL_DISPLAY_NAME = "AMP Workbook (Python 3)"
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in the front tab
+# train.ipynb's run in the browser: fp16 (with a loss scale that starts too high, so steps are skipped)
+# for long enough that the live figure redraws a few times, W&B off.
+TRAIN_PARAMETERS = {
+    "precision": "fp16-mixed",
+    "allow_slow": True,
+    "steps": 24,
+    "log_every": 2,
+    "eval_every": 8,
+    "timing_warmup_steps": 2,
+    "batch_size": 4,
+    "seq_len": 32,
+    "init_scale": 2.0**20,
+    "wandb_mode": "disabled",
+}
+
+
+# --- the browser and the server -----------------------------------------------------------------
+
+
+def _chromium() -> tuple[str, str]:
+    """Debian's chromium and chromedriver, installed with apt-get if missing and we may; else a skip."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser and driver:
+        return browser, driver
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver, as root)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"could not install chromium: {' '.join(command)} failed: {done.stderr.strip()[-300:]}")
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("apt-get installed chromium but chromium/chromedriver are still not on PATH")
+    return browser, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The pids a process started (kernels), read from /proc: to check none is left behind."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Lab:
+    url: str
+    token: str
+    folder: Path  # the server's root: a copy of notebooks/
+    process: subprocess.Popen[bytes]
+
+    def page(self, path: str) -> str:
+        return f"{self.url}/lab/tree/{path}?reset&token={self.token}"  # reset: no tab of an earlier test
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """JupyterLab on a free port over a copy of notebooks/, its config, settings and runtime in temp folders;
+    stopped by pid at the end, and checked to leave no kernel behind."""
+    root = tmp_path_factory.mktemp("lab")
+    folder = root / "notebooks"
+    shutil.copytree(ROOT / "notebooks", folder, ignore=shutil.ignore_patterns("conftest.py", "__pycache__"))
+    settings = root / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(root / "config"),
+        "JUPYTERLAB_SETTINGS_DIR": str(root / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(root / "workspaces"),
+        "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+        "IPYTHONDIR": str(root / "ipython"),
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+    }
+    port, token = _free_port(), secrets.token_hex(16)
+    # fmt: off
+    command = [str(JUPYTER), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
+               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}",
+               "--MappingKernelManager.default_kernel_name=amp-workbook"]  # fmt: skip
+    # fmt: on
+    if os.geteuid() == 0:
+        command.append("--allow-root")
+    log = (root / "lab.log").open("wb")
+    process = subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Lab(f"http://127.0.0.1:{port}", token, folder, process)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{server.url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                assert process.poll() is None, f"jupyter lab exited: {(root / 'lab.log').read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "jupyter lab did not answer within 60 s"
+                time.sleep(0.2)
+        yield server
+    finally:
+        started = _descendants(process.pid)
+        process.send_signal(signal.SIGTERM)  # the server shuts its kernels down
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        log.close()
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in started if _alive(p)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left behind by jupyter lab: {left}"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+        options.add_argument(arg)
+    service = Service(executable_path=driver_path)
+    driver = webdriver.Chrome(service=service, options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        assert service.process is None or service.process.poll() is not None, "chromedriver left running"
+
+
+@pytest.fixture
+def screenshot(browser: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Path]]:
+    """`screenshot(step)`: a PNG of the page now, in tmp_path and in $AMP_TEST_ARTEFACTS if set; one more
+    ("last") when the test ends, passed or not, so a failure shows where the page was."""
+    target = os.environ.get("AMP_TEST_ARTEFACTS")
+
+    def take(step: str, at: str = "") -> Path:
+        """`at`: the CSS selector of an element to scroll into view first."""
+        from selenium.webdriver.common.by import By
+
+        for element in browser.find_elements(By.CSS_SELECTOR, at)[:1] if at else []:
+            browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+        path = tmp_path / f"{request.node.name}-{step}.png"
+        browser.save_screenshot(str(path))
+        if target:
+            Path(target).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(target) / path.name)
+        return path
+
+    yield take
+    take("last")
+
+
+# --- helpers that act on the page ---------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, poll: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(poll)
+
+
+def with_parameters(folder: Path, name: str, copy: str, values: dict[str, Any]) -> str:
+    """A copy of a notebook with a cell after its parameters cell that sets `values` (as papermill injects them)."""
+    nb = nbformat.read(folder / name, as_version=4)
+    (at,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+    nbformat.write(nb, folder / copy)
+    return copy
+
+
+def open_notebook(browser: Any, lab: Lab, path: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(lab.page(path))
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell"), 60, f"{path} to open")
+    wait_for(
+        lambda: (
+            KERNEL_DISPLAY_NAME in browser.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel-toolbar").text
+            and "Idle" in browser.find_element(By.CSS_SELECTOR, "#jp-main-statusbar").text
+        ),
+        60,
+        "the project's kernel to be ready",
+    )
+
+
+def run_all_cells(browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    (menu,) = [e for e in browser.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item") if e.text.strip() == "Run"]
+    menu.click()
+    item = wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, 'li.lm-Menu-item[data-command="runmenu:run-all"]'),
+        10,
+        "Run All Cells in the Run menu",
+    )
+    item[0].click()
+
+
+def cells_done(browser: Any) -> bool:
+    """Every code cell ran (a number in its prompt, no [*])."""
+    from selenium.webdriver.common.by import By
+
+    prompts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"{PANEL} .jp-CodeCell .jp-InputPrompt")]
+    return bool(prompts) and all(p.strip() not in ("[ ]:", "[*]:", "") for p in prompts)
+
+
+def errors(browser: Any) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [
+        e.text
+        for e in browser.find_elements(By.CSS_SELECTOR, f'{PANEL} [data-mime-type="application/vnd.jupyter.stderr"]')
+        if "Error" in e.text
+    ]
+
+
+def texts(browser: Any, css: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in browser.find_elements(By.CSS_SELECTOR, css)]
+
+
+# --- train.ipynb: the live figure ---------------------------------------------------------------
+
+
+def test_run_all_cells_of_train_shows_the_live_figure_updating_until_the_run_finishes(
+    lab: Lab, browser: Any, screenshot: Callable[..., Path]
+) -> None:
+    name = with_parameters(lab.folder, "train.ipynb", "train-small.ipynb", TRAIN_PARAMETERS)
+    open_notebook(browser, lab, name)
+    screenshot("1-opened")
+    run_all_cells(browser)
+    seen: list[str] = []  # each distinct caption the page showed, in order
+
+    def finished() -> bool:
+        captions = texts(browser, ".amp-live-caption")
+        if captions and (not seen or captions[-1] != seen[-1]):
+            seen.append(captions[-1])
+            if len(seen) == 2:
+                screenshot("2-training", ".amp-live")
+        return bool(seen) and seen[-1].startswith("finished")
+
+    wait_for(finished, 90, "the live figure to say the run finished", poll=0.05)
+    wait_for(lambda: cells_done(browser), 30, "every cell to run")
+    screenshot("3-finished", ".amp-live")
+    assert errors(browser) == []
+    training = [c for c in seen if c.startswith("training")]
+    assert len(training) >= 2, f"the page showed the live figure training only as {training}"
+    assert seen[-1].startswith("finished: ok · updated ") and seen[-1].endswith(f"step 24/{TRAIN_PARAMETERS['steps']}")
+    updates = int(seen[-1].split("updated ")[1].split(" ")[0])
+    assert updates >= len(training) + 1
+    assert len(texts(browser, ".amp-live img")) == 1  # one figure, updated in place
+    assert any(t.startswith("Status: ok") for t in texts(browser, ".jp-RenderedMarkdown"))  # the result's summary
+
+
+# --- explore.ipynb: the explorer ----------------------------------------------------------------
+
+
+def small_sweep(folder: Path) -> Path:
+    """Four finished runs (fp32 and fp16-mixed, seeds 0 and 1) as result files, written by the library."""
+    for precision in ("fp32", "fp16-mixed"):
+        for seed in (0, 1):
+            scaled = precision == "fp16-mixed"
+            result = make_result(
+                precision,
+                seed,
+                rows=history(8, scaled=scaled, skip_at=3 if scaled else None, loss0=3.0 + seed / 10),
+                evals=eval_curve(2.5 + seed / 10, 2.2 + seed / 10, every=4),
+                metrics={"step_time_ms_median": 10.0},
+            )
+            result.save(folder / "results" / f"{precision}-s{seed}.json")
+    return folder
+
+
+def test_the_explorer_redraws_its_view_when_the_selection_changes(
+    lab: Lab, browser: Any, screenshot: Callable[..., Path]
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    sweep = small_sweep(lab.folder / "small-sweep")
+    name = with_parameters(lab.folder, "explore.ipynb", "explore-small.ipynb", {"sweep_dir": str(sweep)})
+    open_notebook(browser, lab, name)
+    run_all_cells(browser)
+    caption = ".amp-explore-caption"
+    wait_for(lambda: texts(browser, caption) and cells_done(browser), 60, "the explorer to show its first view")
+    screenshot("1-train-loss", ".amp-explore")
+    assert errors(browser) == []
+    assert texts(browser, caption) == ["train loss · gpt-tiny · 4 runs selected"]
+    first_image = browser.find_element(By.CSS_SELECTOR, ".amp-explore img").get_attribute("src")
+
+    (scale,) = [b for b in browser.find_elements(By.CSS_SELECTOR, ".widget-toggle-button") if b.text == "loss scale"]
+    scale.click()
+    wait_for(lambda: texts(browser, caption) == ["loss scale · gpt-tiny · 4 runs selected"], 30, "the loss-scale view")
+    assert browser.find_element(By.CSS_SELECTOR, ".amp-explore img").get_attribute("src") != first_image
+    screenshot("2-loss-scale", ".amp-explore")
+
+    (seeds,) = [
+        w
+        for w in browser.find_elements(By.CSS_SELECTOR, ".widget-select-multiple")
+        if "seeds" in w.text.splitlines()[0]
+    ]
+    choose = Select(seeds.find_element(By.TAG_NAME, "select"))
+    choose.deselect_all()
+    choose.select_by_visible_text("1")
+    wait_for(lambda: texts(browser, caption) == ["loss scale · gpt-tiny · 2 runs selected"], 30, "the view of seed 1")
+    assert "fp16-mixed" in browser.find_element(By.CSS_SELECTOR, ".amp-explore .amp-verdicts").text
+    screenshot("3-seed-1", ".amp-explore")
