@@ -120,9 +120,9 @@ def run_figure(result: RunResult, *, steps: int | None = None, state: str | None
         for ax in axes:
             ax.set_xlim(0, steps)
     plan = result.plan
+    name = result.config.get("run_name")  # "" in a notebook run that left the default name
     fig.suptitle(
-        f"{result.config.get('run_name') or ''}: {plan.get('requested')} → {plan.get('effective')} "
-        f"[{state or result.status}]"
+        (f"{name}: " if name else "") + f"{plan.get('requested')} → {plan.get('effective')} [{state or result.status}]"
     )
     return fig
 

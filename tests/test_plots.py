@@ -59,7 +59,7 @@ def test_run_figure_of_a_fallback_and_of_a_run_without_a_name() -> None:
     fell_back = make_result("fp16-mixed", effective="bf16-mixed", rows=history(3), reason="no fast fp16")
     assert run_figure(fell_back).get_suptitle() == "fp16-mixed-s0: fp16-mixed → bf16-mixed [ok]"
     nameless = make_result("fp32", status="failed", error="boom", run_name=None)
-    assert run_figure(nameless).get_suptitle() == ": fp32 → fp32 [failed]"
+    assert run_figure(nameless).get_suptitle() == "fp32 → fp32 [failed]"  # no dangling ": " without a name
 
 
 def test_a_run_that_failed_before_its_first_step_says_no_loss_was_recorded() -> None:
