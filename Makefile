@@ -6,6 +6,10 @@ TORCH_SPEC ?= torch
 # download). Empty: the default index (or a local wheel) decides which build TORCH_SPEC gets.
 TORCH_INDEX ?=
 KERNEL     ?= amp-workbook
+# pytest-xdist processes for `make test`/`test-fast`: test files are handed out whole (--dist loadfile),
+# so a module's Ray instance, Slurm cluster or torchrun job starts once, and the slow tier's waits
+# (a Slurm time limit, Ray's start-up, kernels) overlap with other files' work. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 SWEEP_ARGS ?=
 BENCH_ARGS ?=
 PY         := $(VENV)/bin/python
@@ -28,11 +32,11 @@ $(STAMP): pyproject.toml
 
 # Everything: unit tests, slow and notebook tiers, nbval over notebooks/, the 90% line+branch coverage gate.
 test: setup
-	$(PY) -m pytest --nbval-lax --cov=amp_lib --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=90
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax --cov=amp_lib --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=90
 
 # The quick tier while editing: no training beyond a few steps, no kernels, no W&B/Lightning runs.
 test-fast: setup
-	$(PY) -m pytest tests -m "not slow and not notebook and not gpu" -q
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow and not notebook and not gpu" -q
 
 # Rewrite tests/golden/* from the current code; review the diff before committing it.
 goldens: setup

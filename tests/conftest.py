@@ -28,8 +28,12 @@ _MUTATION_ORDER = (
     "test_examples",
     "test_report",
     "test_plots",
+    "test_explore",
+    "test_live",
     "test_sweep_grid",
     "test_sweep_execute",
+    "test_sweep_ray_executor",
+    "test_sweep_slurm_executor",
     "test_sweep_publish",
     "test_sweep_cli",
     "test_notebook",
@@ -38,6 +42,7 @@ _MUTATION_ORDER = (
     "test_hf",
     "test_bench",
     "test_train",
+    "test_distributed",
 )
 
 

@@ -120,7 +120,8 @@ def test_the_import_graph_has_no_cycle() -> None:
 
 def test_data_flows_one_way_the_core_never_imports_the_layers_above_it() -> None:
     graph = _amp_lib_imports()
-    above = {"amp_lib.notebook", "amp_lib.tracking", "amp_lib.lightning_callback", "amp_lib.plots", "amp_lib.bench"}
+    above = {"amp_lib.notebook", "amp_lib.live", "amp_lib.explore", "amp_lib.tracking", "amp_lib.lightning_callback"}
+    above |= {"amp_lib.plots", "amp_lib.bench"}
     above |= {m for m in graph if m.startswith("amp_lib.sweep")}
-    for core in ("config", "precision", "scaler", "measure", "results", "data", "models", "train", "report"):
+    for core in ("config", "precision", "scaler", "measure", "results", "data", "models", "train", "distributed", "report"):
         assert not graph[f"amp_lib.{core}"] & above, core
