@@ -47,6 +47,14 @@ def test_example_batches_are_on_the_configs_device(device):
     assert next(model.parameters()).device.type == "cpu"  # the loop moves the model, after the precision cast
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_the_example_for_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"device 'cuda' requested but CUDA is not available; valid here: 'auto', 'cpu'"
+    ):
+        linear_regression(RunConfig(model=SPEC, device="cuda"))
+
+
 # --- as a workload -------------------------------------------------------------------------------
 
 
