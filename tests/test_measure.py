@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import resource
 import time
 
@@ -66,9 +67,12 @@ def test_cpu_step_timer_times_the_wall_clock_by_default():
 
 def test_cpu_peak_memory_covers_the_timed_region_only():
     """After reset, a big allocation freed earlier no longer counts, and the figure is in MiB."""
-    big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB touched
-    big.add_(1)
-    del big
+    # An anonymous mapping, not a tensor: unmapping returns it to the OS at once, whatever the allocator
+    # (and whatever an earlier test in this process left in its heap) would do with a freed tensor.
+    block = mmap.mmap(-1, 256 * 2**20)
+    for offset in range(0, len(block), mmap.PAGESIZE):  # touch every page: 256 MiB resident
+        block[offset] = 1
+    block.close()
     meter = PeakMemory(torch.device("cpu"))
     assert meter.kind == "cpu_rss"
     lifetime_peak_mib = meter.peak_mb()
