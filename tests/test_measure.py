@@ -62,6 +62,12 @@ def test_cpu_step_timer_times_the_wall_clock_by_default():
     assert 15 < ms < 2000
 
 
+def test_a_timer_for_a_cuda_device_times_with_events_and_one_for_any_other_with_the_clock():
+    # Decided from the device alone (nothing touches CUDA until a step is timed), so this holds on a CPU build.
+    assert StepTimer(torch.device("cuda", 0)).cuda and StepTimer(torch.device("cuda")).cuda
+    assert not StepTimer(torch.device("meta")).cuda
+
+
 # --- peak memory --------------------------------------------------------------------------------
 
 
@@ -81,6 +87,12 @@ def test_cpu_peak_memory_covers_the_timed_region_only():
     assert lifetime_peak_mib * 1024 == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, abs=4096)
     meter.reset()
     assert 0 < meter.peak_mb() < lifetime_peak_mib - 200
+
+
+def test_the_peak_memory_kind_names_what_the_device_measures():
+    # The result's `peak_memory_kind`; decided from the device alone, before anything is measured.
+    assert PeakMemory(torch.device("cuda", 0)).kind == "cuda_allocated"
+    assert PeakMemory(torch.device("cpu")).kind == "cpu_rss"
 
 
 # --- on a real GPU ------------------------------------------------------------------------------

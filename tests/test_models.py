@@ -117,9 +117,25 @@ def test_dropout_is_active_in_training_only_and_off_by_default() -> None:
     assert built.cfg.dropout == 0.2 and {m.p for m in built.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
 
 
+def test_dropout_also_drops_attention_weights_in_training() -> None:
+    # What attention hands the output projection: the same in eval mode pass after pass, and, with
+    # attention dropout, different from it in training (the residual and MLP dropouts come after it).
+    block = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, dropout=0.5)).blocks[0]
+    seen: list[torch.Tensor] = []
+    block.proj.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    x = torch.randn(2, 16, 32)
+    block.eval()(x)
+    block.eval()(x)
+    block.train()(x)
+    evaluated, again, trained = seen
+    assert torch.equal(evaluated, again) and not torch.allclose(trained, evaluated)
+
+
 @pytest.mark.parametrize("model", ["gpt-tiny", "mlp"])
 def test_eval_batches_sets_how_many_held_out_batches_an_eval_takes(model: str) -> None:
-    config = RunConfig(model=model, eval_batches=7, steps=2, timing_warmup_steps=0, batch_size=2, seq_len=8, device="cpu")
+    config = RunConfig(
+        model=model, eval_batches=7, steps=2, timing_warmup_steps=0, batch_size=2, seq_len=8, device="cpu"
+    )
     assert len(build_workload(config, CPU).eval_batches) == 7
 
 
@@ -191,7 +207,9 @@ def test_every_builtin_model_builds_a_workload_that_trains_a_step(model):
 
 
 def test_gpt_tiny_workload():
-    config = RunConfig(model="gpt-tiny", steps=5, timing_warmup_steps=1, batch_size=3, seq_len=16, grad_accum=2, device="cpu")
+    config = RunConfig(
+        model="gpt-tiny", steps=5, timing_warmup_steps=1, batch_size=3, seq_len=16, grad_accum=2, device="cpu"
+    )
     w = build_workload(config, CPU)
     assert w.item_unit == "tokens" and w.items_per_batch == 3 * 16
     assert len(w.train_batches) == config.steps * config.grad_accum
@@ -338,7 +356,12 @@ def test_user_callable_batches_are_called_with_every_micro_batch_index_and_evalu
     # A function that gives a new batch for every index gets every index of the run: steps x grad_accum of
     # them (the training loop asks for index % len(), bench's bare loop for the step: the same batch).
     config = RunConfig(
-        model="user_models:build_step_function", steps=5, timing_warmup_steps=1, grad_accum=2, eval_batches=3, batch_size=4
+        model="user_models:build_step_function",
+        steps=5,
+        timing_warmup_steps=1,
+        grad_accum=2,
+        eval_batches=3,
+        batch_size=4,
     )
     w = build_workload(config, CPU)
     assert len(w.train_batches) == 10 and len(w.eval_batches) == 3
