@@ -133,12 +133,25 @@ class StepProfiler:
         return summarize(self._prof.events(), wall_ms, self.device.type)
 
 
+def tf32_for_fp32() -> bool:
+    """Whether fp32 matmuls on CUDA may run in TF32. torch >= 2.9 keeps a per-backend `fp32_precision`
+    ("none": the global one decides); its legacy global getter raises once a program has mixed the two
+    APIs (`set_float32_matmul_precision("high")`, then `allow_tf32 = False`), so the backend's own
+    setting is read where it exists."""
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if setting is None:  # torch < 2.9: the legacy flags are the only ones
+        return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    if setting == "none":
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return setting == "tf32"
+
+
 def machine_facts(caps: Capabilities) -> dict[str, Any]:
     """The facts that decide whether a reduced precision can be fast here."""
     facts: dict[str, Any] = {"device_type": caps.device_type, "device_name": caps.device_name}
     if caps.device_type == "cuda":
         facts["compute_capability"] = list(caps.compute_capability or ())
-        facts["tf32_for_fp32"] = bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+        facts["tf32_for_fp32"] = tf32_for_fp32()
     else:
         facts["cpu_isa"] = sorted(cpu_isa())
     return facts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -163,6 +164,27 @@ def test_machine_facts_of_this_cpu_and_of_a_gpu_described_as_data() -> None:
     facts = machine_facts(h100)
     assert facts["compute_capability"] == [9, 0] and facts["tf32_for_fp32"] is False  # torch's default: off
     assert cpu_isa() <= {"avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16", "amx_tile", "avx512f", "avx2"}
+
+
+@pytest.fixture
+def matmul_precision_restored() -> Iterator[None]:
+    """The test sets torch's process-wide matmul precision; put torch's default back afterwards."""
+    yield
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "none"
+
+
+def test_tf32_for_fp32_follows_either_api_and_survives_a_program_that_mixed_them(matmul_precision_restored) -> None:
+    h100 = Capabilities(device_type="cuda", cuda_available=True, device_name="NVIDIA H100", compute_capability=(9, 0))
+    torch.backends.cuda.matmul.allow_tf32 = True  # the legacy flag
+    assert machine_facts(h100)["tf32_for_fp32"] is True
+    torch.set_float32_matmul_precision("high")  # the newer global setting...
+    assert machine_facts(h100)["tf32_for_fp32"] is True
+    torch.backends.cuda.matmul.allow_tf32 = False  # ...then the legacy one: torch's own global getter now raises
+    with pytest.raises(RuntimeError):
+        torch.get_float32_matmul_precision()
+    assert machine_facts(h100)["tf32_for_fp32"] is False
 
 
 # --- causes, ranked ------------------------------------------------------------------------------------
