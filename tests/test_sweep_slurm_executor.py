@@ -5,14 +5,13 @@ time limit recorded `failed` with Slurm's reason and re-run on resume."""
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,37 +239,20 @@ def test_a_sweep_through_submitit_records_a_timed_out_job_as_failed_and_reruns_i
     assert _jobs_still_running(timeout=30) == ""  # each job ends soon after its run: none is left behind
 
 
-class CtrlCOnOutcome(io.StringIO):
-    """A stdout on which Ctrl-C (a real SIGINT) arrives as the outcome line naming `marker` is printed."""
-
-    def __init__(self, marker: str) -> None:
-        super().__init__()
-        self.marker, self.sent = marker, False
-
-    def write(self, text: str) -> int:
-        n = super().write(text)
-        if self.marker in text and not self.sent:
-            self.sent = True
-            signal.raise_signal(signal.SIGINT)
-        return n
-
-
 @pytest.mark.slow
 @pytest.mark.notebook
 def test_ctrl_c_cancels_the_outstanding_jobs_and_keeps_the_finished_results(
-    slurm_cluster: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    slurm_cluster: dict[str, str], ctrl_c_stdout: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "slow_once.py").write_text(SLOW_ONCE)  # seed 1's job sleeps until cancelled
     out = tmp_path / "sw"
     grid = expand_grid(out, CPU, ["fp32"], [0, 1], parse_params(PARAMS))
-    monkeypatch.setattr("sys.stdout", CtrlCOnOutcome(grid[0].name))  # Ctrl-C once seed 0 has finished
-    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    monkeypatch.setattr("sys.stdout", ctrl_c_stdout(grid[0].name))  # Ctrl-C once seed 0 has finished
     executor = SlurmExecutor(time_min=5)
     executor.open()
     try:
         outcomes, interrupted = run_sweep(grid, Settings(workdir=str(tmp_path)), executor=executor)
     finally:
-        signal.signal(signal.SIGINT, saved)
         executor.close()
     assert interrupted and [(o.name, o.status) for o in outcomes] == [(grid[0].name, "ok")]
     assert [r.config["run_name"] for r in load_sweep(out)] == [grid[0].name]  # kept; the cancelled run wrote nothing
