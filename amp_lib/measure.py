@@ -54,29 +54,33 @@ class StepTimer:
 
 
 class PeakMemory:
-    """Peak memory of the timed region: the CUDA allocator's peak, or the process's peak RSS on a CPU."""
+    """Peak memory of the timed region: the CUDA allocator's peak, or the process's peak RSS on a CPU.
 
-    def __init__(self, device: torch.device) -> None:
+    On a CPU the peak is the kernel's high-water mark (VmHWM in `<proc>/status`, reset through
+    `<proc>/clear_refs`); where there is no such file (macOS) it is getrusage's lifetime peak.
+    """
+
+    def __init__(self, device: torch.device, proc: Path = Path("/proc/self")) -> None:
         self.device = device
-        self.kind = "cuda_allocated" if device.type == "cuda" else "cpu_rss"
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda_allocated" if self.cuda else "cpu_rss"
+        self.proc = proc  # a parameter so a test can stand in a /proc without VmHWM, as on macOS
 
     def reset(self) -> None:
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM on Linux
+                (self.proc / "clear_refs").write_text("5")  # resets VmHWM on Linux
 
     def peak_mb(self) -> float | None:
-        if self.device.type == "cuda":
+        if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
+        with contextlib.suppress(OSError):
+            for line in (self.proc / "status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                    return int(line.split()[1]) / 1024  # "VmHWM:   123456 kB"
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

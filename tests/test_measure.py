@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import resource
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,10 +90,40 @@ def test_cpu_peak_memory_covers_the_timed_region_only():
     assert 0 < meter.peak_mb() < lifetime_peak_mib - 200
 
 
+def test_cpu_peak_memory_reads_the_high_water_mark_line_of_proc_status_in_mib(tmp_path: Path) -> None:
+    (tmp_path / "status").write_text("Name:\tpython\nVmPeak:\t  999999 kB\nVmHWM:\t    3072 kB\nVmRSS:\t 1024 kB\n")
+    assert PeakMemory(torch.device("cpu"), proc=tmp_path).peak_mb() == 3.0
+
+
+@pytest.mark.parametrize(
+    "status",
+    [None, "Name:\tpython\nVmRSS:\t 1024 kB\n", "Name:\tpython\nxVmHWM:\t 1024 kB\n"],
+    ids=["no-status-file", "no-VmHWM-line", "VmHWM-not-at-line-start"],
+)
+def test_without_a_high_water_mark_cpu_peak_memory_is_the_lifetime_peak_rss(tmp_path: Path, status: str | None) -> None:
+    if status is not None:
+        (tmp_path / "status").write_text(status)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mib = PeakMemory(torch.device("cpu"), proc=tmp_path).peak_mb()
+    assert peak_mib is not None
+    assert before <= peak_mib * 1024 <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def test_cpu_reset_asks_the_kernel_to_reset_the_high_water_mark_and_tolerates_a_proc_it_cannot_write(
+    tmp_path: Path,
+) -> None:
+    PeakMemory(torch.device("cpu"), proc=tmp_path).reset()
+    assert (tmp_path / "clear_refs").read_text() == "5"  # 5: reset the peak resident set size
+    read_only = tmp_path / "read-only"
+    (read_only / "clear_refs").mkdir(parents=True)  # writing to it raises IsADirectoryError, an OSError
+    PeakMemory(torch.device("cpu"), proc=read_only).reset()
+
+
 def test_the_peak_memory_kind_names_what_the_device_measures():
     # The result's `peak_memory_kind`; decided from the device alone, before anything is measured.
     assert PeakMemory(torch.device("cuda", 0)).kind == "cuda_allocated"
     assert PeakMemory(torch.device("cpu")).kind == "cpu_rss"
+    assert PeakMemory(torch.device("cuda")).cuda and not PeakMemory(torch.device("meta")).cuda
 
 
 # --- on a real GPU ------------------------------------------------------------------------------
