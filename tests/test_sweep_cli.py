@@ -531,6 +531,10 @@ def test_a_user_model_module_must_be_importable_from_here_before_any_kernel_star
     assert (
         main([*argv, "-p", "model=my_models:build", *NO_KERNEL, "--no-report"]) == 1
     )  # accepted: the kernel is missing
+    # An installed package is found however it is installed; `pip install -e .` puts no folder on sys.path
+    # (a meta-path finder serves it), so take the checkout off sys.path as when the CLI runs elsewhere.
+    checkout = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != checkout])
     assert main([*argv, "-p", "model=amp_lib.examples:linear_regression", *NO_KERNEL, "--no-report"]) == 1
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.machinery
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -92,10 +93,9 @@ def model_problems(runs: Sequence[SweepRun], workdir: str) -> list[str]:
         if ":" not in model or not module:
             continue
         top = module.split(".")[0]
-        if (
-            importlib.machinery.PathFinder.find_spec(top, [workdir, *sys.path]) is None
-            and top not in sys.builtin_module_names
-        ):
+        # The kernels see `workdir` (their PYTHONPATH) and what is installed here; an editable install
+        # is found only by its meta-path finder, so the installed half asks `find_spec`, not sys.path.
+        if importlib.machinery.PathFinder.find_spec(top, [workdir]) is None and importlib.util.find_spec(top) is None:
             problems.append(
                 f"model={model!r}: no module named {top!r} in {workdir} (the kernels' PYTHONPATH) or the installed packages"
             )
