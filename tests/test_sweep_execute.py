@@ -11,9 +11,11 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +49,8 @@ from amp_lib.sweep.execute import (
     reuse_identical,
     run_sweep,
     same_config,
+    scratch_folders,
+    scratch_prefix,
     stamp,
     wandb_run_id,
 )
@@ -379,6 +383,24 @@ def test_a_lost_run_is_recorded_failed_unless_it_wrote_a_final_result_since_it_w
     before = stamp(run.result_path)
     _saved_result(run, "failed")  # a `failed` result written by the run itself: the engine's reason wins
     assert lost_run(run, "Slurm job 4 ended CANCELLED", before).error == "Slurm job 4 ended CANCELLED"
+
+
+def test_the_sweep_removes_the_temp_folders_its_killed_runs_left_and_no_other_sweeps(tmp_path: Path) -> None:
+    # A run killed by its engine (a cancelled Ray task, a Slurm job past its limit) cannot remove the temp
+    # folder its kernel was given; the folder is named after the run's result file, so the sweep can.
+    (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], {"device": ["cpu"]})
+    (elsewhere,) = expand_grid(tmp_path / "other", CPU, ["fp32"], [0], {"device": ["cpu"]})
+    assert run.name == elsewhere.name  # same run, another sweep's folder: another temp folder name
+    left = [Path(tempfile.mkdtemp(prefix=scratch_prefix(r))) for r in (run, run, elsewhere)]
+    (left[0] / "tmpabcwandb-media").mkdir()
+    try:
+        assert scratch_folders(run) == sorted(left[:2]) and scratch_folders(elsewhere) == [left[2]]
+        outcomes, _ = run_sweep([run], NO_KERNEL)
+        assert [o.status for o in outcomes] == ["failed"]
+        assert scratch_folders(run) == [] and scratch_folders(elsewhere) == [left[2]]
+    finally:
+        for folder in left:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_the_local_executor_runs_as_many_at_once_as_it_has_workers_and_runs(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from amp_lib.precision import Capabilities
 from amp_lib.results import load_sweep
 from amp_lib.sweep.cli import main, sweep
-from amp_lib.sweep.execute import Settings, run_sweep
+from amp_lib.sweep.execute import Settings, run_sweep, scratch_folders
 from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params
 from amp_lib.sweep.ray_executor import EXTRA, RayExecutor, address_problems, task_resources, wants_gpus
 
@@ -239,3 +239,4 @@ def test_ctrl_c_cancels_the_outstanding_tasks_and_keeps_the_finished_results(
     kernels = {pid: v for pid, v in stdout.seen.items() if b"ipykernel" in v[1]}
     assert kernels, "the endless run's kernel was not running when Ctrl-C came"
     assert _still_alive(kernels, timeout=20) == {}  # the cancelled task's kernel is gone
+    assert scratch_folders(endless) == []  # and so is the temp folder its killed worker could not remove

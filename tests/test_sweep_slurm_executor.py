@@ -18,7 +18,7 @@ import pytest
 from amp_lib.precision import Capabilities
 from amp_lib.results import RunResult, load_sweep
 from amp_lib.sweep.cli import main, sweep
-from amp_lib.sweep.execute import Settings, run_sweep
+from amp_lib.sweep.execute import Settings, run_sweep, scratch_folders
 from amp_lib.sweep.grid import expand_grid, parse_params
 from amp_lib.sweep.slurm_executor import (
     EXTRA,
@@ -237,6 +237,9 @@ def test_a_sweep_through_submitit_records_a_timed_out_job_as_failed_and_reruns_i
     assert (out / "results" / f"{names[0]}.json").stat().st_mtime_ns == ok_stamp  # the finished run: not re-run
     assert {r.config["run_name"]: r.status for r in load_sweep(out)} == dict.fromkeys(names, "ok")
     assert _jobs_still_running(timeout=30) == ""  # each job ends soon after its run: none is left behind
+    assert [
+        run.name for run in expand_grid(out, CPU, ["fp32"], [0, 1], parse_params(PARAMS)) if scratch_folders(run)
+    ] == []
 
 
 @pytest.mark.slow
@@ -258,6 +261,7 @@ def test_ctrl_c_cancels_the_outstanding_jobs_and_keeps_the_finished_results(
     assert [r.config["run_name"] for r in load_sweep(out)] == [grid[0].name]  # kept; the cancelled run wrote nothing
     assert not grid[1].result_path.exists()
     assert _jobs_still_running(timeout=30) == ""  # scancel'ed: no job is left in the queue
+    assert scratch_folders(grid[1]) == []  # the temp folder the cancelled job could not remove: removed
 
 
 @pytest.mark.slow

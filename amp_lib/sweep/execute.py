@@ -11,10 +11,12 @@ share of the CPU threads. A run identical to one an earlier grid finished in the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing
 import os
 import queue
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -182,6 +184,27 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def scratch_prefix(run: SweepRun) -> str:
+    """The start of the temp folder names of `run`'s kernels: one per result file, whichever sweep or machine."""
+    key = hashlib.sha1(str(Path(run.result_path).resolve()).encode()).hexdigest()[:12]
+    return f"amp-run-{key}-"
+
+
+def scratch_folders(run: SweepRun) -> list[Path]:
+    """The temp folders `run`'s kernels were given (W&B stages media and artifacts there) that still exist.
+
+    Named after the run's result file, so the sweep removes those a killed run (a cancelled Ray task, a
+    Slurm job past its limit) could not remove itself.
+    """
+    return sorted(Path(tempfile.gettempdir()).glob(scratch_prefix(run) + "*"))
+
+
+def remove_scratch(runs: Sequence[SweepRun]) -> None:
+    for run in runs:
+        for folder in scratch_folders(run):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     """Execute train.ipynb for `run`; whatever happens, a result JSON for it exists afterwards.
 
@@ -197,7 +220,7 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
             # The kernel's temp files (W&B stages media and artifacts there) go to a folder of this
             # attempt's own, removed afterwards: a sweep leaves nothing in the system temp folder.
             with (
-                tempfile.TemporaryDirectory(prefix="amp-run-", ignore_cleanup_errors=True) as scratch,
+                tempfile.TemporaryDirectory(prefix=scratch_prefix(run), ignore_cleanup_errors=True) as scratch,
                 _environment({**kernel_environment(run, settings), "TMPDIR": scratch}),
             ):
                 pm.execute_notebook(
@@ -416,6 +439,7 @@ def run_sweep(
         interrupted = True
     finally:
         bar.close()
+        remove_scratch(todo)  # what a killed run left in the temp folder
     order = {r.name: i for i, r in enumerate(runs)}
     return sorted(outcomes.values(), key=lambda o: order[o.name]), interrupted
 
