@@ -31,6 +31,7 @@ _MUTATION_ORDER = (
     "test_explore",
     "test_live",
     "test_sweep_grid",
+    "test_sweep_lock",
     "test_sweep_execute",
     "test_sweep_ray_executor",
     "test_sweep_slurm_executor",

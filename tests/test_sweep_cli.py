@@ -31,7 +31,7 @@ from amp_lib.results import RunResult, load_sweep
 from amp_lib.sweep.cli import SweepRefused, SweepResult, _csv, build_parser, main, make_executor, sweep
 from amp_lib.sweep.execute import LocalExecutor, Outcome, Settings
 from amp_lib.sweep.grid import SweepRun, expand_grid
-from amp_lib.sweep.lock import LOCK_NAME, FolderLocked, SweepLock
+from amp_lib.sweep.lock import LOCK_NAME, FolderLocked
 from amp_lib.sweep.ray_executor import RayExecutor
 from amp_lib.sweep.slurm_executor import SlurmExecutor
 
@@ -592,17 +592,6 @@ def test_a_second_sweep_on_a_held_folder_exits_2_naming_the_holder_and_a_killed_
     assert main(argv) == 0  # ...and blocks nothing: flock died with its process
     assert "1 of 1 runs done (0 executed, 1 resumed)" in capsys.readouterr().out
     assert not (out / LOCK_NAME).exists()  # a sweep that ends removes its lock file
-
-
-def test_the_lock_is_exclusive_within_a_process_too_and_reusable_after_release(tmp_path: Path) -> None:
-    with SweepLock(tmp_path) as first:
-        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
-        with pytest.raises(FolderLocked, match=rf"in use by another sweep \(pid {os.getpid()}\)"):
-            SweepLock(tmp_path).acquire()  # flock locks belong to the open file, not the process
-    assert first._fd is None and not (tmp_path / LOCK_NAME).exists()
-    with SweepLock(tmp_path):
-        pass
-    first.release()  # releasing twice is harmless
 
 
 # --- what a report covers: readable results of the grid asked for, everything else named ---
