@@ -11,6 +11,7 @@ score is under --fail-under.
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -42,7 +43,8 @@ def listed(data: Path, table: str) -> set[str]:
 
 
 def module_of(name: str) -> str:
-    return ".".join(name.split(".")[:2])
+    """"amp_lib.sweep.grid.x_expand_grid__mutmut_3" -> "amp_lib.sweep.grid" (methods: "xǁClassǁname")."""
+    return re.split(r"\.xǁ|\.x_", name, maxsplit=1)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
