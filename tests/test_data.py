@@ -38,6 +38,8 @@ def test_char_tokenizer_vocabulary_is_the_sorted_characters():
 def test_tokenizer_ids_are_embedding_indices():
     ids = CharTokenizer.for_text("abca").encode("cab")
     assert ids.dtype == torch.long and ids.tolist() == [2, 0, 1]
+    empty = CharTokenizer.for_text("abca").encode("")  # torch.tensor([]) alone would be a float tensor
+    assert empty.dtype == torch.long and empty.numel() == 0
 
 
 # --- token windows -------------------------------------------------------------------------------
