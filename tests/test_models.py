@@ -131,6 +131,15 @@ def test_dropout_also_drops_attention_weights_in_training() -> None:
     assert torch.equal(evaluated, again) and not torch.allclose(trained, evaluated)
 
 
+def test_dropout_drops_both_residual_branches_in_training() -> None:
+    # With p=1 every dropped branch adds nothing, so a block in training passes its input through: the
+    # attention branch and the MLP branch are each followed by dropout, as in nanoGPT.
+    block = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, dropout=1.0)).blocks[0]
+    x = torch.randn(2, 16, 32)
+    assert torch.equal(block.train()(x), x)
+    assert not torch.allclose(block.eval()(x), x)
+
+
 @pytest.mark.parametrize("model", ["gpt-tiny", "mlp"])
 def test_eval_batches_sets_how_many_held_out_batches_an_eval_takes(model: str) -> None:
     config = RunConfig(

@@ -38,7 +38,9 @@ def test_core_dependencies_are_what_the_workbook_runs_on_and_test_tools_are_dev_
     assert deps >= {"torch", "numpy", "matplotlib", "tqdm", "papermill", "ipykernel", "jupyterlab", "wandb"}
     test_tools = {"nbval", "pytest", "pytest-cov", "pytest-randomly", "pytest-timeout", "mutmut", "ruff"}
     assert not deps & test_tools, f"test tools among the runtime dependencies: {sorted(deps & test_tools)}"
-    assert {_name(d) for d in project["optional-dependencies"]["dev"]} >= test_tools - {"pytest-timeout"} | {"lightning"}
+    assert {_name(d) for d in project["optional-dependencies"]["dev"]} >= test_tools - {"pytest-timeout"} | {
+        "lightning"
+    }
 
 
 def test_every_subpackage_is_packaged() -> None:
@@ -64,7 +66,9 @@ def test_makefile_reinstalls_only_when_pyproject_changes() -> None:
 def test_make_test_runs_every_tier_with_nbval_and_the_coverage_gate_and_test_fast_deselects_the_slow_ones() -> None:
     makefile = (ROOT / "Makefile").read_text()
     full = re.search(r"^test: setup\n\t(.+)$", makefile, re.MULTILINE).group(1)
-    assert "--nbval-lax" in full and "--cov-fail-under=90" in full and " -m \"" not in full  # no marker selection: every tier
+    assert (
+        "--nbval-lax" in full and "--cov-fail-under=90" in full and ' -m "' not in full
+    )  # no marker selection: every tier
     fast = re.search(r"^test-fast: setup\n\t(.+)$", makefile, re.MULTILINE).group(1)
     assert '-m "not slow and not notebook and not gpu"' in fast and "nbval" not in fast
 
@@ -78,6 +82,21 @@ def test_the_tiers_are_declared_markers() -> None:
 def test_no_test_file_is_named_after_a_tool() -> None:
     names = [p.name for p in (ROOT / "tests").glob("test_*.py")]
     assert names and not [n for n in names if re.search(r"mutant|mutmut|contract|nbval|coverage", n)]
+
+
+def test_every_listed_surviving_mutant_names_a_mutated_module_and_says_why() -> None:
+    # docs/mutation-survivors.toml is read by scripts/mutation_score.py: a broken file or a name outside
+    # `only_mutate` would silently leave survivors unexplained.
+    survivors = tomllib.loads((ROOT / "docs" / "mutation-survivors.toml").read_text(encoding="utf-8"))
+    assert set(survivors) == {"equivalent", "not_reached"}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    mutated = {path.removesuffix(".py").replace("/", ".") for path in pyproject["tool"]["mutmut"]["only_mutate"]}
+    listed = {**survivors["equivalent"], **survivors["not_reached"]}
+    assert not set(survivors["equivalent"]) & set(survivors["not_reached"])
+    for name, why in listed.items():
+        match = re.fullmatch(r"(amp_lib(?:\.\w+)+)\.x(?:_|ǁ\w+ǁ)\w+__mutmut_\d+", name)
+        assert match and match.group(1) in mutated, name
+        assert len(why) > 20, name
 
 
 def _amp_lib_imports() -> dict[str, set[str]]:
@@ -107,7 +126,7 @@ def test_the_import_graph_has_no_cycle() -> None:
     done: set[str] = set()
 
     def visit(module: str, path: tuple[str, ...]) -> None:
-        assert module not in path, f"import cycle: {' -> '.join((*path[path.index(module):], module))}"
+        assert module not in path, f"import cycle: {' -> '.join((*path[path.index(module) :], module))}"
         if module in done:
             return
         for target in sorted(graph[module]):
@@ -123,5 +142,16 @@ def test_data_flows_one_way_the_core_never_imports_the_layers_above_it() -> None
     above = {"amp_lib.notebook", "amp_lib.live", "amp_lib.explore", "amp_lib.tracking", "amp_lib.lightning_callback"}
     above |= {"amp_lib.plots", "amp_lib.bench"}
     above |= {m for m in graph if m.startswith("amp_lib.sweep")}
-    for core in ("config", "precision", "scaler", "measure", "results", "data", "models", "train", "distributed", "report"):
+    for core in (
+        "config",
+        "precision",
+        "scaler",
+        "measure",
+        "results",
+        "data",
+        "models",
+        "train",
+        "distributed",
+        "report",
+    ):
         assert not graph[f"amp_lib.{core}"] & above, core
