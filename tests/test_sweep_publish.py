@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbformat
 import pytest
 from factories import make_result
 
@@ -22,7 +23,7 @@ TWO_SEEDS = [make_result(p, s, tps=t, eval_loss=2.0 + 0.01 * s) for p, t in (("f
 
 
 def test_write_report_writes_the_given_report_then_exports_even_a_failed_notebook(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # On disk: an fp32 run alone. Given: a report of fp32 and a faster bf16 run (two seeds), at a 25% tolerance.
     make_result("fp32").save(tmp_path / "sw" / "results" / "fp32-s0.json")
@@ -48,7 +49,9 @@ def test_write_report_writes_the_given_report_then_exports_even_a_failed_noteboo
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "<html" in html and "Which precision should this model train in?" in html  # compare.ipynb's export...
     assert "report_view" not in html and "from amp_lib import notebook" not in html  # ...a report: code hidden
+    assert 'class="jp-InputPrompt' not in html  # ...and no empty prompt column indenting its text
     assert "Not in this report" not in html  # nothing left out, nothing said
+    assert "Executing" not in capsys.readouterr().err  # no papermill progress bar among the sweep's own output
 
 
 def test_a_report_notebook_that_never_ran_leaves_the_summary_and_no_html(tmp_path: Path) -> None:
@@ -75,7 +78,10 @@ def test_left_out_files_are_listed_in_summary_md_and_report_html(tmp_path: Path)
     )
     html = (tmp_path / "report.html").read_text()
     assert html.index('<div id="amp-not-in-report"') < html.index("Which precision should this model train in?")
-    assert "<li>left out: old.json: from an earlier grid &lt;lr=0.003&gt;</li>" in html  # escaped
+    assert (
+        "<h2>Not in this report</h2><ul><li>not read: bad.json: not valid JSON</li>"
+        "<li>left out: old.json: from an earlier grid &lt;lr=0.003&gt;</li></ul>"  # one item per note, escaped
+    ) in html
     assert notes_markdown([]) == ""
 
 
@@ -95,13 +101,26 @@ def test_stale_report_files_are_marked_once_and_unmarked_text_is_the_old_one(tmp
     assert html.startswith('<html><body class="x"><div id="amp-stale"') and html.endswith("<p>old</p></body></html>")
     assert unmarked(tmp_path / "summary.md") == "# old summary\n"
     assert unmarked(tmp_path / "report.html") == '<html><body class="x"><p>old</p></body></html>'
+    (tmp_path / "fragment").mkdir()  # a report.html with no <body> tag: the banner goes at its very start
+    (tmp_path / "fragment" / "report.html").write_text("<p>old</p>")
+    mark_stale(tmp_path / "fragment", "third")
+    assert (tmp_path / "fragment" / "report.html").read_text().startswith('<div id="amp-stale"')
+    assert unmarked(tmp_path / "fragment" / "report.html") == "<p>old</p>"
 
 
 def test_an_old_report_html_the_notebook_could_not_replace_is_marked_stale(tmp_path: Path) -> None:
+    """Last week's report.ipynb is still there: it is not what this run wrote, so not re-exported as new."""
     (tmp_path / "report.html").write_text("<html><body><p>last week's report</p></body></html>")
-    report = build_report(TWO_SEEDS, 0.25)
+    nbformat.write(
+        nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("last week")]), tmp_path / "report.ipynb"
+    )
+    old_notebook = (tmp_path / "report.ipynb").read_bytes()
+    report, notes = build_report(TWO_SEEDS, 0.25), ["not read: bad.json: not valid JSON"]
     with pytest.raises(RuntimeError, match="FileNotFoundError"):
-        write_report(tmp_path, report, Settings(notebooks=str(tmp_path / "missing")))
+        write_report(tmp_path, report, Settings(notebooks=str(tmp_path / "missing")), notes=notes)
     html = (tmp_path / "report.html").read_text()
     assert "last week's report" in html and "<b>STALE:</b> the report notebook could not run (FileNotFoundError" in html
-    assert (tmp_path / "summary.md").read_text() == report.summary_markdown()  # the summary itself is fresh
+    assert (tmp_path / "report.ipynb").read_bytes() == old_notebook
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary == report.summary_markdown() + notes_markdown(notes)  # the summary itself is fresh, notes too
+    assert "\n- not read: bad.json: not valid JSON\n" in summary

@@ -98,14 +98,16 @@ def write_report(out: Path, report: SweepReport, settings: Settings, notes: Sequ
         )
     except Exception as exc:  # noqa: BLE001 - any notebook failure: still export what ran, then raise
         error = exc
+    # A failed papermill may still have written report.ipynb (up to the failing cell): export that one, never
+    # one left from an earlier run. One that returned wrote it, however coarse the file system's clock.
     written = files["notebook"].exists() and files["notebook"].stat().st_mtime_ns != before
-    if written:
+    if error is None or written:
         body, _ = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True).from_filename(
             str(files["notebook"])
         )
         write_text_atomic(files["html"], _inject(body, _notes_html(notes)) if notes else body)
     elif files["html"].exists():
-        mark_stale(out, f"the report notebook could not run ({error_text(error) if error else 'no output'})")
+        mark_stale(out, f"the report notebook could not run ({error_text(error)})")
         write_text_atomic(files["summary"], report.summary_markdown() + notes_markdown(notes))  # summary is fresh
     if error is not None:
         raise RuntimeError(f"report notebook failed ({files['notebook']}): {error_text(error)}") from error
