@@ -3,6 +3,7 @@ them, and the curves, bars and verdicts of that selection."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,6 +58,11 @@ def test_the_choices_are_the_settings_then_their_precisions_fp32_first_and_their
     assert ex.precisions("gpt-tiny batch_size=8") == ("bf16-mixed",) and ex.seeds("gpt-tiny batch_size=8") == (0,)
     assert ex.default_selection() == Selection("gpt-tiny batch_size=4", ("fp32", "fp16-mixed"), (0, 1), "train loss")
     assert ex.default_selection("gpt-tiny batch_size=8").precisions == ("bf16-mixed",)
+
+
+def test_the_seeds_offered_are_every_seed_of_the_setting_in_numeric_order() -> None:
+    ex = Explorer.of([make_result("fp32", 1), make_result("fp32", 8), make_result("fp16-mixed", 0)])
+    assert ex.seeds(ex.settings[0]) == (0, 1, 8)  # fp16-mixed's seed 0 too, though fp32 never ran it
 
 
 def test_a_run_without_a_seed_is_offered_after_the_seeded_ones() -> None:
@@ -141,6 +147,14 @@ def test_a_run_that_did_not_finish_is_labelled_with_its_status_and_missing_losse
     assert (line.label, line.ok, line.x) == ("fp16-mixed s0 [diverged]", False, (0, 2))
 
 
+def test_a_run_that_fell_back_is_labelled_by_its_request_and_coloured_by_the_precision_it_ran() -> None:
+    ran_bf16 = make_result("fp16-mixed", 0, effective="bf16-mixed", reason="no fast fp16", rows=history(3))
+    ex = Explorer.of([ran_bf16])
+    (line,) = ex.figure_data(ex.default_selection()).lines
+    (bar,) = ex.figure_data(explore.with_view(ex.default_selection(), "memory")).bars
+    assert (line.label, line.precision) == (bar.label, bar.precision) == ("fp16-mixed s0", "bf16-mixed")
+
+
 def test_the_loss_scale_view_marks_skipped_steps_and_leaves_out_runs_without_a_scaler() -> None:
     ex = Explorer.of(sweep())
     data = ex.figure_data(replace(ex.default_selection(), view="loss scale"))
@@ -161,6 +175,17 @@ def test_the_throughput_view_is_items_per_timed_step() -> None:
     assert data.ylabel == "throughput (tokens/s) per timed step"
     untimed = Explorer.of([make_result("fp32", 0, rows=history(3))])  # no median step time recorded
     assert untimed.figure_data(replace(untimed.default_selection(), view="throughput")).note == "no timed step recorded"
+    timed = {"rows": history(3), "metrics": {"step_time_ms_median": 10.0}}
+    mixed = Explorer.of(
+        [
+            make_result("fp32", 0, rows=history(3)),
+            make_result("fp16-mixed", 0, **timed),
+            make_result("bf16-mixed", 0, unit="samples", **timed),
+        ]
+    )
+    data = mixed.figure_data(replace(mixed.default_selection(), view="throughput"))
+    assert [line.label for line in data.lines] == ["fp16-mixed s0", "bf16-mixed s0"]  # the untimed fp32 left out
+    assert data.ylabel == "throughput (samples/s and tokens/s) per timed step"
 
 
 def test_the_memory_view_is_a_bar_per_run_split_into_its_parts_when_they_were_recorded() -> None:
@@ -174,13 +199,37 @@ def test_the_memory_view_is_a_bar_per_run_split_into_its_parts_when_they_were_re
     assert cpu.figure_data(replace(cpu.default_selection(), view="memory")).ylabel.endswith("CPU: whole process")
     none = Explorer.of([make_result("fp32", 0, mem=None)])
     assert none.figure_data(replace(none.default_selection(), view="memory")).note == "no memory recorded"
+    tight = Explorer.of([make_result("fp32", 0, mem=None), make_result("fp16-mixed", 0, mem=30.0, metrics=SPLIT)])
+    (bar,) = tight.figure_data(replace(tight.default_selection(), view="memory")).bars  # fp32 recorded none
+    assert bar.label == "fp16-mixed s0" and bar.parts[-1] == ("rest", 0.0)  # tensors over the peak: no negative rest
 
 
-def test_every_view_of_an_empty_selection_says_there_is_nothing_to_draw() -> None:
+# Each view's axis label with the selection's fp16-mixed run drawn, and its axis label and note with nothing drawn.
+VIEW_TEXT = {
+    "train loss": ("train loss", "train loss", "no loss recorded"),
+    "eval loss": ("eval loss", "eval loss", "no eval recorded"),
+    "loss scale": (
+        "loss scale (x = skipped step)",
+        "loss scale (x = skipped step)",
+        "no selected run used a loss scaler (only fp16-mixed does)",
+    ),
+    "throughput": (
+        "throughput (tokens/s) per timed step",
+        "throughput (items/s) per timed step",
+        "no timed step recorded",
+    ),
+    "memory": ("peak memory (MB)", "peak memory (MB)", "no memory recorded"),
+}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_each_view_names_itself_and_its_axis_and_says_so_when_there_is_nothing_to_draw(view: str) -> None:
+    ylabel, empty_ylabel, empty_note = VIEW_TEXT[view]
     ex = Explorer.of(sweep())
-    for view in VIEWS:
-        data = ex.figure_data(Selection("gpt-tiny batch_size=4", (), (), view))
-        assert data.lines == data.bars == () and data.note, view
+    drawn = ex.figure_data(Selection("gpt-tiny batch_size=4", ("fp16-mixed",), (0,), view))
+    assert (drawn.view, drawn.ylabel, drawn.note) == (view, ylabel, "") and len(drawn.lines + drawn.bars) == 1
+    empty = ex.figure_data(Selection("gpt-tiny batch_size=4", (), (), view))
+    assert (empty.view, empty.ylabel, empty.note, empty.lines, empty.bars) == (view, empty_ylabel, empty_note, (), ())
 
 
 # --- loading a folder ---------------------------------------------------------------------------
@@ -193,5 +242,5 @@ def test_load_reads_a_folder_of_results_and_refuses_an_empty_one(tmp_path: Path)
     ex = explore.load(tmp_path, tolerance=0.1)
     assert len(ex.runs) == 5 and ex.tolerance == 0.1 and len(ex.problems) == 1
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no result JSON files in"):
+    with pytest.raises(ValueError, match=re.escape(f"no result JSON files in {str(tmp_path / 'empty')!r}")):
         explore.load(tmp_path / "empty")

@@ -207,6 +207,40 @@ def test_the_default_timing_warm_up_follows_the_steps_the_user_set(tmp_path: Pat
     assert run_problems([kept]) == ["timing_warmup_steps=7 must be less than steps=5 (nothing left to time)"]
 
 
+@pytest.mark.parametrize(
+    ("grid", "decay"),
+    [
+        ({}, 60),  # the tiny recipe's: a decay that ends with its 60 steps
+        ({"steps": [11]}, 11),  # ... so it ends with the steps the user set
+        ({"steps": [10]}, 0),  # 10 steps end with the recipe's 10-step warm-up: nothing left to decay
+        ({"steps": [200], "lr_decay_steps": [100]}, 100),  # a decay the user set is never changed
+    ],
+)
+def test_the_lr_decay_follows_the_steps_the_user_set_unless_the_user_set_it(
+    tmp_path: Path, grid: dict, decay: int
+) -> None:
+    (run,) = expand_grid(tmp_path, CPU, ["fp32"], [0], grid)
+    assert run_problems([run]) == []
+    assert RunConfig.from_dict({k: v for k, v in run.parameters.items() if k != "wandb_group"}).lr_decay_steps == decay
+
+
+def test_without_a_recipe_a_run_has_the_config_defaults_and_the_devices_model(tmp_path: Path) -> None:
+    for caps, model in ((CPU, "gpt-tiny"), (H100, "gpt2-124m")):
+        (run,) = expand_grid(tmp_path / "s", caps, ["fp32"], [0], {"recipe": [""], "steps": [100]})
+        assert run.parameters == {  # no lr_decay_steps: RunConfig's 0, no decay, although the user set the steps
+            "profile_step": True,
+            "model": model,  # the device's default model
+            "steps": 100,
+            "timing_warmup_steps": 5,  # RunConfig's, being under a fifth of the steps
+            "precision": "fp32",
+            "seed": 0,
+            "run_name": f"{model}-fp32-s0",
+            "out_dir": str((tmp_path / "s").resolve() / "results"),
+            "wandb_group": "s",
+        }
+        assert run_problems([run]) == []
+
+
 # --- checking every run's values before any kernel starts ---
 
 
@@ -227,6 +261,13 @@ def test_run_problems_lists_each_bad_value_once_with_its_field_and_what_is_valid
     ]
 
 
+def test_an_unknown_recipe_is_a_problem_named_with_the_valid_ones_not_a_run_without_one(tmp_path: Path) -> None:
+    (run,) = expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["recipe=shakespeare-chr"]))
+    assert run_problems([run]) == [
+        "invalid recipe 'shakespeare-chr'; valid: shakespeare-char, shakespeare-char-short, shakespeare-char-tiny"
+    ]
+
+
 def test_every_bad_field_of_one_run_is_listed_not_only_the_first(tmp_path: Path) -> None:
     grid = parse_params(["batch_size=0", "lr=-1", "model=resnet", "device=tpu"])
     runs = expand_grid(tmp_path, CPU, ["fp32"], [0], grid)
@@ -239,7 +280,9 @@ def test_every_bad_field_of_one_run_is_listed_not_only_the_first(tmp_path: Path)
 
 
 def test_a_recipe_is_spelt_out_under_what_the_user_set(tmp_path: Path) -> None:
-    (run,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"recipe": ["shakespeare-char"], "steps": [30], "timing_warmup_steps": [5]})
+    (run,) = expand_grid(
+        tmp_path, CPU, ["fp32"], [0], {"recipe": ["shakespeare-char"], "steps": [30], "timing_warmup_steps": [5]}
+    )
     p = run.parameters
     assert (p["model"], p["seq_len"], p["dropout"], p["eval_every"]) == ("gpt-small", 256, 0.2, 250)  # the recipe's
     assert (p["steps"], p["timing_warmup_steps"], p["lr_decay_steps"]) == (30, 5, 0)  # the user's, even at defaults

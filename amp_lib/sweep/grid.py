@@ -27,7 +27,6 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-
 def parse_params(items: Sequence[str]) -> dict[str, list[Any]]:
     """`["lr=1e-3,3e-3", "steps=20"]` -> `{"lr": [0.001, 0.003], "steps": [20]}`, names and types checked."""
     valid = [k for k in parameter_names() if k not in NON_SETTING_FIELDS]
@@ -83,22 +82,29 @@ def expand_grid(
     base = {k: v for k, v in defaults.items() if k not in grid}
     results_dir = str(Path(out).resolve() / "results")
     varying = [k for k, values in grid.items() if len(values) > 1 and k != "model"]
+    unset = RunConfig()  # what each field holds when nothing sets it
     runs = []
     for combo in itertools.product(*grid.values()):
         user = dict(zip(grid, combo))
         values = {**base, **user}
         # The recipe's values, spelt out value by value under what the user set. The name itself is not passed
         # on: RunConfig would apply it again over every value equal to its default, a value the user set too.
-        recipe = RECIPES.get(values.pop("recipe", "") or "", {})
+        # An unknown name is passed on, for RunConfig to refuse with the valid ones (run_problems says so).
+        recipe_name = values.pop("recipe")  # always there: every device default names one, and the grid's wins
+        if recipe_name and recipe_name not in RECIPES:
+            values["recipe"] = recipe_name
+        recipe = RECIPES.get(recipe_name, {})
         values = {**recipe, **values}
         values.setdefault("model", default_model_for(caps.device_type))
-        if "steps" in user and "lr_decay_steps" not in user and recipe.get("lr_decay_steps") == recipe.get("steps"):
+        # A decay that ends with the steps (the recipe's, else RunConfig's) keeps doing so at the steps the user set.
+        follows_steps = recipe.get("lr_decay_steps", unset.lr_decay_steps) == recipe.get("steps", unset.steps)
+        if "steps" in user and "lr_decay_steps" not in user and follows_steps:
             values["lr_decay_steps"] = values["steps"] if values["steps"] > values.get("lr_warmup_steps", 0) else 0
         if user.get("nproc", 1) > 1 and "parallelism" not in user:
             values["parallelism"] = "ddp"  # -p nproc=2 alone: DDP, the one parallelism every model runs under
         if "steps" in user and "timing_warmup_steps" not in user:
             # A default that depends on a value the user set: -p steps=5 must not fail on a warm-up of 8.
-            default = values.get("timing_warmup_steps", RunConfig().timing_warmup_steps)
+            default = values.get("timing_warmup_steps", unset.timing_warmup_steps)
             values["timing_warmup_steps"] = timing_warmup_for(values["steps"], default)
         for precision, seed in itertools.product(precisions, seeds):
             name = "-".join(
