@@ -181,6 +181,8 @@ def test_seed_rows_mix_effective_precisions_reasons_and_errors() -> None:
     assert fp16.run_names == ("fp16-mixed-s0", "fp16-mixed-s1", "fp16-mixed-s2", "fp16-mixed-s3")
     assert cells(fp16)["run"] == "4 seeds (0, 1, 2, 3)" and cells(fp16)["fallback / error"] == "loss became nan"
     assert R._status([make_result("fp32", status="oom"), make_result("fp32", status="failed")]) == "failed×1, oom×1"
+    c = build_report(runs).comparisons[1]  # the verdict table names them the same way
+    assert (c.effective, c.fallback_reason) == ("bf16-mixed, fp16-mixed", "no fast fp16; slow")
     assert R._status([make_result("fp32", status="oom")] * 2) == "oom"
 
 
@@ -375,6 +377,13 @@ def test_difference_interval_pairs_by_seed_else_welch_else_none() -> None:
     welch = R.difference_interval([(5, 2.1), (6, 2.14)], [(0, 2.0), (1, 2.02)])
     assert (welch.method, welch.n) == ("Welch", 2) and welch.mean == pytest.approx(0.11)
     assert welch.half_width == pytest.approx(12.706 * math.sqrt(0.0008 / 2 + 0.0002 / 2))
+    # unequal groups: df = (sa + sb)^2 / (sa^2 / (na - 1) + sb^2 / (nb - 1)), s = variance / n: 5.06 here, so t(5)
+    xs, ys = [2.0, 2.1, 2.2, 2.3, 2.4, 2.5], [2.0, 2.01, 2.02]
+    sa, sb = statistics.variance(xs) / 6, statistics.variance(ys) / 3
+    df = (sa + sb) ** 2 / (sa**2 / 5 + sb**2 / 2)
+    assert 5 < df < 6
+    unequal = R.difference_interval(list(enumerate(xs, 10)), list(enumerate(ys)))
+    assert unequal.half_width == pytest.approx(2.571 * math.sqrt(sa + sb)) and unequal.n == 3
     # one value on a side: no noise estimate, so no interval; a seed that ran twice, or None, never pairs
     assert R.difference_interval([(0, 2.0)], [(0, 2.0), (1, 2.1)]) is None
     assert R.difference_interval([(0, 2.0), (1, math.nan)], [(0, 2.0), (1, 2.1)]) is None
@@ -394,6 +403,20 @@ def test_ratio_interval_pairs_ratios_else_combines_relative_spreads() -> None:
     )
     assert R.ratio_interval([(0, 2000.0)], [(0, 1000.0), (1, 1000.0)]) is None
     assert R.ratio_interval([(0, 2000.0), (1, 0.0)], [(0, 1000.0), (1, 1000.0)]) is None  # a zero throughput is no rate
+    assert R.ratio_interval([(0, 2000.0), (1, 2000.0)], [(0, 1000.0), (1, 0.0)]) is None  # on either side
+
+
+def test_runs_slower_than_one_item_per_second_still_get_a_speed_up() -> None:
+    slow = R.ratio_interval([(0, 0.5), (1, 0.6)], [(0, 0.25), (1, 0.3)])  # a big model: samples per second < 1
+    assert slow.method == "paired" and slow.mean == pytest.approx(2.0)
+    c = comparison(
+        [*seeds("fp32", [0.25, 0.3], what="tps"), *seeds("bf16-mixed", [0.5, 0.6], what="tps")], "bf16-mixed"
+    )
+    assert c.point_speedup == pytest.approx(2.0) and c.speedup.mean == pytest.approx(2.0)
+    zero = comparison(
+        [*seeds("fp32", [0.0, 0.0], what="tps"), *seeds("bf16-mixed", [9.0, 9.0], what="tps")], "bf16-mixed"
+    )
+    assert (zero.speedup, zero.point_speedup, zero.speed_verdict) == (None, None, "—")  # nothing to divide by
 
 
 def test_interval_format_puts_the_suffix_on_every_number() -> None:
@@ -442,12 +465,29 @@ def test_the_band_edges_are_inside_and_the_tolerance_is_relative_to_fp32s_size()
     )
 
 
+@pytest.mark.parametrize(
+    ("low", "high", "verdict"),
+    [
+        (0.04, 0.10, R.INCONCLUSIVE),  # touches +tolerance: not wholly above it
+        (0.0401, 0.0999, "worse by +0.0700 (+3.5%)"),
+        (-0.10, -0.04, R.INCONCLUSIVE),  # touches -tolerance: not wholly below it
+        (-0.10, -0.0401, R.BETTER),
+        (-0.06, 0.0, R.INCONCLUSIVE),  # straddles the lower edge
+        (-0.04, 0.04, R.MATCHES),
+    ],
+)
+def test_worse_and_better_need_the_whole_interval_beyond_the_band(low: float, high: float, verdict: str) -> None:
+    interval = R.Interval((low + high) / 2, low, high, 3, "paired")
+    assert R._quality_verdict(interval, interval.mean, 0.04, 2.0) == verdict
+
+
 def test_one_seed_has_no_noise_estimate_and_is_not_judged() -> None:
     runs = [make_result("fp32", eval_loss=2.0), make_result("bf16-mixed", eval_loss=2.5)]
     report = build_report(runs)
     c = report.comparisons[1]
     assert c.loss_diff is None and c.point_diff == pytest.approx(0.5) and c.verdict == R.INCONCLUSIVE
     assert report.noise[0].format() == "fp32 best eval loss 2.0000: no noise estimate (one seed)"
+    assert report.noise[0].half_width is None
     table = format_verdicts(report.comparisons, report.noise, "text")
     assert "+0.5000 (one seed)" in table and "no noise estimate (one seed)" in table
     # one seed of the precision against three of fp32 is no better: nothing to pair, nothing for Welch
@@ -486,7 +526,7 @@ def test_the_noise_floor_is_fp32s_spread_and_interval() -> None:
 def test_best_eval_loss_is_the_curves_minimum_else_the_recorded_best_else_the_final_eval() -> None:
     curve = make_result("fp32", evals=eval_curve(3.0, 1.5, 1.7), eval_loss=1.7, metrics={"best_eval_loss": 9.0})
     assert R.best_eval_loss(curve) == 1.5  # the curve wins over a stored figure
-    assert R.best_eval_loss(make_result("fp32", eval_loss=2.2, metrics={"best_eval_loss": 2.1})) == 2.1
+    assert R.best_eval_loss(make_result("fp32", eval_loss=2.2, steps=40, metrics={"best_eval_loss": 2.1})) == 2.1
     assert R.best_eval_loss(make_result("fp32", eval_loss=2.2)) == 2.2
     assert R.best_eval_loss(make_result("fp32", eval_loss=None)) is None
     assert R.best_eval_loss(make_result("fp32", evals=eval_curve(None, math.nan), eval_loss=2.2)) == 2.2
@@ -498,10 +538,13 @@ def test_best_eval_loss_is_the_curves_minimum_else_the_recorded_best_else_the_fi
 def test_faster_needs_the_whole_interval_above_the_margin() -> None:
     base = seeds("fp32", [1000.0] * 3, what="tps")
     fast = comparison([*base, *seeds("bf16-mixed", [2000.0, 2100.0, 1900.0], what="tps")], "bf16-mixed")
-    assert fast.speed_verdict == "faster" and fast.speedup.low > 1.05
+    assert fast.speed_verdict == "faster" and fast.speedup.low > 1.05 and fast.speed_reason == ""
+    at_margin = comparison([*base, *seeds("bf16-mixed", [1050.0] * 3, what="tps")], "bf16-mixed")
+    assert at_margin.speedup.low == 1.05 and at_margin.speed_verdict == "no measurable gain"  # above, not at
     slight = comparison([*base, *seeds("bf16-mixed", [1000.0, 1200.0, 1100.0], what="tps")], "bf16-mixed")
     assert slight.speed_verdict == "no measurable gain" and slight.speedup.mean == pytest.approx(1.1)
     assert slight.speed_reason == "interval reaches below 1.05x"
+    assert R._speed_verdict_cell(slight) == "no measurable gain"
     one = comparison([make_result("fp32"), make_result("bf16-mixed", tps=3000.0)], "bf16-mixed")
     assert (one.speedup, one.point_speedup, one.speed_verdict) == (None, 3.0, "no measurable gain")
     assert R._speed_verdict_cell(one) == "no measurable gain (one seed: no interval)"
@@ -540,6 +583,22 @@ def test_timings_in_parallel_or_with_a_wide_spread_are_unreliable() -> None:
     )
 
 
+def test_the_verdict_table_says_whose_timing_is_unreliable() -> None:
+    busy = make_result(
+        "fp32", plan={"concurrent_runs": 2}, metrics={"step_time_ms_p10": 0.4, "step_time_ms_p90": 0.8}
+    )  # sub-millisecond steps are timed like any other
+    fp32, bf16 = build_report([busy, make_result("bf16-mixed", tps=3000.0)]).comparisons
+    assert (fp32.speed_verdict, fp32.point_speedup, R._speed_cell(fp32)) == ("baseline", 1.0, "1.00x")
+    assert R._speed_verdict_cell(fp32) == (
+        "timing unreliable: timed while 2 runs trained at once on one machine; "
+        "step times spread 2.0x from p10 to p90 (limit 1.5x)"
+    )
+    assert R._speed_verdict_cell(bf16) == (
+        "unreliable: timed while 2 runs trained at once on one machine; "
+        "fp32 seed 0: step times spread 2.0x from p10 to p90 (limit 1.5x)"
+    )
+
+
 def test_timings_that_drift_between_the_halves_of_a_run_are_unreliable() -> None:
     from factories import history
 
@@ -561,6 +620,9 @@ def test_timings_that_drift_between_the_halves_of_a_run_are_unreliable() -> None
         history=(replace(history(1)[0], step_time_ms=None), *timed(10.0, 10.0, 10.0, 10.0).history),
     )
     assert R.step_time_drift(warm) == 1.0  # untimed warm-up steps are left out
+    assert R.step_time_drift(timed(0.0, 0.0, 10.0, 10.0, 10.0, 10.0)) == 1.0  # and so are steps timed as zero
+    assert R.step_time_drift(timed(0.4, 0.4, 0.8, 0.8)) == 2.0  # sub-millisecond steps count
+    assert R.step_time_drift(timed(10.0, 10.0, 10.0, 10.0, 20.0, 30.0)) == 2.0  # median of each half: 20 / 10
 
 
 def test_an_unreliable_speed_figure_never_decides_the_recommendation() -> None:
@@ -609,12 +671,27 @@ def test_time_to_quality_from_eval_curves_including_never_reached() -> None:
     assert R._ttq_speedup_cell(report.comparisons[2]) == "—"
 
 
+def test_time_to_quality_edge_cases() -> None:
+    # tolerance 0: the target is fp32's best eval loss itself
+    assert build_report(ttq_runs(), 0).comparisons[0].ttq.target == 2.0
+    # an fp32 seed that never reaches fp32's mean quality leaves no reference time: no speed-up anywhere
+    spread = [make_result("fp32", 0, evals=eval_curve(3.0, 1.8)), make_result("fp32", 1, evals=eval_curve(3.0, 2.2)),
+              make_result("bf16-mixed", 0, evals=eval_curve(3.0, 1.8))]  # fmt: skip
+    fp32, bf16 = build_report(spread).comparisons
+    assert (fp32.ttq.reached, fp32.ttq.runs, fp32.ttq.speedup, bf16.ttq.speedup) == (1, 2, None, None)
+    # a precision already at the target when the clock started has no finite speed-up
+    instant = [*ttq_runs()[:3], make_result("bf16-mixed", 0, evals=eval_curve(2.0, step_s=0.0))]
+    assert build_report(instant).comparisons[1].ttq.speedup is None
+    long = R.TimeToQuality(2.0, 1, 1, Stat(3000.0), Stat(1500.0), 3000, None)
+    assert long.format() == "1.5e+03 s, 3000 steps"
+
+
 def test_results_without_eval_curves_count_the_final_eval_at_the_last_step() -> None:
     old = make_result("fp32", eval_loss=2.0, steps=40, metrics={"train_time_s": 5.0})
     assert R.eval_curve(old) == [(40, 2.0, 5.0)]
     assert R.eval_curve(make_result("fp32", eval_loss=2.0, rows=history(5))) == [(5, 2.0, None)]
     assert R.eval_curve(make_result("fp32", eval_loss=None)) == []
-    assert R.eval_curve(make_result("fp32", evals=eval_curve(None), eval_loss=2.0)) == []  # evals ran, none finite
+    assert R.eval_curve(make_result("fp32", evals=eval_curve(None), eval_loss=2.0, steps=40)) == []  # none finite
     assert R.first_reach(old, 2.0) == (40, 5.0) and R.first_reach(old, 1.99) is None
     report = build_report([make_result("fp32", 0, steps=40), make_result("bf16-mixed", 0, steps=40)])
     ttq = report.comparisons[1].ttq
@@ -648,11 +725,16 @@ def test_memory_split_is_tensor_sizes_and_the_rest_of_the_peak() -> None:
 
 
 def test_on_a_cpu_the_report_says_the_peak_is_the_whole_process() -> None:
-    report = build_report([make_result("fp32", mem=900.0, metrics={**SPLIT, "peak_memory_kind": "cpu_rss"})])
+    cpu: dict[str, Any] = {"mem": 900.0, "metrics": {**SPLIT, "peak_memory_kind": "cpu_rss"}}
+    report = build_report([make_result("fp32", **cpu)])
     note = "CPU: the peak is the whole process's resident set, so the rest is mostly the Python process"
     assert report.comparisons[0].memory.note == note and R.memory_note(report.comparisons) == note
     assert report.memory_markdown().endswith(f"\n\n_{note}_")
     assert build_report([make_result("fp32", status="oom")]).comparisons[0].memory is None  # no ok run, no split
+    failed_first = build_report([make_result("fp32", status="oom"), make_result("bf16-mixed", 0, **cpu)])
+    assert R.memory_note(failed_first.comparisons) == note
+    mixed = build_report([make_result("fp32", 0, **cpu), make_result("fp32", 1, metrics={"peak_memory_kind": "x"})])
+    assert mixed.comparisons[0].memory.kind == "cpu_rss, x"  # seeds measured differently say so
 
 
 # --- recommendations -----------------------------------------------------------------------------
@@ -697,6 +779,7 @@ def test_a_better_precision_counts_and_a_fallback_is_explained() -> None:
     report = build_report(runs)
     (rec,) = report.recommendations
     assert (rec.precision, rec.requested) == ("bf16-mixed", "fp16-mixed")
+    assert rec.reason.startswith("better in best eval loss (Δ -0.2000 [-0.2000, -0.2000]) and faster: 2.00x")
     assert rec.reason.endswith(" (request 'fp16-mixed'; it runs as bf16-mixed: no fast fp16)")
     assert report.comparisons[1].name == "fp16-mixed (ran as bf16-mixed)" and report.comparisons[1].verdict == "better"
     assert report.answer().startswith("Train in fp16-mixed: it reaches a better best eval loss than fp32 and is 2.00x")
@@ -749,6 +832,8 @@ def test_no_measurable_gain_and_one_seed_are_reasons_to_stay() -> None:
     assert recommend(runs).reason == (
         "stay in fp32: bf16-mixed matches fp32, but shows no measurable gain in speed (1.10x [0.85x, 1.35x])"
     )
+    oom = recommend([make_result("fp32"), make_result("bf16-mixed", status="oom")])  # no error line recorded
+    assert oom.reason == "stay in fp32: bf16-mixed is not safe: oom"
     one = recommend([make_result("fp32"), make_result("bf16-mixed", tps=3000.0)])
     assert one.reason == (
         "stay in fp32: bf16-mixed: quality inconclusive — run more seeds (Δ best eval loss +0.0000 (one seed);"
@@ -776,13 +861,18 @@ def test_fp32_alone_missing_or_failed() -> None:
     assert diverged.answer() == f"No answer: {diverged.recommendations[0].reason}."
     elsewhere = recommend([make_result("fp32", effective="bf16-mixed", reason="x"), make_result("bf16-mixed")])
     assert elsewhere.reason == "fp32 ran as bf16-mixed (x), so there is no fp32 baseline"
+    unexplained = recommend([make_result("fp32", effective="tf32"), make_result("bf16-mixed")])
+    assert unexplained.reason == "fp32 ran as tf32 (no fallback reason recorded), so there is no fp32 baseline"
 
 
 def test_a_partly_failed_fp32_still_is_the_baseline_and_is_noted() -> None:
     runs = [*FP32, make_result("fp32", 3, status="diverged"), *seeds("bf16-mixed", [2.01, 2.05, 1.99])]
     report = build_report(runs)
     assert report.comparisons[0].verdict == "diverged/failed" and report.noise[0].best_eval_loss.n == 3
-    assert report.recommendations[0].reason.endswith("; note: fp32 itself ok×3, diverged×1")
+    assert report.recommendations[0].reason == (
+        "stay in fp32: bf16-mixed: quality inconclusive — run more seeds (Δ best eval loss +0.0167 [-0.0120, +0.0454];"
+        " its interval is wider than the tolerance or straddles its edge); note: fp32 itself ok×3, diverged×1"
+    )
 
 
 def test_a_setting_without_baseline_does_not_hide_the_next_setting() -> None:
@@ -796,6 +886,15 @@ def test_a_setting_without_baseline_does_not_hide_the_next_setting() -> None:
     assert report.answer() == (
         "For gpt-tiny lr=1, there is no answer: no fp32 run in this setting to compare against: add fp32 to the sweep."
         " For gpt-tiny lr=2, train in bf16-mixed: it matches fp32's best eval loss and is 2.00x as fast (95% CI 2.00–2.00x)."
+    )
+
+
+def test_the_answer_names_each_setting_that_stays_in_fp32() -> None:
+    report = build_report([make_result("fp32", lr=1), make_result("bf16-mixed", lr=1), make_result("fp32", lr=2)])
+    assert report.answer() == (
+        "For gpt-tiny lr=1, stay in fp32: no other precision was shown to match fp32's best eval loss and be measurably"
+        " faster (bf16-mixed: inconclusive — run more seeds). For gpt-tiny lr=2, stay in fp32: no other precision was"
+        " shown to match fp32's best eval loss and be measurably faster."
     )
 
 
@@ -925,6 +1024,8 @@ def test_golden_verdict_and_memory_tables_of_a_three_seed_sweep(golden) -> None:
     html = format_verdicts(report.comparisons, report.noise, "html")
     assert html.startswith('<table class="amp-verdicts">') and html.count("</tr><tr>") == 3
     assert format_memory(report.comparisons, "html").startswith('<table class="amp-memory">')
+    assert format_verdicts(report.comparisons, report.noise) == report.verdict_markdown()  # markdown by default
+    assert format_memory(report.comparisons) == format_memory(report.comparisons, "markdown")
     with pytest.raises(ValueError, match=r"^invalid fmt 'csv'"):
         format_verdicts(report.comparisons, report.noise, "csv")
 
@@ -1041,6 +1142,82 @@ def test_a_precision_that_skipped_steps_names_the_first_layer_to_overflow_and_th
             "its input cast to float32"
         ),
     )
+
+
+def cuda_profile(data_movement_ms: float, **facts: Any) -> dict[str, Any]:
+    """A GPU step of 100 ms, 60 in matmuls: only its data movement (dtype casts) varies."""
+    busy = {"matmul": 60.0, "elementwise": 10.0, "data_movement": data_movement_ms}
+    return {"step": 1, "wall_ms": 100.0, "device_type": "cuda", "busy_ms": busy, "gemms": [],
+            **({"facts": {"device_type": "cuda", **facts}} if facts else {})}  # fmt: skip
+
+
+def test_each_setting_is_diagnosed_from_its_own_runs_and_its_own_fp32_profile() -> None:
+    a, b = {"lr": 0.01}, {"lr": 0.1}
+    report = build_report([
+        make_result("fp32", profile=cuda_profile(5.0, compute_capability=[8, 0]), **a),
+        make_result("fp16-mixed", skipped=3, headroom=OVERFLOW, profile=cuda_profile(25.0, compute_capability=[8, 0]),
+                    plan={"device_type": "cuda"}, **a),
+        make_result("fp32", profile=cuda_profile(10.0), **b),
+        make_result("fp16-mixed", profile=cuda_profile(25.0), **b),  # an older profile without machine facts
+    ])  # fmt: skip
+    first, second = report.why
+    assert (first.setting, first.precision, second.setting, second.precision) == (
+        "gpt-tiny lr=0.01", "fp16-mixed", "gpt-tiny lr=0.1", "fp16-mixed",
+    )  # fmt: skip
+    # the casts are measured against the same setting's fp32 step (5 ms there, 10 ms here)
+    assert first.causes == ("dtype casts add 20% of the step (autocast copies)",)
+    assert second.causes == ("dtype casts add 15% of the step (autocast copies)",)
+    assert len(first.overflows) == 1 and first.overflows[0].startswith("seed 0: `fc` overflowed fp16 first")
+    assert second.overflows == ()  # the other setting's overflow is not this one's
+    assert why_markdown(report.why) == (
+        f"**fp16-mixed** (gpt-tiny lr=0.01)\n- {first.causes[0]}\n- {first.overflows[0]}\n\n"
+        f"**fp16-mixed** (gpt-tiny lr=0.1)\n- {second.causes[0]}"
+    )
+    summary = report.summary_markdown()
+    assert summary.startswith("# AMP Workbook sweep summary\n\n**Answer:**")
+    assert (
+        f"\n\n## Why a precision fails or doesn't pay\n\n{why_markdown(report.why)}\n\n## Recommendation\n" in summary
+    )
+
+
+def test_a_fallback_is_diagnosed_as_the_precision_that_ran() -> None:
+    cpu = {**SLOW_CPU_PROFILE, "gemms": []}
+    fell_back = make_result("fp16-mixed", effective="fp32", reason="no fp16 on this CPU", profile=cpu)
+    (why,) = build_report([make_result("fp32", profile=cpu), fell_back]).why
+    assert why.causes == ("70% of the step is outside matmuls: the model is too small to gain",)  # not "no fp16"
+
+
+@pytest.mark.parametrize(
+    ("device", "capability", "bf16_suggested"),
+    [
+        ("cuda", [7, 5], False),  # a T4: no bf16, keep the layer in fp32 instead
+        ("cuda", [8, 0], True),  # an A100, exactly the first with bf16
+        ("cuda", [9, 0], True),
+        ("cuda", None, True),  # capability not recorded: assumed recent
+        ("cpu", None, True),
+    ],
+)
+def test_the_way_out_of_an_overflow_suggests_bf16_only_where_the_device_has_it(
+    device: str, capability: list[int] | None, bf16_suggested: bool
+) -> None:
+    facts = {"device_type": device, **({"compute_capability": capability} if capability else {})}
+    fp16 = make_result(
+        "fp16-mixed", skipped=2, headroom=OVERFLOW, plan={"device_type": device},
+        profile={**SLOW_CPU_PROFILE, "device_type": device, "facts": facts},
+    )  # fmt: skip
+    (why,) = build_report([make_result("fp32"), fp16]).why
+    (overflow,) = why.overflows
+    assert overflow.startswith("seed 0: `fc` overflowed fp16 first (forward, step 2): ")
+    assert ("train in bf16-mixed" in overflow) is bf16_suggested
+    assert "keep `fc` in fp32" in overflow
+
+
+def test_an_overflow_is_reported_for_a_diverged_run_but_not_for_a_run_that_skipped_nothing() -> None:
+    diverged = make_result("fp16-mixed", 0, status="diverged", error="nan", headroom=OVERFLOW, eval_loss=None)
+    recovered = make_result("fp16-mixed", 1, headroom=OVERFLOW)  # an overflow the scaler never had to skip for
+    report = build_report([make_result("fp32", 0), make_result("fp32", 1), diverged, recovered])
+    (why,) = report.why
+    assert why.causes == () and [o.split(":")[0] for o in why.overflows] == ["seed 0"]
 
 
 # --- runs over several processes: one row per precision and reduce dtype ------------------------------
