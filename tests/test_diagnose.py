@@ -187,6 +187,14 @@ def test_tf32_for_fp32_follows_either_api_and_survives_a_program_that_mixed_them
     assert machine_facts(h100)["tf32_for_fp32"] is False
 
 
+def test_a_backend_left_at_none_takes_the_global_tf32_setting(matmul_precision_restored) -> None:
+    h100 = Capabilities(device_type="cuda", cuda_available=True, device_name="NVIDIA H100", compute_capability=(9, 0))
+    torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = "tf32", "none"
+    assert machine_facts(h100)["tf32_for_fp32"] is True
+    torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = "tf32", "ieee"  # the backend's wins
+    assert machine_facts(h100)["tf32_for_fp32"] is False
+
+
 # --- causes, ranked ------------------------------------------------------------------------------------
 
 
