@@ -18,6 +18,7 @@ import pytest
 from factories import eval_curve, history, make_result
 
 from amp_lib import report as R
+from amp_lib.precision import Capabilities, resolve_precision
 from amp_lib.report import (
     DEFAULT_TOLERANCE,
     Recommendation,
@@ -1240,3 +1241,27 @@ def test_fsdp_rows_name_the_reduce_dtype_and_are_measured_against_fsdp_fp32() ->
     ]
     assert [r.speedup.mean for r in rows] == [1.0, 2.0, 1.5, 1.0]  # against fsdp fp32, not the single process
     assert rows[0].is_baseline and not rows[1].is_baseline and base_precision(rows[1].requested) == "bf16-mixed"
+
+
+def test_fsdp_rows_name_the_reduce_dtype_that_ran_else_the_configs() -> None:
+    """The plan's reduce dtype is what ran (fp16 that fell back to bf16 reduced in bf16); a run whose notebook died
+    has a plan of its precision alone, as the sweep writes it, so its config's reduce dtype puts it in its row."""
+    fsdp = {"parallelism": "fsdp", "nproc": 2}
+
+    def plan(precision: str, reduce: str, parallelism: str = "fsdp") -> dict[str, Any]:
+        return resolve_precision(precision, Capabilities(), parallelism=parallelism, reduce_dtype=reduce).to_dict()
+
+    results = [
+        make_result("fp32", 0, plan=plan("fp32", "fp32"), **fsdp, reduce_dtype="fp32"),
+        make_result("fp16-mixed", 0, plan=plan("fp16-mixed", "fp16"), **fsdp, reduce_dtype="fp16"),
+        make_result("bf16-mixed", 0, plan=plan("bf16-mixed", "bf16"), **fsdp, reduce_dtype="bf16"),
+        make_result("bf16-mixed", 1, status="failed", error="kernel died", plan=plan("bf16-mixed", "fp32", "none"),
+                    **fsdp, reduce_dtype="bf16"),
+    ]  # fmt: skip
+    assert results[1].plan["effective"] == "bf16-mixed" and results[3].plan["reduce_dtype"] is None
+    rows = comparison_table(results)
+    assert [(r.requested, r.seeds, r.status) for r in rows] == [
+        ("fsdp fp32", (0,), "ok"),
+        ("fsdp fp16-mixed (reduce bf16)", (0,), "ok"),
+        ("fsdp bf16-mixed (reduce bf16)", (0, 1), "ok×1, failed×1"),
+    ]
