@@ -161,6 +161,14 @@ def test_failed_result_fills_defaults_and_resolves_the_plan() -> None:
     assert result.plan["torch_version"] == torch.__version__ and result.plan["device_type"] == "cpu"
 
 
+def test_failed_result_records_a_valid_config_in_its_canonical_spelling() -> None:
+    # As train() would: the report then files the failed run under its siblings' setting and label.
+    parameters = {"precision": "bf16", "device": "cpu", "model": "gpt-tiny", "nproc": 2}
+    result = failed_result({**parameters, "parallelism": "fsdp2", "reduce_dtype": "bfloat16"}, "boom")
+    assert result.config["parallelism"] == "fsdp" and result.config["reduce_dtype"] == "bf16"
+    assert result.config == RunConfig(**parameters, parallelism="fsdp", reduce_dtype="bf16").to_dict()
+
+
 def test_failed_result_of_a_broken_config_keeps_what_is_known() -> None:
     result = failed_result(
         {"precision": "fp33", "steps": 3, "wandb_mode": "disabled"}, "ValueError: invalid precision 'fp33'"

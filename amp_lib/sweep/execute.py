@@ -118,6 +118,10 @@ def failed_result(parameters: dict[str, Any], error: str) -> RunResult:
     tracking = TrackingConfig.field_names()
     config = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
     config.update({k: v for k, v in parameters.items() if k not in tracking})
+    # A valid config is recorded in its canonical spelling (fsdp2 -> fsdp), as train() records it, so the
+    # report puts the failed run in its siblings' row; a broken one is kept as given.
+    with contextlib.suppress(Exception):
+        config.update(RunConfig.from_dict({k: v for k, v in config.items() if k in RunConfig.field_names()}).to_dict())
     plan: dict[str, Any] = {"requested": str(config.get("precision")), "effective": None, "fallback_reason": None}
     try:
         caps = probe(config.get("device", "auto"))
