@@ -406,6 +406,8 @@ def test_the_sweep_removes_the_temp_folders_its_killed_runs_left_and_no_other_sw
         outcomes, _ = run_sweep([run], NO_KERNEL)
         assert [o.status for o in outcomes] == ["failed"]
         assert scratch_folders(run) == [] and scratch_folders(elsewhere) == [left[2]]
+        # The run's next attempt removes what a killed one left on its machine (another node's sweep can't).
+        assert execute_run(elsewhere, NO_KERNEL).status == "failed" and scratch_folders(elsewhere) == []
     finally:
         for folder in left:
             shutil.rmtree(folder, ignore_errors=True)

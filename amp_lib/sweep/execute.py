@@ -218,6 +218,7 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     runs_dir.mkdir(parents=True, exist_ok=True)
     notebook = runs_dir / f"{run.name}.ipynb"
     before = stamp(run.result_path)
+    remove_scratch([run])  # what an earlier, killed attempt left on this machine (another node of a cluster)
     error: str | None = None
     for attempt in range(settings.retries):
         try:
