@@ -100,9 +100,7 @@ def parse_precision(value: Any) -> str:
     elif isinstance(value, int) and not isinstance(value, bool):
         key = value
     if key is None or key not in ALIASES:
-        raise ValueError(
-            f"invalid precision {value!r}; valid values are: {', '.join(valid_precision_names())}"
-        )
+        raise ValueError(f"invalid precision {value!r}; valid values are: {', '.join(valid_precision_names())}")
     return ALIASES[key]
 
 
@@ -182,9 +180,13 @@ class Capabilities:
         return self.compute_capability is not None and tuple(self.compute_capability) >= (major, minor)
 
 
-def _cpu_flags() -> set[str]:
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The feature flags of the first CPU in `cpuinfo` (a parameter so a test can describe another CPU)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = cpuinfo.read_text()
     except OSError:
         return set()
     for line in text.splitlines():
@@ -213,8 +215,9 @@ def cpu_isa() -> frozenset[str]:
     return frozenset(_cpu_flags() & set(HALF_PRECISION_ISA))
 
 
-def probe(device: str | torch.device | None = None) -> Capabilities:
-    """Read the capabilities of `device` (default: CUDA when available, else CPU)."""
+def probe(device: str | torch.device | None = None, *, cpuinfo: Path = CPUINFO) -> Capabilities:
+    """Read the capabilities of `device` (default: CUDA when available, else CPU); a CPU's flags come from
+    `cpuinfo`, as measure.PeakMemory takes its /proc, so a test can stand in a CPU with AMX-FP16."""
     dev = resolve_device(device)
     fp8_backend = importlib.util.find_spec("torchao") is not None
     if dev.type == "cuda":
@@ -228,7 +231,7 @@ def probe(device: str | torch.device | None = None) -> Capabilities:
             fp16_fast=True,
             fp8_backend=fp8_backend,
         )
-    flags = _cpu_flags()
+    flags = _cpu_flags(cpuinfo)
     return Capabilities(
         device_type="cpu",
         cuda_available=torch.cuda.is_available(),
@@ -288,8 +291,7 @@ class PrecisionPlan:
         dtype). A reduce dtype that stops matching after a fallback (fp16 -> bf16) follows it, with the reason."""
         parallelism, reduce_name = parse_parallelism(parallelism), parse_reduce_dtype(reduce_dtype)
         if parallelism == "none":
-            same = (self.parallelism, self.gather_dtype, self.reduce_dtype) == ("none", None, None)
-            return self if same else replace(self, parallelism="none", gather_dtype=None, reduce_dtype=None)
+            return replace(self, parallelism="none", gather_dtype=None, reduce_dtype=None)
         if parallelism == "ddp":
             return replace(self, parallelism="ddp", gather_dtype=None, reduce_dtype=self.param_dtype)
         reason = self.fallback_reason
@@ -302,11 +304,15 @@ class PrecisionPlan:
                 )
             note = f"gradients reduced in {compute} (not {reduce_name}): the precision runs as {self.effective}"
             reason, reduce_name = (f"{reason}; then {note}" if reason else note), compute
-        gather = self.autocast_dtype if self.autocast_dtype is not None and self.family != "fp8" else None
-        if self.family == "fp8":
-            gather = torch.bfloat16  # torchao's float8 linears cast to fp8 themselves; the rest runs in bf16
+        # A mixed precision's autocast dtype (None for fp32 and the "true" ones): fp8's is bf16, as torchao's
+        # float8 linears cast to fp8 themselves and the rest runs in bf16.
+        gather = self.autocast_dtype
         return replace(
-            self, parallelism="fsdp", gather_dtype=gather, reduce_dtype=REDUCE_DTYPES[reduce_name], fallback_reason=reason
+            self,
+            parallelism="fsdp",
+            gather_dtype=gather,
+            reduce_dtype=REDUCE_DTYPES[reduce_name],
+            fallback_reason=reason,
         )
 
     @property
@@ -331,7 +337,11 @@ class PrecisionPlan:
             from torchao.float8 import convert_to_float8_training  # optional extra: only fp8 plans need it
 
             def eligible(module: torch.nn.Module, fqn: str) -> bool:
-                return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+                return (
+                    isinstance(module, torch.nn.Linear)
+                    and module.in_features % 16 == 0
+                    and module.out_features % 16 == 0
+                )
 
             convert_to_float8_training(model, module_filter_fn=eligible)
         if parallel is not None:
@@ -362,9 +372,12 @@ class PrecisionPlan:
         return d
 
 
+_REDUCE_NAMES: dict[torch.dtype, str] = {d: name for name, d in REDUCE_DTYPES.items()}
+
+
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     """fp32 / bf16 / fp16 for the dtypes gradients are reduced in (the config's spelling), None for none."""
-    return next((name for name, d in REDUCE_DTYPES.items() if d == dtype), None) if dtype is not None else None
+    return _REDUCE_NAMES.get(dtype)
 
 
 def _plan(requested: Any, effective: str, caps: Capabilities, reason: str | None) -> PrecisionPlan:
@@ -397,7 +410,10 @@ def _fallback(name: str, caps: Capabilities, allow_slow: bool = False) -> tuple[
             return "bf16-mixed", "fp8 training needs torchao (pip install torchao); it is not installed"
     if family == "fp16" and caps.device_type == "cpu" and not caps.fp16_fast and not allow_slow:
         if caps.bf16_supported:
-            return f"bf16-{mode}", f"this CPU has no fast fp16 (avx512_fp16/amx_fp16): fp16 autocast would be far slower than fp32; using bf16-{mode}"
+            return (
+                f"bf16-{mode}",
+                f"this CPU has no fast fp16 (avx512_fp16/amx_fp16): fp16 autocast would be far slower than fp32; using bf16-{mode}",
+            )
         return "fp32", "this CPU has neither fast fp16 nor bf16; using fp32"
     if family == "bf16" and not caps.bf16_supported:
         if caps.device_type == "cuda":
@@ -430,7 +446,9 @@ def resolve_precision(
             raise PrecisionUnavailableError(f"precision {requested!r} is unavailable: {step[1]}")
         effective, reason = step
         reasons.append(reason)
-    return _plan(requested, effective, caps, "; then ".join(reasons) or None).with_parallelism(parallelism, reduce_dtype)
+    return _plan(requested, effective, caps, "; then ".join(reasons) or None).with_parallelism(
+        parallelism, reduce_dtype
+    )
 
 
 def native_precisions(caps: Capabilities | None = None) -> list[str]:

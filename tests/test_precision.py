@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -20,10 +21,14 @@ from amp_lib.precision import (
     PrecisionPlan,
     PrecisionUnavailableError,
     _cpu_flags,
+    compute_dtype_name,
     compute_effective_precision,
     is_fp16,
     native_precisions,
+    parallel_label,
+    parse_parallelism,
     parse_precision,
+    parse_reduce_dtype,
     probe,
     resolve_device,
     resolve_precision,
@@ -158,6 +163,70 @@ def test_is_fp16_false_otherwise(value):
     assert not is_fp16(value)
 
 
+# Written out: the dtype each canonical precision computes its matmuls in (fp8's surrounding autocast is bf16).
+COMPUTE_DTYPE = {"fp32": "fp32", "tf32": "fp32", "fp16-mixed": "fp16", "bf16-mixed": "bf16", "fp16-true": "fp16",
+                 "bf16-true": "bf16", "fp8-mixed": "bf16"}  # fmt: skip
+
+
+def test_compute_dtype_name_of_every_canonical_precision():
+    assert {name: compute_dtype_name(name) for name in CANONICAL} == COMPUTE_DTYPE
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [("none", "none"), ("single", "none"), (" DDP ", "ddp"), ("fsdp", "fsdp"), ("FSDP2", "fsdp")],
+)
+def test_parallelism_spellings_parse_to_the_canonical_name(value, expected):
+    assert parse_parallelism(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [("fp32", "fp32"), ("float32", "fp32"), ("32", "fp32"), (" BF16 ", "bf16"), ("bfloat16", "bf16"),
+     ("half", "fp16"), ("16", "fp16"), ("torch.float16", "fp16"), (torch.float32, "fp32"),
+     (torch.bfloat16, "bf16"), (torch.float16, "fp16")],
+    ids=repr,
+)  # fmt: skip
+def test_reduce_dtype_spellings_and_torch_dtypes_parse_to_the_config_name(value, expected):
+    assert parse_reduce_dtype(value) == expected
+
+
+@pytest.mark.parametrize("bad", ["zero3", "", None, 2, ["ddp"]], ids=repr)
+def test_invalid_parallelism_names_the_value_and_the_valid_ones(bad):
+    with pytest.raises(ValueError) as info:
+        parse_parallelism(bad)
+    assert str(info.value) == f"invalid parallelism {bad!r}; valid values are: none, ddp, fsdp (or fsdp2)"
+
+
+@pytest.mark.parametrize("bad", ["int8", "fp64", None, 16, 32, torch.float64, torch.int8], ids=repr)
+def test_invalid_reduce_dtype_names_the_value_and_the_valid_ones(bad):
+    # ints are no reduce dtype (16 and 32 read as precisions elsewhere): only names and torch dtypes are
+    with pytest.raises(ValueError) as info:
+        parse_reduce_dtype(bad)
+    assert str(info.value) == (
+        f"invalid reduce_dtype {bad!r}; valid values are: fp32, bf16, fp16 (or float32, bfloat16, float16)"
+    )
+
+
+@pytest.mark.parametrize(
+    "args,label",
+    [
+        (("bf16-mixed",), "bf16-mixed"),  # one device, the default
+        (("bf16-mixed", "none", "fp32"), "bf16-mixed"),
+        (("fp16-mixed", "ddp"), "ddp fp16-mixed"),
+        (("fp16-mixed", "ddp", "fp16"), "ddp fp16-mixed"),  # DDP has no choice to name
+        (("bf16-mixed", "fsdp", "fp32"), "fsdp bf16-mixed (reduce fp32)"),
+        (("fp8-mixed", "fsdp", "bf16"), "fsdp fp8-mixed (reduce bf16)"),
+        (("bf16-true", "fsdp", "bf16"), "fsdp bf16-true (reduce bf16)"),
+        (("fp32", "fsdp", "fp32"), "fsdp fp32"),  # fp32 computes in fp32: no choice either
+        (("tf32", "fsdp", "fp32"), "fsdp tf32"),
+        (("bf16-mixed", "fsdp"), "fsdp bf16-mixed"),  # reduce dtype unknown (an old result)
+    ],
+)
+def test_parallel_label_names_the_reduce_dtype_only_where_fsdp_had_a_choice(args, label):
+    assert parallel_label(*args) == label
+
+
 # --- the seed's compute_effective_precision: all 16 combinations --------------------------------
 
 
@@ -276,6 +345,44 @@ def test_probe_cpu_fields_are_typed_plain_data():
     # fast fp16 on a CPU means AVX512-FP16 or AMX-FP16 in the CPU's flags, nothing else
     assert caps.fp16_fast is bool(_cpu_flags() & {"avx512_fp16", "amx_fp16"})
     assert caps.fp8_backend is (importlib.util.find_spec("torchao") is not None)
+
+
+def cpuinfo(tmp_path: Path, *flags: str) -> Path:
+    """A /proc/cpuinfo of two processors whose flags are `flags` (the first processor's line is read)."""
+    lines = [f"processor\t: {n}\nmodel name\t: Test CPU @ 2.0GHz\nflags\t\t: {' '.join(flags)}\n" for n in (0, 1)]
+    path = tmp_path / "cpuinfo"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    "flags,fast",
+    [
+        (("fpu", "sse2", "avx2", "avx512f", "avx512_fp16"), True),  # Sapphire Rapids
+        (("fpu", "avx2", "amx_tile", "amx_fp16"), True),  # Granite Rapids
+        (("fpu", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"), False),  # bf16 only
+        (("fpu", "sse2", "avx2"), False),
+    ],
+    ids=lambda v: v[-1] if isinstance(v, tuple) else None,
+)
+def test_probe_calls_a_cpu_fast_at_fp16_exactly_when_it_lists_avx512_fp16_or_amx_fp16(tmp_path, flags, fast):
+    caps = probe("cpu", cpuinfo=cpuinfo(tmp_path, *flags))
+    assert caps.fp16_fast is fast
+    assert _cpu_flags(cpuinfo(tmp_path, *flags)) == set(flags)
+    # the rest does not depend on the flags: what torch says about this machine
+    assert (caps.device_type, caps.compute_capability, caps.bf16_supported) == ("cpu", None, True)
+    assert caps.device_name == torch.backends.cpu.get_cpu_capability()
+    assert caps.fp8_backend is (importlib.util.find_spec("torchao") is not None)
+    # and the resolution follows: fp16 runs as asked on a fast CPU, as bf16 elsewhere
+    assert resolve_precision("fp16-mixed", caps).effective == ("fp16-mixed" if fast else "bf16-mixed")
+
+
+def test_a_cpu_without_a_flags_line_or_cpuinfo_has_no_flags_and_no_fast_fp16(tmp_path):
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd fphp asimdhp\n")  # an ARM CPU says "Features"
+    for path in (arm, tmp_path / "missing"):
+        assert _cpu_flags(path) == set()
+        assert probe("cpu", cpuinfo=path).fp16_fast is False
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
@@ -453,6 +560,26 @@ def test_plan_to_dict_is_plain_data():
     assert isinstance(plan, PrecisionPlan)
     fp32 = resolve_precision("32", CPU_SLOW_FP16).to_dict()
     assert fp32["autocast_dtype"] is None and fp32["param_dtype"] == "float32" and fp32["requested"] == "32"
+    assert fp32["gather_dtype"] is None and fp32["reduce_dtype"] is None and fp32["parallelism"] == "none"
+
+
+@pytest.mark.parametrize(
+    "precision,parallelism,reduce,gather,reduced",
+    [
+        ("bf16-mixed", "fsdp", "fp32", "bfloat16", "fp32"),
+        ("fp16-mixed", "fsdp", "fp16", "float16", "fp16"),
+        ("bf16-true", "fsdp", "bf16", None, "bf16"),
+        ("fp32", "fsdp", "fp32", None, "fp32"),
+        ("bf16-true", "ddp", "fp32", None, "bf16"),
+    ],
+)
+def test_plan_to_dict_names_the_gather_and_reduce_dtypes_as_plain_strings(
+    precision, parallelism, reduce, gather, reduced
+):
+    plan = resolve_precision(precision, Capabilities(fp16_fast=True), parallelism=parallelism, reduce_dtype=reduce)
+    d = plan.to_dict()
+    assert (d["parallelism"], d["gather_dtype"], d["reduce_dtype"]) == (parallelism, gather, reduced)
+    assert json.loads(json.dumps(d)) == d  # what the result JSON holds
 
 
 # --- the plan's behaviour: autocast -------------------------------------------------------------
@@ -554,6 +681,27 @@ def test_prepare_model_does_not_compile_unless_asked():
     plan = resolve_precision("bf16-true", CPU_SLOW_FP16)
     assert plan.prepare_model(model, torch.device("cpu")) is model  # the default: no compile
     assert plan.prepare_model(model, torch.device("cpu"), compile=False) is model
+
+
+TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+@pytest.mark.skipif(TORCHAO, reason="checks the failure where torchao is missing")
+def test_an_fp8_plan_does_not_train_silently_without_fp8_where_torchao_is_missing():
+    with pytest.raises(ModuleNotFoundError, match="torchao"):
+        native_plan("fp8-mixed").prepare_model(torch.nn.Linear(16, 16), torch.device("cpu"))
+
+
+@pytest.mark.slow  # importing torchao takes seconds
+@pytest.mark.skipif(not TORCHAO, reason="needs torchao (the fp8 extra)")
+def test_an_fp8_plan_swaps_the_linears_whose_sizes_are_multiples_of_16_for_float8_ones():
+    from torchao.float8.float8_linear import Float8Linear
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    prepared = native_plan("fp8-mixed").prepare_model(model, torch.device("cpu"))
+    assert isinstance(prepared[0], Float8Linear)
+    assert type(prepared[2]) is torch.nn.Linear  # 8 outputs: fp8 matmuls want multiples of 16
+    assert {p.dtype for p in prepared.parameters()} == {torch.float32}  # master weights stay fp32
 
 
 @pytest.mark.slow  # importing torch._dynamo takes seconds
@@ -714,7 +862,9 @@ def test_tf32_is_on_during_a_tf32_run_and_restored_after(tiny_config, saved_tf32
 
     set_tf32_flags((False, True))
     observer = Flags()
-    result = train(tiny_config(precision="tf32", device="cuda", steps=3, timing_warmup_steps=1, log_every=1), [observer])
+    result = train(
+        tiny_config(precision="tf32", device="cuda", steps=3, timing_warmup_steps=1, log_every=1), [observer]
+    )
     assert result.status == "ok", result.error
     on = result.plan["effective"] == "tf32"  # an Ampere or newer GPU
     assert observer.seen == [(on, on)] * 3
@@ -755,8 +905,38 @@ def test_fsdp_gathers_mixed_parameters_in_the_compute_dtype_and_reduces_in_the_c
 def test_a_reduce_dtype_follows_a_fallback_with_the_reason_and_a_misfit_is_refused() -> None:
     plan = resolve_precision("fp16-mixed", Capabilities(fp16_fast=False), parallelism="fsdp", reduce_dtype="fp16")
     assert plan.effective == "bf16-mixed" and plan.reduce_dtype == torch.bfloat16
-    assert plan.fallback_reason.endswith("; then gradients reduced in bf16 (not fp16): the precision runs as bf16-mixed")
+    assert plan.fallback_reason.endswith(
+        "; then gradients reduced in bf16 (not fp16): the precision runs as bf16-mixed"
+    )
     with pytest.raises(ValueError, match="reduce_dtype='bf16' does not fit precision 'fp16-mixed'"):
         resolve_precision("fp16-mixed", Capabilities(fp16_fast=True), parallelism="fsdp", reduce_dtype="bf16")
     plain = resolve_precision("fp16-mixed", Capabilities(fp16_fast=True)).with_parallelism("fsdp", "fp16")
     assert plain.with_parallelism("none").label == "fp16-mixed" and plain.with_parallelism("none").reduce_dtype is None
+
+
+def test_fsdp_gathers_fp8_parameters_in_bf16() -> None:
+    # torchao's float8 linears cast to fp8 themselves; everything else computes in bf16
+    plan = resolve_precision("fp8-mixed", HOPPER, parallelism="fsdp", reduce_dtype="bf16")
+    assert (plan.gather_dtype, plan.reduce_dtype, plan.label) == (
+        torch.bfloat16,
+        torch.bfloat16,
+        "fsdp fp8-mixed (reduce bf16)",
+    )
+    assert resolve_precision("fp8-mixed", HOPPER, parallelism="fsdp").gather_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("parallelism", ["none", "ddp"])
+def test_leaving_fsdp_drops_its_gather_dtype(parallelism: str) -> None:
+    fsdp = resolve_precision("bf16-mixed", Capabilities(), parallelism="fsdp", reduce_dtype="bf16")
+    plan = fsdp.with_parallelism(parallelism)
+    assert plan.gather_dtype is None and plan.parallelism == parallelism
+    assert plan.reduce_dtype == (torch.float32 if parallelism == "ddp" else None)  # DDP: the fp32 parameters'
+    assert plan == resolve_precision("bf16-mixed", Capabilities(), parallelism=parallelism)
+
+
+def test_a_reduce_dtype_follows_the_precision_of_a_hand_made_plan_with_the_note_alone() -> None:
+    # a plan built by hand (train(..., plan=...)) that runs bf16 for an fp16 request without saying why
+    plan = replace(resolve_precision("fp16-mixed", CPU_SLOW_FP16), fallback_reason=None)
+    fsdp = plan.with_parallelism("fsdp", "fp16")
+    assert fsdp.reduce_dtype == torch.bfloat16
+    assert fsdp.fallback_reason == "gradients reduced in bf16 (not fp16): the precision runs as bf16-mixed"
