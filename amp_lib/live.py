@@ -122,7 +122,7 @@ class LiveFigure:
 
     def _draw(self, result: RunResult, status: str | None) -> None:
         began = self.clock()
-        steps = self.config.steps if self.config is not None else int(result.config.get("steps") or 0)
+        steps = int(result.config.get("steps") or 0)  # a snapshot and the loop's result carry the run's config
         figure = run_figure(result, steps=steps, state=None if status else "training")
         step = result.history[-1].step + 1 if result.history else 0
         self.frames += 1

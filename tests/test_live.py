@@ -3,16 +3,24 @@ shows, and its last frame, which is the figure the notebook saves."""
 
 from __future__ import annotations
 
+import atexit
+import builtins
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from factories import eval_curve, history, make_result
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from traitlets.config import Config
 
 from amp_lib.config import RunConfig
 from amp_lib.live import DisplayHandleSink, LiveFigure, LiveFrame
 from amp_lib.plots import figure_png, run_figure
 from amp_lib.precision import Capabilities, resolve_precision
+from amp_lib.results import RunResult
 from amp_lib.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -69,6 +77,23 @@ def test_a_log_flush_redraws_only_after_the_minimum_interval() -> None:
     assert len(frames) == 2
 
 
+def test_by_default_the_figure_redraws_at_most_every_half_second_through_a_display(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock = Clock()
+    live = LiveFigure(clock=clock)  # what train.ipynb uses; outside IPython its display prints each caption
+    live.on_start(RunConfig(run_name="live", steps=8, device="cpu"), resolve_precision("fp32", Capabilities()))
+    rows = history(8)
+    clock.now += 0.4
+    live.on_log(rows[:4], 1)  # too soon
+    clock.now += 0.1
+    live.on_log(rows[4:], 1)
+    assert capsys.readouterr().out.splitlines() == [
+        "training · updated 1 time · step 0/8",
+        "training · updated 2 times · step 8/8",
+    ]
+
+
 def test_slow_drawing_stretches_the_interval_so_it_takes_at_most_the_budget() -> None:
     live, frames, clock = started(min_interval_s=0.1, budget=0.2, draw_s=1.0)  # each frame takes 1 s
     rows = history(8)
@@ -80,9 +105,12 @@ def test_slow_drawing_stretches_the_interval_so_it_takes_at_most_the_budget() ->
     assert len(frames) == 2
 
 
-def test_the_final_frame_is_always_drawn_and_is_the_saved_figure() -> None:
+def test_frames_are_titled_training_until_the_final_one_which_is_the_saved_figure() -> None:
     live, frames, _ = started(min_interval_s=60.0)
-    config = live.config
+    config, plan = live.config, live.plan
+    assert config is not None and plan is not None
+    empty = RunResult(config=config.to_dict(), plan=plan.to_dict())  # "ok" until it ends, but not finished yet
+    assert frames[0].png == figure_png(run_figure(empty, steps=8, state="training"))
     rows = history(8, scaled=True, skip_at=3)
     live.on_log(rows, 1)  # too soon to redraw
     result = make_result("fp16-mixed", rows=rows, evals=eval_curve(2.0, every=4), status="diverged", steps=8)
@@ -92,6 +120,33 @@ def test_the_final_frame_is_always_drawn_and_is_the_saved_figure() -> None:
         "finished: diverged · updated 2 times · step 8/8",
     ]
     assert frames[-1].png == figure_png(run_figure(result, steps=config.steps))
+
+
+def test_flushes_and_evals_before_the_run_starts_draw_nothing() -> None:
+    clock = Clock()
+    frames = Frames(clock)
+    live = LiveFigure(0.0, show=frames, clock=clock)
+    live.on_log(history(2), 1)
+    live.on_eval(eval_curve(2.0)[0])
+    assert frames == []
+    live.on_start(RunConfig(run_name="live", steps=8, device="cpu"), resolve_precision("fp32", Capabilities()))
+    assert [f.caption for f in frames] == ["training · updated 1 time · step 0/8"]
+
+
+@pytest.mark.parametrize("records_steps", [True, False], ids=["steps-in-config", "no-steps-recorded"])
+def test_a_finished_result_given_alone_is_drawn_as_its_final_frame(records_steps: bool) -> None:
+    """A saved result shown without a live run: its x axis spans its planned steps, or fits its rows when the
+    config does not say how many were planned."""
+    clock = Clock()
+    frames = Frames(clock)
+    result = make_result("fp16-mixed", rows=history(6, scaled=True), status="ok", steps=8)
+    if not records_steps:
+        result = replace(result, config={k: v for k, v in result.config.items() if k != "steps"})
+    LiveFigure(show=frames, clock=clock).on_end(result)
+    planned = 8 if records_steps else 0
+    assert [f.caption for f in frames] == [f"finished: ok · updated 1 time · step 6/{planned}"]
+    if not records_steps:  # (with steps, the saved figure: test_frames_are_titled_training_until_the_final_one...)
+        assert frames[0].png == figure_png(run_figure(result))
 
 
 def test_a_restarted_observer_begins_a_new_count_and_history() -> None:
@@ -113,11 +168,16 @@ def test_evals_reported_during_the_run_are_drawn_with_the_next_frame() -> None:
     assert with_eval.show[-1].png != without.show[-1].png  # the eval dot
 
 
-def test_bad_throttle_settings_are_refused_with_the_values() -> None:
-    with pytest.raises(ValueError, match=r"min_interval_s must be >= 0 and budget in \(0, 1\]; got -1, 0.1"):
-        LiveFigure(-1)
-    with pytest.raises(ValueError, match="got 0.5, 0"):
-        LiveFigure(0.5, 0)
+@pytest.mark.parametrize(("min_interval_s", "budget"), [(-1, 0.1), (0.5, 0), (0.5, 1.5)])
+def test_bad_throttle_settings_are_refused_with_the_values(min_interval_s: float, budget: float) -> None:
+    bad = rf"min_interval_s must be >= 0 and budget in \(0, 1\]; got {min_interval_s}, {budget}$"
+    with pytest.raises(ValueError, match=bad):
+        LiveFigure(min_interval_s, budget)
+
+
+def test_an_unthrottled_figure_is_allowed() -> None:
+    live = LiveFigure(0.0, 1.0)  # redraw at every flush, drawing may take all the time
+    assert (live.min_interval_s, live.budget) == (0.0, 1.0)
 
 
 # --- what a frame shows -------------------------------------------------------------------------
@@ -141,6 +201,30 @@ def test_outside_ipython_the_display_sink_prints_each_caption(capsys: pytest.Cap
         "training · updated 1 time · step 0/4",
         "finished: ok · updated 2 times · step 4/4",
     ]
+
+
+@pytest.fixture
+def ipython(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[InteractiveShell]:
+    """An in-process IPython shell (no kernel), as a notebook cell runs in, undone afterwards."""
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    for name in ("__IPYTHON__", "display"):  # the shell puts these into builtins: put back what was there
+        monkeypatch.setattr(builtins, name, getattr(builtins, name, None), raising=False)
+    shell = InteractiveShell.instance(config=Config({"HistoryManager": {"enabled": False}}))
+    yield shell
+    shell.cleanup()  # gives back sys.modules["__main__"]
+    atexit.unregister(shell.atexit_operations)
+    InteractiveShell.clear_instance()
+
+
+def test_in_ipython_the_display_sink_updates_one_output_in_place(ipython: InteractiveShell) -> None:
+    sink = DisplayHandleSink()
+    with capture_output() as captured:
+        for frame in (LiveFrame(PNG, 1, 0, 4), LiveFrame(PNG, 2, 4, 4, "ok")):
+            sink(frame)
+    first, second = captured.outputs
+    assert first.transient["display_id"] and second.transient == first.transient  # the same output...
+    assert (first.update, second.update) == (False, True)  # ...replaced, not appended
+    assert "finished: ok · updated 2 times · step 4/4" in second.data["text/html"]
 
 
 # --- on a real run ------------------------------------------------------------------------------
