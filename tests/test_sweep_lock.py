@@ -47,3 +47,22 @@ def test_the_lock_file_holds_only_the_holders_pid_whatever_a_dead_holder_left_in
         assert lock.path == tmp_path / LOCK_NAME
         assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_the_lock_file_is_readable_by_all_and_writable_by_its_owner_alone(tmp_path: Path) -> None:
+    umask = os.umask(0o022)  # the usual one; the mode asked for is 0o644 whatever the umask lets through
+    try:
+        with SweepLock(tmp_path):
+            assert (tmp_path / LOCK_NAME).stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
+def test_release_is_harmless_before_acquire_and_after_the_lock_file_was_removed(tmp_path: Path) -> None:
+    SweepLock(tmp_path).release()  # never acquired: nothing to close
+    lock = SweepLock(tmp_path)
+    lock.acquire()
+    (tmp_path / LOCK_NAME).unlink()  # e.g. someone cleaned the folder while the sweep ran
+    lock.release()
+    with SweepLock(tmp_path):  # and the folder can be locked again
+        pass
