@@ -288,8 +288,12 @@ class PrecisionPlan:
     def with_parallelism(self, parallelism: str, reduce_dtype: str = "fp32") -> PrecisionPlan:
         """This plan run under `parallelism`: DDP reduces gradients in the parameters' dtype; FSDP2 gathers the
         parameters of a mixed precision in its compute dtype and reduces in `reduce_dtype` (fp32 or the compute
-        dtype). A reduce dtype that stops matching after a fallback (fp16 -> bf16) follows it, with the reason."""
-        parallelism, reduce_name = parse_parallelism(parallelism), parse_reduce_dtype(reduce_dtype)
+        dtype). A reduce dtype that stops matching after a fallback (fp16 -> bf16) follows it, with the reason.
+        Where nothing changes, the plan itself comes back: a plan handed to `train()` stays that object."""
+        planned = self._under(parse_parallelism(parallelism), parse_reduce_dtype(reduce_dtype))
+        return self if planned == self else planned
+
+    def _under(self, parallelism: str, reduce_name: str) -> PrecisionPlan:
         if parallelism == "none":
             return replace(self, parallelism="none", gather_dtype=None, reduce_dtype=None)
         if parallelism == "ddp":
