@@ -189,7 +189,9 @@ class RunConfig:
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= {minimum}")
         if self.timing_warmup_steps >= self.steps:
-            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} must be less than steps={self.steps} (nothing left to time)")
+            raise ValueError(
+                f"timing_warmup_steps={self.timing_warmup_steps} must be less than steps={self.steps} (nothing left to time)"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr!r} must be a positive finite number")
         if self.grad_clip is not None and not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
@@ -209,7 +211,9 @@ class RunConfig:
         if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
             raise ValueError(f"init_scale={self.init_scale!r} must be a positive finite number")
         if self.model not in BUILTIN_MODELS and ":" not in self.model:
-            raise ValueError(f"invalid model {self.model!r}; valid: {', '.join(BUILTIN_MODELS)} or 'package.module:function'")
+            raise ValueError(
+                f"invalid model {self.model!r}; valid: {', '.join(BUILTIN_MODELS)} or 'package.module:function'"
+            )
         if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ValueError(f"invalid device {self.device!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
         if self.run_name and not re.fullmatch(r"[\w.=+-]+", self.run_name):
@@ -223,7 +227,9 @@ class RunConfig:
         if self.nproc < 1:
             raise ValueError(f"nproc={self.nproc!r} must be >= 1")
         if self.nproc > 1 and self.parallelism == "none":
-            raise ValueError(f"nproc={self.nproc} needs parallelism 'ddp' or 'fsdp' (valid: none, ddp, fsdp); 'none' runs one process")
+            raise ValueError(
+                f"nproc={self.nproc} needs parallelism 'ddp' or 'fsdp' (valid: none, ddp, fsdp); 'none' runs one process"
+            )
         if self.reduce_dtype != "fp32" and self.parallelism != "fsdp":
             raise ValueError(
                 f"reduce_dtype={self.reduce_dtype!r} applies to parallelism 'fsdp' only (parallelism={self.parallelism!r}); "
@@ -262,7 +268,9 @@ class RunConfig:
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(cls.field_names())}")
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(cls.field_names())}"
+            )
         return cls(**values)
 
     @property

@@ -133,7 +133,9 @@ class RunResult:
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
         version = d.get("schema_version")
         if version not in READABLE_VERSIONS:
-            raise ValueError(f"unsupported schema_version {version!r}; this amp_lib reads {', '.join(map(str, READABLE_VERSIONS))}")
+            raise ValueError(
+                f"unsupported schema_version {version!r}; this amp_lib reads {', '.join(map(str, READABLE_VERSIONS))}"
+            )
         metrics, config = dict(d.get("metrics", {})), dict(d["config"])
         if version == 1:
             metrics["items_per_s"] = metrics.pop("tokens_per_s", None)
@@ -230,9 +232,7 @@ class LoadedResults(list):  # type: ignore[type-arg]
     `problems` (unreadable, truncated or foreign JSON files) and `left_out` (well-formed results of an
     earlier grid in a sweep folder, not part of the grid it was last asked for)."""
 
-    def __init__(
-        self, results: Any = (), problems: Any = (), left_out: Any = ()
-    ) -> None:
+    def __init__(self, results: Any = (), problems: Any = (), left_out: Any = ()) -> None:
         super().__init__(results)
         self.problems: tuple[LoadProblem, ...] = tuple(problems)
         self.left_out: tuple[LoadProblem, ...] = tuple(left_out)
@@ -254,7 +254,9 @@ def read_result(path: str | os.PathLike[str]) -> RunResult | LoadProblem:
     except UnicodeDecodeError:
         return LoadProblem(path, "not text (not a result file)")
     except json.JSONDecodeError as exc:
-        return LoadProblem(path, f"not valid JSON, truncated or corrupt ({exc.msg} at line {exc.lineno} column {exc.colno})")
+        return LoadProblem(
+            path, f"not valid JSON, truncated or corrupt ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        )
     if not isinstance(data, dict) or "schema_version" not in data:
         return LoadProblem(path, "not an AMP Workbook result (no schema_version)")
     try:

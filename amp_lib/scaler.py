@@ -130,8 +130,7 @@ class AmpScaler:
         else:
             skipped = torch.zeros((), dtype=torch.bool, device=grad_norm.device)
         self.scaler.update()
-        scale = scale_tensor(self.scaler) if self.enabled else None
-        return StepOutcome(grad_norm=grad_norm.detach(), skipped=skipped, scale=scale)
+        return StepOutcome(grad_norm=grad_norm.detach(), skipped=skipped, scale=scale_tensor(self.scaler))
 
     def get_scale(self) -> float | None:
         return get_loss_scale(self.scaler)
@@ -146,8 +145,8 @@ class AmpScaler:
 def _attr(obj: Any, name: str) -> Any:
     """getattr that also swallows errors raised by properties (e.g. a Lightning strategy not yet attached)."""
     try:
-        return getattr(obj, name, None)
-    except Exception:  # noqa: BLE001 - any error here just means: no such attribute
+        return getattr(obj, name)
+    except Exception:  # noqa: BLE001 - AttributeError or any other: no such attribute
         return None
 
 

@@ -225,7 +225,10 @@ def test_an_unknown_recipe_names_the_valid_ones() -> None:
     [
         ({"min_lr": 2e-3, "lr": 1e-3}, "min_lr=0.002 must be between 0 and lr=0.001"),
         ({"min_lr": -1e-4}, "min_lr=-0.0001 must be between 0 and lr=0.001"),
-        ({"lr_warmup_steps": 10, "lr_decay_steps": 10}, "lr_decay_steps=10 must be 0 (no decay) or more than lr_warmup_steps=10"),
+        (
+            {"lr_warmup_steps": 10, "lr_decay_steps": 10},
+            "lr_decay_steps=10 must be 0 (no decay) or more than lr_warmup_steps=10",
+        ),
         ({"beta2": 1.0}, "beta2=1.0 must be between 0 and 1 (exclusive)"),
         ({"beta2": 0.0}, "beta2=0.0 must be between 0 and 1 (exclusive)"),
         ({"weight_decay": -0.1}, "weight_decay=-0.1 must be a finite number >= 0"),
@@ -247,7 +250,7 @@ def test_schedule_dropout_and_eval_values_are_checked_with_the_reason(values: di
 def test_the_edges_of_the_new_ranges_are_accepted() -> None:
     RunConfig(min_lr=1e-3, lr=1e-3, lr_warmup_steps=4, lr_decay_steps=5, beta2=0.5, weight_decay=0.0, dropout=0.0)
     RunConfig(eval_every=0, eval_batches=1, lr_decay_steps=0, lr_warmup_steps=0, min_lr=0.0)
-
+    assert RunConfig(init_scale=0.5).init_scale == 0.5  # any positive loss scale is a valid start, below 1 too
 
 
 @pytest.mark.parametrize(
@@ -315,7 +318,10 @@ def test_every_minimum_itself_is_accepted():
 
 def test_value_error_messages_of_the_other_checks():
     cases = [
-        ({"steps": 8, "timing_warmup_steps": 8}, "timing_warmup_steps=8 must be less than steps=8 (nothing left to time)"),
+        (
+            {"steps": 8, "timing_warmup_steps": 8},
+            "timing_warmup_steps=8 must be less than steps=8 (nothing left to time)",
+        ),
         ({"lr": 0.0}, "lr=0.0 must be a positive finite number"),
         ({"grad_clip": -1.0}, "grad_clip=-1.0 must be None, 0 (off) or a positive number"),
         ({"init_scale": 0.0}, "init_scale=0.0 must be a positive finite number"),
@@ -561,9 +567,15 @@ def test_parallelism_and_reduce_dtype_are_stored_by_their_canonical_names() -> N
         ({"nproc": 2}, "nproc=2 needs parallelism 'ddp' or 'fsdp' (valid: none, ddp, fsdp)"),
         ({"nproc": 0, "parallelism": "ddp"}, "nproc=0 must be >= 1"),
         ({"parallelism": "zero3"}, "invalid parallelism 'zero3'; valid values are: none, ddp, fsdp"),
-        ({"reduce_dtype": "int8", "parallelism": "fsdp"}, "invalid reduce_dtype 'int8'; valid values are: fp32, bf16, fp16"),
+        (
+            {"reduce_dtype": "int8", "parallelism": "fsdp"},
+            "invalid reduce_dtype 'int8'; valid values are: fp32, bf16, fp16",
+        ),
         ({"reduce_dtype": "bf16", "parallelism": "ddp", "precision": "bf16"}, "applies to parallelism 'fsdp' only"),
-        ({"reduce_dtype": "bf16", "parallelism": "fsdp"}, "reduce_dtype='bf16' does not fit precision 'fp32'; valid: 'fp32'"),
+        (
+            {"reduce_dtype": "bf16", "parallelism": "fsdp"},
+            "reduce_dtype='bf16' does not fit precision 'fp32'; valid: 'fp32'",
+        ),
         ({"reduce_dtype": "fp16", "parallelism": "fsdp", "precision": "bf16-mixed"}, "its compute dtype 'bf16'"),
         ({"parallelism": "fsdp", "model": "mlp"}, "model 'mlp' has no transformer blocks for fsdp"),
     ],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -160,7 +162,18 @@ def test_save_load_round_trip(tmp_path: Path, status: str) -> None:
     assert loaded.ok is (status == "ok")
     data = no_nan_constants(path.read_text())
     assert data["schema_version"] == SCHEMA_VERSION == 2
-    assert set(data) == {"schema_version", "config", "plan", "metrics", "history", "evals", "headroom", "profile", "status", "error"}
+    assert set(data) == {
+        "schema_version",
+        "config",
+        "plan",
+        "metrics",
+        "history",
+        "evals",
+        "headroom",
+        "profile",
+        "status",
+        "error",
+    }
     assert data["metrics"]["items_per_s"] == 1234.5 and "tokens_per_s" not in data["metrics"]
     assert data["metrics"]["mfu"] == 0.125 and data["metrics"]["peak_memory_kind"] == "cpu_rss"
     assert data["config"]["grad_clip"] is None and data["config"]["allow_slow"] is True
@@ -349,6 +362,92 @@ def test_a_failed_first_text_write_leaves_an_empty_folder(tmp_path: Path) -> Non
     assert list((tmp_path / "new").iterdir()) == []
 
 
+def test_an_interrupt_just_after_the_rename_is_the_error_raised_and_the_new_file_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    real_replace = os.replace
+
+    def replace_then_interrupt(src: str, dst: Path) -> None:
+        real_replace(src, dst)
+        raise KeyboardInterrupt("Ctrl-C right after the rename")  # the temp file is gone already
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "new" and leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux tells the umask in /proc")
+def test_writing_a_file_never_changes_the_process_umask_where_proc_tells_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The umask is process-wide: setting it to read it, even briefly, gives a file another thread creates meanwhile
+    # the wrong mode. Where /proc says what it is, nothing sets it.
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("os.umask was set to read it"))
+        written = write_text_atomic(tmp_path / "a.md", "x")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert written.stat().st_mode & 0o777 == 0o640
+
+
+# Run with an ASCII locale encoding: Python fixes it at start-up, hence a child process. results.py needs only the
+# standard library, so the child loads that one file (no torch import: fast).
+IN_AN_ASCII_LOCALE = r"""
+import importlib.util, json, sys
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("results_alone", sys.argv[1])
+results = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = results
+spec.loader.exec_module(results)
+folder = Path(sys.argv[2])
+results.write_text_atomic(folder / "summary.md", "\u0394 eval \u00b1 0.5")
+loaded = results.load_sweep(folder)
+read = results.read_result(folder / "results" / "new.json")
+print(json.dumps({
+    "encoding": __import__("locale").getpreferredencoding(False),
+    "load": results.RunResult.load(folder / "results" / "new.json").config["note"],
+    "read": str(read) if isinstance(read, results.LoadProblem) else read.config["note"],
+    "sweep": [r.config["run_name"] for r in loaded],
+    "problems": [str(p) for p in loaded.problems],
+}))
+"""
+
+
+def test_result_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    # JSON is UTF-8 (RFC 8259): a file another tool or an editor wrote with unescaped non-ASCII text must load
+    note = "Δ eval ± 0.5 — naïve"
+    for name in ("new", "old"):
+        data = make_result("fp32", run_name=name).to_dict()
+        data["config"]["note"] = note
+        (tmp_path / "results").mkdir(exist_ok=True)
+        (tmp_path / "results" / f"{name}.json").write_bytes(json.dumps(data, ensure_ascii=False).encode("utf-8"))
+    manifest = {"runs": ["new"], "title": note}
+    (tmp_path / MANIFEST).write_bytes(json.dumps(manifest, ensure_ascii=False).encode("utf-8"))
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    child = subprocess.run(
+        [sys.executable, "-c", IN_AN_ASCII_LOCALE, results.__file__, str(tmp_path)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=60,
+    )
+    assert child.returncode == 0, child.stderr
+    seen = json.loads(child.stdout)
+    assert seen["encoding"].lower() in ("ascii", "ansi_x3.4-1968")  # the child really ran in an ASCII locale
+    assert (seen["load"], seen["read"]) == (note, note)
+    assert (seen["sweep"], seen["problems"]) == (["new"], [])  # the manifest was read: "old" is left out
+    assert (tmp_path / "summary.md").read_bytes() == "Δ eval ± 0.5".encode()
+
+
 def test_write_json_atomic_is_indented_json_and_replaces_the_file(tmp_path: Path) -> None:
     target = tmp_path / "r.json"
     assert write_json_atomic(target, {"v": 1, "w": [1]}) == target
@@ -400,6 +499,7 @@ def test_load_results_finds_complete_files_recursively_sorted(tmp_path: Path) ->
     (tmp_path / "notes.txt").write_text("not a result")
     assert load_results(tmp_path) == [a, b, c]
     assert load_results(str(tmp_path)) == [a, b, c]
+    assert load_results(tmp_path).problems == ()  # hidden files are not results, nor problems to report
 
 
 def test_load_results_of_an_empty_or_missing_folder(tmp_path: Path) -> None:
@@ -410,6 +510,8 @@ def test_load_results_of_an_empty_or_missing_folder(tmp_path: Path) -> None:
 def test_load_sweep_prefers_the_results_folder_else_reads_a_flat_folder(tmp_path: Path) -> None:
     make_result("fp32").save(tmp_path / "flat" / "a.json")
     assert [r.config["precision"] for r in load_sweep(tmp_path / "flat")] == ["fp32"]
+    (tmp_path / "flat" / MANIFEST).write_text(json.dumps({"runs": ["b"]}))  # a grid is a sweep's, of its results/
+    assert [r.config["precision"] for r in load_sweep(tmp_path / "flat")] == ["fp32"]  # a folder of JSONs has none
     make_result("fp16-mixed").save(tmp_path / "sweep" / "results" / "a.json")
     make_result("bf16-mixed").save(tmp_path / "sweep" / "elsewhere" / "b.json")  # not in this sweep's layout
     (tmp_path / "sweep" / "runs").mkdir()
@@ -448,7 +550,9 @@ def test_unreadable_truncated_and_foreign_json_files_are_named_with_the_reason_n
     assert str(loaded.problems[0]) == "binary.json: not text (not a result file)"
     assert loaded.notes[0] == "not read: binary.json: not text (not a result file)" and len(loaded.notes) == 7
     assert read_result(tmp_path / "good.json") == good
-    assert read_result(tmp_path / "gone.json") == LoadProblem(tmp_path / "gone.json", "unreadable (No such file or directory)")
+    assert read_result(tmp_path / "gone.json") == LoadProblem(
+        tmp_path / "gone.json", "unreadable (No such file or directory)"
+    )
     swept = load_sweep(tmp_path)
     assert swept == [good] and swept.problems == loaded.problems and swept.left_out == ()
 
@@ -465,10 +569,20 @@ def test_a_sweep_folder_returns_the_runs_of_its_last_grid_and_names_the_others(t
     assert loaded.left_out == (
         LoadProblem(results_dir / "old.json", "from an earlier grid, not part of the one this sweep was last run with"),
     )
-    assert loaded.notes == ["left out: old.json: from an earlier grid, not part of the one this sweep was last run with"]
+    assert loaded.notes == [
+        "left out: old.json: from an earlier grid, not part of the one this sweep was last run with"
+    ]
     assert load_results(results_dir) == [new, old]  # a plain folder of results has no grid
-    (tmp_path / MANIFEST).write_text("{ half")
-    assert load_sweep(tmp_path) == [new, old]  # an unreadable manifest hides nothing
+    for manifest in (
+        "{ half",
+        '{"runs": "new"}',
+        '{"runs": {"new": 1}}',
+        '{"runs": 3}',
+        '["new"]',
+        '{"grid": ["new"]}',
+    ):
+        (tmp_path / MANIFEST).write_text(manifest)
+        assert load_sweep(tmp_path) == [new, old], manifest  # an unreadable or malformed manifest hides nothing
 
 
 @pytest.mark.parametrize("missing", ["missing", "a-file.json"])
@@ -493,7 +607,9 @@ def test_eval_curves_headroom_and_profile_round_trip(tmp_path: Path) -> None:
     result = RunResult(
         config={"precision": "fp16-mixed"},
         plan={"effective": "fp16-mixed"},
-        metrics=Metrics(best_eval_loss=1.5, train_time_s=2.0, param_memory_mb=1.0, grad_memory_mb=1.0, optimizer_memory_mb=2.0),
+        metrics=Metrics(
+            best_eval_loss=1.5, train_time_s=2.0, param_memory_mb=1.0, grad_memory_mb=1.0, optimizer_memory_mb=2.0
+        ),
         history=(HistoryRow(step=0, loss=2.0, loss_scale=1024.0, grad_norm=1.0, step_time_ms=None, lr=1e-4),),
         evals=(EvalRow(step=5, loss=1.6, elapsed_s=1.0), EvalRow(step=10, loss=None, elapsed_s=2.0)),
         headroom={"every": 2, "modules": ["fc"], "samples": [], "first_overflow": [{"step": 3, "module": "fc"}]},
@@ -501,7 +617,13 @@ def test_eval_curves_headroom_and_profile_round_trip(tmp_path: Path) -> None:
     )
     loaded = RunResult.load(result.save(tmp_path / "r.json"))
     assert loaded == result and loaded.evals[1].loss is None and loaded.history[0].lr == 1e-4
-    old = {"schema_version": 1, "config": {"warmup_steps": 3}, "plan": {}, "status": "ok", "metrics": {"tokens_per_s": 9.0}}
+    old = {
+        "schema_version": 1,
+        "config": {"warmup_steps": 3},
+        "plan": {},
+        "status": "ok",
+        "metrics": {"tokens_per_s": 9.0},
+    }
     upgraded = RunResult.from_dict(old)
     assert upgraded.config == {"timing_warmup_steps": 3} and upgraded.metrics.items_per_s == 9.0
     assert (upgraded.evals, upgraded.headroom, upgraded.profile) == ((), None, None)

@@ -387,6 +387,48 @@ def test_disabled_scaler_is_a_plain_step():
     assert scale_tensor(scaler.scaler) is None  # a disabled GradScaler never makes a scale tensor
 
 
+# --- where the outcome lives: the gradients' device, one whole norm under FSDP2 ---------------------
+
+
+def test_a_disabled_scalers_outcome_is_on_the_gradients_device():
+    # "meta" stands in for a GPU here: the loop stacks these flags with other tensors of the model's device
+    with torch.device("meta"):
+        model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    outcome = AmpScaler("cpu", enabled=False).step(model(torch.ones(4, 3, device="meta")).sum(), opt)
+    assert outcome.grad_norm.device.type == outcome.skipped.device.type == "meta"
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank (in this process), so gradients can be DTensor shards as under FSDP2."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch has no gloo")
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 100.0])
+def test_sharded_gradients_give_a_plain_tensor_of_the_whole_norm(one_rank_group, max_grad_norm):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    weight = nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+    opt = torch.optim.SGD([weight], lr=0.1)
+    for enabled in (True, False):
+        opt.zero_grad(set_to_none=True)
+        outcome = AmpScaler("cpu", enabled=enabled).step(weight.sum(), opt, max_grad_norm)
+        assert type(outcome.grad_norm) is torch.Tensor  # not a DTensor: the recorder stacks it with the others
+        assert float(outcome.grad_norm) == pytest.approx(math.sqrt(12))  # d(sum)/dw is all ones: sqrt(4 * 3)
+        assert not bool(outcome.skipped)
+
+
 # --- get_loss_scale -----------------------------------------------------------------------------
 
 
