@@ -185,6 +185,18 @@ def test_result_summary_names_the_first_layer_to_overflow_and_the_profiled_share
     assert not [k for k in result_summary(make_result("fp32")) if k.startswith(("headroom/", "profile/"))]
 
 
+def test_result_summary_names_the_earliest_overflow_and_no_idle_share_without_a_wall_time() -> None:
+    overflow = [
+        {"step": 2, "module": "blocks.1.attn", "phase": "forward", "loss_scale": 16.0},
+        {"step": 5, "module": "blocks.0.mlp", "phase": "backward", "loss_scale": 8.0},
+    ]
+    profile = {"step": 1, "wall_ms": 0.0, "busy_ms": {"matmul": 0.0}}
+    summary = result_summary(make_result("fp16-mixed", headroom={"first_overflow": overflow}, profile=profile))
+    assert (summary["headroom/first_overflow_module"], summary["headroom/first_overflow_step"]) == ("blocks.1.attn", 2)
+    assert summary["headroom/first_overflow_phase"] == "forward" and summary["headroom/overflowing_steps"] == 2
+    assert summary["profile/idle_share"] is None and summary["profile/matmul_share"] == 0.0
+
+
 # --- sweep report -> W&B summary ----------------------------------------------------------------
 
 
@@ -244,6 +256,48 @@ def test_report_summary_keys_name_the_setting_when_there_are_several() -> None:
     )
     assert summary["report/gpt-tiny lr=2/bf16-mixed/verdict"] == "matches fp32"
     assert not any(k.startswith("report/bf16-mixed/") for k in summary)
+    for setting in ("gpt-tiny lr=1", "gpt-tiny lr=2"):  # the reason and the fp32 noise floor are per setting too
+        assert summary[f"report/{setting}/recommendation_reason"].startswith("matches fp32")
+        assert summary[f"report/{setting}/fp32_best_eval_loss"] == pytest.approx(2.01)
+        assert summary[f"report/{setting}/fp32_noise_std"] == pytest.approx(0.01)
+        assert summary[f"report/{setting}/fp32_noise_ci_half_width"] > 0
+        assert summary[f"report/{setting}/tolerance_abs"] == pytest.approx(0.0402)
+    assert set(summary) - {"report/answer", "report/tolerance"} <= {
+        k for k in summary if k.startswith(("report/gpt-tiny lr=1/", "report/gpt-tiny lr=2/"))
+    }
+
+
+def test_report_summary_gives_each_intervals_mean_and_bounds_not_the_one_seed_point() -> None:
+    """Unpaired seeds and uneven fp32 throughput make the interval means differ from the plain point figures."""
+    runs = [
+        make_result("fp32", s, tps=t, mem=100.0, evals=eval_curve(3.0, 2.5, 2.0 + 0.01 * s))
+        for s, t in enumerate([1000.0, 1500.0, 800.0])
+    ]
+    runs += [make_result("bf16-mixed", s, tps=t, mem=60.0, evals=eval_curve(3.0, 2.02, 2.0 + 0.03 * s, step_s=0.05))
+             for s, t in enumerate([2000.0, 2400.0, 1900.0, 2600.0])]  # fmt: skip
+    report = build_report(runs)
+    bf16 = next(c for c in report.comparisons if c.requested == "bf16-mixed")
+    assert bf16.loss_diff.mean != pytest.approx(bf16.point_diff) and bf16.speedup.mean != pytest.approx(
+        bf16.point_speedup
+    )
+    summary = report_summary(report)
+    got = {k.removeprefix("report/bf16-mixed/"): v for k, v in summary.items() if k.startswith("report/bf16-mixed/")}
+    assert got["best_eval_loss"] == pytest.approx(2.015)  # per seed min(2.02, 2.0 + 0.03 * seed)
+    assert (got["loss_diff"], got["loss_diff_low"], got["loss_diff_high"]) == (
+        bf16.loss_diff.mean, bf16.loss_diff.low, bf16.loss_diff.high
+    )  # fmt: skip
+    assert (got["speedup"], got["speedup_low"], got["speedup_high"]) == (
+        bf16.speedup.mean, bf16.speedup.low, bf16.speedup.high
+    )  # fmt: skip
+    assert got["speedup_high"] > got["speedup"] > got["speedup_low"]
+    assert got["ttq"] == bf16.ttq.format() and got["ttq"].endswith("steps")
+    assert got["peak_memory_mb"] == 60.0 and summary["report/fp32/peak_memory_mb"] == 100.0
+
+
+def test_report_summary_without_an_fp32_baseline_recommends_none() -> None:
+    summary = report_summary(build_report([make_result("bf16-mixed", s) for s in (0, 1)]))
+    assert summary["report/recommendation"] == "none"
+    assert summary["report/recommendation_reason"]
 
 
 @pytest.mark.slow
@@ -573,6 +627,12 @@ def test_report_summary_carries_why_a_precision_does_not_pay() -> None:
         "this CPU has no bf16 instructions (avx512_bf16/amx_bf16): bf16 matmuls are emulated"
     )
     assert "report/fp32/why" not in summary
+    launch_bound = {"step": 1, "wall_ms": 10.0, "busy_ms": {"matmul": 1.0}, "facts": facts}
+    runs = [make_result("fp32", s, profile=launch_bound) for s in (0, 1)]
+    runs += [make_result("bf16-mixed", s, tps=100.0, profile=launch_bound) for s in (0, 1)]
+    causes = report_summary(build_report(runs))["report/bf16-mixed/why"].split("; ")
+    starts = ("this CPU has no bf16 instructions", "launch-bound: ", "90% of the step is outside matmuls")
+    assert len(causes) == 3 and all(c.startswith(w) for c, w in zip(causes, starts, strict=True))
 
 
 @pytest.mark.slow
