@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +76,9 @@ def test_bare_loop_clips_like_amp_lib() -> None:
 @pytest.mark.slow
 def test_bare_loop_scales_the_loss_only_for_a_plan_with_a_scaler(user_models) -> None:
     """fp32 has no GradScaler: a loss that would overflow once scaled still trains, as in amp_lib's loop."""
-    config = RunConfig(model="user_models:build_huge_loss", steps=4, timing_warmup_steps=1, log_every=2, device="cpu", lr=0.05)
+    config = RunConfig(
+        model="user_models:build_huge_loss", steps=4, timing_warmup_steps=1, log_every=2, device="cpu", lr=0.05
+    )
     lib = train(config, write=False)
     bare = bare_loop(config, cpu_plan("fp32"))
     assert lib.ok and bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
@@ -96,6 +99,19 @@ def test_bare_loop_starts_and_grows_the_loss_scale_as_the_config_says(user_model
     assert bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
     for other in (replace(config, init_scale=2.0**16), replace(config, growth_interval=2000)):
         assert bare_loop(other, plan).final_loss != pytest.approx(bare.final_loss, rel=1e-5)
+
+
+def test_bare_loop_reports_the_timed_steps_and_the_loss_of_a_scaled_fp16_run(user_models) -> None:
+    """The bench's overhead column reads these three figures: each must be the bare loop's own, scaled as configured."""
+    config = RunConfig(model="user_models:build_ok", precision="fp16-mixed", allow_slow=True, steps=6, timing_warmup_steps=1,
+                       log_every=4, batch_size=4, device="cpu", lr=0.05, init_scale=2.0**14, growth_interval=1)  # fmt: skip
+    lib = train(config, write=False)
+    assert lib.ok, lib.error
+    assert any(r.skipped for r in lib.history)  # the scale overflows at first: init_scale and growth matter
+    bare = bare_loop(config, cpu_plan("fp16-mixed", allow_slow=True))
+    assert bare.timed_steps == config.steps - config.timing_warmup_steps
+    assert isinstance(bare.step_ms, float) and bare.step_ms > 0
+    assert bare.final_loss == pytest.approx(lib.metrics.final_train_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize(("precision", "param_dtype", "output_dtype"), PLAN_DTYPES)
@@ -149,7 +165,9 @@ def test_bench_table_quotes_ratios_against_the_fp32_row(rows) -> None:
 @pytest.mark.slow
 def test_bench_runs_each_precision_as_asked_and_writes_nothing(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    base = RunConfig(model="mlp", steps=4, timing_warmup_steps=1, batch_size=4, log_every=2, device="cpu", allow_slow=True)
+    base = RunConfig(
+        model="mlp", steps=4, timing_warmup_steps=1, batch_size=4, log_every=2, device="cpu", allow_slow=True
+    )
     (row,) = bench(base, ["fp16-mixed"], repeats=1)
     assert (row.effective, row.fallback_reason) == ("fp16-mixed", None)  # allow_slow reached the plan
     alone = train(replace(base, precision="fp16-mixed"), write=False)
@@ -239,6 +257,20 @@ def test_bench_defaults_are_the_documented_setup(cuda, model, batch_size, seq_le
     assert flags.allow_slow and flags.compile and flags.steps == 12
 
 
+def test_bench_cli_parses_every_option_to_its_type() -> None:
+    """Numbers arrive as ints, several precisions as a list, the JSON target as a path; the headroom map is off by default."""
+    assert build_parser(False).parse_args([]).headroom_every == 0
+    argv = ["--precisions", "fp32", "bf16-mixed", "--timing-warmup-steps", "3", "--batch-size", "2", "--repeats", "1",
+            "--json", "rows.json", "--headroom-every", "5"]  # fmt: skip
+    args = build_parser(False).parse_args(argv)
+    assert args.precisions == ["fp32", "bf16-mixed"]
+    assert (args.timing_warmup_steps, args.batch_size, args.repeats, args.headroom_every) == (3, 2, 1, 5)
+    assert all(type(v) is int for v in (args.timing_warmup_steps, args.batch_size, args.repeats, args.headroom_every))
+    assert args.json == Path("rows.json")
+    config = base_config(args)
+    assert (config.timing_warmup_steps, config.batch_size) == (3, 2)
+
+
 def test_base_config_takes_the_device() -> None:
     config = base_config(build_parser(False).parse_args(["--device", "cpu", "--seq-len", "64"]))
     assert (config.device, config.seq_len) == ("cpu", 64)
@@ -253,6 +285,7 @@ def test_bench_cli_help_and_a_bad_model(capsys) -> None:
     description = "`make bench`: fp32 vs bf16-mixed vs fp16-mixed on a built-in model, in one process."
     flat = " ".join(out.split())  # argparse wraps lines to the terminal width
     assert description in flat
+    assert "--timing-warmup-steps TIMING_WARMUP_STEPS untimed steps before measuring --batch-size" in flat
     assert "--allow-slow run fp16 even on a CPU without fast fp16 --compile" in flat
     assert "--compile torch.compile the model in both loops --json" in flat
     assert "--json JSON also write the rows as JSON here --headroom-every" in flat
