@@ -356,12 +356,11 @@ def headroom_markdown(result: RunResult) -> str:
     with the least fp16 headroom."""
     if not result.headroom:
         return "_The headroom map was off (`headroom_every=0`)._"
-    lines = []
     bf16 = result.plan.get("device_type") != "cuda" or tuple(
         (result.profile or {}).get("facts", {}).get("compute_capability") or (8, 0)
     ) >= (8, 0)
     events = result.headroom.get("first_overflow", [])
-    lines += [f"- {way_out(e, bf16)}" for e in events[:1]] + (
+    lines = [f"- {way_out(e, bf16)}" for e in events[:1]] + (
         [f"- ({len(events) - 1} more overflowing steps)"] if len(events) > 1 else []
     )
     rows = [r for r in headroom_table(result.headroom) if r["fp16_headroom_activation"] is not None]

@@ -113,6 +113,15 @@ def test_allow_slow_reaches_the_precision_plan() -> None:
     assert notebook.run_notebook_parameters(namespace, before=()).plan.effective == "bf16-mixed"
 
 
+def test_parallelism_and_reduce_dtype_reach_the_precision_plan() -> None:
+    import torch
+
+    namespace = {"precision": "bf16", "device": "cpu", "parallelism": "fsdp", "reduce_dtype": "bf16"}
+    plan = notebook.run_notebook_parameters(namespace, before=()).plan
+    assert (plan.parallelism, plan.reduce_dtype) == ("fsdp", torch.bfloat16)
+    assert "over fsdp, gradients reduced in bfloat16" in notebook.plan_markdown(plan)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
 def test_a_cuda_device_on_a_machine_without_one_is_refused_before_training() -> None:
     with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available"):
@@ -259,7 +268,8 @@ def test_display_objects_wrap_the_text() -> None:
     assert memory.endswith(
         "<p><em>CPU: the peak is the whole process&#x27;s resident set, so the rest is mostly the Python process</em></p>"
     )
-    assert "<p>" not in notebook.memory_html(build_report([make_result("fp32")])).data  # no CPU peak, no note
+    no_note = notebook.memory_html(build_report([make_result("fp32")])).data  # no CPU peak, no note
+    assert no_note.startswith('<table class="amp-memory">') and no_note.endswith("</table>")
 
 
 # --- the report view of a sweep folder ----------------------------------------------------------
@@ -357,10 +367,22 @@ def test_explore_view_shows_the_figure_a_caption_and_the_verdicts_of_the_selecti
     html = view._repr_mimebundle_()["text/html"]
     assert html.startswith('<div class="amp-explore"><div class="amp-explore-caption">train loss · ')
     assert '<img alt="train loss" src="data:image/png;base64,iVBORw0KGgo' in html
+    assert view._repr_mimebundle_()["text/plain"] == view.caption  # a plain-text front end shows the caption
     assert "amp-verdicts" in view.tables_html and "fp16-mixed" in view.tables_html
     assert "amp-memory" not in view.tables_html
-    memory = notebook.explore_view(ex, dataclasses.replace(selection, view="memory"))
-    assert "amp-memory" in memory.tables_html
+    memory = notebook.explore_view(ex, dataclasses.replace(selection, view="memory"))  # verdicts, then the split
+    assert memory.tables_html.startswith('<table class="amp-verdicts">') and memory.tables_html.endswith("</table>")
+    assert '</table><table class="amp-memory">' in memory.tables_html  # no CPU peak here: no note
+    cpu = [make_result(p, metrics={"peak_memory_kind": "cpu_rss"}) for p in ("fp32", "bf16-mixed")]
+    cpu_explorer = notebook.Explorer.of(cpu)
+    on_cpu = notebook.explore_view(cpu_explorer, dataclasses.replace(cpu_explorer.default_selection(), view="memory"))
+    assert on_cpu.tables_html.startswith('<table class="amp-verdicts">') and '<table class="amp-memory">' in (
+        on_cpu.tables_html
+    )
+    assert on_cpu.tables_html.endswith(
+        "</table><p><em>CPU: the peak is the whole process&#x27;s resident set, so the rest is mostly the Python"
+        " process</em></p>"
+    )
     nothing = notebook.explore_view(ex, dataclasses.replace(selection, precisions=()))
     assert nothing.runs == 0 and nothing.tables_html.startswith("<p><em>Select at least one precision")
 
@@ -385,6 +407,21 @@ def test_the_explorer_panel_redraws_on_each_change_and_refills_the_choices_of_a_
     assert panel.refresh().selection == shown[-1].selection
 
 
+def test_the_explorer_panel_labels_its_controls_and_draws_its_view_as_soon_as_it_is_shown(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ex = explorer_of_two_seeds()
+    panel = notebook.ExplorerPanel(ex)  # the default sink: a display handle (outside a kernel, printed)
+    setting, pickers, view = panel.controls.children
+    assert (setting, view) == (panel.setting, panel.view) and pickers.children == (panel.precisions, panel.seeds)
+    labels = [c.description for c in (panel.setting, panel.precisions, panel.seeds, panel.view)]
+    assert labels == ["setting", "precisions", "seeds", "view"]
+    assert (panel.precisions.rows, panel.seeds.rows) == (4, 4)
+    drawn = panel.refresh()  # before any change: the default selection's view, shown
+    assert drawn is not None and drawn.selection == ex.default_selection()
+    assert "ExploreView(selection=Selection(" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_the_explorer_trains_a_two_seed_demo_when_given_no_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -403,7 +440,11 @@ def test_the_explorer_trains_a_two_seed_demo_when_given_no_folder(
 def test_the_saved_run_figure_spans_the_whole_run(tmp_path: Path) -> None:
     config = RunConfig(out_dir=str(tmp_path), run_name="x", steps=12)
     path = notebook.save_run_figure(make_result("fp32", rows=history(4)), config)
-    assert path == tmp_path / "x.png" and path.read_bytes().startswith(b"\x89PNG")
+    png = path.read_bytes()
+    assert path == tmp_path / "x.png" and png.startswith(b"\x89PNG")
+    # the x axis is the planned run, not just the 4 steps logged so far: a 40-step plan draws another figure
+    longer = notebook.save_run_figure(make_result("fp32", rows=history(4)), dataclasses.replace(config, steps=40))
+    assert longer == path and longer.read_bytes() != png
 
 
 # --- why: headroom and profile in words --------------------------------------------------------------
@@ -440,3 +481,57 @@ def test_headroom_and_profile_in_words_and_what_to_turn_on_when_they_are_off(tmp
         and (tmp_path / "hm-headroom.png").exists()
     )
     assert notebook.why_text(build_report([make_result("fp32")])).startswith("_Nothing to explain, or nothing recorded")
+
+
+def one_overflow_headroom(widths: tuple[float, ...] = (2.0,)) -> dict[str, Any]:
+    """A headroom map of one sampled step whose module `m0` overflowed once; `widths` are the modules' |activation|."""
+    stats = {"underflow_subnormal": 0.0, "underflow_normal": 0.0, "nonfinite": 0.0}
+    modules = [f"m{i}" for i in range(len(widths))]
+    return {
+        "modules": modules,
+        "samples": [
+            {
+                "step": 0,
+                "activation": {m: {**stats, "max_abs": w} for m, w in zip(modules, widths, strict=True)},
+                "gradient": {},
+            }
+        ],
+        "first_overflow": [{"step": 0, "module": "m0", "phase": "forward", "loss_scale": 4.0}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("device_type", "capability", "suggests_bf16"),
+    [("cpu", [7, 5], True), ("cuda", [7, 5], False), ("cuda", [9, 0], True), ("cuda", None, True)],
+)
+def test_the_way_out_of_an_overflow_suggests_bf16_only_where_the_device_has_it(
+    device_type: str, capability: list[int] | None, suggests_bf16: bool
+) -> None:
+    # bf16 needs a CUDA GPU of compute capability 8.0 or newer; a CPU has it; an unprofiled GPU is assumed new
+    profile = {"facts": {"compute_capability": capability}} if capability else None
+    run = make_result(
+        "fp16-mixed", headroom=one_overflow_headroom(), profile=profile, plan={"device_type": device_type}
+    )
+    first = notebook.headroom_markdown(run).splitlines()[0]
+    assert first.startswith("- `m0` overflowed fp16 first (forward, step 0): ")
+    assert ("train in bf16-mixed" in first) is suggests_bf16
+
+
+def test_the_headroom_map_in_words_lists_one_overflow_once_and_the_three_tightest_layers() -> None:
+    run = make_result(
+        "fp16-mixed", headroom=one_overflow_headroom((2.0, 64.0, 1.0, 1024.0)), plan={"device_type": "cpu"}
+    )
+    lines = notebook.headroom_markdown(run).splitlines()
+    assert len(lines) == 4 and "more overflowing steps" not in notebook.headroom_markdown(run)  # a single event
+    assert [line.split("`")[1] for line in lines[1:]] == ["m3", "m1", "m0"]  # least headroom first, m2 left out
+    no_overflow = {k: v for k, v in one_overflow_headroom().items() if k != "first_overflow"}
+    assert notebook.headroom_markdown(make_result(headroom=no_overflow)) == (
+        "- `m0`: largest |activation| 2, 15.0 doublings of fp16 headroom"
+    )
+    not_sampled = {"modules": ["m0"], "samples": []}
+    assert notebook.headroom_markdown(make_result(headroom=not_sampled)) == "_No sampled step yet._"
+
+
+def test_a_profiled_step_without_reduced_precision_gemms_says_nothing_about_them() -> None:
+    profile = {"step": 1, "wall_ms": 4.0, "busy_ms": {"matmul": 3.0}, "gemms": []}
+    assert notebook.profile_markdown(make_result(profile=profile)) == "Step 1 took 4.0 ms: matmul 75%, idle/host 25%."
