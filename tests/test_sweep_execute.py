@@ -569,6 +569,9 @@ def test_sigkill_of_a_parallel_sweep_takes_its_workers_and_kernels_with_it(tmp_p
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
     assert main([*argv, "--kernel", "no-such-kernel"]) == 1
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    # ...and the temp folders of the runs the kill cut short, finished ones included, are gone with it.
+    grid = expand_grid(out, CPU, ["fp32", "bf16-mixed"], [0, 1], parse_params([*TINY, "device=cpu"]))
+    assert [r.name for r in grid if scratch_folders(r)] == []
 
 
 @pytest.mark.slow

@@ -444,7 +444,7 @@ def run_sweep(
         interrupted = True
     finally:
         bar.close()
-        remove_scratch(todo)  # what a killed run left in the temp folder
+        remove_scratch(runs)  # what killed runs left in the temp folder, finished ones too (a SIGKILLed sweep)
     order = {r.name: i for i, r in enumerate(runs)}
     return sorted(outcomes.values(), key=lambda o: order[o.name]), interrupted
 
