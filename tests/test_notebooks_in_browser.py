@@ -273,18 +273,20 @@ def cells_done(browser: Any) -> bool:
 
 
 def errors(browser: Any) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    return [
-        e.text
-        for e in browser.find_elements(By.CSS_SELECTOR, f'{PANEL} [data-mime-type="application/vnd.jupyter.stderr"]')
-        if "Error" in e.text
-    ]
+    stderr = texts(browser, f'{PANEL} [data-mime-type="application/vnd.jupyter.stderr"]')
+    return [text for text in stderr if "Error" in text]
 
 
 def texts(browser: Any, css: str) -> list[str]:
+    """The texts of the elements matching `css`, read again if an output is redrawn between finding and reading."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
+    for _ in range(20):
+        try:
+            return [e.text for e in browser.find_elements(By.CSS_SELECTOR, css)]
+        except StaleElementReferenceException:
+            time.sleep(0.1)
     return [e.text for e in browser.find_elements(By.CSS_SELECTOR, css)]
 
 
