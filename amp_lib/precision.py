@@ -310,11 +310,10 @@ class PrecisionPlan:
             reason, reduce_name = (f"{reason}; then {note}" if reason else note), compute
         # A mixed precision's autocast dtype (None for fp32 and the "true" ones): fp8's is bf16, as torchao's
         # float8 linears cast to fp8 themselves and the rest runs in bf16.
-        gather = self.autocast_dtype
         return replace(
             self,
             parallelism="fsdp",
-            gather_dtype=gather,
+            gather_dtype=self.autocast_dtype,
             reduce_dtype=REDUCE_DTYPES[reduce_name],
             fallback_reason=reason,
         )

@@ -243,8 +243,8 @@ def open_notebook(browser: Any, lab: Lab, path: str) -> None:
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell"), 60, f"{path} to open")
     wait_for(
         lambda: (
-            KERNEL_DISPLAY_NAME in browser.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel-toolbar").text
-            and "Idle" in browser.find_element(By.CSS_SELECTOR, "#jp-main-statusbar").text
+            KERNEL_DISPLAY_NAME in "".join(texts(browser, ".jp-NotebookPanel-toolbar"))
+            and "Idle" in "".join(texts(browser, "#jp-main-statusbar"))
         ),
         60,
         "the project's kernel to be ready",
@@ -266,9 +266,7 @@ def run_all_cells(browser: Any) -> None:
 
 def cells_done(browser: Any) -> bool:
     """Every code cell ran (a number in its prompt, no [*])."""
-    from selenium.webdriver.common.by import By
-
-    prompts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"{PANEL} .jp-CodeCell .jp-InputPrompt")]
+    prompts = texts(browser, f"{PANEL} .jp-CodeCell .jp-InputPrompt")
     return bool(prompts) and all(p.strip() not in ("[ ]:", "[*]:", "") for p in prompts)
 
 
@@ -277,17 +275,22 @@ def errors(browser: Any) -> list[str]:
     return [text for text in stderr if "Error" in text]
 
 
-def texts(browser: Any, css: str) -> list[str]:
-    """The texts of the elements matching `css`, read again if an output is redrawn between finding and reading."""
+def texts(browser: Any, css: str, read: Callable[[Any], str] = lambda element: element.text) -> list[str]:
+    """`read` (the text by default) of each element matching `css`, read again if JupyterLab redraws an output
+    between finding and reading it."""
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     for _ in range(20):
         try:
-            return [e.text for e in browser.find_elements(By.CSS_SELECTOR, css)]
+            return [read(e) for e in browser.find_elements(By.CSS_SELECTOR, css)]
         except StaleElementReferenceException:
             time.sleep(0.1)
-    return [e.text for e in browser.find_elements(By.CSS_SELECTOR, css)]
+    return [read(e) for e in browser.find_elements(By.CSS_SELECTOR, css)]
+
+
+def image_sources(browser: Any, css: str) -> list[str]:
+    return texts(browser, f"{css} img", read=lambda element: element.get_attribute("src"))
 
 
 # --- train.ipynb: the live figure ---------------------------------------------------------------
@@ -357,12 +360,13 @@ def test_the_explorer_redraws_its_view_when_the_selection_changes(
     screenshot("1-train-loss", ".amp-explore")
     assert errors(browser) == []
     assert texts(browser, caption) == ["train loss · gpt-tiny · 4 runs selected"]
-    first_image = browser.find_element(By.CSS_SELECTOR, ".amp-explore img").get_attribute("src")
+    first_image = image_sources(browser, ".amp-explore")
+    assert first_image
 
     (scale,) = [b for b in browser.find_elements(By.CSS_SELECTOR, ".widget-toggle-button") if b.text == "loss scale"]
     scale.click()
     wait_for(lambda: texts(browser, caption) == ["loss scale · gpt-tiny · 4 runs selected"], 30, "the loss-scale view")
-    assert browser.find_element(By.CSS_SELECTOR, ".amp-explore img").get_attribute("src") != first_image
+    assert image_sources(browser, ".amp-explore") != first_image
     screenshot("2-loss-scale", ".amp-explore")
 
     (seeds,) = [
@@ -374,5 +378,5 @@ def test_the_explorer_redraws_its_view_when_the_selection_changes(
     choose.deselect_all()
     choose.select_by_visible_text("1")
     wait_for(lambda: texts(browser, caption) == ["loss scale · gpt-tiny · 2 runs selected"], 30, "the view of seed 1")
-    assert "fp16-mixed" in browser.find_element(By.CSS_SELECTOR, ".amp-explore .amp-verdicts").text
+    assert "fp16-mixed" in "".join(texts(browser, ".amp-explore .amp-verdicts"))
     screenshot("3-seed-1", ".amp-explore")

@@ -115,13 +115,15 @@ class Outcome:
 
 def failed_result(parameters: dict[str, Any], error: str) -> RunResult:
     """The `failed` result the sweep writes for a run whose notebook died before writing one."""
-    tracking = TrackingConfig.field_names()
-    config = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
-    config.update({k: v for k, v in parameters.items() if k not in tracking})
+    tracking, settings = TrackingConfig.field_names(), RunConfig.field_names()
+    given = {k: v for k, v in parameters.items() if k not in tracking}
     # A valid config is recorded in its canonical spelling (fsdp2 -> fsdp), as train() records it, so the
-    # report puts the failed run in its siblings' row; a broken one is kept as given.
-    with contextlib.suppress(Exception):
-        config.update(RunConfig.from_dict({k: v for k, v in config.items() if k in RunConfig.field_names()}).to_dict())
+    # report puts the failed run in its siblings' row; a broken one is kept as given, over the defaults.
+    try:
+        canonical = RunConfig.from_dict({k: v for k, v in given.items() if k in settings}).to_dict()
+        config = {**canonical, **{k: v for k, v in given.items() if k not in settings}}
+    except Exception:  # noqa: BLE001
+        config = {**{f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}, **given}
     plan: dict[str, Any] = {"requested": str(config.get("precision")), "effective": None, "fallback_reason": None}
     try:
         caps = probe(config.get("device", "auto"))
