@@ -579,8 +579,12 @@ def test_sigkill_of_a_parallel_sweep_takes_its_workers_and_kernels_with_it(tmp_p
 def test_ctrl_c_of_a_serial_sweep_mid_run_prints_no_traceback_and_leaves_no_kernel(tmp_path: Path) -> None:
     argv = ["--out", str(tmp_path / "c"), "--precisions", "fp32", "-p", "device=cpu", "-p", "steps=100000",
             "-p", "wandb_mode=disabled", "--no-report"]  # fmt: skip
+    # -X faulthandler: if the sweep hangs after Ctrl-C, SIGABRT makes it print where (every thread's stack).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amp_lib.sweep", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-X", "faulthandler", "-m", "amp_lib.sweep", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     kernels: dict[int, int] = {}
     try:
@@ -592,7 +596,12 @@ def test_ctrl_c_of_a_serial_sweep_mid_run_prints_no_traceback_and_leaves_no_kern
             time.sleep(0.2)
         time.sleep(4)  # the kernel is training now (100000 steps: it will not finish on its own)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"the sweep did not exit within 60 s of Ctrl-C; where it was:\n{err[-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode == 130
