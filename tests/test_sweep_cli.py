@@ -465,6 +465,19 @@ def test_rerun_resumes_without_executing_finished_runs(
     assert "2 of 2 runs done (0 executed, 2 resumed)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_a_cell_running_past_timeout_fails_its_run_with_the_limit_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 100000 steps would take hours: the training cell is stopped at --timeout (the imports take well under it).
+    argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "-p", "device=cpu", "-p", "steps=100000", *QUIET]
+    assert main([*argv, "--timeout", "15", "--no-report"]) == 1
+    (result,) = load_sweep(tmp_path / "sw")
+    assert result.status == "failed" and "timed out" in result.error and "after 15 seconds" in result.error
+    assert f"FAILED failed   {result.config['run_name']}: " in capsys.readouterr().err
+
+
 # --- refused before any kernel starts: every problem, one line each, nothing written ---
 
 
@@ -502,6 +515,10 @@ def test_every_bad_value_is_listed_before_any_kernel_starts_and_nothing_is_writt
         "--seeds is empty; expected comma-separated ints, e.g. 0 or 0,1,2",
     ]
     assert _refused(["--out", str(out), "--timeout", "0"], capsys) == ["invalid --timeout 0.0; expected seconds > 0"]
+    # Any positive limit is taken, a fraction of a second too: the next problem is the one reported.
+    assert _refused(["--out", str(out), "--timeout", "0.5", "--workers", "0"], capsys) == [
+        "invalid --workers 0; expected >= 1"
+    ]
     assert _refused(["--out", str(out), "-p", "steps=5", "-p", "timing_warmup_steps=5"], capsys) == [
         "timing_warmup_steps=5 must be less than steps=5 (nothing left to time)"
     ]

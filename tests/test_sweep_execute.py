@@ -437,6 +437,8 @@ def test_each_worker_gets_its_share_of_the_cores() -> None:
     cores = len(os.sched_getaffinity(0))
     assert cpu_threads(1) == cores and cpu_threads(0) == cores
     assert cpu_threads(2) == max(1, cores // 2) and cpu_threads(cores + 1) == 1  # never 0 threads
+    # A whole number: it becomes OMP_NUM_THREADS and torch.set_num_threads, which refuse "1.0" and 1.5.
+    assert all(type(cpu_threads(n)) is int for n in range(1, cores + 2))
 
 
 def test_a_worker_takes_its_thread_share_for_its_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -83,6 +83,10 @@ def test_a_task_is_named_after_its_run_and_asks_for_one_cpu_and_its_gpus(tmp_pat
     assert task_resources(auto_run, cluster_has_gpus=False)["num_gpus"] == 0
     (default,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"device": ["cuda:1"]})
     assert wants_gpus(default, False) and task_resources(default, False)["num_gpus"] == 1  # nproc defaults to 1
+    # No `-p device=`: the run's device is `auto`, so it trains on a GPU where the cluster has one.
+    (plain,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {})
+    assert "device" not in plain.parameters
+    assert [wants_gpus(plain, True), wants_gpus(plain, False)] == [True, False]
 
 
 # --- real sweeps on one local Ray instance ---

@@ -47,6 +47,7 @@ LOGS = Path("/out/runs/slurm/r")
         ("NODE_FAIL", "NodeDown", "NODE_FAIL, reason NodeDown", "its node failed"),
         ("OUT_OF_MEMORY", "OutOfMemory", "OUT_OF_MEMORY, reason OutOfMemory", "it ran out of memory"),
         ("COMPLETED", "(null)", "COMPLETED", "it ended without the run's result"),
+        ("", "", "UNKNOWN", "it ended without the run's result"),  # neither squeue nor sacct knew the job
     ],
 )
 def test_a_job_slurm_ended_is_recorded_with_its_state_reason_and_logs(
@@ -69,6 +70,8 @@ def test_a_job_has_ended_when_squeue_or_sacct_says_so_or_neither_knows_it() -> N
     assert ended_state("5", {}, lambda: "RUNNING") is None
     assert ended_state("5", {}, lambda: "UNKNOWN") == ("UNKNOWN", "")  # neither knows it: gone
     assert ended_state("5", {}, lambda: "") == ("UNKNOWN", "")
+    assert ended_state("5", {}, lambda: "  \n") == ("UNKNOWN", "")  # sacct printed only blanks
+    assert ended_state("5", {"5": ("", "")}, never) is None  # squeue lists it, state not yet filled in
 
 
 # --- options: checked before anything runs ---
@@ -78,6 +81,7 @@ def test_sbatch_options_are_key_value_pairs_without_dashes() -> None:
     assert parse_sbatch(["mem=16G", "--qos=high", "constraint=a100|h100"]) == {
         "mem": "16G", "qos": "high", "constraint": "a100|h100"
     }  # fmt: skip
+    assert parse_sbatch(["comment=a=b"]) == {"comment": "a=b"}  # the value may hold '='
     for bad in ("mem", "=16G", "mem=", "Mem=1", "me m=1"):
         with pytest.raises(ValueError, match=rf"invalid --sbatch '{bad}'; expected KEY=VALUE, an sbatch option"):
             parse_sbatch([bad])
@@ -96,6 +100,16 @@ def test_a_job_asks_for_the_gpus_given_or_nproc_for_a_cuda_run(tmp_path: Path) -
         "partition": "gpu", "gpus_per_node": 4,
     }  # fmt: skip
     assert "gpus_per_node" not in SlurmExecutor().sbatch_options(cpu_run)
+    assert SlurmExecutor(gpus_per_run=2).sbatch_options(cpu_run)["gpus_per_node"] == 2  # --slurm-gpus-per-run wins
+    # Without `-p nproc=` a cuda run asks for one GPU; without `-p device=` (auto) for none.
+    (one,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"device": ["cuda"]})
+    (plain,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {})
+    assert "nproc" not in one.parameters and "device" not in plain.parameters
+    assert [gpus_for(one, None), gpus_for(plain, None)] == [1, 0]
+
+
+def test_the_smallest_valid_time_limit_and_gpu_count_are_accepted() -> None:
+    assert SlurmExecutor(time_min=1, gpus_per_run=0).problems() == []
 
 
 def test_bad_slurm_options_exit_2_one_line_each_and_write_nothing(
@@ -127,11 +141,29 @@ def test_without_submitit_installed_the_sweep_names_the_extra_to_install(monkeyp
 
 
 def test_without_the_slurm_commands_the_sweep_says_where_to_run_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    missing = "--executor slurm needs the Slurm commands (sbatch, squeue) on PATH: run it on a login node"
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no sbatch, no squeue
-    with pytest.raises(ValueError, match=r"^--executor slurm needs the Slurm commands \(sbatch, squeue\) on PATH"):
-        SlurmExecutor().open()
+    out = tmp_path / "sw"
+    assert main(["--out", str(out), "--precisions", "fp32", "-p", "device=cpu", "--executor", "slurm"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {missing}"]
+    assert not out.exists()
+    with pytest.raises(ValueError) as refused:  # every problem, one per line
+        SlurmExecutor(time_min=0).open()
+    assert str(refused.value).splitlines() == ["invalid --slurm-time 0; expected minutes >= 1", missing]
+    # Stand-ins that only exist (and refuse everything): one of the two is not enough; with both, the
+    # check passes and Slurm is asked (`sbatch --test-only`), whose refusal is what is reported.
+    for present in (["sbatch"], ["squeue"], ["sbatch", "squeue"]):
+        folder = tmp_path / "-".join(present)
+        folder.mkdir()
+        for command in present:
+            (folder / command).write_text("#!/bin/sh\necho 'sbatch: error: refused' >&2\nexit 1\n")
+            (folder / command).chmod(0o755)
+        monkeypatch.setenv("PATH", str(folder))
+        with pytest.raises(ValueError) as refused:
+            SlurmExecutor().open()
+        assert (missing in str(refused.value)) == (len(present) == 1), present
 
 
 # --- a real single-node Slurm ---

@@ -400,9 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {key + ':':10} {path}")
     if result.report is not None:
         for rec in result.report.recommendations:
-            print(
-                f"recommendation{f' ({rec.setting})' if rec.setting else ''}: {rec.precision or 'none'} — {rec.reason}"
-            )
+            print(f"recommendation ({rec.setting}): {rec.precision or 'none'} — {rec.reason}")
     if result.interrupted:
         print("interrupted: finished results are kept; run the same command again to resume", file=sys.stderr)
     if result.report_error:
