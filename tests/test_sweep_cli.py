@@ -467,6 +467,7 @@ def test_rerun_resumes_without_executing_finished_runs(
 
 @pytest.mark.slow
 @pytest.mark.notebook
+@pytest.mark.timeout(240)  # were --timeout lost, the run would train for hours
 def test_a_cell_running_past_timeout_fails_its_run_with_the_limit_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

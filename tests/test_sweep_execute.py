@@ -6,6 +6,7 @@ kernel, which is enough to test everything around the notebook. The `notebook` t
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -40,10 +42,12 @@ from amp_lib.sweep.execute import (
     _visible_gpus,
     cpu_threads,
     error_text,
+    execute_interruptibly,
     execute_run,
     failed_result,
     is_complete,
     kernel_environment,
+    kill_kernels,
     lost_run,
     outcome_line,
     reuse_identical,
@@ -503,6 +507,53 @@ def _processes() -> dict[int, tuple[int, str, int]]:
         fields_ = text[text.rindex(")") + 2 :].split()
         table[int(stat.parent.name)] = (int(fields_[1]), fields_[0], int(fields_[19]))
     return table
+
+
+def test_kill_kernels_kills_only_this_runs_processes(tmp_path: Path) -> None:
+    # A run's kernel is known by the temp folder it was given (TMPDIR), named after the run's result file.
+    run, other = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0, 1], {"device": ["cpu"]})
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    children = {
+        r.name: subprocess.Popen(sleep, env={**os.environ, "TMPDIR": tempfile.mkdtemp(prefix=scratch_prefix(r))})
+        for r in (run, other)
+    }
+    try:
+        kill_kernels(run)
+        assert children[run.name].wait(timeout=10) == -signal.SIGKILL
+        assert children[other.name].poll() is None  # another run's kernel is left alone
+    finally:
+        for child in children.values():
+            child.kill()
+            child.wait()
+        for folder in scratch_folders(run) + scratch_folders(other):
+            shutil.rmtree(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_an_interrupt_of_a_serial_run_kills_its_kernel_and_writes_nothing(tmp_path: Path) -> None:
+    # What Ctrl-C does (a KeyboardInterrupt in the main thread), raised while the kernel trains.
+    params = parse_params(["device=cpu", "steps=100000", "wandb_mode=disabled"])
+    (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], params)
+    kernels: dict[int, int] = {}
+
+    def interrupt_once_training() -> None:
+        deadline = time.monotonic() + 120
+        while not kernels and time.monotonic() < deadline:
+            kernels.update(_kernels(os.getpid()))
+            time.sleep(0.2)
+        time.sleep(3)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_training, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        execute_interruptibly(run, Settings())
+    assert kernels and not any(_alive(pid, start) for pid, start in kernels.items())  # killed, not left to train
+    assert not run.result_path.exists() and scratch_folders(run) == []  # nothing written, nothing left
+
+
+def _kernels(root: int) -> dict[int, int]:
+    return {p: s for p, s in _descendants(root).items() if b"ipykernel" in Path(f"/proc/{p}/cmdline").read_bytes()}
 
 
 def _descendants(root: int) -> dict[int, int]:
