@@ -285,6 +285,15 @@ def test_a_failing_hook_warns_once_with_the_error(caplog: pytest.LogCaptureFixtu
     assert caplog.records[0].name == "amp_lib.lightning_callback"
 
 
+def test_a_trainer_without_a_global_step_is_passed_over_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Not every object a hook is handed has Lightning's attributes yet (a trainer being set up, a stand-in):
+    # the step is not counted and nothing is reported as failing.
+    cb = AmpWandbCallback(enabled=True, precision="16", log_every_n_steps=1)
+    with caplog.at_level(logging.WARNING, logger="amp_lib.lightning_callback"):
+        cb.on_train_batch_end(SimpleNamespace(), None, None, None, 0)
+    assert failures(caplog) == []
+
+
 @pytest.mark.parametrize("hook", ["on_train_batch_start", "on_train_batch_end", "on_train_epoch_end"])
 def test_each_hook_catches_its_own_error(hook: str, caplog: pytest.LogCaptureFixture) -> None:
     trainer = trainer_with(corrupt_scaler(), step=1)
