@@ -78,15 +78,18 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         self._guard(self._before_step, trainer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._guard(self._after_step, trainer)
+        self._guard(self.step_row, trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._guard(self._epoch_end, trainer)
+        self._guard(self.epoch_row, trainer)
 
     # work ----------------------------------------------------------------------------------------
     def _guard(self, fn: Any, trainer: Any) -> None:
+        """Log the row `fn(trainer)` returns, if any; an error is a warning (once), never the run's end."""
         try:
-            fn(trainer)
+            row = fn(trainer)
+            if row:
+                self._log(row)
         except Exception as exc:  # noqa: BLE001 - tracking must never break training
             if not self._warned:
                 self._warned = True
@@ -108,23 +111,25 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         if self._scale_before is None:
             self._scale_before = torch.tensor(float(scaler.get_scale()))
 
-    def _after_step(self, trainer: Any) -> None:
+    def step_row(self, trainer: Any) -> dict[str, Any] | None:
+        """After a batch: count a skipped optimizer step; the row to log every `log_every_n_steps` steps."""
         step = getattr(trainer, "global_step", None)
         if not isinstance(step, int):
-            return
+            return None
         if step == self._last_step:  # gradient accumulation: no optimizer step happened
-            return
+            return None
         self._last_step = step
         scaler = self._scaler(trainer)
         if scaler is None:
-            return
+            return None
         self._count_skip(scaler)
-        if self.log_every_n_steps and step > 0 and step % self.log_every_n_steps == 0:
-            row: dict[str, Any] = {"amp/skipped_steps": int(self._skipped), "trainer/global_step": step}
-            scale = finite_or_none(get_loss_scale(scaler))
-            if scale is not None:
-                row["amp/loss_scale"] = scale
-            self._log(row)
+        if not (self.log_every_n_steps and step > 0 and step % self.log_every_n_steps == 0):
+            return None
+        row: dict[str, Any] = {"amp/skipped_steps": int(self._skipped), "trainer/global_step": step}
+        scale = finite_or_none(get_loss_scale(scaler))
+        if scale is not None:
+            row["amp/loss_scale"] = scale
+        return row
 
     def _count_skip(self, scaler: Any) -> None:
         """GradScaler backs the scale off exactly when it skipped the step: count scale decreases on device.
@@ -138,7 +143,8 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         self._skipped = self._skipped + (after < before.to(after.device)).to(torch.int64).sum()
         self._scale_before = None
 
-    def _epoch_end(self, trainer: Any) -> None:
+    def epoch_row(self, trainer: Any) -> dict[str, Any]:
+        """The row logged at the end of each train epoch."""
         row: dict[str, Any] = {
             "amp/enabled": int(self.enabled),
             "amp/precision": str(self.precision),
@@ -155,7 +161,7 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         epoch = getattr(trainer, "current_epoch", None)
         if isinstance(epoch, int):
             row["epoch"] = epoch
-        self._log(row)
+        return row
 
     @staticmethod
     def _log(row: dict[str, Any]) -> None:

@@ -59,13 +59,14 @@ def corrupt_scaler() -> torch.amp.GradScaler:
     return scaler
 
 
-def optimizer_step(callback: AmpWandbCallback, trainer: SimpleNamespace, scale_after: float | None) -> None:
-    """One training batch: the hook before, the scaler backing off (or not), the global step advancing, the hook after."""
+def optimizer_step(callback: AmpWandbCallback, trainer: SimpleNamespace, scale_after: float | None) -> Any:
+    """One training batch: the hook before, the scaler backing off (or not), the global step advancing, the
+    hook after; returns the row the callback logs for it (None: none this step)."""
     callback.on_train_batch_start(trainer, None, None, 0)
     if scale_after is not None:
         trainer.strategy.precision_plugin.scaler._scale.fill_(scale_after)
     trainer.global_step += 1
-    callback.on_train_batch_end(trainer, None, None, None, 0)
+    return callback.step_row(trainer)
 
 
 def failures(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -322,54 +323,59 @@ def test_active_run_is_the_open_wandb_run(wandb_dir: Path) -> None:
     assert active_wandb_run() is None
 
 
-@pytest.mark.slow
-def test_steps_are_logged_every_n_with_the_skips_counted_from_scale_backoffs(wandb_dir: Path) -> None:
-    import wandb
-
+def test_steps_are_logged_every_n_with_the_skips_counted_from_scale_backoffs() -> None:
     every3 = AmpWandbCallback(enabled=True, precision="16-mixed", log_every_n_steps=3)
     never = AmpWandbCallback(enabled=True, precision="16-mixed", log_every_n_steps=0)
     t3, t0 = trainer_with(live_scaler()), trainer_with(live_scaler(), epoch=4)
-    with wandb.init(project="amp-test", dir=wandb_dir) as run:
-        # scale after each step: a back-off (skip), same, same (logged at step 3: 1 skip), back-off, same,
-        # growth (logged at 6: 2 skips, scale 512); growth never counts as a skip
-        for scale in (512.0, 512.0, 512.0, 256.0, 256.0, 512.0):
-            optimizer_step(every3, t3, scale)
-            optimizer_step(never, t0, scale)
-        never.on_train_epoch_end(t0, None)
-        run_dir = Path(run.settings.sync_dir)
-    assert logged_rows(run_dir) == [
-        {"amp/skipped_steps": 1, "trainer/global_step": 3, "amp/loss_scale": 512},
-        {"amp/skipped_steps": 2, "trainer/global_step": 6, "amp/loss_scale": 512},
-        {"amp/enabled": 1, "amp/precision": "16-mixed", "amp/loss_scale": 512, "amp/skipped_steps": 2,
-         "trainer/global_step": 6, "epoch": 4},
+    rows = []
+    # scale after each step: a back-off (skip), same, same (logged at step 3: 1 skip), back-off, same,
+    # growth (logged at 6: 2 skips, scale 512); growth never counts as a skip
+    for scale in (512.0, 512.0, 512.0, 256.0, 256.0, 512.0):
+        rows.append(optimizer_step(every3, t3, scale))
+        assert optimizer_step(never, t0, scale) is None
+    assert rows == [
+        None, None, {"amp/skipped_steps": 1, "trainer/global_step": 3, "amp/loss_scale": 512},
+        None, None, {"amp/skipped_steps": 2, "trainer/global_step": 6, "amp/loss_scale": 512},
     ]  # fmt: skip
+    assert never.epoch_row(t0) == {
+        "amp/enabled": 1, "amp/precision": "16-mixed", "amp/loss_scale": 512, "amp/skipped_steps": 2,
+        "trainer/global_step": 6, "epoch": 4,
+    }  # fmt: skip
 
 
-@pytest.mark.slow
-def test_the_first_step_compares_with_the_initial_scale_and_only_a_step_with_a_before_hook_counts(
-    wandb_dir: Path,
-) -> None:
-    import wandb
-
+def test_the_first_step_compares_with_the_initial_scale_and_only_a_step_with_a_before_hook_counts() -> None:
     cb = AmpWandbCallback(enabled=True, precision="16", log_every_n_steps=1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)  # no scale tensor yet
     trainer = trainer_with(scaler, step=0)
-    with wandb.init(project="amp-test", dir=wandb_dir) as run:
-        cb.on_train_batch_start(trainer, None, None, 0)  # before the first step: before = the initial scale
-        scaler.scale(torch.tensor(1.0))  # the first step creates the scale tensor...
-        scaler._scale.fill_(512.0)  # ...and backs it off
-        trainer.global_step = 1
-        cb.on_train_batch_end(trainer, None, None, None, 0)  # 512 < 1024: counted
-        cb.on_train_batch_end(trainer, None, None, None, 0)  # same global step (accumulation): no second row
-        scaler._scale.fill_(256.0)
-        trainer.global_step = 2
-        cb.on_train_batch_end(trainer, None, None, None, 0)  # no before hook for this step: nothing to compare
-        run_dir = Path(run.settings.sync_dir)
-    rows = read_run(run_dir).history
-    assert [(r["trainer/global_step"], r["amp/skipped_steps"], r["amp/loss_scale"]) for r in rows] == [
-        (1, 1, 512),
-        (2, 1, 256),
+    cb.on_train_batch_start(trainer, None, None, 0)  # before the first step: before = the initial scale
+    scaler.scale(torch.tensor(1.0))  # the first step creates the scale tensor...
+    scaler._scale.fill_(512.0)  # ...and backs it off
+    trainer.global_step = 1
+    rows = [cb.step_row(trainer)]  # 512 < 1024: counted
+    rows.append(cb.step_row(trainer))  # same global step (gradient accumulation): no second row
+    scaler._scale.fill_(256.0)
+    trainer.global_step = 2
+    rows.append(cb.step_row(trainer))  # no before hook for this step: nothing to compare, no skip counted
+    assert rows == [
+        {"amp/skipped_steps": 1, "trainer/global_step": 1, "amp/loss_scale": 512},
+        None,
+        {"amp/skipped_steps": 1, "trainer/global_step": 2, "amp/loss_scale": 256},
     ]
+    # A callback attached mid-batch (its first hook an after-step one) has no scale to compare with either.
+    late = AmpWandbCallback(enabled=True, precision="16", log_every_n_steps=1)
+    assert late.step_row(trainer) == {"amp/skipped_steps": 0, "trainer/global_step": 2, "amp/loss_scale": 256}
+
+
+def test_the_epoch_row_says_whether_amp_is_on_and_the_scale_only_for_fp16() -> None:
+    trainer = trainer_with(live_scaler(), step=7, epoch=2)
+    assert AmpWandbCallback(True, "16").epoch_row(trainer) == {
+        "amp/enabled": 1, "amp/precision": "16", "amp/loss_scale": 1024, "amp/skipped_steps": 0,
+        "trainer/global_step": 7, "epoch": 2,
+    }  # fmt: skip
+    assert AmpWandbCallback(True, 16).epoch_row(trainer)["amp/precision"] == "16"  # any spelling, as a string
+    row = {"amp/enabled": 1, "amp/precision": "bf16-mixed", "trainer/global_step": 7, "epoch": 2}
+    assert AmpWandbCallback(True, "bf16-mixed").epoch_row(trainer) == row
+    assert AmpWandbCallback(False, "16").epoch_row(trainer) == {**row, "amp/enabled": 0, "amp/precision": "16"}
 
 
 @pytest.mark.slow
