@@ -531,19 +531,23 @@ def test_kill_kernels_kills_only_this_runs_processes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.notebook
+@pytest.mark.timeout(300)  # were the interrupt lost, the run would train for hours
 def test_an_interrupt_of_a_serial_run_kills_its_kernel_and_writes_nothing(tmp_path: Path) -> None:
     # What Ctrl-C does (a KeyboardInterrupt in the main thread), raised while the kernel trains.
     params = parse_params(["device=cpu", "steps=100000", "wandb_mode=disabled"])
     (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], params)
+    earlier = set(_kernels(os.getpid()))  # another test's kernel may still be exiting
     kernels: dict[int, int] = {}
 
     def interrupt_once_training() -> None:
-        deadline = time.monotonic() + 120
-        while not kernels and time.monotonic() < deadline:
-            kernels.update(_kernels(os.getpid()))
-            time.sleep(0.2)
-        time.sleep(3)
-        _thread.interrupt_main()
+        try:
+            deadline = time.monotonic() + 120
+            while not kernels and time.monotonic() < deadline:
+                kernels.update({p: s for p, s in _kernels(os.getpid()).items() if p not in earlier})
+                time.sleep(0.2)
+            time.sleep(3)
+        finally:
+            _thread.interrupt_main()
 
     threading.Thread(target=interrupt_once_training, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
@@ -553,7 +557,13 @@ def test_an_interrupt_of_a_serial_run_kills_its_kernel_and_writes_nothing(tmp_pa
 
 
 def _kernels(root: int) -> dict[int, int]:
-    return {p: s for p, s in _descendants(root).items() if b"ipykernel" in Path(f"/proc/{p}/cmdline").read_bytes()}
+    """pid -> start time of the Jupyter kernels among the living descendants of `root`."""
+    found = {}
+    for pid, start in _descendants(root).items():
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found[pid] = start
+    return found
 
 
 def _descendants(root: int) -> dict[int, int]:
@@ -644,8 +654,7 @@ def test_ctrl_c_of_a_serial_sweep_mid_run_prints_no_traceback_and_leaves_no_kern
         deadline = time.monotonic() + 120
         while not kernels:
             assert proc.poll() is None and time.monotonic() < deadline, "no kernel started"
-            kernels = {p: s for p, s in _descendants(proc.pid).items()
-                       if b"ipykernel" in Path(f"/proc/{p}/cmdline").read_bytes()}  # fmt: skip
+            kernels = _kernels(proc.pid)
             time.sleep(0.2)
         time.sleep(4)  # the kernel is training now (100000 steps: it will not finish on its own)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
