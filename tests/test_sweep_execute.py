@@ -549,9 +549,14 @@ def test_an_interrupt_of_a_serial_run_kills_its_kernel_and_writes_nothing(tmp_pa
         finally:
             _thread.interrupt_main()
 
-    threading.Thread(target=interrupt_once_training, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        execute_interruptibly(run, Settings())
+    # As in a terminal: an earlier test in this process (a Ray driver) may have left another handler.
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_once_training, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            execute_interruptibly(run, Settings())
+    finally:
+        signal.signal(signal.SIGINT, saved)
     assert kernels and not any(_alive(pid, start) for pid, start in kernels.items())  # killed, not left to train
     assert not run.result_path.exists() and scratch_folders(run) == []  # nothing written, nothing left
 
