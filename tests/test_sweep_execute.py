@@ -6,7 +6,6 @@ kernel, which is enough to test everything around the notebook. The `notebook` t
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import json
 import os
@@ -17,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -42,12 +40,10 @@ from amp_lib.sweep.execute import (
     _visible_gpus,
     cpu_threads,
     error_text,
-    execute_interruptibly,
     execute_run,
     failed_result,
     is_complete,
     kernel_environment,
-    kill_kernels,
     lost_run,
     outcome_line,
     reuse_identical,
@@ -509,58 +505,6 @@ def _processes() -> dict[int, tuple[int, str, int]]:
     return table
 
 
-def test_kill_kernels_kills_only_this_runs_processes(tmp_path: Path) -> None:
-    # A run's kernel is known by the temp folder it was given (TMPDIR), named after the run's result file.
-    run, other = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0, 1], {"device": ["cpu"]})
-    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
-    children = {
-        r.name: subprocess.Popen(sleep, env={**os.environ, "TMPDIR": tempfile.mkdtemp(prefix=scratch_prefix(r))})
-        for r in (run, other)
-    }
-    try:
-        kill_kernels(run)
-        assert children[run.name].wait(timeout=10) == -signal.SIGKILL
-        assert children[other.name].poll() is None  # another run's kernel is left alone
-    finally:
-        for child in children.values():
-            child.kill()
-            child.wait()
-        for folder in scratch_folders(run) + scratch_folders(other):
-            shutil.rmtree(folder)
-
-
-@pytest.mark.slow
-@pytest.mark.notebook
-@pytest.mark.timeout(300)  # were the interrupt lost, the run would train for hours
-def test_an_interrupt_of_a_serial_run_kills_its_kernel_and_writes_nothing(tmp_path: Path) -> None:
-    # What Ctrl-C does (a KeyboardInterrupt in the main thread), raised while the kernel trains.
-    params = parse_params(["device=cpu", "steps=100000", "wandb_mode=disabled"])
-    (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], params)
-    earlier = set(_kernels(os.getpid()))  # another test's kernel may still be exiting
-    kernels: dict[int, int] = {}
-
-    def interrupt_once_training() -> None:
-        try:
-            deadline = time.monotonic() + 120
-            while not kernels and time.monotonic() < deadline:
-                kernels.update({p: s for p, s in _kernels(os.getpid()).items() if p not in earlier})
-                time.sleep(0.2)
-            time.sleep(3)
-        finally:
-            _thread.interrupt_main()
-
-    # As in a terminal: an earlier test in this process (a Ray driver) may have left another handler.
-    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        threading.Thread(target=interrupt_once_training, daemon=True).start()
-        with pytest.raises(KeyboardInterrupt):
-            execute_interruptibly(run, Settings())
-    finally:
-        signal.signal(signal.SIGINT, saved)
-    assert kernels and not any(_alive(pid, start) for pid, start in kernels.items())  # killed, not left to train
-    assert not run.result_path.exists() and scratch_folders(run) == []  # nothing written, nothing left
-
-
 def _kernels(root: int) -> dict[int, int]:
     """pid -> start time of the Jupyter kernels among the living descendants of `root`."""
     found = {}
@@ -647,13 +591,19 @@ def test_sigkill_of_a_parallel_sweep_takes_its_workers_and_kernels_with_it(tmp_p
 def test_ctrl_c_of_a_serial_sweep_mid_run_prints_no_traceback_and_leaves_no_kernel(tmp_path: Path) -> None:
     argv = ["--out", str(tmp_path / "c"), "--precisions", "fp32", "-p", "device=cpu", "-p", "steps=100000",
             "-p", "wandb_mode=disabled", "--no-report"]  # fmt: skip
+    # Started as from a terminal, where Ctrl-C raises KeyboardInterrupt: a process started in the background
+    # (`make test &`, nohup) ignores SIGINT, its children inherit that, and Python then keeps ignoring it.
     # -X faulthandler: if the sweep hangs after Ctrl-C, SIGABRT makes it print where (every thread's stack).
-    proc = subprocess.Popen(
-        [sys.executable, "-X", "faulthandler", "-m", "amp_lib.sweep", *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # a handler: reset to the default by exec
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "faulthandler", "-m", "amp_lib.sweep", *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, saved)
     kernels: dict[int, int] = {}
     try:
         deadline = time.monotonic() + 120

@@ -20,7 +20,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import papermill as pm
-import psutil
 import torch
 from tqdm import tqdm
 
@@ -213,11 +211,10 @@ def remove_scratch(runs: Sequence[SweepRun]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def execute_run(run: SweepRun, settings: Settings, cancelled: threading.Event | None = None) -> Outcome:
+def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     """Execute train.ipynb for `run`; whatever happens, a result JSON for it exists afterwards.
 
-    Only `KeyboardInterrupt` escapes, and then nothing is written for the unfinished run; the same holds
-    once `cancelled` is set (the run's kernel killed from another thread: `execute_interruptibly`).
+    Only `KeyboardInterrupt` escapes, and then nothing is written for the unfinished run.
     """
     runs_dir = Path(run.parameters["out_dir"]).parent / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -250,11 +247,9 @@ def execute_run(run: SweepRun, settings: Settings, cancelled: threading.Event | 
             break
         except Exception as exc:  # noqa: BLE001 - a notebook error of any kind is this run's failure, not the sweep's
             error = error_text(exc)
-            if not (_is_port_race(exc) and attempt + 1 < settings.retries) or (cancelled and cancelled.is_set()):
+            if not (_is_port_race(exc) and attempt + 1 < settings.retries):
                 break
             time.sleep(0.5 * (attempt + 1))
-    if cancelled is not None and cancelled.is_set():
-        raise KeyboardInterrupt
     if stamp(run.result_path) != before:
         loaded = read_result(run.result_path)
         result = (
@@ -271,52 +266,6 @@ def execute_run(run: SweepRun, settings: Settings, cancelled: threading.Event | 
         result = failed_result(run.parameters, error or "the notebook finished without writing its result")
         result.save(run.result_path)
     return Outcome(run.name, result.status, result.error, notebook=str(notebook))
-
-
-def execute_interruptibly(run: SweepRun, settings: Settings) -> Outcome:
-    """`execute_run` in a thread of its own, so that Ctrl-C reaches this thread in a plain wait.
-
-    Raised inside papermill's event loop, the KeyboardInterrupt was seen to be lost now and then (the sweep
-    then ran on). Here it always arrives: the run is cancelled, its kernel killed, the thread waited for
-    (it writes nothing), and the KeyboardInterrupt goes on. So does any other exception a signal handler
-    raises in this thread (SystemExit, a test's time limit).
-    """
-    cancelled, finished = threading.Event(), threading.Event()
-    ended: list[Outcome | BaseException] = []
-
-    def execute() -> None:
-        try:
-            ended.append(execute_run(run, settings, cancelled))
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            ended.append(exc)
-        finally:
-            finished.set()
-
-    # Waited for through an Event: a Thread.join that Ctrl-C interrupts can mark a running thread as ended.
-    threading.Thread(target=execute, name=f"amp-run {run.name}", daemon=True).start()
-    try:
-        while not finished.wait(0.1):
-            pass
-    except BaseException:
-        cancelled.set()
-        deadline = time.monotonic() + 30
-        while not finished.is_set() and time.monotonic() < deadline:
-            kill_kernels(run)  # again each round: the kernel may still have been starting
-            finished.wait(0.5)
-        raise
-    (outcome,) = ended
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
-
-
-def kill_kernels(run: SweepRun) -> None:
-    """Kill this process's kernels of `run` (known by their temp folder, `scratch_prefix`)."""
-    prefix = str(Path(tempfile.gettempdir()) / scratch_prefix(run))
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.Error):
-            if child.environ().get("TMPDIR", "").startswith(prefix):
-                child.kill()
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -441,7 +390,7 @@ class LocalExecutor:
         if self.workers <= 1:
             for run in todo:
                 starting(run)
-                done(execute_interruptibly(run, settings))
+                done(execute_run(run, settings))
         elif todo:
             _run_parallel(todo, settings, self.concurrency(todo), done)
 
