@@ -236,16 +236,15 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         """Find the CallbackHandler calling this hook (a frame up the stack) and move self to its front.
 
         Safe while the handler iterates its list: moving the current item from index k to 0 leaves the
-        items after k at the indices the iteration has still to visit.
+        items after k at the indices the iteration has still to visit. The whole stack is searched, not a
+        fixed number of frames: a subclass, a decorator or a tracer can put any number of frames between.
         """
         if self._placed:
             return
         from transformers.trainer_callback import CallbackHandler
 
         frame = sys._getframe(1)
-        for _ in range(8):
-            if frame is None:
-                return
+        while frame is not None:
             handler = frame.f_locals.get("self")
             if isinstance(handler, CallbackHandler) and any(cb is self for cb in handler.callbacks):
                 _put_first(handler.callbacks, self)

@@ -245,6 +245,26 @@ def test_skips_are_counted_per_optimizer_step_with_fused_adamw_and_gradient_accu
     assert witness.scales[6] == INIT_SCALE / 4 and callback.skipped_steps == 2
 
 
+class DeeplyCalledCallback(AmpTrainerCallback):
+    """A subclass whose `on_init_end` reaches AmpTrainerCallback's through many frames, as a decorator or
+    a tracer (a profiler, mutmut's trampolines) puts frames between the Trainer and the hook."""
+
+    def on_init_end(self, *args: Any, **kwargs: Any) -> None:
+        def down(depth: int) -> None:
+            if depth:
+                return down(depth - 1)
+            return super(DeeplyCalledCallback, self).on_init_end(*args, **kwargs)
+
+        return down(20)
+
+
+def test_the_callback_moves_ahead_of_the_reporters_however_deep_its_hook_is_called(tmp_path: Path) -> None:
+    callback = DeeplyCalledCallback()
+    trainer = make_trainer(tmp_path, report_to=[], callbacks=[callback])
+    callbacks = trainer.callback_handler.callbacks
+    assert callbacks[0] is callback and any(isinstance(cb, DefaultFlowCallback) for cb in callbacks[1:])
+
+
 # --- the callback never raises; only a renamed GradScaler fails, at train begin ---
 
 
