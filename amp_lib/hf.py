@@ -298,7 +298,6 @@ def add_amp_callback(trainer: Any, callback: AmpTrainerCallback | None = None) -
     callbacks = trainer.callback_handler.callbacks
     callbacks[:] = [cb for cb in callbacks if not isinstance(cb, AmpTrainerCallback) or cb is callback]
     _put_first(callbacks, callback)
-    callback._placed = True
     return callback
 
 
@@ -337,7 +336,6 @@ class AccelerateAmpState:
     def after_step(self) -> None:
         scaler = find_hf_scaler(self.accelerator)
         if scaler is not None:
-            self.counter.prime(scaler)
             self.counter.observe(scaler)
 
     def state(self) -> dict[str, Any]:
@@ -347,7 +345,7 @@ class AccelerateAmpState:
 
     def log(self, step: int | None = None) -> dict[str, Any]:
         row = self.state()
-        if getattr(self.accelerator, "trackers", None):
+        if self.accelerator.trackers:
             self.accelerator.log(row, step=step)
         return row
 

@@ -245,6 +245,15 @@ def test_skips_are_counted_per_optimizer_step_with_fused_adamw_and_gradient_accu
     assert witness.scales[6] == INIT_SCALE / 4 and callback.skipped_steps == 2
 
 
+def test_add_amp_callback_replaces_an_amp_callback_the_trainer_already_has(tmp_path: Path) -> None:
+    earlier = AmpTrainerCallback()
+    trainer = make_trainer(tmp_path, report_to=[], callbacks=[earlier])
+    callback = add_amp_callback(trainer)
+    amp_callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, AmpTrainerCallback)]
+    assert callback is not earlier and amp_callbacks == [callback]
+    assert trainer.callback_handler.callbacks[0] is callback
+
+
 class DeeplyCalledCallback(AmpTrainerCallback):
     """A subclass whose `on_init_end` reaches AmpTrainerCallback's through many frames, as a decorator or
     a tracer (a profiler, mutmut's trampolines) puts frames between the Trainer and the hook."""
@@ -385,8 +394,8 @@ def test_log_amp_state_every_step_returns_and_logs_the_keys_to_wandb(wandb_env: 
 
 def test_accelerate_state_counts_every_skip_between_logs_without_a_scaler_logs_no_scale() -> None:
     accelerator = with_cpu_grad_scaler(fresh_accelerator(mixed_precision="fp16"))
-    amp = AccelerateAmpState(accelerator)
-    _accelerate_loop(accelerator, {2, 3}, 4, lambda step: amp.after_step())
+    amp = AccelerateAmpState(accelerator)  # reads the scale before the first step: a skip there counts too
+    _accelerate_loop(accelerator, {1, 3}, 4, lambda step: amp.after_step())
     assert amp.log(4) == {
         "amp/enabled": 1,
         "amp/precision": "fp16-mixed",
