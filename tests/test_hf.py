@@ -225,7 +225,7 @@ def test_skips_are_counted_per_optimizer_step_with_fused_adamw_and_gradient_accu
             tmp_path,
             report_to=[],
             callbacks=[witness],
-            loss=OverflowOn(3, 4, 9),  # step 2 (both micro-batches) and step 5 (its first)
+            loss=OverflowOn(1, 3, 4, 9),  # step 1 (its first), step 2 (both micro-batches), step 5 (its first)
             fp16=True,
             optim="adamw_torch_fused",
             gradient_accumulation_steps=2,
@@ -240,9 +240,9 @@ def test_skips_are_counted_per_optimizer_step_with_fused_adamw_and_gradient_accu
     trainer.train()
     assert getattr(trainer.optimizer.optimizer, "defaults", {}).get("fused") is True
     rows = {row["step"]: amp_keys(row) for row in training_rows(trainer.state.log_history)}
-    assert [rows[s]["amp/skipped_steps"] for s in range(1, 7)] == [0, 1, 1, 1, 2, 2]
+    assert [rows[s]["amp/skipped_steps"] for s in range(1, 7)] == [1, 2, 2, 2, 3, 3]
     assert [rows[s]["amp/loss_scale"] for s in range(1, 7)] == [witness.scales[s] for s in range(1, 7)]
-    assert witness.scales[6] == INIT_SCALE / 4 and callback.skipped_steps == 2
+    assert witness.scales[6] == INIT_SCALE / 8 and callback.skipped_steps == 3
 
 
 def test_add_amp_callback_replaces_an_amp_callback_the_trainer_already_has(tmp_path: Path) -> None:
@@ -298,6 +298,7 @@ def test_hooks_swallow_errors_and_warn_once(caplog: pytest.LogCaptureFixture) ->
         logs: dict[str, Any] = {"loss": 1.0}
         assert callback.on_log(args, object(), None, logs=logs, optimizer=NoScaler()) is None
         assert logs == {"loss": 1.0, "amp/enabled": 1, "amp/precision": "fp16-mixed"}
+        assert callback.on_step_end(args, None, None, optimizer=NoScaler()) is None  # no state, no scaler
         assert caplog.records == []
         assert callback.on_step_begin(args, state, None, optimizer=broken) is None
         assert callback.on_step_end(args, None, None, optimizer=broken) is None
@@ -466,9 +467,16 @@ def test_gpt2_small_is_a_random_init_hf_gpt_small_on_the_built_in_text() -> None
     with torch.no_grad():
         loss = workload.loss_fn(model(x), y)
     assert abs(loss.item() - math.log(vocab)) < 0.5  # a random init predicts about uniformly
+    with torch.no_grad():
+        evaluated = model(x)
+        model.train()  # no dropout: training computes what evaluation does, in every precision alike
+        assert torch.equal(model(x).logits, evaluated.logits)
+    assert evaluated.past_key_values is None  # no key/value cache held beside the training step
+    assert cfg.bos_token_id is None and cfg.eos_token_id is None  # none outside the character vocabulary
     assert (workload.items_per_batch, workload.item_unit) == (64, "tokens")
     n_params = sum(p.numel() for p in model.parameters())
-    assert 6 * (n_params - 1024 * 384) < workload.flops_per_item < 6 * n_params + 12 * 6 * 384 * 32 + 1
+    # nanoGPT's 6N + 12·L·H·Q·T per token, N without the position embeddings (1024 positions x 384)
+    assert workload.flops_per_item == 6 * (n_params - 1024 * 384) + 12 * 6 * 6 * 64 * 32
     longer = gpt2_small(RunConfig(model="amp_lib.hf:gpt2_small", device="cpu", seq_len=2048))
     assert longer.model.config.n_positions == 2048
 
