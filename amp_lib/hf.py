@@ -178,7 +178,6 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
             require("transformers")
         super().__init__()
         self.counter = SkipCounter()  # over the current train() call
-        self._last_step: int | None = None
         self._placed = False
         self._warned = False
 
@@ -193,7 +192,6 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.counter = SkipCounter()
-        self._last_step = None
         self._guard(self._move_to_front)
         if not self._placed:
             log.warning(
@@ -214,7 +212,7 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         self._guard(self._before_step, kwargs.get("optimizer"))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._guard(self._after_step, state, kwargs.get("optimizer"))
+        self._guard(self._after_step, kwargs.get("optimizer"))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self._guard(self._add_keys, args, state, logs, kwargs.get("optimizer"))
@@ -257,11 +255,8 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         if scaler is not None:
             self.counter.prime(scaler)
 
-    def _after_step(self, state: Any, optimizer: Any) -> None:
-        step = getattr(state, "global_step", None)
-        if step == self._last_step:  # called twice for one optimizer step: count it once
-            return
-        self._last_step = step
+    def _after_step(self, optimizer: Any) -> None:
+        """Count a skip; a second look at the same step counts nothing (the scale has not moved since)."""
         scaler = find_hf_scaler(optimizer)
         if scaler is not None:
             self.counter.observe(scaler)
@@ -277,7 +272,7 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         history = getattr(state, "log_history", None)
         if history and isinstance(history[-1], dict):
             last = history[-1]
-            if last.get("step") == getattr(state, "global_step", None) and logged <= set(last):
+            if last.get("step") == state.global_step and logged <= set(last):
                 last.update(row)
 
 
@@ -298,6 +293,7 @@ def add_amp_callback(trainer: Any, callback: AmpTrainerCallback | None = None) -
     callbacks = trainer.callback_handler.callbacks
     callbacks[:] = [cb for cb in callbacks if not isinstance(cb, AmpTrainerCallback) or cb is callback]
     _put_first(callbacks, callback)
+    callback._placed = True  # placed by hand: nothing to move, and nothing to warn about at train()
     return callback
 
 

@@ -308,6 +308,57 @@ def test_hooks_swallow_errors_and_warn_once(caplog: pytest.LogCaptureFixture) ->
     assert messages == ["AmpTrainerCallback: logging failed and is skipped: RuntimeError: scale is gone"]
 
 
+def test_a_callback_that_cannot_move_ahead_of_the_reporters_says_how_to_add_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
+        AmpTrainerCallback().on_train_begin(args, SimpleNamespace(global_step=0), None)  # no Trainer calls it
+    assert [r.getMessage() for r in caplog.records] == [
+        "AmpTrainerCallback could not move ahead of the Trainer's reporting callbacks, which will miss "
+        "the amp/* keys; add it with amp_lib.hf.add_amp_callback(trainer)"
+    ]
+
+
+def test_a_trainer_whose_arguments_name_no_precision_takes_accelerates(caplog: pytest.LogCaptureFixture) -> None:
+    """`accelerate launch --mixed_precision` (or $ACCELERATE_MIXED_PRECISION) sets the precision on the
+    Accelerator, not in TrainingArguments: the callback reads it from the optimizer's accelerator state."""
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+
+    def optimizer(mixed_precision: str) -> Any:
+        return SimpleNamespace(accelerator_state=SimpleNamespace(mixed_precision=mixed_precision))
+
+    callback = add_amp_callback(SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[])))
+    logs: dict[str, Any] = {"loss": 1.0}
+    callback.on_log(args, SimpleNamespace(global_step=1, log_history=[]), None, logs=logs, optimizer=optimizer("bf16"))
+    assert logs == {"loss": 1.0, "amp/enabled": 1, "amp/precision": "bf16-mixed"}
+    with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
+        callback.on_train_begin(args, SimpleNamespace(global_step=0), None, optimizer=optimizer("fp16"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "AmpTrainerCallback: fp16 is on but the Trainer has no GradScaler, so no loss scale is logged "
+        "(on a CPU, Accelerate creates none and runs fp16=True in fp32)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("history_row", "logs", "updated"),
+    [
+        ({"loss": 1.0, "step": 4}, {"loss": 1.0}, True),  # the row Trainer.log appended for these logs
+        ({"loss": 1.0, "step": 4}, {"loss": 1.0, "step": 4}, True),  # logs that carry the step themselves
+        ({"loss": 1.0, "step": 3}, {"loss": 1.0}, False),  # an earlier step's row
+        ({"grad_norm": 1.0, "step": 4}, {"loss": 1.0}, False),  # another row of this step
+    ],
+)
+def test_the_keys_go_into_the_history_row_of_these_logs_and_no_other(
+    history_row: dict[str, Any], logs: dict[str, Any], updated: bool
+) -> None:
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], bf16=True)
+    state = SimpleNamespace(global_step=4, log_history=[dict(history_row)])
+    AmpTrainerCallback().on_log(args, state, None, logs=dict(logs))
+    amp = {"amp/enabled": 1, "amp/precision": "bf16-mixed"}
+    assert state.log_history == [{**history_row, **amp} if updated else history_row]
+
+
 def test_a_renamed_gradscaler_fails_train_begin_loudly_but_only_where_a_scale_is_tracked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
