@@ -315,8 +315,10 @@ def test_a_callback_that_cannot_move_ahead_of_the_reporters_says_how_to_add_it(
     with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
         AmpTrainerCallback().on_train_begin(args, SimpleNamespace(global_step=0), None)  # no Trainer calls it
     assert [r.getMessage() for r in caplog.records] == [
-        "AmpTrainerCallback could not move ahead of the Trainer's reporting callbacks, which will miss "
-        "the amp/* keys; add it with amp_lib.hf.add_amp_callback(trainer)"
+        (
+            "AmpTrainerCallback could not move ahead of the Trainer's reporting callbacks, which will miss "
+            "the amp/* keys; add it with amp_lib.hf.add_amp_callback(trainer)"
+        )
     ]
 
 
@@ -335,8 +337,10 @@ def test_a_trainer_whose_arguments_name_no_precision_takes_accelerates(caplog: p
     with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
         callback.on_train_begin(args, SimpleNamespace(global_step=0), None, optimizer=optimizer("fp16"))
     assert [r.getMessage() for r in caplog.records] == [
-        "AmpTrainerCallback: fp16 is on but the Trainer has no GradScaler, so no loss scale is logged "
-        "(on a CPU, Accelerate creates none and runs fp16=True in fp32)"
+        (
+            "AmpTrainerCallback: fp16 is on but the Trainer has no GradScaler, so no loss scale is logged "
+            "(on a CPU, Accelerate creates none and runs fp16=True in fp32)"
+        )
     ]
 
 
