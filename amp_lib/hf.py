@@ -73,16 +73,14 @@ def require(module: str) -> Any:
 def trainer_precision(args: Any, accelerator_state: Any = None) -> str:
     """The canonical precision of a Trainer run: `fp16`/`bf16` of its TrainingArguments, else Accelerate's
     `mixed_precision` ("no", "fp16", "bf16", "fp8"; e.g. from $ACCELERATE_MIXED_PRECISION), else `tf32`, else fp32."""
-    if getattr(args, "fp16", False):
-        return parse_precision("fp16")
-    if getattr(args, "bf16", False):
-        return parse_precision("bf16")
+    if args.fp16:
+        return "fp16-mixed"
+    if args.bf16:
+        return "bf16-mixed"
     mixed = getattr(accelerator_state, "mixed_precision", None)
     if isinstance(mixed, str) and mixed.strip().lower() not in ("", "no"):
         return parse_precision(mixed)
-    if getattr(args, "tf32", None):
-        return parse_precision("tf32")
-    return parse_precision("fp32")
+    return "tf32" if args.tf32 else "fp32"
 
 
 def accelerate_precision(accelerator: Any) -> str:

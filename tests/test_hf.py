@@ -398,6 +398,9 @@ def test_trainer_and_accelerate_precisions_are_canonical() -> None:
     assert hf.trainer_precision(SimpleNamespace(fp16=False, bf16=False, tf32=True)) == "tf32"
     assert hf.trainer_precision(args(), SimpleNamespace(mixed_precision="fp8")) == "fp8-mixed"
     assert hf.trainer_precision(args(), SimpleNamespace(mixed_precision="no")) == "fp32"
+    tf32 = SimpleNamespace(fp16=False, bf16=False, tf32=True)
+    for no_mixed in ("no", " NO ", ""):  # Accelerate's "no" (any case) or nothing: the arguments decide
+        assert hf.trainer_precision(tf32, SimpleNamespace(mixed_precision=no_mixed)) == "tf32"
     assert hf.trainer_precision(args(bf16=True), SimpleNamespace(mixed_precision="fp16")) == "bf16-mixed"
     for mixed, name in (("no", "fp32"), ("bf16", "bf16-mixed"), ("fp16", "fp16-mixed")):
         assert hf.accelerate_precision(fresh_accelerator(mixed_precision=mixed)) == name
