@@ -34,7 +34,7 @@ from amp_lib.config import RunConfig
 from amp_lib.models import GPT_SIZES, Workload, lm_loss, text_batches
 from amp_lib.precision import parse_precision, resolve_device
 from amp_lib.results import finite_or_none
-from amp_lib.scaler import check_gradscaler_internals, find_grad_scaler, get_loss_scale, scale_tensor
+from amp_lib.scaler import attr_or_none, check_gradscaler_internals, find_grad_scaler, get_loss_scale, scale_tensor
 
 try:
     from transformers import TrainerCallback as _TrainerCallback
@@ -93,19 +93,12 @@ def amp_enabled(precision: str) -> bool:
     return precision not in ("fp32", "tf32")
 
 
-def _attr(obj: Any, name: str) -> Any:
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # noqa: BLE001 - a property that raises just means: not there
-        return None
-
-
 def find_hf_scaler(obj: Any) -> torch.amp.GradScaler | None:
     """The enabled GradScaler of an Accelerator or an AcceleratedOptimizer (both keep it as `.scaler`),
     or of a GradScaler itself; None wherever there is none (bf16, fp32, fp16 on a CPU)."""
     scaler = find_grad_scaler(obj)
     if scaler is None:
-        scaler = find_grad_scaler(_attr(obj, "scaler"))
+        scaler = find_grad_scaler(attr_or_none(obj, "scaler"))
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
@@ -196,7 +189,7 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
                 "AmpTrainerCallback could not move ahead of the Trainer's reporting callbacks, which will miss "
                 "the amp/* keys; add it with amp_lib.hf.add_amp_callback(trainer)"
             )
-        precision = self._guard(trainer_precision, args, _attr(kwargs.get("optimizer"), "accelerator_state"))
+        precision = self._guard(trainer_precision, args, attr_or_none(kwargs.get("optimizer"), "accelerator_state"))
         scaler = self._guard(find_hf_scaler, kwargs.get("optimizer"))
         if scaler is None and isinstance(precision, str) and precision.startswith("fp16"):
             log.warning(
@@ -263,7 +256,7 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         if not isinstance(logs, dict) or any(str(k).startswith(_EVAL_PREFIXES) for k in logs):
             return
         logged = set(logs)
-        precision = trainer_precision(args, _attr(optimizer, "accelerator_state"))
+        precision = trainer_precision(args, attr_or_none(optimizer, "accelerator_state"))
         row = _amp_row(precision, find_hf_scaler(optimizer), self.counter)
         logs.update(row)
         # Trainer.log appended {**logs, "step": global_step} to log_history before calling on_log.

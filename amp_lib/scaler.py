@@ -142,7 +142,7 @@ class AmpScaler:
         self.scaler.load_state_dict(state)
 
 
-def _attr(obj: Any, name: str) -> Any:
+def attr_or_none(obj: Any, name: str) -> Any:
     """getattr that also swallows errors raised by properties (e.g. a Lightning strategy not yet attached)."""
     try:
         return getattr(obj, name)
@@ -156,7 +156,7 @@ def find_grad_scaler(obj: Any) -> torch.amp.GradScaler | None:
     if isinstance(obj, AmpScaler):
         obj = obj.scaler
     elif not isinstance(obj, torch.amp.GradScaler):
-        obj = _attr(_attr(_attr(obj, "strategy"), "precision_plugin"), "scaler")
+        obj = attr_or_none(attr_or_none(attr_or_none(obj, "strategy"), "precision_plugin"), "scaler")
     return obj if isinstance(obj, torch.amp.GradScaler) else None
 
 

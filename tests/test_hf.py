@@ -404,6 +404,15 @@ def test_trainer_and_accelerate_precisions_are_canonical() -> None:
     assert hf.trainer_precision(args(bf16=True), SimpleNamespace(mixed_precision="fp16")) == "bf16-mixed"
     for mixed, name in (("no", "fp32"), ("bf16", "bf16-mixed"), ("fp16", "fp16-mixed")):
         assert hf.accelerate_precision(fresh_accelerator(mixed_precision=mixed)) == name
+    assert [hf.amp_enabled(name) for name in ("fp32", "tf32", "fp16-mixed", "bf16-mixed")] == [False, False, True, True]
+
+
+def test_the_scaler_found_is_an_enabled_grad_scaler_held_or_given() -> None:
+    scaler = torch.amp.GradScaler("cpu")
+    assert hf.find_hf_scaler(scaler) is scaler
+    assert hf.find_hf_scaler(SimpleNamespace(scaler=scaler)) is scaler  # an Accelerator, an AcceleratedOptimizer
+    assert hf.find_hf_scaler(torch.amp.GradScaler("cpu", enabled=False)) is None
+    assert hf.find_hf_scaler(SimpleNamespace(scaler=None)) is None
 
 
 # --- plain accelerate loops ---
