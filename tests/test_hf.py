@@ -345,6 +345,24 @@ def test_a_trainer_whose_arguments_name_no_precision_takes_accelerates(caplog: p
 
 
 @pytest.mark.parametrize(
+    ("precision", "optimizer"),
+    [
+        ({"fp16": True}, SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))),  # fp16 with its GradScaler
+        ({"bf16": True}, None),  # bf16 needs none
+        ({}, None),  # fp32
+    ],
+)
+def test_train_begin_warns_of_nothing_when_the_scaler_is_where_the_precision_needs_it(
+    precision: dict[str, bool], optimizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], **precision)
+    callback = add_amp_callback(SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[])))
+    with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
+        callback.on_train_begin(args, SimpleNamespace(global_step=0), None, optimizer=optimizer)
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
     ("history_row", "logs", "updated"),
     [
         ({"loss": 1.0, "step": 4}, {"loss": 1.0}, True),  # the row Trainer.log appended for these logs
