@@ -9,6 +9,7 @@ import math
 import random
 import re
 import statistics
+import time
 import warnings
 from dataclasses import replace
 
@@ -603,6 +604,7 @@ def test_a_collapsed_scale_only_counts_with_a_scaler():
     assert str(info.value) == f"loss scale collapsed to {COLLAPSED_SCALE / 4:g} at step 2: fp16 overflows on every step"
     check_divergence([row], use_scaler=False)
     check_divergence([replace(row, loss=math.inf, skipped=True, loss_scale=None)], use_scaler=True)
+    check_divergence([replace(row, loss_scale=COLLAPSED_SCALE)], use_scaler=True)  # the threshold itself is not collapsed
 
 
 # --- learning-rate schedule ----------------------------------------------------------------------
@@ -654,6 +656,7 @@ def test_adamw_takes_beta2_and_weight_decay_from_the_config() -> None:
     optimizer = make_optimizer(model, RunConfig(beta2=0.99, weight_decay=0.1), torch.device("cpu"))
     group = optimizer.param_groups[0]
     assert (group["betas"], group["weight_decay"], group["lr"]) == ((0.9, 0.99), 0.1, 1e-3)
+    assert type(group["lr"]) is float  # no schedule: a plain number, as a user's scheduler or logger expects
     scheduled = make_optimizer(model, RunConfig(lr=2e-3, lr_warmup_steps=3), torch.device("cpu"))
     assert torch.is_tensor(scheduled.param_groups[0]["lr"]) and float(scheduled.param_groups[0]["lr"]) == pytest.approx(2e-3)
 
@@ -673,6 +676,21 @@ def test_evals_run_every_n_steps_and_at_the_end_with_training_time_only(user_mod
     assert result.metrics.train_time_s >= elapsed[-1]
     once = train(user_run("build_ok", steps=4, eval_every=4), write=False)
     assert [e.step for e in once.evals] == [4]  # the last step's eval is not taken twice
+
+
+def test_time_spent_evaluating_is_not_training_time(user_models) -> None:
+    """Time-to-quality counts training only: two evaluations of 4 x 0.1 s each are left out of it."""
+    from user_models import EVAL_FORWARD_S  # importable once the fixture put tests/ on the path
+
+    config = user_run("build_slow_eval", steps=4, eval_every=2)
+    began = time.perf_counter()
+    result = train(config, write=False)
+    wall = time.perf_counter() - began
+    slept = 2 * 4 * EVAL_FORWARD_S
+    assert result.ok and [e.step for e in result.evals] == [2, 4] and wall > slept
+    # Four steps of an 8x1 linear layer take milliseconds: half the evaluations' time is a wide margin.
+    assert result.metrics.train_time_s < slept / 2
+    assert result.evals[1].elapsed_s < slept / 4  # the eval at step 2 is not in step 4's clock
 
 
 def test_a_non_finite_periodic_eval_ends_the_run_diverged_keeping_the_evals(user_models) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,26 @@ def build_bad_eval(config):
     model, batches = _regression(config, n_batches=config.steps)
     bad = [(x * math.inf, y) for x, y in batches]
     return Workload(model=model, train_batches=batches, eval_batches=bad, loss_fn=F.mse_loss, items_per_batch=config.batch_size)
+
+
+EVAL_FORWARD_S = 0.1
+
+
+class SlowToEvaluate(nn.Linear):
+    """A linear layer whose forward pass sleeps in eval mode: evaluations a training clock must leave out."""
+
+    def forward(self, x):
+        if not self.training:
+            time.sleep(EVAL_FORWARD_S)
+        return super().forward(x)
+
+
+def build_slow_eval(config):
+    """Training as build_ok; each evaluation takes 4 x EVAL_FORWARD_S (it runs over the 4 batches)."""
+    model, batches = _regression(config)
+    slow = SlowToEvaluate(8, 1)
+    slow.load_state_dict(model.state_dict())
+    return slow, batches, F.mse_loss
 
 
 def huge_loss(output, target):
