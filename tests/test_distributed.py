@@ -127,6 +127,26 @@ def killed_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
     return model, batches, torch.nn.functional.mse_loss
 
 
+def raises_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
+    """A linear model whose rank-1 forward raises mid-run, as a user model's bug on one rank would."""
+    rank = int(os.environ.get("RANK", "0"))
+    model = nn.Linear(8, 1)
+    calls = [0]
+
+    def forward_hook(module: nn.Module, args: Any) -> None:
+        calls[0] += 1
+        if rank == 1 and calls[0] == KILL_AT:
+            raise RuntimeError(f"rank 1 broke at forward {KILL_AT}")
+
+    model.register_forward_pre_hook(forward_hook)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(config.batch_size, 8, generator=gen), torch.randn(config.batch_size, 1, generator=gen))
+        for _ in range(4)
+    ]
+    return model, batches, torch.nn.functional.mse_loss
+
+
 # --- data: each rank's slice of the global batch ---------------------------------------------------
 
 
@@ -419,6 +439,21 @@ def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_behind(
     seen = {int(p) for f in pids.iterdir() for p in f.read_text().split()}  # both workers and torchrun's agent
     assert len(seen) == 3
     assert [p for p in seen if _alive(p)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_an_error_on_one_rank_fails_the_run_with_that_ranks_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rank's exception is raised, not recorded: torchrun stops the other rank (which would otherwise
+    wait in the gradient all-reduce) and the launcher reports the failing rank's error."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
+    config = RunConfig(
+        model="test_distributed:raises_on_rank_1", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
+        device="cpu", parallelism="ddp", nproc=2, out_dir=str(tmp_path), run_name="raised",
+    )  # fmt: skip
+    result = train(config, timeout=120)
+    assert result.status == "failed", result.error
+    assert result.error.startswith("torchrun exited with 1; rank 1: ") and f"rank 1 broke at forward {KILL_AT}" in result.error
 
 
 @pytest.mark.slow
