@@ -161,6 +161,14 @@ def test_the_ranks_slices_are_disjoint_and_together_the_global_batch() -> None:
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
 
 
+def test_1d_targets_are_split_too_and_scalars_and_non_tensors_pass_through() -> None:
+    batches = [(torch.zeros(4, 3), torch.arange(4)), (torch.tensor(2.0), None)]
+    rank1 = RankSlice(batches, Ranks(1, 2))
+    assert torch.equal(rank1[0][1], torch.tensor([2, 3]))  # class labels: one per row
+    scalar, none = rank1[1]
+    assert scalar.dim() == 0 and float(scalar) == 2.0 and none is None
+
+
 def test_a_batch_that_does_not_split_evenly_names_its_rows_and_the_processes() -> None:
     batches = [(torch.zeros(5, 3), torch.zeros(5))]
     with pytest.raises(ValueError, match="a batch of 5 rows does not split evenly over 2 processes"):
@@ -177,6 +185,21 @@ def test_fsdp_shards_the_blocks_of_the_outermost_module_list() -> None:
     gate_model = Gate()
     assert transformer_blocks(gate_model) == [gate_model.blocks[0]]
     assert transformer_blocks(nn.Sequential(nn.Linear(2, 2), nn.GELU())) == []  # an MLP: nothing to shard per block
+
+
+class Experts(nn.Module):
+    """A block holding a ModuleList of its own (a mixture of experts): sharded as one block, not per expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+
+
+def test_fsdp_shards_every_outermost_module_list_and_nothing_nested_in_a_block() -> None:
+    model = nn.Module()
+    model.blocks = nn.ModuleList([Experts(), Experts()])
+    model.heads = nn.ModuleList([nn.Linear(2, 1)])
+    assert transformer_blocks(model) == [*model.blocks, *model.heads]
 
 
 def test_without_a_process_group_the_collectives_are_the_identity() -> None:
@@ -233,6 +256,8 @@ def test_the_root_cause_is_the_earliest_error_file_of_a_rank(tmp_path: Path, mon
     assert root_cause(tmp_path, summary) == root_cause(tmp_path / "none", summary) == expected
     stopped = "Root Cause (first observed failure):\n[0]:\n" + TORCHRUN_FAILURE.format(0, -15, "SIGTERM", 15)
     assert root_cause(tmp_path / "none", stopped).endswith(stopped.strip())  # no better cause: torchrun's words
+    (tmp_path / "unreadable" / "0" / "error.json").mkdir(parents=True)  # a folder where a file should be
+    assert root_cause(tmp_path / "unreadable", stopped).endswith(stopped.strip())  # skipped, not raised
 
 
 # --- under torchrun -------------------------------------------------------------------------------
@@ -454,6 +479,7 @@ def test_an_error_on_one_rank_fails_the_run_with_that_ranks_error(tmp_path: Path
     result = train(config, timeout=120)
     assert result.status == "failed", result.error
     assert result.error.startswith("torchrun exited with 1; rank 1: ") and f"rank 1 broke at forward {KILL_AT}" in result.error
+    assert result.plan["torch_version"] == torch.__version__ and result.plan["parallelism"] == "ddp"
 
 
 @pytest.mark.slow
