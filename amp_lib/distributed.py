@@ -244,7 +244,7 @@ def root_cause(log_dir: Path, output: str) -> str:
             return f"rank {rank} was killed (exitcode {code}): {why.strip()}"
     failures = []
     for path in log_dir.rglob("error.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
             message = json.loads(path.read_text())["message"]
             if isinstance(message, str):
                 message = {"message": message, "extraInfo": {}}
@@ -253,7 +253,7 @@ def root_cause(log_dir: Path, output: str) -> str:
             text = f"rank {rank}: {message['message']}"
             if extra.get("py_callstack"):
                 text += "\n" + str(extra["py_callstack"])
-            failures.append((int(extra.get("timestamp", 0) or 0), text))
+            failures.append((int(extra.get("timestamp") or 0), text))
     if failures:
         return min(failures)[1]
     summary = output[output.find("Root Cause") :] if "Root Cause" in output else output[-3000:]

@@ -244,7 +244,7 @@ def test_the_root_cause_is_the_earliest_error_file_of_a_rank(tmp_path: Path, mon
             ErrorHandler().record_exception(exc)  # what @record writes in a failing worker
         time.sleep(1.1)  # the error files stamp whole seconds
     cause = root_cause(tmp_path, "")
-    assert cause.startswith("rank 1: ValueError: boom on rank 1") and "Traceback" in cause
+    assert cause.startswith("rank 1: ValueError: boom on rank 1\nTraceback (most recent call last):")
     # torchrun's summary when rank 1 was killed and torchrun then stopped rank 0 (as torch 2.13 prints it)
     summary = (
         "Failures:\n[1]:\n"
@@ -258,6 +258,21 @@ def test_the_root_cause_is_the_earliest_error_file_of_a_rank(tmp_path: Path, mon
     assert root_cause(tmp_path / "none", stopped).endswith(stopped.strip())  # no better cause: torchrun's words
     (tmp_path / "unreadable" / "0" / "error.json").mkdir(parents=True)  # a folder where a file should be
     assert root_cause(tmp_path / "unreadable", stopped).endswith(stopped.strip())  # skipped, not raised
+
+
+@pytest.mark.parametrize("content", ["not json", "{}", "[]", '{"message": 3}'])
+def test_a_malformed_error_file_is_skipped(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "attempt_0" / "1" / "error.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    assert root_cause(tmp_path, "torchrun's own words") == "a worker failed under torchrun\ntorchrun's own words"
+
+
+def test_an_error_file_without_extra_info_still_names_its_rank_and_message(tmp_path: Path) -> None:
+    path = tmp_path / "attempt_0" / "1" / "error.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"message": {"message": "RuntimeError: no details"}}))
+    assert root_cause(tmp_path, "") == "rank 1: RuntimeError: no details"
 
 
 # --- under torchrun -------------------------------------------------------------------------------
