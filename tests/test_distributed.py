@@ -275,6 +275,13 @@ def test_an_error_file_without_extra_info_still_names_its_rank_and_message(tmp_p
     assert root_cause(tmp_path, "") == "rank 1: RuntimeError: no details"
 
 
+def test_without_error_files_the_cause_is_torchruns_summary_from_its_root_cause_on(tmp_path: Path) -> None:
+    chatter = "agent chatter\n" * 5
+    summary = "Root Cause (first observed failure):\n[0]: something"
+    assert root_cause(tmp_path, chatter + summary) == "a worker failed under torchrun\n" + summary
+    assert root_cause(tmp_path, "x" * 5000) == "a worker failed under torchrun\n" + "x" * 3000  # no summary: the tail
+
+
 # --- under torchrun -------------------------------------------------------------------------------
 
 
