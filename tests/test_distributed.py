@@ -69,6 +69,7 @@ def single_process(out: str) -> RunResult:
 # --- models the worker processes import (as "test_distributed:<name>") ------------------------------
 
 CAPTURED: dict[str, nn.Module] = {}
+ROWS_SEEN: list[int] = []  # the rows of every batch a Gate computed on, in this process
 
 
 class Gate(nn.Module):
@@ -79,6 +80,7 @@ class Gate(nn.Module):
         self.blocks = nn.ModuleList([nn.Linear(8, 8, bias=False)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ROWS_SEEN.append(x.shape[0])
         for block in self.blocks:
             x = block(x)
         return x
@@ -377,11 +379,13 @@ def _worker(out: Path) -> None:
     hook = register_optimizer_step_pre_hook(grads_before_step)
     report: dict[str, Any] = {}
     for current, config in _scenarios(out).items():
+        test_distributed.ROWS_SEEN.clear()
         result = train(config)
         entry = {"status": result.status, "error": result.error, "history": [vars(r) for r in result.history]}
         entry["eval_loss"] = result.metrics.eval_loss
         entry["param_memory_mb"] = result.metrics.param_memory_mb
         entry["steps_seen"] = seen.get(current, [])
+        entry["rows_seen"] = sorted(set(test_distributed.ROWS_SEEN))
         if current.endswith("overflow"):
             weight = test_distributed.CAPTURED["gate"].blocks[0].weight
             full = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
@@ -457,6 +461,7 @@ def test_an_overflow_on_one_rank_is_skipped_on_every_rank_and_the_scale_backs_of
         # call show that the skipped step left them as they were, and that the others moved them
         before = [s["weights"] for s in run["steps_seen"]]
         assert len(before) == 4 and before[OVERFLOW_AT + 1] == before[OVERFLOW_AT] != before[OVERFLOW_AT - 1]
+        assert run["rows_seen"] == [4]  # each rank computed on its half of every 8-row global batch only
     assert _agreed(runs[0]["history"]) == _agreed(runs[1]["history"])
     assert runs[0]["weight"] == runs[1]["weight"]  # the replicas (or the shards' whole) agree
     saved = RunResult.load(out / "results" / f"{parallelism}-overflow.json")  # reported once, by rank 0
