@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch import nn
 
+from amp_lib import distributed
 from amp_lib.config import RunConfig
 from amp_lib.distributed import (
     Ranks,
@@ -284,6 +285,35 @@ def test_without_error_files_the_cause_is_torchruns_summary_from_its_root_cause_
     assert root_cause(tmp_path, "x" * 5000) == "a worker failed under torchrun\n" + "x" * 3000  # no summary: the tail
 
 
+def _child(code: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"  # its signal handler is installed
+    return proc
+
+
+def test_stopping_a_launch_asks_with_sigterm_first_then_kills_what_ignores_it() -> None:
+    """The stop policy of `launch` (a timeout, a Ctrl-C): SIGTERM so torchrun's agent can stop its workers
+    and flush its logs, SIGKILL only for a process still alive after the grace period."""
+    polite = _child(
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('terminated', flush=True), sys.exit(3)))\n"
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    stubborn = _child(
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True); time.sleep(60)"
+    )
+    try:
+        distributed._stop(polite, {}, grace_s=10)
+        assert polite.returncode == 3 and polite.stdout.read() == "terminated\n"  # type: ignore[union-attr]
+        began = time.monotonic()
+        distributed._stop(stubborn, {}, grace_s=0.5)
+        assert stubborn.returncode == -signal.SIGKILL and time.monotonic() - began < 10
+    finally:
+        for proc in (polite, stubborn):
+            proc.kill()
+            proc.wait()
+
+
 # --- under torchrun -------------------------------------------------------------------------------
 
 
@@ -499,11 +529,18 @@ def test_an_error_on_one_rank_fails_the_run_with_that_ranks_error(tmp_path: Path
     """The rank's exception is raised, not recorded: torchrun stops the other rank (which would otherwise
     wait in the gradient all-reduce) and the launcher reports the failing rank's error."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # another child of ours
     config = RunConfig(
         model="test_distributed:raises_on_rank_1", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
         device="cpu", parallelism="ddp", nproc=2, out_dir=str(tmp_path), run_name="raised",
     )  # fmt: skip
-    result = train(config, timeout=120)
+    try:
+        result = train(config, timeout=120)
+        alive = bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+    assert alive  # the launcher stopped torchrun's processes, not every child of this one
     assert result.status == "failed", result.error
     assert result.error.startswith("torchrun exited with 1; rank 1: ") and f"rank 1 broke at forward {KILL_AT}" in result.error
     assert result.plan["torch_version"] == torch.__version__ and result.plan["parallelism"] == "ddp"
