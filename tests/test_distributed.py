@@ -338,12 +338,21 @@ class Rows:
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     observer = Rows()
     config = RunConfig(
         **BASE, batch_size=4, parallelism="ddp", nproc=2, profile_step=True, out_dir=str(tmp_path / "out")
     )
-    result = train(config, [observer])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # unset: each process gets half of this one's 4 threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        result = train(config, [observer])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.plan["threads"] == 2, result.error
     reference = single_process(str(tmp_path))
     assert result.ok, result.error
     assert [f.name for f in (tmp_path / "out").iterdir()] == [config.result_path.name]  # rank 0's, nothing else
