@@ -109,17 +109,16 @@ def gate(config: RunConfig) -> tuple[nn.Module, Any, Any]:
     return model, batch, weighted_sum
 
 
-def killed_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
-    """A linear model whose rank-1 process writes its pid (and torchrun's) and SIGKILLs itself mid-run."""
+def _failing_on_rank_1(config: RunConfig, fail: Any) -> tuple[nn.Module, Any, Any]:
+    """A linear model on 4 fixed batches whose rank-1 process calls `fail()` at its forward call KILL_AT."""
     rank = int(os.environ.get("RANK", "0"))
-    Path(os.environ["AMP_TEST_PIDS"], f"rank{rank}").write_text(f"{os.getpid()} {os.getppid()}")
     model = nn.Linear(8, 1)
     calls = [0]
 
     def forward_hook(module: nn.Module, args: Any) -> None:
         calls[0] += 1
         if rank == 1 and calls[0] == KILL_AT:
-            os.kill(os.getpid(), signal.SIGKILL)
+            fail()
 
     model.register_forward_pre_hook(forward_hook)
     gen = torch.Generator().manual_seed(0)
@@ -128,26 +127,22 @@ def killed_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
         for _ in range(4)
     ]
     return model, batches, torch.nn.functional.mse_loss
+
+
+def killed_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
+    """Rank 1 writes its pid (and torchrun's) and SIGKILLs itself mid-run."""
+    rank = int(os.environ.get("RANK", "0"))
+    Path(os.environ["AMP_TEST_PIDS"], f"rank{rank}").write_text(f"{os.getpid()} {os.getppid()}")
+    return _failing_on_rank_1(config, lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
 def raises_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
-    """A linear model whose rank-1 forward raises mid-run, as a user model's bug on one rank would."""
-    rank = int(os.environ.get("RANK", "0"))
-    model = nn.Linear(8, 1)
-    calls = [0]
+    """Rank 1's forward raises mid-run, as a user model's bug on one rank would."""
 
-    def forward_hook(module: nn.Module, args: Any) -> None:
-        calls[0] += 1
-        if rank == 1 and calls[0] == KILL_AT:
-            raise RuntimeError(f"rank 1 broke at forward {KILL_AT}")
+    def fail() -> None:
+        raise RuntimeError(f"rank 1 broke at forward {KILL_AT}")
 
-    model.register_forward_pre_hook(forward_hook)
-    gen = torch.Generator().manual_seed(0)
-    batches = [
-        (torch.randn(config.batch_size, 8, generator=gen), torch.randn(config.batch_size, 1, generator=gen))
-        for _ in range(4)
-    ]
-    return model, batches, torch.nn.functional.mse_loss
+    return _failing_on_rank_1(config, fail)
 
 
 # --- data: each rank's slice of the global batch ---------------------------------------------------
