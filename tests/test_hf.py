@@ -109,6 +109,16 @@ def make_trainer(
     )
 
 
+def cpu_args(**kw: Any) -> TrainingArguments:
+    """TrainingArguments of a CPU run that reports nowhere: what the hook-level tests hand a callback."""
+    return TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], **kw)
+
+
+def placed_callback() -> AmpTrainerCallback:
+    """A callback put first by `add_amp_callback` (on a bare callback list): it neither moves nor warns."""
+    return add_amp_callback(SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[])))
+
+
 def with_cpu_grad_scaler(trainer_or_accelerator: Any) -> Any:
     """Give the Accelerator a real CPU GradScaler and native fp16 autocast (see the module docstring)."""
     accelerator = getattr(trainer_or_accelerator, "accelerator", trainer_or_accelerator)
@@ -292,7 +302,7 @@ def test_hooks_swallow_errors_and_warn_once(caplog: pytest.LogCaptureFixture) ->
 
     callback = AmpTrainerCallback()
     state = SimpleNamespace(global_step=1, log_history=[])
-    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], fp16=True)
+    args = cpu_args(fp16=True)
     broken = SimpleNamespace(scaler=UnreadableScaler("cpu"))
     with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
         logs: dict[str, Any] = {"loss": 1.0}
@@ -311,7 +321,7 @@ def test_hooks_swallow_errors_and_warn_once(caplog: pytest.LogCaptureFixture) ->
 def test_a_callback_that_cannot_move_ahead_of_the_reporters_says_how_to_add_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    args = cpu_args()
     with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
         AmpTrainerCallback().on_train_begin(args, SimpleNamespace(global_step=0), None)  # no Trainer calls it
     assert [r.getMessage() for r in caplog.records] == [
@@ -325,12 +335,12 @@ def test_a_callback_that_cannot_move_ahead_of_the_reporters_says_how_to_add_it(
 def test_a_trainer_whose_arguments_name_no_precision_takes_accelerates(caplog: pytest.LogCaptureFixture) -> None:
     """`accelerate launch --mixed_precision` (or $ACCELERATE_MIXED_PRECISION) sets the precision on the
     Accelerator, not in TrainingArguments: the callback reads it from the optimizer's accelerator state."""
-    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    args = cpu_args()
 
     def optimizer(mixed_precision: str) -> Any:
         return SimpleNamespace(accelerator_state=SimpleNamespace(mixed_precision=mixed_precision))
 
-    callback = add_amp_callback(SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[])))
+    callback = placed_callback()
     logs: dict[str, Any] = {"loss": 1.0}
     callback.on_log(args, SimpleNamespace(global_step=1, log_history=[]), None, logs=logs, optimizer=optimizer("bf16"))
     assert logs == {"loss": 1.0, "amp/enabled": 1, "amp/precision": "bf16-mixed"}
@@ -355,8 +365,8 @@ def test_a_trainer_whose_arguments_name_no_precision_takes_accelerates(caplog: p
 def test_train_begin_warns_of_nothing_when_the_scaler_is_where_the_precision_needs_it(
     precision: dict[str, bool], optimizer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], **precision)
-    callback = add_amp_callback(SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[])))
+    args = cpu_args(**precision)
+    callback = placed_callback()
     with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
         callback.on_train_begin(args, SimpleNamespace(global_step=0), None, optimizer=optimizer)
     assert caplog.records == []
@@ -374,7 +384,7 @@ def test_train_begin_warns_of_nothing_when_the_scaler_is_where_the_precision_nee
 def test_the_keys_go_into_the_history_row_of_these_logs_and_no_other(
     history_row: dict[str, Any], logs: dict[str, Any], updated: bool
 ) -> None:
-    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], bf16=True)
+    args = cpu_args(bf16=True)
     state = SimpleNamespace(global_step=4, log_history=[dict(history_row)])
     AmpTrainerCallback().on_log(args, state, None, logs=dict(logs))
     amp = {"amp/enabled": 1, "amp/precision": "bf16-mixed"}
@@ -386,18 +396,16 @@ def test_a_renamed_gradscaler_fails_train_begin_loudly_but_only_where_a_scale_is
 ) -> None:
     """The stand-in replaces amp_lib's own check (as in the Lightning tests), nothing in torch."""
     check_gradscaler_internals.cache_clear()
-    AmpTrainerCallback().on_train_begin(
-        TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], fp16=True), None, None
-    )
+    AmpTrainerCallback().on_train_begin(cpu_args(fp16=True), None, None)
     assert check_gradscaler_internals.cache_info().misses == 1  # it ran, and this torch passes
 
     def renamed() -> None:
         raise RuntimeError("torch 9.9 renamed GradScaler's _scale")
 
     monkeypatch.setattr(hf, "check_gradscaler_internals", renamed)
-    bf16 = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], bf16=True)
+    bf16 = cpu_args(bf16=True)
     assert AmpTrainerCallback().on_train_begin(bf16, None, None) is None  # no scale: not checked
-    fp16 = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], fp16=True)
+    fp16 = cpu_args(fp16=True)
     with pytest.raises(RuntimeError, match="renamed GradScaler's _scale"):
         AmpTrainerCallback().on_train_begin(fp16, None, None)
 
@@ -406,20 +414,17 @@ def test_a_renamed_gradscaler_fails_train_begin_loudly_but_only_where_a_scale_is
 
 
 def test_trainer_and_accelerate_precisions_are_canonical() -> None:
-    def args(**kw: Any) -> TrainingArguments:
-        return TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], **kw)
-
-    assert hf.trainer_precision(args()) == "fp32"
-    assert hf.trainer_precision(args(fp16=True)) == "fp16-mixed"
-    assert hf.trainer_precision(args(bf16=True)) == "bf16-mixed"
+    assert hf.trainer_precision(cpu_args()) == "fp32"
+    assert hf.trainer_precision(cpu_args(fp16=True)) == "fp16-mixed"
+    assert hf.trainer_precision(cpu_args(bf16=True)) == "bf16-mixed"
     # TrainingArguments refuses tf32 without an Ampere GPU: the attributes it would have, as plain data
-    assert hf.trainer_precision(SimpleNamespace(fp16=False, bf16=False, tf32=True)) == "tf32"
-    assert hf.trainer_precision(args(), SimpleNamespace(mixed_precision="fp8")) == "fp8-mixed"
-    assert hf.trainer_precision(args(), SimpleNamespace(mixed_precision="no")) == "fp32"
     tf32 = SimpleNamespace(fp16=False, bf16=False, tf32=True)
+    assert hf.trainer_precision(tf32) == "tf32"
+    assert hf.trainer_precision(cpu_args(), SimpleNamespace(mixed_precision="fp8")) == "fp8-mixed"
+    assert hf.trainer_precision(cpu_args(), SimpleNamespace(mixed_precision="no")) == "fp32"
     for no_mixed in ("no", " NO ", ""):  # Accelerate's "no" (any case) or nothing: the arguments decide
         assert hf.trainer_precision(tf32, SimpleNamespace(mixed_precision=no_mixed)) == "tf32"
-    assert hf.trainer_precision(args(bf16=True), SimpleNamespace(mixed_precision="fp16")) == "bf16-mixed"
+    assert hf.trainer_precision(cpu_args(bf16=True), SimpleNamespace(mixed_precision="fp16")) == "bf16-mixed"
     for mixed, name in (("no", "fp32"), ("bf16", "bf16-mixed"), ("fp16", "fp16-mixed")):
         assert hf.accelerate_precision(fresh_accelerator(mixed_precision=mixed)) == name
     assert [hf.amp_enabled(name) for name in ("fp32", "tf32", "fp16-mixed", "bf16-mixed")] == [False, False, True, True]
