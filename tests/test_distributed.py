@@ -258,6 +258,18 @@ def test_the_root_cause_is_the_earliest_error_file_of_a_rank(tmp_path: Path, mon
     assert root_cause(tmp_path / "unreadable", stopped).endswith(stopped.strip())  # skipped, not raised
 
 
+def test_of_error_files_stamped_in_the_same_second_the_first_written_is_the_root_cause(tmp_path: Path) -> None:
+    """A rank that raises and the peer that then fails on the lost connection usually stamp the same
+    second; the rank number must not decide between them."""
+    for rank, text, written_ns in ((1, "boom on rank 1", 1_000_000_000), (0, "Connection closed by peer", 1_002_000_000)):
+        path = tmp_path / "attempt_0" / str(rank) / "error.json"
+        path.parent.mkdir(parents=True)
+        message = {"message": text, "extraInfo": {"py_callstack": "Traceback", "timestamp": "1700000000"}}
+        path.write_text(json.dumps({"message": message}))
+        os.utime(path, ns=(written_ns, written_ns))
+    assert root_cause(tmp_path, "").startswith("rank 1: boom on rank 1")
+
+
 @pytest.mark.parametrize("content", ["not json", "{}", "[]", '{"message": 3}'])
 def test_a_malformed_error_file_is_skipped(tmp_path: Path, content: str) -> None:
     path = tmp_path / "attempt_0" / "1" / "error.json"
