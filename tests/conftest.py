@@ -169,3 +169,21 @@ def ctrl_c_stdout() -> Iterator[type[CtrlCOnFirstOutcome]]:
     saved = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield CtrlCOnFirstOutcome
     signal.signal(signal.SIGINT, saved)
+
+
+@pytest.fixture(autouse=True)
+def environment_left_as_found() -> Iterator[None]:
+    """A variable a test sets and does not restore changes every later test of its process: a worker's
+    MKL_NUM_THREADS=1, left behind, once gave torchrun's workers one thread each, in one order in eleven.
+    (monkeypatch.delenv of an unset variable records nothing to restore: set it first.)"""
+    before = dict(os.environ)
+    yield
+    changed = sorted(
+        k
+        for k in before.keys() | os.environ.keys()
+        if k != "PYTEST_CURRENT_TEST" and before.get(k) != os.environ.get(k)
+    )
+    if changed:
+        os.environ.clear()
+        os.environ.update(before)
+        pytest.fail(f"the test left these environment variables changed: {', '.join(changed)}; use monkeypatch")

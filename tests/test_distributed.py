@@ -352,7 +352,8 @@ def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(
     config = RunConfig(
         **BASE, batch_size=4, parallelism="ddp", nproc=2, profile_step=True, out_dir=str(tmp_path / "out")
     )
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # unset: each process gets half of this one's 4 threads
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # unset: each process gets half of this one's 4 threads
+        monkeypatch.delenv(name, raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:

@@ -443,8 +443,10 @@ def test_each_worker_gets_its_share_of_the_cores() -> None:
 
 def test_a_worker_takes_its_thread_share_for_its_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     saved_threads, saved_int = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    # Set, not deleted: monkeypatch restores only what it saw, and an absent variable that the worker then
+    # sets would leak into every later test of this process (it gave torchrun's workers one thread).
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
     gpus: queue.Queue[str | None] = queue.Queue()
     gpus.put(None)
     try:
