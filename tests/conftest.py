@@ -171,6 +171,11 @@ def ctrl_c_stdout() -> Iterator[type[CtrlCOnFirstOutcome]]:
     signal.signal(signal.SIGINT, saved)
 
 
+# Set by libraries for themselves, once per process, by whichever test first needs them (importing Lightning
+# sets the first, so a whole-suite run has it before any test).
+SET_BY_LIBRARIES_ON_FIRST_USE = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}
+
+
 @pytest.fixture(autouse=True)
 def environment_left_as_found() -> Iterator[None]:
     """A variable a test sets and does not restore changes every later test of its process: a worker's
@@ -180,10 +185,13 @@ def environment_left_as_found() -> Iterator[None]:
     yield
     changed = sorted(
         k
-        for k in before.keys() | os.environ.keys()
-        if k != "PYTEST_CURRENT_TEST" and before.get(k) != os.environ.get(k)
+        for k in (before.keys() | os.environ.keys()) - SET_BY_LIBRARIES_ON_FIRST_USE
+        if before.get(k) != os.environ.get(k)
     )
     if changed:
-        os.environ.clear()
-        os.environ.update(before)
+        for k in changed:
+            if k in before:
+                os.environ[k] = before[k]
+            else:
+                del os.environ[k]
         pytest.fail(f"the test left these environment variables changed: {', '.join(changed)}; use monkeypatch")
