@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,14 +297,12 @@ def launch(
     plan: PrecisionPlan,
     *,
     timeout: float | None = None,
-    on_start: Callable[[int], None] | None = None,
     grace_s: float = STOP_GRACE_S,
 ) -> RunResult:
     """Run `config` under torchrun on `config.nproc` local processes and return rank 0's result; a failure
     on any rank (or the timeout) is a `failed` (`oom`) result with that rank's error. Nothing outlives the
-    call: on a timeout, a Ctrl-C or any error the agent and every worker it started are stopped.
-
-    `on_start` gets torchrun's pid (tests use it to check that no process is left behind).
+    call: on a timeout, a Ctrl-C or any error the agent, every worker it started and their own children are
+    stopped, and the scratch folder (`amp-torchrun-*` in the temp folder) is removed.
     """
     with tempfile.TemporaryDirectory(prefix="amp-torchrun-") as tmp:
         folder = Path(tmp)
@@ -320,8 +318,6 @@ def launch(
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only, before exec; nothing else runs in the child
         )  # fmt: skip
-        if on_start is not None:
-            on_start(proc.pid)
         known: dict[int, Any] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
         try:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from functools import cache
 from pathlib import Path
@@ -130,9 +131,18 @@ def _failing_on_rank_1(config: RunConfig, fail: Any) -> tuple[nn.Module, Any, An
 
 
 def killed_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
-    """Rank 1 writes its pid (and torchrun's) and SIGKILLs itself mid-run."""
+    """Rank 1 SIGKILLs itself mid-run. Rank 0 first starts a child of its own that ignores SIGTERM (as a
+    data-loading helper might) and waits long enough for the launcher's 0.5 s poll to see it. Each rank
+    writes its pid, torchrun's, its child's and the arguments it was started with."""
     rank = int(os.environ.get("RANK", "0"))
-    Path(os.environ["AMP_TEST_PIDS"], f"rank{rank}").write_text(f"{os.getpid()} {os.getppid()}")
+    pids = [os.getpid(), os.getppid()]
+    if rank == 0:
+        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+        pids.append(subprocess.Popen([sys.executable, "-c", code]).pid)
+        time.sleep(1.5)
+    folder = Path(os.environ["AMP_TEST_PIDS"])
+    (folder / f"rank{rank}").write_text(" ".join(map(str, pids)))
+    (folder / f"argv{rank}.json").write_text(json.dumps(sys.argv))
     return _failing_on_rank_1(config, lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
@@ -516,13 +526,15 @@ def test_an_overflow_on_one_rank_is_skipped_on_every_rank_and_the_scale_backs_of
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_behind(
+def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_or_folder_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pids = tmp_path / "pids"
+    pids, scratch = tmp_path / "pids", tmp_path / "scratch"
     pids.mkdir()
+    scratch.mkdir()
     monkeypatch.setenv("AMP_TEST_PIDS", str(pids))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the launcher's scratch folder goes
     out = tmp_path / "results"
     finished = RunResult(config={"run_name": "earlier"}, plan={}).save(out / "earlier.json")
     before = finished.read_bytes()
@@ -535,9 +547,12 @@ def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_behind(
     assert result.status == "failed" and "exitcode" in result.error and "-9" in result.error, result.error
     assert RunResult.load(out / "killed.json").status == "failed" and observer.calls[-1] == "end failed"
     assert finished.read_bytes() == before  # a finished result is untouched
-    seen = {int(p) for f in pids.iterdir() for p in f.read_text().split()}  # both workers and torchrun's agent
-    assert len(seen) == 3
+    seen = {int(p) for f in pids.glob("rank*") for p in f.read_text().split()}  # workers, agent, rank 0's child
+    assert len(seen) == 4
     assert [p for p in seen if _alive(p)] == []
+    config_arg = Path(json.loads((pids / "argv0.json").read_text())[2])  # --config <path>: in the scratch folder
+    assert config_arg.parent.parent == scratch and config_arg.parent.name.startswith("amp-torchrun-")
+    assert list(scratch.iterdir()) == []  # and it is gone
 
 
 @pytest.mark.slow
