@@ -237,9 +237,9 @@ _FAILURE = re.compile(
 def root_cause(log_dir: Path, output: str) -> str:
     """The first failure of a torchrun job. A rank killed by a signal other than the SIGTERM torchrun sends to
     the survivors comes first: it leaves no error file, and what its peers then record (a reset connection)
-    is its consequence. Else the earliest per-rank error file (`@record` writes the exception and its
-    traceback; its timestamp has whole seconds, so the file's own time breaks a tie: the peer that fails
-    on the lost connection writes within the same second), else torchrun's own failure summary."""
+    is its consequence. Else the first-written per-rank error file (`@record` writes the exception and its
+    traceback; the file's time, not the stamp inside, which has whole seconds: the peer that fails on the
+    lost connection writes within the same second), else torchrun's own failure summary."""
     for rank, code, why in _FAILURE.findall(output):
         if int(code) < 0 and int(code) != -signal.SIGTERM:
             return f"rank {rank} was killed (exitcode {code}): {why.strip()}"
@@ -254,9 +254,9 @@ def root_cause(log_dir: Path, output: str) -> str:
             text = f"rank {rank}: {message['message']}"
             if extra.get("py_callstack"):
                 text += "\n" + str(extra["py_callstack"])
-            failures.append((int(extra.get("timestamp") or 0), path.stat().st_mtime_ns, text))
+            failures.append((path.stat().st_mtime_ns, text))
     if failures:
-        return min(failures)[2]
+        return min(failures)[1]
     summary = output[output.find("Root Cause") :] if "Root Cause" in output else output[-3000:]
     return "a worker failed under torchrun\n" + summary.strip()
 
