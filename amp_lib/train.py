@@ -359,7 +359,7 @@ def _run(
     items_per_step = workload.items_per_batch * config.grad_accum  # over all ranks: the batch was built global
     batches, accum = workload.train_batches, config.grad_accum
     lr = optimizer.param_groups[0]["lr"] if config.schedules_lr else None  # the device tensor the optimizer reads
-    recorder.constant_lr = None if config.schedules_lr else config.lr
+    recorder.constant_lr = config.lr  # the rows' rate when no step records a scheduled one
     applied = torch.zeros((), device=device)  # optimizer steps really taken: skipped ones don't count
     clock = _Clock(device)
     headroom = recorder.headroom = HeadroomMap(model, config.headroom_every) if config.headroom_every else None
