@@ -146,6 +146,14 @@ def killed_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
     return _failing_on_rank_1(config, lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
+def hangs_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
+    """Rank 1's forward sleeps past any test's patience (rank 0 then waits in the all-reduce). Each rank
+    writes its pid and torchrun's."""
+    rank = int(os.environ.get("RANK", "0"))
+    Path(os.environ["AMP_TEST_PIDS"], f"rank{rank}").write_text(f"{os.getpid()} {os.getppid()}")
+    return _failing_on_rank_1(config, lambda: time.sleep(300))
+
+
 def raises_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
     """Rank 1's forward raises mid-run, as a user model's bug on one rank would."""
 
@@ -576,6 +584,77 @@ def test_an_error_on_one_rank_fails_the_run_with_that_ranks_error(tmp_path: Path
     assert result.status == "failed", result.error
     assert result.error.startswith("torchrun exited with 1; rank 1: ") and f"rank 1 broke at forward {KILL_AT}" in result.error
     assert result.plan["torch_version"] == torch.__version__ and result.plan["parallelism"] == "ddp"
+
+
+def _hung_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RunConfig, Path]:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv("AMP_TEST_PIDS", str(pids))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
+    config = RunConfig(
+        model="test_distributed:hangs_on_rank_1", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
+        device="cpu", parallelism="ddp", nproc=2, out_dir=str(tmp_path / "out"), run_name="hung",
+    )  # fmt: skip
+    return config, pids
+
+
+def _pids_seen(folder: Path) -> set[int]:
+    return {int(p) for f in folder.glob("rank*") for p in f.read_text().split()}
+
+
+def _kill_left_over(pids: set[int]) -> None:
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_run_past_its_timeout_is_stopped_with_all_its_processes_and_fails_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, pids = _hung_run(tmp_path, monkeypatch)
+    began = time.monotonic()
+    result = train(config, timeout=30)  # ample for two workers to start on a loaded 2-core machine
+    took = time.monotonic() - began
+    seen = _pids_seen(pids)
+    try:
+        assert result.status == "failed" and "did not finish within 30 s" in result.error, result.error
+        assert took < 30 + distributed.STOP_GRACE_S + 15
+        assert len(seen) == 3 and [p for p in seen if _alive(p)] == []  # both workers and torchrun's agent
+    finally:
+        _kill_left_over(seen)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_launcher_killed_outright_takes_torchrun_and_its_workers_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notebook kernel or a sweep worker killed with SIGKILL runs no clean-up: the kernel's death signal
+    to torchrun must stop the job."""
+    config, pids = _hung_run(tmp_path, monkeypatch)
+    code = "import sys; from amp_lib.config import RunConfig; from amp_lib.train import train; "
+    code += "train(RunConfig.from_dict(__import__('json').loads(sys.argv[1])))"
+    launcher = subprocess.Popen([sys.executable, "-c", code, json.dumps(config.to_dict())])
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids.glob("rank*"))) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        time.sleep(0.5)  # both files written in full
+        seen = _pids_seen(pids)
+        assert len(seen) == 3, "the workers did not start"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + distributed.STOP_GRACE_S + 15
+        while any(_alive(p) for p in seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [p for p in seen if _alive(p)] == []
+    finally:
+        launcher.kill()
+        launcher.wait()
+        _kill_left_over(seen)
 
 
 @pytest.mark.slow
