@@ -111,6 +111,10 @@ def test_with_the_map_off_no_hook_is_registered_and_on_the_history_is_unchanged(
     assert on.ok and set(counts) == {1}  # nn.Linear(8, 1) is its own only leaf module
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # removed when the run ended
     assert [r.loss for r in on.history] == [r.loss for r in off.history]  # hooks only read
+    # without a loss scaler no sample is divided by a scale, the first one included
+    samples = on.headroom["samples"]
+    assert [s["step"] for s in samples] == [0, 2] and [s["loss_scale"] for s in samples] == [None, None]
+    assert all(g["max_abs"] == g["max_abs_scaled"] for s in samples for g in s["gradient"].values())
 
 
 def test_leaf_modules_are_named_by_their_qualified_names() -> None:
