@@ -160,7 +160,7 @@ class RunConfig:
     eval_every: int = 0  # steps between evaluations on held-out batches; 0: only at the end
     eval_batches: int = 4  # held-out batches per evaluation (built-in models)
     headroom_every: int = 0  # fp16 headroom map (amp_lib.headroom): sample every N steps; 0: off, no hooks
-    profile_step: bool = False  # profile one step after the timing warm-up (amp_lib.diagnose)
+    profile_step: bool = False  # profile the warm-up's last step, or the first without one (amp_lib.diagnose)
     parallelism: str = "none"  # none, ddp or fsdp (FSDP2): ddp/fsdp run under torchrun (amp_lib.distributed)
     nproc: int = 1  # processes (one per GPU) on this machine; batch_size is per process
     reduce_dtype: str = "fp32"  # FSDP's gradient-reduction dtype: fp32 or the compute dtype (bf16, fp16)

@@ -348,6 +348,8 @@ def test_a_run_profiles_its_last_untimed_step_only_when_asked(user_models) -> No
     assert result.profile["facts"] == machine_facts(probe("cpu"))
     assert StepProfile.from_dict(result.profile).busy_ms["matmul"] > 0
     assert result.profile["causes"] == []  # fp32 is the baseline: nothing to explain
+    no_warmup = train(RunConfig(**{**base, "timing_warmup_steps": 0}, profile_step=True), write=False)
+    assert no_warmup.profile["step"] == 0  # no untimed step: the first one
     bf16 = train(RunConfig(**base, precision="bf16-mixed", profile_step=True), write=False)
     expected = explain("bf16-mixed", None, StepProfile.from_dict(bf16.profile), None, bf16.profile["facts"])
     assert bf16.profile["causes"] == [c.text for c in expected]  # what the run alone can tell, in its JSON
