@@ -146,6 +146,15 @@ def killed_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
     return _failing_on_rank_1(config, lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
+def out_of_memory_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
+    """Rank 1's forward runs out of memory mid-run, as a GPU whose share of the batch does not fit would."""
+
+    def fail() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    return _failing_on_rank_1(config, fail)
+
+
 def hangs_on_rank_1(config: RunConfig) -> tuple[nn.Module, Any, Any]:
     """Rank 1's forward sleeps past any test's patience (rank 0 then waits in the all-reduce). Each rank
     writes its pid and torchrun's."""
@@ -584,6 +593,19 @@ def test_an_error_on_one_rank_fails_the_run_with_that_ranks_error(tmp_path: Path
     assert result.status == "failed", result.error
     assert result.error.startswith("torchrun exited with 1; rank 1: ") and f"rank 1 broke at forward {KILL_AT}" in result.error
     assert result.plan["torch_version"] == torch.__version__ and result.plan["parallelism"] == "ddp"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_rank_out_of_memory_makes_the_run_an_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
+    config = RunConfig(
+        model="test_distributed:out_of_memory_on_rank_1", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
+        device="cpu", parallelism="ddp", nproc=2, out_dir=str(tmp_path), run_name="oom",
+    )  # fmt: skip
+    result = train(config, timeout=120)
+    assert result.status == "oom", result.error
+    assert result.error.startswith("torchrun exited with 1; rank 1: ") and "Tried to allocate 2.00 GiB" in result.error
 
 
 def _hung_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RunConfig, Path]:
