@@ -227,6 +227,19 @@ def test_fsdp_shards_every_outermost_module_list_and_nothing_nested_in_a_block()
     assert transformer_blocks(model) == [*model.blocks, *model.heads]
 
 
+@pytest.mark.parametrize("present", [{"LOCAL_RANK": "0"}, {"WORLD_SIZE": "2"}, {"LOCAL_RANK": "0", "WORLD_SIZE": "2"}])
+def test_a_torchrun_worker_is_told_by_both_of_torchruns_variables(
+    present: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One of them alone (a Lightning or Slurm environment sets some) does not make this process a worker."""
+    for name in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(name, "0")  # recorded, so the unset below is undone too
+        monkeypatch.delenv(name)
+    for name, value in present.items():
+        monkeypatch.setenv(name, value)
+    assert in_torchrun() == (len(present) == 2)
+
+
 def test_without_a_process_group_the_collectives_are_the_identity() -> None:
     t = torch.tensor([1.0, 2.0])
     assert mean_over_ranks(t) is t and gather_floats(3.5, torch.device("cpu")) == [3.5]
