@@ -669,6 +669,9 @@ def test_a_launcher_killed_outright_takes_torchrun_and_its_workers_with_it(
     """A notebook kernel or a sweep worker killed with SIGKILL runs no clean-up: the kernel's death signal
     to torchrun must stop the job."""
     config, pids = _hung_run(tmp_path, monkeypatch)
+    scratch = tmp_path / "scratch"  # a launcher killed outright cannot remove its scratch folder: keep it here
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     code = "import sys; from amp_lib.config import RunConfig; from amp_lib.train import train; "
     code += "train(RunConfig.from_dict(__import__('json').loads(sys.argv[1])))"
     launcher = subprocess.Popen([sys.executable, "-c", code, json.dumps(config.to_dict())])
@@ -686,6 +689,7 @@ def test_a_launcher_killed_outright_takes_torchrun_and_its_workers_with_it(
         while any(_alive(p) for p in seen) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert [p for p in seen if _alive(p)] == []
+        assert [p.name[:13] for p in scratch.iterdir()] == ["amp-torchrun-"]
     finally:
         launcher.kill()
         launcher.wait()
