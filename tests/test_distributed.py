@@ -555,6 +555,25 @@ def test_an_overflow_on_one_rank_is_skipped_on_every_rank_and_the_scale_backs_of
     assert saved.metrics.skipped_steps == 1 and saved.metrics.min_loss_scale == 512.0
 
 
+def _rank_1_run(model: str, out: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> RunConfig:
+    """A two-process DDP run of one of the `*_on_rank_1` models above, which the workers import from here."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
+    return RunConfig(
+        model=f"test_distributed:{model}", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
+        device="cpu", parallelism="ddp", nproc=2, out_dir=str(out), run_name=name,
+    )  # fmt: skip
+
+
+def _pids_seen(folder: Path) -> set[int]:
+    return {int(p) for f in folder.glob("rank*") for p in f.read_text().split()}
+
+
+def _kill_left_over(pids: set[int]) -> None:
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_or_folder_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -563,21 +582,17 @@ def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_or_folder_beh
     pids.mkdir()
     scratch.mkdir()
     monkeypatch.setenv("AMP_TEST_PIDS", str(pids))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the launcher's scratch folder goes
     out = tmp_path / "results"
     finished = RunResult(config={"run_name": "earlier"}, plan={}).save(out / "earlier.json")
     before = finished.read_bytes()
-    config = RunConfig(
-        model="test_distributed:killed_on_rank_1", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
-        device="cpu", parallelism="ddp", nproc=2, out_dir=str(out), run_name="killed",
-    )  # fmt: skip
+    config = _rank_1_run("killed_on_rank_1", out, "killed", monkeypatch)
     observer = Rows()
     result = train(config, [observer])
     assert result.status == "failed" and "exitcode" in result.error and "-9" in result.error, result.error
     assert RunResult.load(out / "killed.json").status == "failed" and observer.calls[-1] == "end failed"
     assert finished.read_bytes() == before  # a finished result is untouched
-    seen = {int(p) for f in pids.glob("rank*") for p in f.read_text().split()}  # workers, agent, rank 0's child
+    seen = _pids_seen(pids)  # both workers, torchrun's agent and rank 0's child
     assert len(seen) == 4
     assert [p for p in seen if _alive(p)] == []
     config_arg = Path(json.loads((pids / "argv0.json").read_text())[2])  # --config <path>: in the scratch folder
@@ -590,12 +605,8 @@ def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_or_folder_beh
 def test_an_error_on_one_rank_fails_the_run_with_that_ranks_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rank's exception is raised, not recorded: torchrun stops the other rank (which would otherwise
     wait in the gradient all-reduce) and the launcher reports the failing rank's error."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # another child of ours
-    config = RunConfig(
-        model="test_distributed:raises_on_rank_1", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
-        device="cpu", parallelism="ddp", nproc=2, out_dir=str(tmp_path), run_name="raised",
-    )  # fmt: skip
+    config = _rank_1_run("raises_on_rank_1", tmp_path, "raised", monkeypatch)
     try:
         result = train(config, timeout=120)
         alive = bystander.poll() is None
@@ -611,11 +622,7 @@ def test_an_error_on_one_rank_fails_the_run_with_that_ranks_error(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_rank_out_of_memory_makes_the_run_an_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
-    config = RunConfig(
-        model="test_distributed:out_of_memory_on_rank_1", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
-        device="cpu", parallelism="ddp", nproc=2, out_dir=str(tmp_path), run_name="oom",
-    )  # fmt: skip
+    config = _rank_1_run("out_of_memory_on_rank_1", tmp_path, "oom", monkeypatch)
     result = train(config, timeout=120)
     assert result.status == "oom", result.error
     assert result.error.startswith("torchrun exited with 1; rank 1: ") and "Tried to allocate 2.00 GiB" in result.error
@@ -625,22 +632,8 @@ def _hung_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RunConfi
     pids = tmp_path / "pids"
     pids.mkdir()
     monkeypatch.setenv("AMP_TEST_PIDS", str(pids))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(ROOT)]))
-    config = RunConfig(
-        model="test_distributed:hangs_on_rank_1", steps=6, batch_size=4, log_every=1, timing_warmup_steps=1,
-        device="cpu", parallelism="ddp", nproc=2, out_dir=str(tmp_path / "out"), run_name="hung",
-    )  # fmt: skip
+    config = _rank_1_run("hangs_on_rank_1", tmp_path / "out", "hung", monkeypatch)
     return config, pids
-
-
-def _pids_seen(folder: Path) -> set[int]:
-    return {int(p) for f in folder.glob("rank*") for p in f.read_text().split()}
-
-
-def _kill_left_over(pids: set[int]) -> None:
-    for pid in pids:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
