@@ -13,6 +13,7 @@ its own rows of each batch, so N processes see exactly the batches of one proces
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -33,11 +34,11 @@ from torch import nn
 
 from amp_lib.config import RunConfig
 from amp_lib.precision import PrecisionPlan
+from amp_lib.processes import die_with_parent, thread_share
 from amp_lib.results import RunResult
 
 TRAIN_MODULE = "amp_lib.train"  # what torchrun runs: its main() is one run's command line
 STOP_GRACE_S = 20.0  # after SIGTERM, how long the agent gets to stop its workers before everything is killed
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -219,15 +220,6 @@ def torchrun_command(config_path: Path, result_path: Path, log_dir: Path, nproc:
     ]  # fmt: skip
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Have Linux send `sig` to this process when its parent dies: a launcher killed outright (a sweep's
-    timed-out kernel) still stops torchrun, whose agent then stops its workers."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-
-
 # One failure in torchrun's summary: rank, exit code (negative: the signal that ended it), traceback line.
 _FAILURE = re.compile(
     r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)[^\n]*\n\s*error_file[^\n]*\n\s*traceback\s*:\s*([^\n]+)"
@@ -310,13 +302,14 @@ def launch(
         config_path.write_text(json.dumps(config.to_dict()))
         env = dict(os.environ)
         # Each process gets its share of this one's threads (torchrun would otherwise set 1 and warn).
-        env.setdefault("OMP_NUM_THREADS", str(max(1, torch.get_num_threads() // config.nproc)))
+        env.setdefault("OMP_NUM_THREADS", str(thread_share(torch.get_num_threads(), config.nproc)))
         env.pop("LOCAL_RANK", None)
         log = open(folder / "torchrun.log", "w+", encoding="utf-8")  # noqa: SIM115 - read back below
         proc = subprocess.Popen(
             torchrun_command(config_path, result_path, log_dir, config.nproc),
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only, before exec; nothing else runs in the child
+            # A launcher killed outright (a sweep's timed-out kernel) still stops torchrun; its agent stops the workers.
+            preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGTERM),  # noqa: PLW1509 - prctl only
         )  # fmt: skip
         known: dict[int, Any] = {}
         deadline = None if timeout is None else time.monotonic() + timeout

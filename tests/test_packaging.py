@@ -147,6 +147,7 @@ def test_data_flows_one_way_the_core_never_imports_the_layers_above_it() -> None
         "precision",
         "scaler",
         "measure",
+        "processes",
         "results",
         "data",
         "models",

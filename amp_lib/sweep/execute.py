@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from amp_lib.config import PROJECT, RunConfig, TrackingConfig
 from amp_lib.precision import probe, resolve_precision
+from amp_lib.processes import die_with_parent, thread_share
 from amp_lib.results import RunResult, first_line, read_result
 from amp_lib.sweep.grid import SweepRun
 
@@ -268,38 +269,20 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     return Outcome(run.name, result.status, result.error, notebook=str(notebook))
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> bool:
-    """Have the kernel send `sig` to this process when its parent dies (Linux; False elsewhere), and exit
-    now if the parent `parent` is already gone. A worker's kernels then exit too: ipykernel polls its
-    parent and quits when it changes."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        return False
-    if os.getppid() != parent:  # the parent died before prctl: no signal will come
-        os._exit(1)
-    return True
-
-
 def cpu_threads(workers: int) -> int:
     """Each of `workers` parallel runs gets its share of this process's cores, at least one."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // max(1, workers))
+    return thread_share(cores, workers)
 
 
 def _init_worker(gpus: Any, pids: Any, parent: int | None = None, threads: int | None = None) -> None:
-    """Worker initializer: die with the sweep (any signal, SIGKILL included), pin this worker (and the
-    kernels it starts) to one GPU and its share of the CPU threads, and leave Ctrl-C to the parent,
-    which stops workers itself (a half-interrupted papermill call can linger)."""
+    """Worker initializer: die with the sweep (any signal, SIGKILL included; its kernels then exit too, as
+    ipykernel polls its parent), pin this worker (and the kernels it starts) to one GPU and its share of
+    the CPU threads, and leave Ctrl-C to the parent, which stops workers itself (a half-interrupted
+    papermill call can linger)."""
     if parent is not None:
         die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
