@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import json
 import math
 import tempfile
 import types
@@ -61,6 +62,9 @@ def test_compare_notebook_parameters_are_report_views_arguments() -> None:
 
 def test_notebooks_are_stored_without_outputs_on_the_project_kernel() -> None:
     for name in ("train.ipynb", "compare.ipynb", "explore.ipynb"):
+        stored = json.loads((NOTEBOOKS / name).read_text())  # as on disk: reading would add missing ids
+        missing = [c["source"][:1] for c in stored["cells"] if "id" not in c]
+        assert missing == [], f"{name}: cells without an id (nbformat 4.5 needs them; papermill warns)"
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         assert nb.metadata.kernelspec.name == "amp-workbook"
         for cell in nb.cells:
