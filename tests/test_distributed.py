@@ -361,6 +361,30 @@ def test_stopping_a_launch_asks_with_sigterm_first_then_kills_what_ignores_it() 
             proc.wait()
 
 
+
+def test_stopping_also_kills_what_the_process_started_since_the_launchers_last_look() -> None:
+    """`launch` looks for descendants every 0.5 s; ones started after its last look (two here, both ignoring
+    SIGTERM and left behind by their parent's exit) are found by the stop itself."""
+    parent = _child(
+        "import subprocess, sys, time\n"
+        "code = 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)'\n"
+        "kids = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE) for _ in range(2)]\n"
+        "for kid in kids: kid.stdout.readline()  # from here on it ignores SIGTERM\n"
+        "print('ready', flush=True); print(*(kid.pid for kid in kids), flush=True); time.sleep(60)"
+    )
+    kids = [int(pid) for pid in parent.stdout.readline().split()]  # type: ignore[union-attr]
+    try:
+        distributed._stop(parent, {}, grace_s=5)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, kids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert parent.returncode == -signal.SIGTERM
+        assert [pid for pid in kids if _alive(pid)] == []
+    finally:
+        parent.kill()
+        parent.wait()
+        _kill_left_over(set(kids))
+
 # --- under torchrun -------------------------------------------------------------------------------
 
 
