@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -254,8 +255,6 @@ def root_cause(log_dir: Path, output: str) -> str:
 
 
 def _descendants(proc: subprocess.Popen[Any]) -> list[Any]:
-    import psutil
-
     try:
         return psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
@@ -266,8 +265,6 @@ def _stop(proc: subprocess.Popen[Any], known: dict[int, Any], grace_s: float) ->
     """SIGTERM to torchrun (its agent stops the workers), then SIGKILL to whatever of it and its
     descendants is still alive after `grace_s`. psutil's Process objects check the start time, so a pid
     reused meanwhile is never hit."""
-    import psutil
-
     for p in _descendants(proc):
         known.setdefault(p.pid, p)
     if proc.poll() is None:

@@ -6,6 +6,8 @@ A notebook cell should be one call here and one display; anything worth testing 
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 import os
 import tempfile
@@ -181,8 +183,6 @@ def verdicts_html(report: SweepReport) -> Any:
 
 def memory_html(report: SweepReport) -> Any:
     """The memory split table as HTML, with the note a CPU's process-wide peak needs."""
-    import html
-
     from IPython.display import HTML
 
     note = memory_note(report.comparisons)
@@ -256,9 +256,6 @@ class ExploreView:
         return f"{s.view} · {s.setting} · {self.runs} run{'s' if self.runs != 1 else ''} selected"
 
     def _repr_mimebundle_(self, **_: Any) -> dict[str, str]:
-        import base64
-        import html
-
         image = base64.b64encode(self.png).decode("ascii")
         return {
             "text/html": f'<div class="amp-explore"><div class="amp-explore-caption">{html.escape(self.caption)}</div>'
@@ -269,8 +266,6 @@ class ExploreView:
 
 def explore_view(explorer: Explorer, selection: Selection) -> ExploreView:
     """The view of one selection: its figure and the verdicts of its precisions (against fp32, same seeds)."""
-    import html
-
     runs = explorer.selected(selection)
     comparisons, noise = explorer.verdicts(selection)
     if comparisons:
