@@ -345,6 +345,7 @@ def test_a_run_profiles_its_last_untimed_step_only_when_asked(user_models) -> No
     assert plain.profile is None
     result = train(RunConfig(**base, profile_step=True), write=False)
     assert result.ok and result.profile["step"] == 1 and result.metrics.timed_steps == 3  # steps 2, 3, 4
+    assert result.metrics.comm_time_ms is None  # one process: no collectives to time, even in a profiled step
     assert result.profile["facts"] == machine_facts(probe("cpu"))
     assert StepProfile.from_dict(result.profile).busy_ms["matmul"] > 0
     assert result.profile["causes"] == []  # fp32 is the baseline: nothing to explain
