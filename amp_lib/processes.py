@@ -21,7 +21,7 @@ def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> bool:
     no signal will ever come. Call it first thing in the child (a pool's initializer, a `preexec_fn`)."""
     if not sys.platform.startswith("linux"):
         return False
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+    if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, sig) != 0:  # the kernel reads no other argument
         return False
     if os.getppid() != parent:
         os._exit(1)
