@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from factories import make_result
+from wandb_readback import only_run_dir, read_run, read_summary
 
 from amp_lib.config import RECIPES, RunConfig, parameter_names
 from amp_lib.precision import Capabilities, valid_precision_names
@@ -32,6 +33,7 @@ from amp_lib.sweep.cli import SweepRefused, SweepResult, _csv, build_parser, mai
 from amp_lib.sweep.execute import LocalExecutor, Outcome, Settings
 from amp_lib.sweep.grid import SweepRun, expand_grid
 from amp_lib.sweep.lock import LOCK_NAME, FolderLocked
+from amp_lib.sweep.publish import STALE_MD
 from amp_lib.sweep.ray_executor import RayExecutor
 from amp_lib.sweep.slurm_executor import SlurmExecutor
 
@@ -189,6 +191,25 @@ def test_the_command_line_picks_the_executor_with_its_options() -> None:
     assert slurm == SlurmExecutor("gpu", 30, 2, {"mem": "8G", "qos": "high"})
 
 
+def test_every_problem_of_the_executor_options_is_listed_at_once() -> None:
+    def problems(*argv: str) -> list[str]:
+        with pytest.raises(SweepRefused) as refused:
+            make_executor(build_parser().parse_args(["--out", "o", *argv]))
+        return refused.value.problems
+
+    assert problems("--executor", "ray", "--ray-address", "nowhere", "--slurm-time", "5") == [
+        "--slurm-time applies to --executor slurm, not ray",
+        (
+            "invalid --ray-address 'nowhere'; expected auto, host:port or ray://host:port"
+            " (leave it out to start a local Ray instance)"
+        ),
+    ]
+    assert problems("--executor", "slurm", "--ray-dashboard", "--sbatch", "mem", "--slurm-time", "0") == [
+        "--ray-dashboard applies to --executor ray, not slurm",
+        "invalid --sbatch 'mem'; expected KEY=VALUE, an sbatch option, e.g. mem=16G or qos=high",
+        "invalid --slurm-time 0; expected minutes >= 1",
+    ]
+
 def test_workers_and_another_executor_are_refused_together(tmp_path: Path) -> None:
     with pytest.raises(SweepRefused, match="workers=2 applies to the local executor; RayExecutor places runs itself"):
         sweep(tmp_path / "sw", ["fp32"], [0], PARAMS, workers=2, executor=RayExecutor(), settings=NO_KERNEL_SETTINGS)
@@ -251,6 +272,28 @@ def test_sweep_function_resumes_and_returns_the_report_summary_md_was_written_fr
     assert quiet.report == result.report  # computed even without the report files
 
 
+def test_the_folder_is_made_with_its_parents_and_a_resume_leaves_the_grid_file_alone(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "nested" / "sw"
+    result = sweep(out, ["fp32"], [0], PARAMS, report=False, settings=NO_KERNEL_SETTINGS)
+    assert [o.status for o in result.outcomes] == ["failed"] and (out / "sweep.json").is_file()
+    stamp = (out / "sweep.json").stat().st_mtime_ns
+    sweep(out, ["fp32"], [0], PARAMS, report=False, settings=NO_KERNEL_SETTINGS)  # the same grid: retried
+    assert (out / "sweep.json").stat().st_mtime_ns == stamp  # rewritten only when the grid changes
+
+
+def test_a_sweep_cut_short_after_executing_a_run_marks_the_summary_it_left_stale(
+    ctrl_c_stdout: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "sw"
+    first, _ = _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 100.0, "bf16-mixed": 150.0})
+    sweep(out, ["fp32", "bf16"], [0], PARAMS, settings=NO_KERNEL_SETTINGS)  # summary.md, from the results
+    assert not (out / "summary.md").read_text().startswith(STALE_MD)
+    monkeypatch.setattr(sys, "stdout", ctrl_c_stdout(first.name))
+    cut = sweep(out, ["fp32", "bf16"], [0], PARAMS, force=True, settings=NO_KERNEL_SETTINGS)
+    assert cut.interrupted and [(o.name, o.resumed) for o in cut.outcomes] == [(first.name, False)]
+    banner = (out / "summary.md").read_text().splitlines()[0]
+    assert banner.startswith(f"{STALE_MD} the sweep was interrupted after new runs finished; ")
+
 def test_sweep_runs_in_this_process_with_one_worker_and_the_bar_names_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -286,6 +329,20 @@ def test_ctrl_c_exits_130_keeps_finished_runs_and_writes_no_report(
     assert "interrupted: finished results are kept; run the same command again to resume\n" in err
     assert "report failed" not in err and f"FAILED failed   {first.name}: NoSuchKernel" in err
 
+
+
+@pytest.mark.slow
+def test_the_verdicts_go_to_a_wandb_run_of_their_own_in_the_runs_project_and_group(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    wandb = ["wandb_mode=offline", "wandb_project=amp-test", "wandb_group=night"]
+    grid = {k: [v] for k, v in (p.split("=") for p in wandb)}
+    _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 100.0, "bf16-mixed": 150.0}, grid=grid)
+    result = sweep(out, ["fp32", "bf16-mixed"], [0], ["device=cpu", "steps=9", *wandb], settings=NO_KERNEL_SETTINGS, report=False)
+    assert result.exit_code == 0 and result.report is not None
+    record = read_run(only_run_dir(out / "runs"))  # beside the runs' own folders, not in WANDB_DIR
+    assert (record.run["project"], record.run["run_group"], record.run["job_type"]) == ("amp-test", "night", "report")
+    assert record.run["display_name"] == "night-report"
+    assert read_summary(only_run_dir(out / "runs"))["summary"]["report/answer"] == result.report.answer()
 
 # --- what the command prints ---
 
