@@ -235,7 +235,7 @@ def _run_and_report(
 def _record_in_wandb(report: SweepReport, runs: Sequence[SweepRun], out: Path) -> None:
     """The verdicts go to a W&B run of their own, in the runs' mode, project and group; W&B trouble is
     reported and never costs the sweep its results or its report."""
-    values = runs[0].parameters if runs else {}
+    values = runs[0].parameters  # plan_sweep refuses an empty grid
     group = values.get("wandb_group")
     try:
         record_report(
