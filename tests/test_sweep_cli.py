@@ -611,10 +611,14 @@ def test_a_user_model_module_must_be_importable_from_here_before_any_kernel_star
     checkout = Path(__file__).resolve().parents[1]
     monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != checkout])
     assert main([*argv, "-p", "model=amp_lib.examples:linear_regression", *NO_KERNEL, "--no-report"]) == 1
-    # Every model of the grid is checked, built-in ones skipped; a package's module by its top package.
+    # Every model of the grid is checked, built-in ones skipped; the module is what precedes the first ":",
+    # as the kernel reads it (amp_lib.models); a package's module is found by its top package.
     capsys.readouterr()
-    assert _refused([*argv, "-p", "model=gpt-tiny,nowhere:build"], capsys) == [
-        f"model='nowhere:build': no module named 'nowhere' in {tmp_path} (the kernels' PYTHONPATH) or the installed packages"
+    assert _refused([*argv, "-p", "model=gpt-tiny,nowhere:build:x"], capsys) == [
+        (
+            f"model='nowhere:build:x': no module named 'nowhere' in {tmp_path} (the kernels' PYTHONPATH) or the "
+            "installed packages"
+        )
     ]
     (tmp_path / "my_pkg").mkdir()
     (tmp_path / "my_pkg" / "__init__.py").write_text("")
