@@ -237,6 +237,12 @@ def test_a_cuda_sweep_on_a_cpu_machine_is_rejected_before_any_run(tmp_path: Path
     assert not (tmp_path / "sw").exists()
 
 
+def test_precisions_that_are_all_blank_are_refused_as_empty(tmp_path: Path) -> None:
+    with pytest.raises(SweepRefused) as refused:
+        sweep(tmp_path / "sw", [" ", ""], [0], PARAMS, settings=NO_KERNEL_SETTINGS)
+    assert refused.value.problems[0].startswith("--precisions is empty; valid values are: fp32, tf32, ")
+    assert not (tmp_path / "sw").exists()
+
 def test_the_device_probed_is_the_one_in_the_grid_or_auto_for_several(tmp_path: Path) -> None:
     one = sweep(tmp_path / "one", ["fp32"], [0], ["device=cpu"], report=False, settings=NO_KERNEL_SETTINGS)
     (result,) = load_sweep(one.out)
