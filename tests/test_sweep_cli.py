@@ -161,6 +161,8 @@ def test_help_text_documents_every_option(monkeypatch: pytest.MonkeyPatch) -> No
     [
         (["-p", "stepz=3"], "unknown parameter 'stepz'; valid names: model, steps, batch_size"),
         (["-p", "steps=abc"], "invalid value 'abc' for steps (expected int)"),
+        # runs are not planned from a grid that is not the one asked for: no run-level problems on top
+        (["-p", "steps=abc", "-p", "model=nowhere:build"], "invalid value 'abc' for steps (expected int)"),
         (["-p", "precision=fp16"], "-p precision=... is set by the sweep; use --precisions / --seeds"),
         (["-p", "steps"], "invalid -p 'steps'; expected key=value[,value...]"),
         (["--precisions", "fp33"], "invalid precision 'fp33'; valid values are: fp32, tf32"),
