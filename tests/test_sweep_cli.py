@@ -628,6 +628,14 @@ def test_a_user_model_module_must_be_importable_from_here_before_any_kernel_star
             "installed packages"
         )
     ]
+    # The kernels' folder is the one checked, wherever this process runs from.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    kept = sweep(tmp_path / "sw2", ["fp32"], [0], ["device=cpu", "model=my_models:build"], report=False,
+                 settings=replace(NO_KERNEL_SETTINGS, workdir=str(tmp_path)))  # fmt: skip
+    assert [o.status for o in kept.outcomes] == ["failed"]  # accepted: the kernel is missing
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "my_pkg").mkdir()
     (tmp_path / "my_pkg" / "__init__.py").write_text("")
     (tmp_path / "my_pkg" / "models.py").write_text("def build(config): ...\n")
