@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from process_state import alive
 from torch import nn
 
 from amp_lib import distributed
@@ -51,15 +52,6 @@ BASE: dict[str, Any] = {
 }  # fmt: skip
 OVERFLOW_AT = 2  # the micro-batch whose rank-1 rows overflow fp16 (see `gate`)
 KILL_AT = 3  # the forward call on rank 1 that kills its own process (see `killed_on_rank_1`)
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` is a running process (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @cache
@@ -376,10 +368,10 @@ def test_stopping_also_kills_what_the_process_started_since_the_launchers_last_l
     try:
         distributed._stop(parent, {}, grace_s=5)
         deadline = time.monotonic() + 10
-        while any(map(_alive, kids)) and time.monotonic() < deadline:
+        while any(map(alive, kids)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert parent.returncode == -signal.SIGTERM
-        assert [pid for pid in kids if _alive(pid)] == []
+        assert [pid for pid in kids if alive(pid)] == []
     finally:
         parent.kill()
         parent.wait()
@@ -594,7 +586,7 @@ def _pids_seen(folder: Path) -> set[int]:
 
 def _kill_left_over(pids: set[int]) -> None:
     for pid in pids:
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -618,7 +610,7 @@ def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_or_folder_beh
     assert finished.read_bytes() == before  # a finished result is untouched
     seen = _pids_seen(pids)  # both workers, torchrun's agent and rank 0's child
     assert len(seen) == 4
-    assert [p for p in seen if _alive(p)] == []
+    assert [p for p in seen if alive(p)] == []
     config_arg = Path(json.loads((pids / "argv0.json").read_text())[2])  # --config <path>: in the scratch folder
     assert config_arg.parent.parent == scratch and config_arg.parent.name.startswith("amp-torchrun-")
     assert list(scratch.iterdir()) == []  # and it is gone
@@ -673,7 +665,7 @@ def test_a_run_past_its_timeout_is_stopped_with_all_its_processes_and_fails_sayi
     try:
         assert result.status == "failed" and "did not finish within 30 s" in result.error, result.error
         assert took < 30 + distributed.STOP_GRACE_S + 15
-        assert len(seen) == 3 and [p for p in seen if _alive(p)] == []  # both workers and torchrun's agent
+        assert len(seen) == 3 and [p for p in seen if alive(p)] == []  # both workers and torchrun's agent
     finally:
         _kill_left_over(seen)
 
@@ -703,9 +695,9 @@ def test_a_launcher_killed_outright_takes_torchrun_and_its_workers_with_it(
         launcher.kill()
         launcher.wait()
         deadline = time.monotonic() + distributed.STOP_GRACE_S + 15
-        while any(_alive(p) for p in seen) and time.monotonic() < deadline:
+        while any(alive(p) for p in seen) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert [p for p in seen if _alive(p)] == []
+        assert [p for p in seen if alive(p)] == []
         assert [p.name[:13] for p in scratch.iterdir()] == ["amp-torchrun-"]
     finally:
         launcher.kill()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from process_state import alive
 
 import amp_lib.processes
 from amp_lib.processes import PR_SET_PDEATHSIG, die_with_parent, thread_share
@@ -72,14 +73,6 @@ def test_a_process_whose_parent_died_before_it_was_armed_exits_at_once() -> None
     assert os.waitstatus_to_exitcode(status) == 1  # 7: it went on
 
 
-def _state(pid: int) -> str | None:
-    """The process's state letter (Z: a zombie nobody reaped yet), None once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
 @LINUX
 def test_a_parent_killed_outright_takes_its_armed_child_with_it(tmp_path: Path) -> None:
     got = tmp_path / "got"
@@ -101,15 +94,15 @@ time.sleep(60)
         parent.kill()  # SIGKILL: nothing of the parent's can run
         parent.wait()
         deadline = time.monotonic() + 20
-        while _state(child_pid) not in (None, "Z") and time.monotonic() < deadline:
+        while alive(child_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _state(child_pid) in (None, "Z"), "the child outlived its parent"
+        assert not alive(child_pid), "the child outlived its parent"
         assert got.read_text() == "SIGTERM"
     finally:
         parent.kill()
         parent.wait()
         parent.stdout.close()
-        if child_pid is not None and _state(child_pid) not in (None, "Z"):
+        if child_pid is not None and alive(child_pid):
             os.kill(child_pid, signal.SIGKILL)
 
 
