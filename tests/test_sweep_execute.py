@@ -6,8 +6,11 @@ kernel, which is enough to test everything around the notebook. The `notebook` t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import json
+import logging
 import os
 import queue
 import re
@@ -24,6 +27,8 @@ from typing import Any
 import pytest
 import torch
 from factories import make_result
+from jupyter_core.utils import ensure_event_loop
+from nbclient.exceptions import DeadKernelError
 
 from amp_lib.config import RunConfig
 from amp_lib.precision import Capabilities
@@ -42,6 +47,7 @@ from amp_lib.sweep.execute import (
     error_text,
     execute_run,
     failed_result,
+    ignore_abandoned_cell,
     is_complete,
     kernel_environment,
     lost_run,
@@ -369,6 +375,29 @@ def test_ctrl_c_stops_the_sweep_and_keeps_the_finished_runs(
     assert [(o.name, o.status) for o in outcomes] == [(runs[0].name, "failed")]
     assert runs[0].result_path.exists() and not runs[1].result_path.exists()  # the second run never started
     assert not (tmp_path / "sw" / "runs" / f"{runs[1].name}.ipynb").exists()
+
+
+def test_a_cell_left_behind_by_ctrl_c_fails_quietly_when_its_kernel_is_killed_and_other_task_errors_still_show(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ctrl-C mid-cell leaves nbclient's cell task on papermill's event loop; the kernel's clean-up then
+    # fails it with DeadKernelError, and nothing awaits it: asyncio reports that when the task is collected.
+    async def fail(exc: Exception) -> None:
+        raise exc
+
+    loop = ensure_event_loop()
+    try:
+        execute_run(expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], {"device": ["cpu"]})[0], NO_KERNEL)
+        assert loop.get_exception_handler() is ignore_abandoned_cell
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for exc in (DeadKernelError("Kernel died"), RuntimeError("a task's own error")):
+                task = loop.create_task(fail(exc))
+                loop.run_until_complete(asyncio.wait([task]))  # it fails; nothing retrieves its exception
+                del task
+                gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert [type(r.exc_info[1]) for r in caplog.records if r.name == "asyncio" and r.exc_info] == [RuntimeError]
 
 
 # --- executors: a run lost by the engine, the local executor ---

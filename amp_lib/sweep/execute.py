@@ -10,6 +10,7 @@ share of the CPU threads. A run identical to one an earlier grid finished in the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import multiprocessing
@@ -29,6 +30,8 @@ from typing import Any, Protocol
 
 import papermill as pm
 import torch
+from jupyter_core.utils import ensure_event_loop
+from nbclient.exceptions import DeadKernelError
 from tqdm import tqdm
 
 from amp_lib.config import PROJECT, RunConfig, TrackingConfig
@@ -212,6 +215,15 @@ def remove_scratch(runs: Sequence[SweepRun]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def ignore_abandoned_cell(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The exception handler of the event loop papermill runs on. Ctrl-C leaves nbclient's cell task
+    behind; the kernel's clean-up then fails it with DeadKernelError, which nothing awaits any more, and
+    asyncio would print that as a traceback when the task is collected. Anything else is asyncio's to
+    report as usual (a kernel that dies mid-run is the run's failure, raised through papermill)."""
+    if not isinstance(context.get("exception"), DeadKernelError):
+        loop.default_exception_handler(context)
+
+
 def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     """Execute train.ipynb for `run`; whatever happens, a result JSON for it exists afterwards.
 
@@ -222,6 +234,7 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     notebook = runs_dir / f"{run.name}.ipynb"
     before = stamp(run.result_path)
     remove_scratch([run])  # what an earlier, killed attempt left on this machine (another node of a cluster)
+    ensure_event_loop().set_exception_handler(ignore_abandoned_cell)  # the loop papermill's calls run on
     error: str | None = None
     for attempt in range(settings.retries):
         try:
