@@ -52,6 +52,7 @@ from amp_lib.sweep.execute import (
     kernel_environment,
     lost_run,
     outcome_line,
+    remove_scratch,
     reuse_identical,
     run_sweep,
     same_config,
@@ -150,6 +151,20 @@ def test_an_identical_config_finished_under_another_name_is_reused_not_rerun(
     run_sweep(again[:1], NO_KERNEL, force=True)  # --force re-runs instead of reusing
     assert RunResult.load(again[0].result_path).status == "failed"
     assert reuse_identical(again, tmp_path / "missing") == {}
+
+
+def test_only_a_complete_result_is_reused_and_runs_after_a_complete_one_are_matched_too(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    first = expand_grid(out, CPU, ["fp32"], [0, 1], parse_params(["device=cpu", "steps=9", "lr=1e-3,3e-3"]))
+    for run in first:  # seed 0 finished, seed 1 failed, each under its lr-named run
+        _saved_result(run, "ok" if run.parameters["seed"] == 0 else "failed")
+    again = expand_grid(out, CPU, ["fp32"], [0, 1], parse_params(["device=cpu", "steps=9", "lr=1e-3"]))
+    _saved_result(again[0])  # the first run of the new grid is complete itself; the second is not
+    assert reuse_identical(again, out.resolve() / "results") == {}  # seed 1's twin failed: nothing to reuse
+    _saved_result(next(r for r in first if r.parameters["seed"] == 1 and r.parameters["lr"] == 1e-3))
+    assert reuse_identical(again, out.resolve() / "results") == {
+        again[1].name: next(r.result_path for r in first if r.parameters["seed"] == 1 and r.parameters["lr"] == 1e-3)
+    }
 
 
 # --- the `failed` record of a run that wrote none ---
@@ -303,6 +318,15 @@ def test_the_kernel_environment_finds_user_modules_counts_parallel_runs_and_name
     assert re.fullmatch(r"a_b_c-\d{10}", wandb_run_id("a:b/c")) and len(wandb_run_id("x" * 300)) == 107
 
 
+def test_a_wandb_run_id_keeps_the_names_safe_characters_and_ends_in_the_clocks_last_ten_millisecond_digits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_790_000_000.1235)
+    assert wandb_run_id("GPT-tiny:b/c_2") == "GPT-tiny_b_c_2-0000000123"
+    monkeypatch.setattr(time, "time", lambda: 1_799_999_999.9995)
+    assert wandb_run_id("r") == "r-9999999999"  # a retry a millisecond later gets another id
+
+
 def test_execute_run_restores_the_environment_it_gave_the_kernel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -440,6 +464,20 @@ def test_the_sweep_removes_the_temp_folders_its_killed_runs_left_and_no_other_sw
     finally:
         for folder in left:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_removing_scratch_never_follows_a_link_out_of_the_temp_folder_nor_fails_on_it(tmp_path: Path) -> None:
+    (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], {"device": ["cpu"]})
+    kept = tmp_path / "elsewhere"
+    kept.mkdir()
+    (kept / "data").write_text("x")
+    link = Path(tempfile.gettempdir()) / f"{scratch_prefix(run)}link"
+    link.symlink_to(kept, target_is_directory=True)
+    try:
+        remove_scratch([run])
+        assert (kept / "data").read_text() == "x"
+    finally:
+        link.unlink()
 
 
 def test_the_local_executor_runs_as_many_at_once_as_it_has_workers_and_runs(tmp_path: Path) -> None:

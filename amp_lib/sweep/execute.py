@@ -130,7 +130,7 @@ def failed_result(parameters: dict[str, Any], error: str) -> RunResult:
         config = {**{f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}, **given}
     plan: dict[str, Any] = {"requested": str(config.get("precision")), "effective": None, "fallback_reason": None}
     try:
-        caps = probe(config.get("device", "auto"))
+        caps = probe(config["device"])  # filled in above, from the run or the defaults
         plan = {**resolve_precision(config["precision"], caps).to_dict(), "torch_version": torch.__version__}
     except Exception:  # noqa: BLE001, S110 - the config itself may be what is broken: record what is known
         pass
