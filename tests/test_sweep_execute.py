@@ -20,10 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
 import torch
 from factories import make_result
@@ -37,11 +38,13 @@ from amp_lib.sweep.cli import main
 from amp_lib.sweep.execute import (
     COMPLETE,
     CONCURRENT_RUNS_ENV,
+    KERNEL_ARGUMENTS,
     LocalExecutor,
     Outcome,
     Settings,
     _init_worker,
     _is_port_race,
+    _run_parallel,
     _visible_gpus,
     cpu_threads,
     error_text,
@@ -303,6 +306,54 @@ def test_failing_runs_are_isolated_and_recorded_with_their_error(tmp_path: Path)
     assert (tmp_path / "runs" / "typo.ipynb").exists()  # the executed notebook shows the error
 
 
+def _stand_in_notebooks(folder: Path, *cells: str) -> str:
+    """A folder with a train.ipynb of `cells` (and a parameters cell papermill fills in), whose metadata
+    names a kernel that is not installed: only the sweep's kernel name makes it run."""
+    notebook = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "not-installed", "display_name": "not installed", "language": "python"}})
+    notebook.cells = [nbformat.v4.new_code_cell("out_dir = None", metadata={"tags": ["parameters"]})]
+    notebook.cells += [nbformat.v4.new_code_cell(cell) for cell in cells]
+    folder.mkdir(parents=True)
+    nbformat.write(notebook, folder / "train.ipynb")
+    return str(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_each_attempt_runs_in_the_runs_folder_with_its_own_scratch_and_quiet_kernel_and_only_port_races_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "attempts.jsonl"
+    record = (
+        "import json, os, sys, tempfile\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({'cwd': os.getcwd(), 'tmp': tempfile.gettempdir(), 'argv': sys.argv}) + '\\n')"
+    )
+    (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], {"device": ["cpu"]})
+    for error, attempts in (("Address already in use", 3), ("boom", 1)):
+        log.unlink(missing_ok=True)
+        notebooks = _stand_in_notebooks(tmp_path / error.replace(" ", "-"), record, f"raise RuntimeError({error!r})")
+        outcome = execute_run(run, Settings(notebooks=notebooks, retries=3))
+        assert outcome.status == "failed" and outcome.error == f"RuntimeError: {error}"
+        seen = [json.loads(line) for line in log.read_text().splitlines()]
+        assert len(seen) == attempts  # a kernel port race is retried, up to `retries`; any other error is not
+        assert {s["cwd"] for s in seen} == {str((tmp_path / "sw" / "runs").resolve())}
+        assert all(Path(s["tmp"]).name.startswith(scratch_prefix(run)) for s in seen)  # found after a kill
+        assert all(set(KERNEL_ARGUMENTS) <= set(s["argv"]) for s in seen)
+        assert len({s["tmp"] for s in seen}) == attempts and scratch_folders(run) == []
+    assert "Executing" not in capfd.readouterr().err  # no papermill progress bar under the sweep's
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_a_run_past_its_time_limit_is_stopped_and_recorded_failed(tmp_path: Path) -> None:
+    (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], {"device": ["cpu"]})
+    notebooks = _stand_in_notebooks(tmp_path / "slow", "import time\ntime.sleep(30)")
+    started = time.monotonic()
+    outcome = execute_run(run, Settings(notebooks=notebooks, timeout=2, retries=1))
+    assert outcome.status == "failed" and "timed out" in outcome.error and time.monotonic() - started < 25
+
+
 def test_the_kernel_environment_finds_user_modules_counts_parallel_runs_and_names_the_wandb_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -486,6 +537,43 @@ def test_the_local_executor_runs_as_many_at_once_as_it_has_workers_and_runs(tmp_
     assert LocalExecutor(4).concurrency([]) == 1
 
 
+@dataclass
+class _HandOverExecutor:
+    """An engine that executes nothing: it keeps the settings the sweep hands it and records each run as
+    lost, as an engine that lost it would."""
+
+    slots: int
+    handed: list[Settings] = field(default_factory=list)
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def concurrency(self, todo: Any) -> int:
+        return self.slots
+
+    def run(self, todo: Any, settings: Settings, done: Any, starting: Any) -> None:
+        self.handed.append(settings)
+        for run in todo:
+            starting(run)
+            done(lost_run(run, "not run", None))
+
+
+def test_runs_travel_with_the_invoking_folder_and_the_executors_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run on another machine (Ray, Slurm) cannot ask for the folder the sweep started in: it travels.
+    monkeypatch.chdir(tmp_path)
+    runs = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0, 1], {"device": ["cpu"]})
+    executor = _HandOverExecutor(slots=3)
+    outcomes, _ = run_sweep(runs, NO_KERNEL, executor=executor)
+    run_sweep(runs, replace(NO_KERNEL, workdir="/given"), executor=executor)
+    assert [(h.workdir, h.concurrent_runs) for h in executor.handed] == [(str(tmp_path), 3), ("/given", 3)]
+    assert [(o.status, o.error) for o in outcomes] == [("failed", "not run")] * 2
+
+
 # --- the worker pool ---
 
 
@@ -559,6 +647,65 @@ def test_runs_that_cannot_start_in_worker_processes_are_reported_one_line_each_a
     assert {r.status for r in results} == {"failed"} and len(results) == 2
     assert all(r.config["steps"] == 8 and r.error == NO_KERNEL_ERROR for r in results)  # written in the workers
     assert "| failed |" in (tmp_path / "summary.md").read_text()  # written from Python even without the notebook
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_parallel_runs_each_see_their_workers_gpu_and_share_of_the_cores_and_are_reported_as_they_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")  # on a CPU machine only the variable tells
+    log, go = tmp_path / "seen.jsonl", tmp_path / "go"
+    runs = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0, 1, 2], {"device": ["cpu"]})
+    notebooks = _stand_in_notebooks(
+        tmp_path / "nb",
+        "import json, os, time\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps([os.getppid(), os.environ['CUDA_VISIBLE_DEVICES'], os.environ['OMP_NUM_THREADS']]))\n"
+        "    f.write('\\n')",
+        # the last run waits until the sweep has reported a finished one: runs are reported as they finish
+        f"deadline = time.monotonic() + 30\nwhile run_name == {runs[2].name!r} and not os.path.exists({str(go)!r}):\n"
+        "    assert time.monotonic() < deadline, 'no run was reported before all had finished'\n"
+        "    time.sleep(0.1)",
+    )
+    reported: list[Outcome] = []
+
+    def done(outcome: Outcome) -> None:
+        reported.append(outcome)
+        go.touch()
+
+    _run_parallel(runs, Settings(notebooks=notebooks, retries=1), 3, done)
+    assert sorted((o.name, o.error) for o in reported) == [
+        (r.name, "the notebook finished without writing its result") for r in runs
+    ]
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(seen) == 3 and {gpu for _, gpu, _ in seen} <= {"3", "5", "7"}
+    pinned = {(worker, gpu) for worker, gpu, _ in seen}
+    assert len(pinned) == len({w for w, _ in pinned}) == len({g for _, g in pinned})  # a GPU of its own each
+    assert {threads for *_, threads in seen} == {str(cpu_threads(3))}
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_a_run_whose_worker_dies_is_lost_unless_it_had_written_its_final_result(tmp_path: Path) -> None:
+    finished, lost = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0, 1], {"device": ["cpu"]})
+    written = tmp_path / "written.json"
+    _saved_result(finished).save(written)
+    finished.result_path.unlink()
+    notebooks = _stand_in_notebooks(
+        tmp_path / "nb",
+        "import os, signal\n"
+        f"if run_name == {finished.name!r}:\n"
+        f"    os.replace({str(written)!r}, os.path.join(out_dir, run_name + '.json'))\n"
+        "os.kill(os.getppid(), signal.SIGKILL)  # the worker that started this kernel",
+    )
+    for run, expected in ((finished, ("ok", None)), (lost, ("failed", "worker process failed: BrokenProcessPool"))):
+        reported: list[Outcome] = []
+        _run_parallel([run], Settings(notebooks=notebooks, retries=1), 1, reported.append)
+        assert [(o.name, o.status, (o.error or "")[: len(expected[1] or "")] or None) for o in reported] == [
+            (run.name, *expected)
+        ]
+    assert RunResult.load(lost.result_path).error.startswith("worker process failed: BrokenProcessPool")
 
 
 def _processes() -> dict[int, tuple[int, str, int]]:
