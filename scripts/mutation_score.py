@@ -4,8 +4,9 @@ Killed (and timed-out) mutants count as caught. Survivors listed in the data fil
 docs/mutation-survivors.toml are reported apart: under [equivalent] (behaviour cannot differ, so the
 adjusted score leaves them out) or under [not_reached] (only a GPU, a Jupyter kernel or a worker
 process runs them, so they stay in the adjusted score's denominator); each entry is
-`"<mutant name>" = "why"`. Any other survivor is named at the end. Exit status is 1 when the adjusted
-score is under --fail-under.
+`"<mutant name>" = "why"`. Any other survivor is named at the end, and so is a listed one that the
+run caught or no longer has (the entry is out of date). Exit status is 1 when the adjusted score is
+under --fail-under.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def listed(data: Path, table: str) -> set[str]:
     if not data.exists():
         return set()
     return set(tomllib.loads(data.read_text(encoding="utf-8")).get(table, {}))
+
+
+def stale(found: dict[str, str], listed: set[str]) -> list[str]:
+    """Listed survivors that this run caught or no longer has, in the modules it ran. Mutants are numbered
+    within their function, so an edit to the function renumbers them and an entry comes to name another
+    mutant; such entries need rewriting from the run's survivors."""
+    ran = {module_of(name) for name, status in found.items() if status != "not checked"}
+    return sorted(
+        name
+        for name in listed
+        if module_of(name) in ran and (name not in found or found[name] in CAUGHT)
+    )
 
 
 def module_of(name: str) -> str:
@@ -78,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if unlisted:
         print(f"\n{len(unlisted)} surviving mutant(s) neither killed nor listed:")
         print("\n".join(f"  {n}" for n in unlisted))
+    outdated = stale(found, equivalent | not_reached)
+    if outdated:
+        print(f"\n{len(outdated)} listed survivor(s) caught by this run or gone (entries out of date):")
+        print("\n".join(f"  {n}: {found.get(n, 'no such mutant')}" for n in outdated))
     return 1 if _scores(total)[1] < args.fail_under else 0
 
 
