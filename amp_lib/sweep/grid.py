@@ -17,6 +17,7 @@ from typing import Any
 from amp_lib.config import NON_SETTING_FIELDS, RECIPES, RunConfig, TrackingConfig, parameter_names, parse_value
 from amp_lib.models import default_model_for
 from amp_lib.precision import Capabilities, native_precisions, parse_precision
+from amp_lib.tracking import WANDB_MODES
 
 # What `make sweep` runs when not told otherwise: a recipe sized to finish in about a minute on a 2-core
 # CPU, or all precisions x 3 seeds in about 10 minutes on one H100; each run profiles one step, so the
@@ -156,8 +157,6 @@ def run_problems(runs: Sequence[SweepRun]) -> list[str]:
     """Every problem with the runs' parameters, one line each (value, field, what is valid), found by
     building each run's `RunConfig` and `TrackingConfig` exactly as its notebook will: no kernel needed.
     A problem shared by many runs is listed once."""
-    from amp_lib.tracking import WANDB_MODES
-
     tracking_fields = set(TrackingConfig.field_names())
     problems: list[str] = []
     for run in runs:
