@@ -1100,7 +1100,7 @@ def diagnoses(results: Sequence[RunResult], comparisons: Sequence[Comparison]) -
             if profile is not None or facts:
                 causes = [
                     x.text
-                    for x in explain(c.effective or c.requested, c.point_speedup, profile, _profile(fp32)[0], facts)
+                    for x in explain(c.effective or c.requested, profile, _profile(fp32)[0], facts)
                 ]
         overflows = []
         for run in mine:

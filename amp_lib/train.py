@@ -399,7 +399,7 @@ def _run(
                 profile, facts = profiler.stop(), machine_facts(probe(device))
                 # What this run alone can tell (the report adds fp32's profile and the measured speed-up).
                 causes = (
-                    [c.text for c in explain(plan.effective, None, profile, None, facts)]
+                    [c.text for c in explain(plan.effective, profile, None, facts)]
                     if plan.family != "fp32"
                     else []
                 )

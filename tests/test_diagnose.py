@@ -199,13 +199,13 @@ def test_a_backend_left_at_none_takes_the_global_tf32_setting(matmul_precision_r
 
 
 def test_a_cpu_without_bf16_instructions_explains_bf16_first() -> None:
-    causes = explain("bf16-mixed", 0.2, recorded(matmul=80.0), recorded(matmul=80.0), CPU_FACTS)
+    causes = explain("bf16-mixed", recorded(matmul=80.0), recorded(matmul=80.0), CPU_FACTS)
     assert [c.text for c in causes] == [
         "this CPU has no bf16 instructions (avx512_bf16/amx_bf16): bf16 matmuls are emulated"
     ]
     with_amx = {**CPU_FACTS, "cpu_isa": ["amx_bf16", "avx512_bf16"]}
-    assert explain("bf16-mixed", 0.9, recorded(matmul=80.0), None, with_amx) == []
-    fp16 = explain("fp16-mixed", 0.1, None, None, with_amx)
+    assert explain("bf16-mixed", recorded(matmul=80.0), None, with_amx) == []
+    fp16 = explain("fp16-mixed", None, None, with_amx)
     assert [c.text for c in fp16] == [
         "this CPU has no fp16 instructions (avx512_fp16/amx_fp16): fp16 matmuls are emulated"
     ]
@@ -216,7 +216,7 @@ def test_causes_are_computed_from_the_profile_and_ranked_by_weight() -> None:
                        gemms=((512, 64, 65, "c10::Half"), (64, 64, 64, "c10::Half")))  # fmt: skip
     fp32 = recorded(wall=100.0, matmul=40.0, data_movement=5.0)
     facts = {"device_type": "cuda", "device_name": "NVIDIA H100", "compute_capability": [9, 0], "tf32_for_fp32": True}
-    texts = [c.text for c in explain("fp16-mixed", 1.02, profile, fp32, facts)]
+    texts = [c.text for c in explain("fp16-mixed", profile, fp32, facts)]
     assert texts == [
         "90% of the step is outside matmuls: the model is too small to gain",  # 0.72
         "fp32 already ran its matmuls on TF32 tensor cores: the baseline is fast",  # 0.5
@@ -225,18 +225,18 @@ def test_causes_are_computed_from_the_profile_and_ranked_by_weight() -> None:
         "the optimizer takes 30% of the step: it updates fp32 weights whatever the precision",  # 0.18
     ]
     idle = recorded(wall=100.0, matmul=30.0, device_type="cuda")
-    assert explain("bf16-mixed", 1.0, idle, None, {**facts, "tf32_for_fp32": False})[0].text == (
+    assert explain("bf16-mixed", idle, None, {**facts, "tf32_for_fp32": False})[0].text == (
         "launch-bound: the device is idle 70% of the step — try a bigger batch or compile"
     )
 
 
 def test_old_gpus_lack_the_tensor_cores_a_precision_needs() -> None:
     turing = {"device_type": "cuda", "compute_capability": [7, 5], "tf32_for_fp32": False}
-    assert explain("bf16-mixed", 0.5, None, None, turing)[0].text == "compute capability 7.5 has no bf16 tensor cores"
-    assert explain("fp16-mixed", 0.5, None, None, {**turing, "compute_capability": [6, 1]})[0].text == (
+    assert explain("bf16-mixed", None, None, turing)[0].text == "compute capability 7.5 has no bf16 tensor cores"
+    assert explain("fp16-mixed", None, None, {**turing, "compute_capability": [6, 1]})[0].text == (
         "compute capability 6.1 has no fp16 tensor cores"
     )
-    assert explain("fp16-mixed", 3.0, recorded(matmul=90.0, device_type="cuda"), None, turing) == []  # it pays
+    assert explain("fp16-mixed", recorded(matmul=90.0, device_type="cuda"), None, turing) == []  # it pays
 
 
 @pytest.mark.parametrize(
@@ -249,7 +249,7 @@ def test_old_gpus_lack_the_tensor_cores_a_precision_needs() -> None:
     ],
 )
 def test_either_instruction_set_extension_gives_a_cpu_native_half_matmuls(precision: str, isa: list[str]) -> None:
-    assert explain(precision, 0.9, recorded(matmul=80.0), None, {**CPU_FACTS, "cpu_isa": ["avx2", *isa]}) == []
+    assert explain(precision, recorded(matmul=80.0), None, {**CPU_FACTS, "cpu_isa": ["avx2", *isa]}) == []
 
 
 @pytest.mark.parametrize(
@@ -265,7 +265,7 @@ def test_bf16_tensor_cores_start_at_ampere_and_fp16_at_volta(
     precision: str, cc: list[int] | None, missing: str | None
 ) -> None:
     facts = {"device_type": "cuda", "compute_capability": cc, "tf32_for_fp32": False}
-    texts = [c.text for c in explain(precision, 0.5, recorded(matmul=80.0, device_type="cuda"), None, facts)]
+    texts = [c.text for c in explain(precision, recorded(matmul=80.0, device_type="cuda"), None, facts)]
     assert texts == ([f"compute capability {missing} tensor cores"] if missing else [])
 
 
@@ -273,35 +273,35 @@ def test_bf16_tensor_cores_start_at_ampere_and_fp16_at_volta(
 def test_a_tf32_baseline_explains_every_reduced_precision_but_tf32_itself(precision: str) -> None:
     h100 = {"device_type": "cuda", "compute_capability": [9, 0], "tf32_for_fp32": True}
     tf32_baseline = "fp32 already ran its matmuls on TF32 tensor cores: the baseline is fast"
-    assert [c.text for c in explain(precision, 1.0, recorded(matmul=80.0, device_type="cuda"), None, h100)] == [
+    assert [c.text for c in explain(precision, recorded(matmul=80.0, device_type="cuda"), None, h100)] == [
         tf32_baseline
     ]
     assert (
-        explain(precision, 1.0, recorded(matmul=80.0, device_type="cuda"), None, {**h100, "tf32_for_fp32": False}) == []
+        explain(precision, recorded(matmul=80.0, device_type="cuda"), None, {**h100, "tf32_for_fp32": False}) == []
     )
-    assert explain("tf32", 1.0, recorded(matmul=80.0, device_type="cuda"), None, h100) == []
+    assert explain("tf32", recorded(matmul=80.0, device_type="cuda"), None, h100) == []
 
 
 def test_a_cause_is_named_only_past_its_threshold() -> None:
     bf16_cpu = {**CPU_FACTS, "cpu_isa": ["amx_bf16"]}
     # Exactly at every threshold: half the step outside matmuls, 30% idle, 20% optimizer, 10% more casts than fp32.
     at = recorded(wall=100.0, matmul=50.0, optimizer=20.0)
-    assert explain("bf16-mixed", 1.0, at, None, bf16_cpu) == []
+    assert explain("bf16-mixed", at, None, bf16_cpu) == []
     casts = recorded(wall=100.0, matmul=60.0, data_movement=10.0)
-    assert explain("bf16-mixed", 1.0, casts, recorded(wall=100.0, matmul=60.0, data_movement=0.0), bf16_cpu) == []
+    assert explain("bf16-mixed", casts, recorded(wall=100.0, matmul=60.0, data_movement=0.0), bf16_cpu) == []
     small_casts = recorded(wall=100.0, matmul=65.0, data_movement=5.0)  # 5% of the step: below the threshold
-    assert explain("bf16-mixed", 1.0, small_casts, recorded(wall=100.0, matmul=65.0), bf16_cpu) == []
+    assert explain("bf16-mixed", small_casts, recorded(wall=100.0, matmul=65.0), bf16_cpu) == []
 
 
 def test_causes_weigh_what_they_plausibly_cost_and_name_the_host_on_a_cpu() -> None:
     busy_host = recorded(wall=100.0, matmul=30.0, device_type="cpu")
-    causes = explain("fp16-mixed", 0.3, busy_host, None, CPU_FACTS)
+    causes = explain("fp16-mixed", busy_host, None, CPU_FACTS)
     assert [(round(c.weight, 2), c.text) for c in causes] == [
         (1.0, "this CPU has no fp16 instructions (avx512_fp16/amx_fp16): fp16 matmuls are emulated"),  # all of it
         (0.63, "launch-bound: the host runs Python/dispatch, not ops, 70% of the step — try a bigger batch or compile"),
         (0.56, "70% of the step is outside matmuls: the model is too small to gain"),
     ]
-    bf16 = explain("bf16-mixed", 0.3, recorded(wall=100.0, matmul=80.0), None, CPU_FACTS)
+    bf16 = explain("bf16-mixed", recorded(wall=100.0, matmul=80.0), None, CPU_FACTS)
     assert [(c.weight, c.text) for c in bf16] == [
         (1.0, "this CPU has no bf16 instructions (avx512_bf16/amx_bf16): bf16 matmuls are emulated")
     ]
@@ -309,13 +309,13 @@ def test_causes_weigh_what_they_plausibly_cost_and_name_the_host_on_a_cpu() -> N
         old_gpu = {"device_type": "cuda", "compute_capability": cc, "tf32_for_fp32": False}
         # Casts costing more than the wall time (overlapping streams) are still ranked after missing tensor cores.
         heavy_casts = recorded(wall=10.0, matmul=9.0, data_movement=15.0, device_type="cuda")
-        ranked = explain(precision, 0.5, heavy_casts, recorded(wall=10.0, matmul=9.0), old_gpu)
+        ranked = explain(precision, heavy_casts, recorded(wall=10.0, matmul=9.0), old_gpu)
         assert [round(c.weight, 2) for c in ranked] == [1.5, 1.0] and "tensor cores" in ranked[1].text
 
 
 def test_a_step_too_short_for_the_clock_is_not_called_launch_bound() -> None:
     texts = [
-        c.text for c in explain("bf16-mixed", 0.5, recorded(wall=0.0), None, {**CPU_FACTS, "cpu_isa": ["amx_bf16"]})
+        c.text for c in explain("bf16-mixed", recorded(wall=0.0), None, {**CPU_FACTS, "cpu_isa": ["amx_bf16"]})
     ]
     assert not any(t.startswith("launch-bound") for t in texts)
 
@@ -323,16 +323,16 @@ def test_a_step_too_short_for_the_clock_is_not_called_launch_bound() -> None:
 def test_casts_are_compared_with_an_older_profile_that_lacks_the_category() -> None:
     bf16_cpu = {**CPU_FACTS, "cpu_isa": ["amx_bf16"]}
     no_casts = recorded(wall=5.0, matmul=4.5)  # neither profile recorded data movement: no cast cause
-    assert explain("bf16-mixed", 1.0, no_casts, recorded(wall=5.0, matmul=4.5), bf16_cpu) == []
+    assert explain("bf16-mixed", no_casts, recorded(wall=5.0, matmul=4.5), bf16_cpu) == []
     casts = recorded(wall=5.0, matmul=3.5, data_movement=1.0)  # fp32's profile has no data movement: all 20% are extra
-    texts = [c.text for c in explain("bf16-mixed", 1.0, casts, recorded(wall=5.0, matmul=4.5), bf16_cpu)]
+    texts = [c.text for c in explain("bf16-mixed", casts, recorded(wall=5.0, matmul=4.5), bf16_cpu)]
     assert texts == ["dtype casts add 20% of the step (autocast copies)"]
 
 
 def test_a_precision_that_pays_off_still_lists_what_holds_it_back() -> None:
     profile = recorded(wall=100.0, matmul=40.0, elementwise=60.0, device_type="cuda")
     h100 = {"device_type": "cuda", "compute_capability": [9, 0], "tf32_for_fp32": False}
-    texts = [c.text for c in explain("bf16-mixed", 1.6, profile, None, h100)]
+    texts = [c.text for c in explain("bf16-mixed", profile, None, h100)]
     assert texts == ["60% of the step is outside matmuls: the model is too small to gain"]
 
 
@@ -352,18 +352,15 @@ def test_a_run_profiles_its_last_untimed_step_only_when_asked(user_models) -> No
     no_warmup = train(RunConfig(**{**base, "timing_warmup_steps": 0}, profile_step=True), write=False)
     assert no_warmup.profile["step"] == 0  # no untimed step: the first one
     bf16 = train(RunConfig(**base, precision="bf16-mixed", profile_step=True), write=False)
-    expected = explain("bf16-mixed", None, StepProfile.from_dict(bf16.profile), None, bf16.profile["facts"])
+    expected = explain("bf16-mixed", StepProfile.from_dict(bf16.profile), None, bf16.profile["facts"])
     assert bf16.profile["causes"] == [c.text for c in expected]  # what the run alone can tell, in its JSON
 
 
 @pytest.mark.slow
 def test_on_this_cpu_bf16s_slowness_is_explained_from_real_profiles(tiny_config) -> None:
     runs = {p: train(tiny_config(precision=p, profile_step=True, steps=8), write=False) for p in ("fp32", "bf16-mixed")}
-    speedup = runs["bf16-mixed"].metrics.items_per_s / runs["fp32"].metrics.items_per_s
     profiles = {p: StepProfile.from_dict(r.profile) for p, r in runs.items()}
-    causes = explain(
-        "bf16-mixed", speedup, profiles["bf16-mixed"], profiles["fp32"], runs["bf16-mixed"].profile["facts"]
-    )
+    causes = explain("bf16-mixed", profiles["bf16-mixed"], profiles["fp32"], runs["bf16-mixed"].profile["facts"])
     texts = [c.text for c in causes]
     emulated = "this CPU has no bf16 instructions (avx512_bf16/amx_bf16): bf16 matmuls are emulated"
     if cpu_isa() & {"avx512_bf16", "amx_bf16"}:
