@@ -128,6 +128,20 @@ def test_bare_loop_runs_the_model_in_the_plan_dtypes_with_tf32_off(
     assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype, False)}
 
 
+@pytest.mark.slow
+def test_bare_loop_compiles_the_model_when_asked(user_models) -> None:
+    import user_models as factories
+
+    for compile in (False, True):  # as amp_lib's loop does, so the overhead compares like with like
+        factories.COMPILING.clear()
+        torch.compiler.reset()  # dynamo's caches from an earlier compile in this process decide nothing here
+        config = RunConfig(
+            model="user_models:build_compile_probe", device="cpu", steps=3, timing_warmup_steps=1, compile=compile
+        )
+        bare_loop(config, cpu_plan("fp32"))
+        assert set(factories.COMPILING) == {compile}
+
+
 # --- bench rows ----------------------------------------------------------------------------------
 
 

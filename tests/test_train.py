@@ -236,6 +236,17 @@ def test_the_loop_runs_the_model_in_the_plans_dtypes(user_models, precision, par
     assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype, False)}  # and TF32 stays off: not asked for
 
 
+@pytest.mark.slow
+def test_a_run_asked_to_compile_trains_the_model_under_torch_compile(user_models):
+    import user_models as factories
+
+    for compile in (False, True):
+        factories.COMPILING.clear()
+        torch.compiler.reset()  # dynamo's caches from an earlier compile in this process decide nothing here
+        result = train(user_run("build_compile_probe", compile=compile), write=False)
+        assert result.ok and set(factories.COMPILING) == {compile} and result.config["compile"] is compile
+
+
 def test_a_given_plan_is_used_instead_of_resolving_the_configs_precision(user_models):
     import user_models as factories
 

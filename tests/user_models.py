@@ -128,6 +128,22 @@ def build_dtype_probe(config):
     return model, batches, loss_fn
 
 
+COMPILING: list = []  # per forward of build_compile_probe's model: whether torch.compile was tracing it
+
+
+class _CompileProbe(nn.Linear):
+    def forward(self, x):
+        COMPILING.append(torch.compiler.is_compiling())  # dynamo replays this on every compiled call
+        return super().forward(x)
+
+
+def build_compile_probe(config):
+    """build_ok whose model records whether it runs under torch.compile."""
+    _, batches = _regression(config)
+    torch.manual_seed(config.seed)
+    return _CompileProbe(8, 1), batches, F.mse_loss
+
+
 SPIKE_AT: dict = {"call": None}  # build_memory_spike touches 512 MiB in this loss call (0-based)
 
 
