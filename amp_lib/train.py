@@ -320,6 +320,13 @@ def _train_here(
     return result
 
 
+def global_batch_config(config: RunConfig, world: int) -> RunConfig:
+    """The config each of `world` ranks builds the workload from: the global batch, `world` times the
+    per-rank one. The recipe is cleared, not applied again: its values are in the config already, and a
+    global batch that happened to equal the default would be reset to the recipe's."""
+    return replace(config, batch_size=config.batch_size * world, recipe="") if world > 1 else config
+
+
 def _machine_share() -> dict[str, int]:
     """The intra-op threads this run used, and how many runs shared the machine (a sweep's workers set
     AMP_WORKBOOK_CONCURRENT_RUNS): the report marks timings taken in parallel."""
@@ -340,8 +347,7 @@ def _run(
 ) -> Metrics:
     seed_everything(config.seed)  # the same on every rank: FSDP shards one model, DDP checks it is one
     world = ranks.world_size
-    # Every rank builds the global batch (recipe already applied: not applied again) and trains on its rows.
-    workload = build_workload(replace(config, batch_size=config.batch_size * world, recipe="") if world > 1 else config, device)
+    workload = build_workload(global_batch_config(config, world), device)  # every rank trains on its rows of it
     if world > 1:
         workload = replace(
             workload, train_batches=RankSlice(workload.train_batches, ranks), eval_batches=RankSlice(workload.eval_batches, ranks)

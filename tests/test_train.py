@@ -17,7 +17,7 @@ import pytest
 import torch
 from user_models import PLAN_DTYPES
 
-from amp_lib.config import RunConfig
+from amp_lib.config import RECIPES, RunConfig
 from amp_lib.measure import StepTimer
 from amp_lib.models import build_workload
 from amp_lib.precision import Capabilities, probe, resolve_precision
@@ -27,6 +27,7 @@ from amp_lib.train import (
     Diverged,
     Recorder,
     check_divergence,
+    global_batch_config,
     make_optimizer,
     memory_split_mb,
     scheduled_lr,
@@ -234,6 +235,15 @@ def test_the_loop_runs_the_model_in_the_plans_dtypes(user_models, precision, par
     factories.SEEN_DTYPES.clear()
     assert train(user_run("build_dtype_probe", precision=precision, steps=2), write=False).ok
     assert set(factories.SEEN_DTYPES) == {(param_dtype, output_dtype, False)}  # and TF32 stays off: not asked for
+
+
+def test_ranks_build_the_global_batch_from_their_config_without_applying_its_recipe_again() -> None:
+    config = RunConfig(recipe="shakespeare-char", batch_size=RunConfig().batch_size // 2)
+    assert config.batch_size != RECIPES["shakespeare-char"]["batch_size"]  # the recipe's value, overridden
+    assert global_batch_config(config, 1) is config
+    for world in (2, 3):
+        expected = replace(config, recipe="").to_dict() | {"batch_size": config.batch_size * world, "recipe": ""}
+        assert global_batch_config(config, world).to_dict() == expected  # twice: the default batch size
 
 
 @pytest.mark.slow
