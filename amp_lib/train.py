@@ -327,6 +327,15 @@ def global_batch_config(config: RunConfig, world: int) -> RunConfig:
     return replace(config, batch_size=config.batch_size * world, recipe="") if world > 1 else config
 
 
+def rank_rows(workload: Workload, ranks: Ranks) -> Workload:
+    """This rank's rows of each global batch, training and evaluation alike (all of them on one process)."""
+    if ranks.world_size == 1:
+        return workload
+    return replace(
+        workload, train_batches=RankSlice(workload.train_batches, ranks), eval_batches=RankSlice(workload.eval_batches, ranks)
+    )
+
+
 def _machine_share() -> dict[str, int]:
     """The intra-op threads this run used, and how many runs shared the machine (a sweep's workers set
     AMP_WORKBOOK_CONCURRENT_RUNS): the report marks timings taken in parallel."""
@@ -347,12 +356,8 @@ def _run(
 ) -> Metrics:
     seed_everything(config.seed)  # the same on every rank: FSDP shards one model, DDP checks it is one
     world = ranks.world_size
-    workload = build_workload(global_batch_config(config, world), device)  # every rank trains on its rows of it
-    if world > 1:
-        workload = replace(
-            workload, train_batches=RankSlice(workload.train_batches, ranks), eval_batches=RankSlice(workload.eval_batches, ranks)
-        )
-        recorder.over_ranks = True
+    workload = rank_rows(build_workload(global_batch_config(config, world), device), ranks)
+    recorder.over_ranks = world > 1  # the history's loss is the mean over the ranks' rows
     recorder.item_unit = workload.item_unit
     wrap = partial(wrap_model, plan=plan, device=device) if plan.parallelism != "none" else None
     model = plan.prepare_model(workload.model, device, config.compile, parallel=wrap)

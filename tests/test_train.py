@@ -18,6 +18,7 @@ import torch
 from user_models import PLAN_DTYPES
 
 from amp_lib.config import RECIPES, RunConfig
+from amp_lib.distributed import Ranks
 from amp_lib.measure import StepTimer
 from amp_lib.models import build_workload
 from amp_lib.precision import Capabilities, probe, resolve_precision
@@ -30,6 +31,7 @@ from amp_lib.train import (
     global_batch_config,
     make_optimizer,
     memory_split_mb,
+    rank_rows,
     scheduled_lr,
     seed_everything,
     train,
@@ -244,6 +246,16 @@ def test_ranks_build_the_global_batch_from_their_config_without_applying_its_rec
     for world in (2, 3):
         expected = replace(config, recipe="").to_dict() | {"batch_size": config.batch_size * world, "recipe": ""}
         assert global_batch_config(config, world).to_dict() == expected  # twice: the default batch size
+
+
+def test_each_rank_trains_and_evaluates_on_its_own_rows_of_the_global_batches(user_models) -> None:
+    whole = build_workload(user_run("build_ok", batch_size=4), torch.device("cpu"))
+    assert rank_rows(whole, Ranks()) is whole
+    for rank in (0, 1):
+        mine = rank_rows(whole, Ranks(rank=rank, world_size=2))
+        for part in ("train_batches", "eval_batches"):
+            (x, y), (all_x, all_y) = getattr(mine, part)[0], getattr(whole, part)[0]
+            assert torch.equal(x, all_x[2 * rank : 2 * rank + 2]) and torch.equal(y, all_y[2 * rank : 2 * rank + 2])
 
 
 @pytest.mark.slow
