@@ -264,9 +264,9 @@ def test_a_run_asked_to_compile_trains_the_model_under_torch_compile(user_models
 
     for compile in (False, True):
         factories.COMPILING.clear()
-        torch.compiler.reset()  # dynamo's caches from an earlier compile in this process decide nothing here
+        torch.compiler.reset()  # an earlier compile in this process (its caches and recompile counts) decides nothing
         result = train(user_run("build_compile_probe", compile=compile), write=False)
-        assert result.ok and set(factories.COMPILING) == {compile} and result.config["compile"] is compile
+        assert result.ok and factories.COMPILING == {"forward": compile} and result.config["compile"] is compile
 
 
 def test_a_given_plan_is_used_instead_of_resolving_the_configs_precision(user_models):

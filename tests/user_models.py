@@ -128,12 +128,14 @@ def build_dtype_probe(config):
     return model, batches, loss_fn
 
 
-COMPILING: list = []  # per forward of build_compile_probe's model: whether torch.compile was tracing it
+COMPILING: dict = {}  # "forward": whether torch.compile traced build_compile_probe's model's last forward
 
 
 class _CompileProbe(nn.Linear):
     def forward(self, x):
-        COMPILING.append(torch.compiler.is_compiling())  # dynamo replays this on every compiled call
+        # dynamo replays the store on every compiled call (a list's append would be guarded on its length:
+        # a recompile per call, until dynamo gives up and runs the forward eagerly)
+        COMPILING["forward"] = torch.compiler.is_compiling()
         return super().forward(x)
 
 
