@@ -699,11 +699,11 @@ def test_a_run_whose_worker_dies_is_lost_unless_it_had_written_its_final_result(
         "os.kill(os.getppid(), signal.SIGKILL)  # the worker that started this kernel",
     )
     for run, expected in ((finished, ("ok", None)), (lost, ("failed", "worker process failed: BrokenProcessPool"))):
-        reported: list[Outcome] = []
-        _run_parallel([run], Settings(notebooks=notebooks, retries=1), 1, reported.append)
+        reported, _ = run_sweep([run], Settings(notebooks=notebooks, retries=1), workers=2)  # a pool of one
         assert [(o.name, o.status, (o.error or "")[: len(expected[1] or "")] or None) for o in reported] == [
             (run.name, *expected)
         ]
+        assert scratch_folders(run) == []  # the killed worker's run could not remove its temp folder: the sweep did
     assert RunResult.load(lost.result_path).error.startswith("worker process failed: BrokenProcessPool")
 
 
