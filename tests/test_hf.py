@@ -631,8 +631,8 @@ def test_a_two_precision_sweep_over_the_hf_model_reports_both_rows(tmp_path: Pat
     from amp_lib.sweep.cli import sweep
 
     params = [
-        "model=amp_lib.hf:gpt2_small", "device=cpu", "steps=6", "timing_warmup_steps=2", "batch_size=2",
-        "seq_len=32", "log_every=2", "wandb_mode=disabled",
+        "model=amp_lib.hf:gpt2_small", "device=cpu", "steps=3", "timing_warmup_steps=1", "batch_size=2",
+        "seq_len=16", "log_every=1", "eval_batches=1", "wandb_mode=disabled",
     ]  # fmt: skip
     result = sweep(tmp_path / "sweep", ["fp32", "bf16-mixed"], [0], params)
     assert result.exit_code == 0, [o for o in result.outcomes]
