@@ -7,9 +7,10 @@ TORCH_SPEC ?= torch
 TORCH_INDEX ?=
 KERNEL     ?= amp-workbook
 # pytest-xdist processes for `make test`/`test-fast`: test files are handed out whole (--dist loadfile),
-# so a module's Ray instance, Slurm cluster or torchrun job starts once, and the slow tier's waits
-# (a Slurm time limit, Ray's start-up, kernels) overlap with other files' work. TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+# longest first (tests/conftest.py), so a module's Ray instance, Slurm cluster or torchrun job starts once.
+# One more than the 2 cores CI has: the slow tier waits a lot (a Slurm time limit, Ray's start-up, kernels,
+# torchrun's timeouts), and a third worker fills those waits. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 SWEEP_ARGS ?=
 BENCH_ARGS ?=
 PY         := $(VENV)/bin/python
@@ -32,11 +33,11 @@ $(STAMP): pyproject.toml
 
 # Everything: unit tests, slow and notebook tiers, nbval over notebooks/, the 90% line+branch coverage gate.
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax --cov=amp_lib --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=90
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --nbval-lax --cov=amp_lib --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=90
 
 # The quick tier while editing: no training beyond a few steps, no kernels, no W&B/Lightning runs.
 test-fast: setup
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow and not notebook and not gpu" -q
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not notebook and not gpu" -q
 
 # Rewrite tests/golden/* from the current code; review the diff before committing it.
 goldens: setup

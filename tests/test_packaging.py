@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -71,6 +72,24 @@ def test_make_test_runs_every_tier_with_nbval_and_the_coverage_gate_and_test_fas
     )  # no marker selection: every tier
     fast = re.search(r"^test-fast: setup\n\t(.+)$", makefile, re.MULTILINE).group(1)
     assert '-m "not slow and not notebook and not gpu"' in fast and "nbval" not in fast
+
+
+def test_the_files_the_runs_start_with_exist() -> None:
+    # tests/conftest.py orders files by name (longest first for `make test`, cheapest first under mutmut):
+    # a renamed file would silently drop out of that order.
+    # Read, not imported: `conftest` may name notebooks/conftest.py in this process.
+    module = ast.parse((ROOT / "tests" / "conftest.py").read_text(encoding="utf-8"))
+    orders = {
+        target.id: ast.literal_eval(node.value)
+        for node in module.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name) and target.id in ("LONGEST_FILES_FIRST", "_MUTATION_ORDER")
+    }
+    stems = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    assert len(orders) == 2
+    for name, order in orders.items():
+        assert len(set(order)) == len(order) and set(order) <= stems, (name, set(order) - stems)
 
 
 def test_the_tiers_are_declared_markers() -> None:
