@@ -306,5 +306,11 @@ def test_options_slurm_refuses_stop_the_sweep_before_anything_is_written(
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("error: Slurm refuses the sweep's jobs (--time=60 --partition=nosuch): ")
     assert "invalid partition specified: nosuch" in err[0].lower()
+    # sbatch's own messages, on one line, one space apart, without its "sbatch: error: " labels
+    said = subprocess.run(
+        ["sbatch", "--test-only", "--time=60", "--partition=nosuch", "--wrap=true"], capture_output=True, text=True
+    ).stderr.splitlines()
+    assert len(said) > 1 and said[0].startswith("sbatch: error: ")
+    assert err[0].endswith("): " + " ".join(line.removeprefix("sbatch: error: ") for line in said))
     assert err[1].startswith("error: Slurm refuses the sweep's jobs (--time=60 --nosuchoption=1): ")
     assert not (tmp_path / "sw").exists()
