@@ -228,14 +228,23 @@ _FAILURE = re.compile(
 
 
 def root_cause(log_dir: Path, output: str) -> str:
-    """The first failure of a torchrun job. A rank killed by a signal other than the SIGTERM torchrun sends to
-    the survivors comes first: it leaves no error file, and what its peers then record (a reset connection)
-    is its consequence. Else the first-written per-rank error file (`@record` writes the exception and its
-    traceback; the file's time, not the stamp inside, which has whole seconds: the peer that fails on the
-    lost connection writes within the same second), else torchrun's own failure summary."""
-    for rank, code, why in _FAILURE.findall(output):
-        if int(code) < 0 and int(code) != -signal.SIGTERM:
-            return f"rank {rank} was killed (exitcode {code}): {why.strip()}"
+    """The first failure of a torchrun job. A rank killed from outside (by a signal other than the SIGTERM
+    torchrun sends to the survivors and SIGABRT) comes first: it leaves no error file, and what its peers
+    then record (a reset connection) is its consequence. Else the first-written per-rank error file
+    (`@record` writes the exception and its traceback; the file's time, not the stamp inside, which has
+    whole seconds: the peer that fails on the lost connection writes within the same second). A rank that
+    aborted itself (SIGABRT: the C++ runtime ending on an uncaught exception, as gloo does on the peer's
+    lost connection, even after the rank recorded its own error) is usually such a consequence, so it
+    comes only after the error files; else torchrun's own failure summary."""
+    signalled = [
+        (rank, code, why.strip())
+        for rank, code, why in _FAILURE.findall(output)
+        if int(code) < 0 and int(code) != -signal.SIGTERM
+    ]
+    killed = [failure for failure in signalled if int(failure[1]) != -signal.SIGABRT]
+    aborted = [failure for failure in signalled if int(failure[1]) == -signal.SIGABRT]
+    if killed:
+        return "rank {} was killed (exitcode {}): {}".format(*killed[0])
     failures = []
     for path in log_dir.rglob("error.json"):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -250,6 +259,8 @@ def root_cause(log_dir: Path, output: str) -> str:
             failures.append((path.stat().st_mtime_ns, text))
     if failures:
         return min(failures)[1]
+    if aborted:
+        return "rank {} aborted (exitcode {}): {}".format(*aborted[0])
     summary = output[output.find("Root Cause") :] if "Root Cause" in output else output[-3000:]
     return "a worker failed under torchrun\n" + summary.strip()
 

@@ -302,6 +302,20 @@ def test_of_error_files_stamped_in_the_same_second_the_first_written_is_the_root
     assert root_cause(tmp_path, "").startswith("rank 1: boom on rank 1")
 
 
+def test_a_rank_that_aborted_itself_comes_after_the_error_files_and_before_torchruns_words(tmp_path: Path) -> None:
+    """gloo may end the rank whose peer failed with SIGABRT (exitcode -6), even after that rank recorded the
+    lost connection: the peer's error file is the cause. Only without error files does the abort come first;
+    a kill from outside (SIGKILL) still comes before the files."""
+    path = tmp_path / "attempt_0" / "1" / "error.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"message": {"message": "OutOfMemoryError: Tried to allocate 2.00 GiB", "extraInfo": {}}}))
+    abort = "Root Cause (first observed failure):\n[0]:\n" + TORCHRUN_FAILURE.format(0, -6, "SIGABRT", 6)
+    assert root_cause(tmp_path, abort) == "rank 1: OutOfMemoryError: Tried to allocate 2.00 GiB"
+    assert root_cause(tmp_path / "none", abort) == "rank 0 aborted (exitcode -6): Signal 6 (SIGABRT) received by PID 42"
+    both = abort + "[1]:\n" + TORCHRUN_FAILURE.format(1, -9, "SIGKILL", 9)
+    assert root_cause(tmp_path, both) == "rank 1 was killed (exitcode -9): Signal 9 (SIGKILL) received by PID 42"
+
+
 @pytest.mark.parametrize("content", ["not json", "{}", "[]", '{"message": 3}'])
 def test_a_malformed_error_file_is_skipped(tmp_path: Path, content: str) -> None:
     path = tmp_path / "attempt_0" / "1" / "error.json"
