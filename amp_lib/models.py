@@ -215,7 +215,8 @@ def load_user_factory(spec: str) -> Callable[..., Any]:
         raise ValueError(f"invalid model {spec!r}: cannot import {module_name!r} ({exc})") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"invalid model {spec!r}: {module_name!r} has no callable {attr!r}")
+        # ValueError, as for every invalid config value: the notebook and the sweep report it as one
+        raise ValueError(f"invalid model {spec!r}: {module_name!r} has no callable {attr!r}")  # noqa: TRY004
     return factory
 
 

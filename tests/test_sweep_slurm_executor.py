@@ -308,7 +308,8 @@ def test_options_slurm_refuses_stop_the_sweep_before_anything_is_written(
     assert "invalid partition specified: nosuch" in err[0].lower()
     # sbatch's own messages, on one line, one space apart, without its "sbatch: error: " labels
     said = subprocess.run(
-        ["sbatch", "--test-only", "--time=60", "--partition=nosuch", "--wrap=true"], capture_output=True, text=True
+        ["sbatch", "--test-only", "--time=60", "--partition=nosuch", "--wrap=true"],
+        check=False, capture_output=True, text=True, timeout=60,
     ).stderr.splitlines()
     assert len(said) > 1 and said[0].startswith("sbatch: error: ")
     assert err[0].endswith("): " + " ".join(line.removeprefix("sbatch: error: ") for line in said))
