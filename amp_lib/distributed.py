@@ -242,7 +242,6 @@ def root_cause(log_dir: Path, output: str) -> str:
         if int(code) < 0 and int(code) != -signal.SIGTERM
     ]
     killed = [failure for failure in signalled if int(failure[1]) != -signal.SIGABRT]
-    aborted = [failure for failure in signalled if int(failure[1]) == -signal.SIGABRT]
     if killed:
         return "rank {} was killed (exitcode {}): {}".format(*killed[0])
     failures = []
@@ -259,8 +258,8 @@ def root_cause(log_dir: Path, output: str) -> str:
             failures.append((path.stat().st_mtime_ns, text))
     if failures:
         return min(failures)[1]
-    if aborted:
-        return "rank {} aborted (exitcode {}): {}".format(*aborted[0])
+    if signalled:  # what is left are ranks that aborted themselves
+        return "rank {} aborted (exitcode {}): {}".format(*signalled[0])
     summary = output[output.find("Root Cause") :] if "Root Cause" in output else output[-3000:]
     return "a worker failed under torchrun\n" + summary.strip()
 
