@@ -4,13 +4,21 @@
 A parameter's type is written once, as the annotation of its field; `ParamType` turns that
 annotation into both a check (for values papermill or Python hand over) and a parser (for the text
 of a sweep's `-p`), so the notebook and the CLI can never disagree about what a value means.
+
+Validation is one function, `RunConfig.problems(values)`: every problem, one line each. A `RunConfig`
+raises the first of them and stores canonical values (the precision's canonical name, the parallelism
+`auto` resolves to), so nothing downstream parses a value again. A run's identity is its whole
+config: `identity` hashes the values that differ from the defaults, and the run's name carries it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,13 +26,19 @@ from typing import Any
 from amp_lib.precision import compute_dtype_name, parse_parallelism, parse_precision, parse_reduce_dtype
 
 PROJECT = "amp-workbook"  # the package, its Jupyter kernel and the default W&B project
-BUILTIN_MODELS: tuple[str, ...] = ("gpt-tiny", "gpt-small", "gpt2-124m", "mlp")
+# The built-in models and their context length (None: not a sequence model). models.py builds exactly these.
+BUILTIN_BLOCK_SIZES: dict[str, int | None] = {"gpt-tiny": 256, "gpt-small": 1024, "gpt2-124m": 1024, "mlp": None}
+BUILTIN_MODELS: tuple[str, ...] = tuple(BUILTIN_BLOCK_SIZES)
 # Fields that name or place a run rather than change what it measures: a sweep sets them itself,
 # and the report groups runs into one setting across them.
 NON_SETTING_FIELDS: tuple[str, ...] = ("precision", "seed", "run_name", "out_dir")
+# Fields outside a run's identity: where it is written, what it is called, and the recipe (a source of
+# values, which the config holds spelt out).
+PLACEMENT_FIELDS: tuple[str, ...] = ("run_name", "out_dir", "recipe")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 # Built-in models FSDP cannot shard per transformer block (they have none): DDP runs them.
 UNSHARDABLE_MODELS: tuple[str, ...] = ("mlp",)
+WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
 
 _SHAKESPEARE_CHAR: dict[str, Any] = {
     # nanoGPT's config/train_shakespeare_char.py, the "baby GPT": best validation loss 1.4697 after 5,000
@@ -127,6 +141,24 @@ TYPES: dict[str, ParamType] = {
     )
 }
 
+# Lower bounds of the integer fields.
+MINIMUMS: dict[str, int] = {
+    "steps": 1,
+    "batch_size": 1,
+    "seq_len": 1,
+    "grad_accum": 1,
+    "log_every": 1,
+    "growth_interval": 1,
+    "timing_warmup_steps": 0,
+    "seed": 0,
+    "lr_warmup_steps": 0,
+    "lr_decay_steps": 0,
+    "eval_every": 0,
+    "eval_batches": 1,
+    "headroom_every": 0,
+    "nproc": 1,
+}
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -161,99 +193,30 @@ class RunConfig:
     eval_batches: int = 4  # held-out batches per evaluation (built-in models)
     headroom_every: int = 0  # fp16 headroom map (amp_lib.headroom): sample every N steps; 0: off, no hooks
     profile_step: bool = False  # profile the warm-up's last step, or the first without one (amp_lib.diagnose)
-    parallelism: str = "none"  # none, ddp or fsdp (FSDP2): ddp/fsdp run under torchrun (amp_lib.distributed)
+    # auto (ddp with nproc > 1, else none), none, ddp or fsdp (FSDP2): ddp/fsdp run under torchrun
+    parallelism: str = "auto"
     nproc: int = 1  # processes (one per GPU) on this machine; batch_size is per process
     reduce_dtype: str = "fp32"  # FSDP's gradient-reduction dtype: fp32 or the compute dtype (bf16, fp16)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            TYPES[str(f.type)].check(f.name, getattr(self, f.name))
-        if self.recipe:
-            self._apply_recipe()
-        parse_precision(self.precision)
-        for name, minimum in (
-            ("steps", 1),
-            ("batch_size", 1),
-            ("seq_len", 1),
-            ("grad_accum", 1),
-            ("log_every", 1),
-            ("growth_interval", 1),
-            ("timing_warmup_steps", 0),
-            ("seed", 0),
-            ("lr_warmup_steps", 0),
-            ("lr_decay_steps", 0),
-            ("eval_every", 0),
-            ("eval_batches", 1),
-            ("headroom_every", 0),
-        ):
-            if getattr(self, name) < minimum:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= {minimum}")
-        if self.timing_warmup_steps >= self.steps:
-            raise ValueError(
-                f"timing_warmup_steps={self.timing_warmup_steps} must be less than steps={self.steps} (nothing left to time)"
-            )
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr!r} must be a positive finite number")
-        if self.grad_clip is not None and not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
-            raise ValueError(f"grad_clip={self.grad_clip!r} must be None, 0 (off) or a positive number")
-        if not (0 <= self.min_lr <= self.lr):
-            raise ValueError(f"min_lr={self.min_lr!r} must be between 0 and lr={self.lr!r}")
-        if self.lr_decay_steps and self.lr_decay_steps <= self.lr_warmup_steps:
-            raise ValueError(
-                f"lr_decay_steps={self.lr_decay_steps} must be 0 (no decay) or more than lr_warmup_steps={self.lr_warmup_steps}"
-            )
-        if not 0 < self.beta2 < 1:
-            raise ValueError(f"beta2={self.beta2!r} must be between 0 and 1 (exclusive)")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
-        if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
-            raise ValueError(f"init_scale={self.init_scale!r} must be a positive finite number")
-        if self.model not in BUILTIN_MODELS and ":" not in self.model:
-            raise ValueError(
-                f"invalid model {self.model!r}; valid: {', '.join(BUILTIN_MODELS)} or 'package.module:function'"
-            )
-        if not re.fullmatch(DEVICE_PATTERN, self.device):
-            raise ValueError(f"invalid device {self.device!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
-        if self.run_name and not re.fullmatch(r"[\w.=+-]+", self.run_name):
-            raise ValueError(f"invalid run_name {self.run_name!r}; use letters, digits and . _ = + -")
-        self._check_parallelism()
-
-    def _check_parallelism(self) -> None:
-        """Canonical spellings, and the combinations that make no sense refused before anything runs."""
-        object.__setattr__(self, "parallelism", parse_parallelism(self.parallelism))
-        object.__setattr__(self, "reduce_dtype", parse_reduce_dtype(self.reduce_dtype))
-        if self.nproc < 1:
-            raise ValueError(f"nproc={self.nproc!r} must be >= 1")
-        if self.nproc > 1 and self.parallelism == "none":
-            raise ValueError(
-                f"nproc={self.nproc} needs parallelism 'ddp' or 'fsdp' (valid: none, ddp, fsdp); 'none' runs one process"
-            )
-        if self.reduce_dtype != "fp32" and self.parallelism != "fsdp":
-            raise ValueError(
-                f"reduce_dtype={self.reduce_dtype!r} applies to parallelism 'fsdp' only (parallelism={self.parallelism!r}); "
-                "DDP reduces gradients in their own dtype: use 'fp32'"
-            )
-        compute = compute_dtype_name(parse_precision(self.precision))
-        if self.reduce_dtype not in ("fp32", compute):
-            raise ValueError(
-                f"reduce_dtype={self.reduce_dtype!r} does not fit precision {self.precision!r}; valid: 'fp32' or its compute dtype {compute!r}"
-            )
-        if self.parallelism == "fsdp" and self.model in UNSHARDABLE_MODELS:
-            raise ValueError(
-                f"model {self.model!r} has no transformer blocks for fsdp to shard one by one; use parallelism 'ddp' "
-                "(or a model with blocks in an nn.ModuleList)"
-            )
-
-    def _apply_recipe(self) -> None:
-        """Fill in the recipe's values wherever the config still holds the field's default."""
-        if self.recipe not in RECIPES:
-            raise ValueError(f"invalid recipe {self.recipe!r}; valid: {', '.join(RECIPES)}")
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, value in RECIPES[self.recipe].items():
-            if getattr(self, name) == defaults[name]:
+        values, problems = _validated(asdict(self))
+        if problems:
+            raise ValueError(problems[0])
+        for name, value in values.items():
+            if value != getattr(self, name) or type(value) is not type(getattr(self, name)):
                 object.__setattr__(self, name, value)  # frozen: this is still construction
+
+    @classmethod
+    def problems(cls, values: Mapping[str, Any]) -> list[str]:
+        """Every problem with `values` as a config, one line each (the value, the field, what is valid); []
+        when they make a valid config. `RunConfig(**values)` raises the first; a sweep lists them all."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        found = (
+            [f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(cls.field_names())}"]
+            if unknown
+            else []
+        )
+        return found + _validated({k: v for k, v in values.items() if k not in unknown})[1]
 
     @property
     def schedules_lr(self) -> bool:
@@ -265,7 +228,7 @@ class RunConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ValueError(
@@ -279,13 +242,19 @@ class RunConfig:
         return self.nproc * self.batch_size * self.grad_accum
 
     @property
+    def identity(self) -> str:
+        """A short hash of everything the run trains with (`config_identity`)."""
+        return config_identity(self.to_dict())
+
+    @property
+    def base_name(self) -> str:
+        """The readable part of an unnamed run's name: model, precision, parallelism and seed."""
+        return base_run_name(self.model, self.precision, self.parallelism, self.nproc, self.reduce_dtype, self.seed)
+
+    @property
     def name(self) -> str:
-        if self.run_name:
-            return self.run_name
-        parallel = "" if self.parallelism == "none" else f"-{self.parallelism}{self.nproc}"
-        if self.parallelism == "fsdp" and self.reduce_dtype != "fp32":
-            parallel += f"-reduce-{self.reduce_dtype}"
-        return f"{self.model.replace(':', '.')}-{parse_precision(self.precision)}{parallel}-s{self.seed}"
+        """`<run_name or base_name>-<identity>`: readable, and never shared by two configs."""
+        return f"{self.run_name or self.base_name}-{self.identity}"
 
     @property
     def result_path(self) -> Path:
@@ -293,6 +262,159 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def base_run_name(model: Any, precision: Any, parallelism: Any, nproc: Any, reduce_dtype: Any, seed: Any) -> str:
+    """`<model>-<precision>[-<parallelism><nproc>[-reduce-<dtype>]]-s<seed>`, from canonical values."""
+    parallel = "" if parallelism in ("none", "auto") else f"-{parallelism}{nproc}"
+    if parallelism == "fsdp" and reduce_dtype != "fp32":
+        parallel += f"-reduce-{reduce_dtype}"
+    return f"{str(model).replace(':', '.')}-{precision}{parallel}-s{seed}"
+
+
+@functools.cache
+def _canonical_defaults() -> tuple[tuple[str, Any], ...]:
+    return tuple(RunConfig().to_dict().items())
+
+
+def config_identity(values: Mapping[str, Any]) -> str:
+    """Eight hex digits of a hash over a config's values that differ from the (canonical) defaults, its
+    placement aside: equal for equal configs, different for any difference; unchanged when a new field with
+    a default is added, so older results keep their identity."""
+    defaults = dict(_canonical_defaults())
+    relevant = {
+        k: (float(v) if isinstance(v, int) and not isinstance(v, bool) and isinstance(defaults.get(k), float) else v)
+        for k, v in values.items()
+        if k not in PLACEMENT_FIELDS
+    }
+    relevant = {k: v for k, v in sorted(relevant.items()) if k not in defaults or v != defaults[k]}
+    text = json.dumps(relevant, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _annotation(name: str) -> ParamType:
+    return TYPES[{f.name: str(f.type) for f in fields(RunConfig)}[name]]
+
+
+def _validated(given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The canonical values of a config and every problem with it. A value with a problem keeps its
+    default for the checks that follow, so one mistake is reported once, not again by every rule it touches."""
+    defaults = {f.name: f.default for f in fields(RunConfig)}
+    values, problems, bad = dict(defaults), [], set()
+
+    def problem(message: str, *names: str) -> None:
+        if message not in problems:
+            problems.append(message)
+        bad.update(names)
+
+    for name, value in given.items():
+        try:
+            _annotation(name).check(name, value)
+        except ValueError as exc:
+            problem(str(exc), name)
+            continue
+        if isinstance(defaults[name], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # 1 and 1.0 are one learning rate: one identity
+        values[name] = value
+    if values["recipe"] and "recipe" not in bad:
+        if values["recipe"] not in RECIPES:
+            problem(f"invalid recipe {values['recipe']!r}; valid: {', '.join(RECIPES)}", "recipe")
+        else:
+            for name, value in RECIPES[values["recipe"]].items():
+                if values[name] == defaults[name]:
+                    values[name] = value
+
+    def canonical(name: str, parse: Callable[[Any], Any]) -> None:
+        if name not in bad:
+            try:
+                values[name] = parse(values[name])
+            except ValueError as exc:
+                problem(str(exc), name)
+
+    def rule(names: tuple[str, ...], broken: Callable[[], str | None]) -> None:
+        """Check `broken()` (a message, or None) when none of `names` has a problem yet."""
+        if not bad & set(names) and (message := broken()) is not None:
+            problem(message, *names)
+
+    canonical("precision", parse_precision)
+    canonical("parallelism", lambda p: "auto" if str(p).strip().lower() == "auto" else parse_parallelism(p))
+    canonical("reduce_dtype", parse_reduce_dtype)
+    for name, minimum in MINIMUMS.items():
+        rule((name,), lambda n=name, m=minimum: f"{n}={values[n]!r} must be >= {m}" if values[n] < m else None)
+    for names, check in _RULES:
+        rule(names, lambda c=check: c(values))
+    _parallel_rules(values, rule)
+    return values, problems
+
+
+def _unless(ok: bool, message: str) -> str | None:
+    return None if ok else message
+
+
+# Each rule: the fields it reads (checked only when none of them has a problem yet) and its message, or None.
+_RULES: tuple[tuple[tuple[str, ...], Callable[[dict[str, Any]], str | None]], ...] = (
+    (("timing_warmup_steps", "steps"), lambda v: _unless(
+        v["timing_warmup_steps"] < v["steps"],
+        f"timing_warmup_steps={v['timing_warmup_steps']} must be less than steps={v['steps']} (nothing left to time)")),
+    (("lr",), lambda v: _unless(v["lr"] > 0 and math.isfinite(v["lr"]), f"lr={v['lr']!r} must be a positive finite number")),
+    (("grad_clip",), lambda v: _unless(
+        v["grad_clip"] is None or (v["grad_clip"] >= 0 and math.isfinite(v["grad_clip"])),
+        f"grad_clip={v['grad_clip']!r} must be None, 0 (off) or a positive number")),
+    (("min_lr", "lr"), lambda v: _unless(
+        0 <= v["min_lr"] <= v["lr"], f"min_lr={v['min_lr']!r} must be between 0 and lr={v['lr']!r}")),
+    (("lr_decay_steps", "lr_warmup_steps"), lambda v: _unless(
+        not v["lr_decay_steps"] or v["lr_decay_steps"] > v["lr_warmup_steps"],
+        f"lr_decay_steps={v['lr_decay_steps']} must be 0 (no decay) or more than lr_warmup_steps={v['lr_warmup_steps']}")),
+    (("beta2",), lambda v: _unless(0 < v["beta2"] < 1, f"beta2={v['beta2']!r} must be between 0 and 1 (exclusive)")),
+    (("weight_decay",), lambda v: _unless(
+        v["weight_decay"] >= 0 and math.isfinite(v["weight_decay"]),
+        f"weight_decay={v['weight_decay']!r} must be a finite number >= 0")),
+    (("dropout",), lambda v: _unless(0 <= v["dropout"] < 1, f"dropout={v['dropout']!r} must be in [0, 1)")),
+    (("init_scale",), lambda v: _unless(
+        v["init_scale"] > 0 and math.isfinite(v["init_scale"]),
+        f"init_scale={v['init_scale']!r} must be a positive finite number")),
+    (("model",), lambda v: _unless(
+        v["model"] in BUILTIN_MODELS or ":" in v["model"],
+        f"invalid model {v['model']!r}; valid: {', '.join(BUILTIN_MODELS)} or 'package.module:function'")),
+    (("model", "seq_len"), lambda v: _block_problem(v["model"], v["seq_len"])),
+    (("device",), lambda v: _unless(
+        re.fullmatch(DEVICE_PATTERN, v["device"]) is not None,
+        f"invalid device {v['device']!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")),
+    (("run_name",), lambda v: _unless(
+        not v["run_name"] or re.fullmatch(r"[\w.=+-]+", v["run_name"]) is not None,
+        f"invalid run_name {v['run_name']!r}; use letters, digits and . _ = + -")),
+)  # fmt: skip
+
+
+def _block_problem(model: str, seq_len: int) -> str | None:
+    block = BUILTIN_BLOCK_SIZES.get(model)
+    if block is not None and seq_len > block:
+        return f"seq_len={seq_len} is longer than the block size of model {model!r}; valid: 1 to {block}"
+    return None
+
+
+def _parallel_rules(values: dict[str, Any], rule: Callable[[tuple[str, ...], Callable[[], str | None]], None]) -> None:
+    """The parallelism `auto` resolves to, and the combinations that make no sense, refused before anything runs."""
+    v = values
+    if v["parallelism"] == "auto" and isinstance(v["nproc"], int):
+        v["parallelism"] = "ddp" if v["nproc"] > 1 else "none"  # more than one process: DDP runs any model
+    rule(("nproc", "parallelism"), lambda: f"nproc={v['nproc']} needs parallelism 'ddp' or 'fsdp' (valid: none, ddp, fsdp); "
+         "'none' runs one process" if v["nproc"] > 1 and v["parallelism"] == "none" else None)
+    rule(("reduce_dtype", "parallelism"), lambda: f"reduce_dtype={v['reduce_dtype']!r} applies to parallelism 'fsdp' only "
+         f"(parallelism={v['parallelism']!r}); DDP reduces gradients in their own dtype: use 'fp32'"
+         if v["reduce_dtype"] != "fp32" and v["parallelism"] != "fsdp" else None)
+
+    def fits() -> str | None:
+        compute = compute_dtype_name(v["precision"])
+        if v["reduce_dtype"] in ("fp32", compute):
+            return None
+        return (f"reduce_dtype={v['reduce_dtype']!r} does not fit precision {v['precision']!r}; valid: 'fp32' or its "
+                f"compute dtype {compute!r}")
+
+    rule(("reduce_dtype", "precision"), fits)
+    rule(("parallelism", "model"), lambda: f"model {v['model']!r} has no transformer blocks for fsdp to shard one by one; "
+         "use parallelism 'ddp' (or a model with blocks in an nn.ModuleList)"
+         if v["parallelism"] == "fsdp" and v["model"] in UNSHARDABLE_MODELS else None)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -306,10 +428,19 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             TYPES[str(f.type)].check(f.name, getattr(self, f.name))
+        if self.wandb_mode is not None and self.wandb_mode != "":
+            object.__setattr__(self, "wandb_mode", check_wandb_mode(self.wandb_mode))
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def check_wandb_mode(mode: Any, source: str = "wandb_mode") -> str:
+    """The canonical W&B mode (offline, online, disabled); `ValueError` naming `source` otherwise."""
+    if not isinstance(mode, str) or mode.strip().lower() not in WANDB_MODES:
+        raise ValueError(f"invalid {source} {mode!r}; valid values are: {', '.join(WANDB_MODES)}")
+    return mode.strip().lower()
 
 
 def parameter_names() -> list[str]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amp_lib.config import BUILTIN_MODELS, RunConfig
+from amp_lib.config import BUILTIN_BLOCK_SIZES, BUILTIN_MODELS, RunConfig
 from amp_lib.data import TRAIN_FRACTION, CharTokenizer, TensorBatches, TokenBatches, corpus
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -44,9 +44,9 @@ class GPTConfig:
 
 
 GPT_SIZES: dict[str, GPTConfig] = {
-    "gpt-tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64),
-    "gpt-small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=1024),
-    "gpt2-124m": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt-tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=BUILTIN_BLOCK_SIZES["gpt-tiny"] or 0),
+    "gpt-small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=BUILTIN_BLOCK_SIZES["gpt-small"] or 0),
+    "gpt2-124m": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=BUILTIN_BLOCK_SIZES["gpt2-124m"] or 0),
 }
 
 
@@ -168,9 +168,7 @@ def text_batches(config: RunConfig, device: torch.device) -> tuple[TokenBatches,
 
 
 def _gpt_workload(name: str, config: RunConfig, device: torch.device) -> Workload:
-    base = GPT_SIZES[name]
-    if config.seq_len > base.block_size:
-        raise ValueError(f"seq_len={config.seq_len} exceeds {name}'s block size {base.block_size}")
+    base = GPT_SIZES[name]  # RunConfig refuses a seq_len beyond its block size
     train, evals, vocab_size = text_batches(config, device)
     cfg = GPTConfig(
         base.n_layer, base.n_head, base.n_embd, vocab_size=vocab_size, block_size=base.block_size, dropout=config.dropout

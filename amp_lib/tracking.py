@@ -7,13 +7,16 @@ The Lightning callback is `amp_lib.lightning_callback.AmpWandbCallback`.
 
 from __future__ import annotations
 
+import logging
+import netrc
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
-from amp_lib.config import PROJECT, RunConfig
+from amp_lib.config import PROJECT, WANDB_MODES, RunConfig, check_wandb_mode
 from amp_lib.diagnose import StepProfile
 from amp_lib.precision import PrecisionPlan
 from amp_lib.results import HistoryRow, RunResult, finite_or_none
@@ -23,17 +26,36 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from amp_lib.report import SweepReport
 
-WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
+log = logging.getLogger(__name__)
+__all__ = ["WANDB_MODES", "WandbTracker", "credentials_problem", "record_report", "resolve_wandb_mode"]
 
 
 def resolve_wandb_mode(mode: str | None = None) -> str:
     """The W&B mode to use: the argument, else `$WANDB_MODE`, else "offline" (no network needed, ever)."""
-    source = "mode"
+    source = "W&B mode"
     if mode is None or mode == "":
-        mode, source = os.environ.get("WANDB_MODE") or "offline", "WANDB_MODE"
-    if not isinstance(mode, str) or mode.strip().lower() not in WANDB_MODES:
-        raise ValueError(f"invalid W&B {source} {mode!r}; valid values are: {', '.join(WANDB_MODES)}")
-    return mode.strip().lower()
+        mode, source = os.environ.get("WANDB_MODE") or "offline", "W&B WANDB_MODE"
+    return check_wandb_mode(mode, source)
+
+
+def credentials_problem(mode: str | None) -> str | None:
+    """Why W&B could not log online in this environment (no API key in $WANDB_API_KEY nor in ~/.netrc for the
+    W&B host), or None: a sweep refuses such runs before any kernel starts rather than failing each one."""
+    try:
+        if resolve_wandb_mode(mode) != "online" or os.environ.get("WANDB_API_KEY"):
+            return None
+    except ValueError:
+        return None  # an invalid mode is reported as such elsewhere
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return (
+        f"wandb_mode='online' needs a W&B API key (WANDB_API_KEY, or `wandb login` for {host}); none found: "
+        "use wandb_mode=offline (sync later with `wandb sync`) or disabled"
+    )
 
 
 def history_row_metrics(row: HistoryRow, items_per_step: int, use_loss_scaler: bool) -> dict[str, Any]:
@@ -196,6 +218,7 @@ class WandbTracker:
         self.run: Any = None
         self.run_id: str | None = None
         self.run_dir: Path | None = None  # the offline run's folder (holds run-<id>.wandb); None when disabled
+        self.error: str | None = None  # why W&B could not start, when it could not (the run trains untracked)
         self._plan: PrecisionPlan | None = None
 
     # RunObserver ---------------------------------------------------------------------------------
@@ -212,18 +235,23 @@ class WandbTracker:
             Path(run_root).mkdir(parents=True, exist_ok=True)
         run_config = {**config.to_dict(), "plan": plan.to_dict()}
         notes = f"precision fallback: {plan.fallback_reason}" if plan.fallback_reason else None
-        self.run = wandb.init(
-            project=self.project,
-            group=self.group,
-            name=self.name or config.name,
-            job_type=self.job_type,
-            tags=self.tags or None,
-            notes=notes,
-            config=run_config,
-            dir=run_root,
-            mode=self.mode,  # type: ignore[arg-type]
-            reinit="create_new",  # never log into (or finish) a run the user has open
-        )
+        try:
+            self.run = wandb.init(
+                project=self.project,
+                group=self.group,
+                name=self.name or config.name,
+                job_type=self.job_type,
+                tags=self.tags or None,
+                notes=notes,
+                config=run_config,
+                dir=run_root,
+                mode=self.mode,  # type: ignore[arg-type]
+                reinit="create_new",  # never log into (or finish) a run the user has open
+            )
+        except Exception as exc:  # noqa: BLE001 - tracking that cannot start must not cost the training run
+            log.warning("W&B could not start (%s: %s); this run is not tracked", type(exc).__name__, exc)
+            self.run, self.run_id, self.run_dir, self.error = None, None, None, f"{type(exc).__name__}: {exc}"
+            return
         self.run_id = self.run.id
         self.run_dir = None if self.mode == "disabled" else Path(self.run.settings.sync_dir)
 

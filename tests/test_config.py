@@ -20,11 +20,12 @@ from amp_lib.config import (
     ParamType,
     RunConfig,
     TrackingConfig,
+    config_identity,
     parameter_names,
     parameter_type,
     parse_value,
 )
-from amp_lib.precision import resolve_device
+from amp_lib.precision import resolve_device, valid_precision_names
 
 # Written out independently of TYPES, so a type dropped from the table (or a label changed) is caught.
 LABELS = ("int", "float", "str", "bool", "str | int", "float | None", "str | None")
@@ -67,9 +68,43 @@ def test_accepted_values_survive_the_papermill_round_trip(field, value):
 
 def test_name_and_result_path():
     config = RunConfig(model="pkg.mod:fn", precision="bf16", seed=3, out_dir="out")
-    assert config.name == "pkg.mod.fn-bf16-mixed-s3"  # named by the canonical precision, whatever the spelling
-    assert config.result_path == Path("out") / "pkg.mod.fn-bf16-mixed-s3.json"
-    assert RunConfig(run_name="mine", out_dir="o").result_path == Path("o") / "mine.json"
+    assert re.fullmatch(r"pkg\.mod\.fn-bf16-mixed-s3-[0-9a-f]{8}", config.name)  # the canonical precision, any spelling
+    assert config.name == f"{config.base_name}-{config.identity}"
+    assert config.result_path == Path("out") / f"{config.name}.json"
+    mine = RunConfig(run_name="mine", out_dir="o")
+    assert mine.result_path == Path("o") / f"mine-{mine.identity}.json"
+
+
+# --- identity: a run's name never stands for two configs -----------------------------------------
+
+
+def test_equal_configs_share_their_identity_whatever_the_spelling_or_placement() -> None:
+    base = RunConfig(precision="bf16-mixed", lr=1.0)
+    assert RunConfig(precision="bf16", lr=1).identity == base.identity  # an alias, an int for a float
+    assert RunConfig(precision=16, allow_slow=True).identity == RunConfig(precision="16-mixed", allow_slow=True).identity
+    placed = RunConfig(precision="bf16-mixed", lr=1.0, run_name="x", out_dir="elsewhere")
+    assert placed.identity == base.identity and placed.name == f"x-{base.identity}"
+    spelt_out = RunConfig(**RECIPES["shakespeare-char-tiny"])
+    assert RunConfig(recipe="shakespeare-char-tiny").identity == spelt_out.identity  # the recipe is a source of values
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"steps": 31}, {"allow_slow": True}, {"nproc": 2}, {"seed": 1}, {"precision": "bf16"}, {"lr": 2e-3},
+     {"grad_clip": None}, {"device": "cpu"}, {"dropout": 0.1}],
+    ids=lambda v: repr(v),
+)  # fmt: skip
+def test_any_value_that_changes_the_run_changes_its_identity_and_name(change: dict[str, Any]) -> None:
+    default, changed = RunConfig(), RunConfig(**change)
+    assert changed.identity != default.identity and changed.name != default.name
+    assert re.fullmatch(r"[0-9a-f]{8}", changed.identity)
+
+
+def test_identity_depends_only_on_values_that_differ_from_the_defaults() -> None:
+    # so a field added later with a default leaves the identity (and file name) of every older result as it was
+    values = RunConfig(steps=12, lr=2e-3).to_dict()
+    assert config_identity(values) == config_identity({k: values[k] for k in ("steps", "lr", "precision")})
+    assert config_identity({**values, "a_future_field": 1}) != config_identity(values)
 
 
 def test_non_setting_fields_are_run_config_fields():
@@ -555,8 +590,8 @@ def test_parallelism_and_reduce_dtype_are_stored_by_their_canonical_names() -> N
     config = RunConfig(parallelism="FSDP2", nproc=2, precision="bf16", reduce_dtype="bfloat16")
     assert (config.parallelism, config.reduce_dtype) == ("fsdp", "bf16")
     assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert config.name == "gpt-tiny-bf16-mixed-fsdp2-reduce-bf16-s0"
-    assert RunConfig(parallelism="ddp", nproc=4).name == "gpt-tiny-fp32-ddp4-s0"
+    assert config.base_name == "gpt-tiny-bf16-mixed-fsdp2-reduce-bf16-s0"
+    assert RunConfig(parallelism="ddp", nproc=4).base_name == "gpt-tiny-fp32-ddp4-s0"
     assert RunConfig(parallelism="ddp", nproc=4, batch_size=3, grad_accum=2).global_batch == 24
     assert parse_value("nproc", "2") == 2 and parse_value("reduce_dtype", "bf16") == "bf16"
 
@@ -564,7 +599,7 @@ def test_parallelism_and_reduce_dtype_are_stored_by_their_canonical_names() -> N
 @pytest.mark.parametrize(
     "values,message",
     [
-        ({"nproc": 2}, "nproc=2 needs parallelism 'ddp' or 'fsdp' (valid: none, ddp, fsdp)"),
+        ({"nproc": 2, "parallelism": "none"}, "nproc=2 needs parallelism 'ddp' or 'fsdp' (valid: none, ddp, fsdp)"),
         ({"nproc": 0, "parallelism": "ddp"}, "nproc=0 must be >= 1"),
         ({"parallelism": "zero3"}, "invalid parallelism 'zero3'; valid values are: none, ddp, fsdp"),
         (
@@ -589,3 +624,39 @@ def test_the_reduce_dtype_may_be_the_compute_dtype_of_any_reduced_precision() ->
     for precision, reduce in (("bf16-true", "bf16"), ("fp16-mixed", "fp16"), ("fp8-mixed", "bf16"), ("tf32", "fp32")):
         assert RunConfig(parallelism="fsdp", nproc=2, precision=precision, reduce_dtype=reduce).reduce_dtype == reduce
     assert RunConfig(parallelism="ddp", model="mlp").parallelism == "ddp"  # DDP runs any model
+
+
+def test_parallelism_auto_is_ddp_for_several_processes_and_none_for_one() -> None:
+    # `-p nproc=2` means DDP in a sweep, in `python -m amp_lib.train` and in Python alike
+    assert (RunConfig(nproc=2).parallelism, RunConfig().parallelism) == ("ddp", "none")
+    assert RunConfig(nproc=2, parallelism="auto").to_dict()["parallelism"] == "ddp"  # stored resolved
+
+
+def test_seq_len_beyond_a_built_in_models_block_size_is_refused() -> None:
+    with pytest.raises(ValueError) as info:
+        RunConfig(seq_len=257)
+    assert str(info.value) == "seq_len=257 is longer than the block size of model 'gpt-tiny'; valid: 1 to 256"
+    assert RunConfig(seq_len=256).seq_len == 256 and RunConfig(model="mlp", seq_len=10_000).seq_len == 10_000
+    assert RunConfig(model="gpt-small", seq_len=1024).seq_len == 1024
+
+
+# --- problems: every one, one line each (what a sweep lists before any kernel starts) -------------
+
+
+def test_problems_lists_every_problem_once_and_none_for_a_valid_config() -> None:
+    assert RunConfig.problems(RunConfig().to_dict()) == [] and RunConfig.problems({}) == []
+    found = RunConfig.problems({"steps": 0, "lr": "x", "precision": "int8", "seq_len": 1000, "typo": 1})
+    assert found[0].startswith("unknown parameter(s) 'typo'; valid names: precision, model")
+    assert found[1:] == [
+        "lr='x' has type str; expected float",
+        f"invalid precision 'int8'; valid values are: {', '.join(valid_precision_names())}",
+        "steps=0 must be >= 1",
+        "seq_len=1000 is longer than the block size of model 'gpt-tiny'; valid: 1 to 256",
+    ]  # steps=0 is not reported again as "warm-up must be less than steps"
+
+
+def test_a_config_raises_the_first_of_its_problems() -> None:
+    values = {"steps": 0, "dropout": 2.0}
+    with pytest.raises(ValueError) as info:
+        RunConfig(**values)
+    assert str(info.value) == RunConfig.problems(values)[0] == "steps=0 must be >= 1"

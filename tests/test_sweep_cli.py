@@ -1,9 +1,9 @@
 """`amp_lib.sweep.cli`: `sweep()` (plan, run, report) and `python -m amp_lib.sweep` (its parser, its
 errors, what it prints, its exit code).
 
-Most tests run on finished results (a resumed sweep executes nothing) with the kernel "no-such-kernel",
-so that a run or report notebook that is (wrongly) executed fails in a moment instead of starting a
-kernel. The `notebook` tests at the end run one real two-precision sweep with its report."""
+Most tests run on finished results (a resumed sweep executes nothing) with the kernel "amp-dead-kernel",
+a kernel spec whose program does not exist, so that a run or report notebook that is (wrongly) executed
+fails in a moment instead of starting a kernel. The `notebook` tests at the end run one real two-precision sweep with its report."""
 
 from __future__ import annotations
 
@@ -40,8 +40,21 @@ from amp_lib.sweep.slurm_executor import SlurmExecutor
 CPU = Capabilities(device_type="cpu", device_name="test-cpu")
 ARGS = ["-p", "device=cpu", "-p", "steps=9", "-p", "wandb_mode=disabled"]
 PARAMS = ARGS[1::2]  # the same, as sweep()'s params
-NO_KERNEL = ["--kernel", "no-such-kernel"]  # a run that is (wrongly) executed fails in a moment, starting no kernel
-NO_KERNEL_SETTINGS = Settings(kernel="no-such-kernel", retries=1)
+DEAD_KERNEL = "amp-dead-kernel"
+NO_KERNEL = ["--kernel", DEAD_KERNEL]  # a run that is (wrongly) executed fails in a moment, starting no kernel
+NO_KERNEL_SETTINGS = Settings(kernel=DEAD_KERNEL, retries=1)
+DEAD_KERNEL_ERROR = f"FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/{DEAD_KERNEL}'"
+
+
+@pytest.fixture(autouse=True)
+def dead_kernel(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel spec that exists (the sweep checks that before anything runs) but whose program does not."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / DEAD_KERNEL
+    spec.mkdir(parents=True)
+    argv = [f"/nonexistent/{DEAD_KERNEL}", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "dead", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join([str(root), *filter(None, [os.environ.get("JUPYTER_PATH")])]))
 
 
 def _finished_sweep(
@@ -181,6 +194,50 @@ def test_bad_command_lines_exit_2_with_one_error_line_and_write_nothing(
     assert not (tmp_path / "sw").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-p", "seq_len=1000000"], "seq_len=1000000 is longer than the block size of model 'gpt-tiny'; valid: 1 to 256"),
+        (["-p", "model=amp_lib.examples:nosuchfn"],
+         "model='amp_lib.examples:nosuchfn': module 'amp_lib.examples' defines no 'nosuchfn'"),
+        (["--kernel", "nosuchkernel"], "--kernel 'nosuchkernel': no such Jupyter kernel; valid: "),
+        (["-p", "wandb_mode=online"], "wandb_mode='online' needs a W&B API key (WANDB_API_KEY, or `wandb login` for "),
+        (["-p", "steps=3", "-p", "steps=4"], "-p steps is given twice; give its values once, comma-separated"),
+    ],
+)  # fmt: skip
+def test_inputs_a_kernel_used_to_find_are_refused_before_any_kernel_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "")  # no W&B login here: neither a key nor a .netrc entry
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert main(["--out", str(tmp_path / "sw"), *NO_KERNEL, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {message}") and captured.err.count("\n") == 1
+    assert not (tmp_path / "sw").exists()  # no result, no notebook: nothing started
+
+
+def test_every_problem_of_a_command_line_is_listed_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--out", str(tmp_path / "sw"), "--seeds", "x", "--precisions", "fp33", "-p", "batch_size=0", *NO_KERNEL]
+    assert main(argv) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0] == "error: invalid --seeds 'x'; expected comma-separated ints, e.g. 0,1,2"
+    assert errors[1].startswith("error: invalid precision 'fp33'; valid values are: fp32") and len(errors) == 2
+    assert main(["--out", str(tmp_path / "sw"), "--seeds", "x", "-p", "batch_size=0", *NO_KERNEL]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == ["error: batch_size=0 must be >= 1"]
+    assert not (tmp_path / "sw").exists()
+
+
+def test_an_out_folder_nothing_can_be_written_in_or_no_folder_at_all_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out", "/proc/amp-x", *ARGS, *NO_KERNEL]) == 2  # root may write anywhere, but not in /proc
+    assert capsys.readouterr().err.startswith("error: --out /proc/amp-x: cannot create files in /proc (")
+    assert main(["--out", "", *ARGS, *NO_KERNEL]) == 2
+    assert capsys.readouterr().err == "error: --out is empty; give the sweep's folder, e.g. --out sweeps/mine\n"
+    assert list(tmp_path.iterdir()) == []  # no report written into the current folder
+
+
 def test_the_command_line_picks_the_executor_with_its_options() -> None:
     def executor(*argv: str) -> object:
         return make_executor(build_parser().parse_args(["--out", "o", *argv]))
@@ -251,7 +308,8 @@ def test_the_device_probed_is_the_one_in_the_grid_or_auto_for_several(tmp_path: 
     assert result.config["model"] == "gpt-tiny" and result.config["steps"] == RECIPES["shakespeare-char-tiny"]["steps"]
     several = sweep(tmp_path / "two", ["fp32"], [0], ["device=cpu,cuda", "model=gpt-tiny"], report=False,
                     settings=NO_KERNEL_SETTINGS)  # fmt: skip
-    assert [o.name for o in several.outcomes] == ["gpt-tiny-fp32-s0-device=cpu", "gpt-tiny-fp32-s0-device=cuda"]
+    assert [o.name.rsplit("-", 1)[0] for o in several.outcomes] == [
+        "gpt-tiny-fp32-s0-device=cpu", "gpt-tiny-fp32-s0-device=cuda"]  # fmt: skip
     assert several.planned == 2 and {o.status for o in several.outcomes} == {"failed"}
 
 
@@ -266,7 +324,7 @@ def test_sweep_function_resumes_and_returns_the_report_summary_md_was_written_fr
     assert [(o.name, o.status, o.resumed) for o in result.outcomes] == [(r.name, s, True) for r, s in
                                                                          zip(runs, ("ok", "oom"))]  # fmt: skip
     assert result.outcomes[1].error == "oom: first line\nsecond"
-    assert result.report_error.startswith("report notebook failed (") and "NoSuchKernel" in result.report_error
+    assert result.report_error.startswith("report notebook failed (") and DEAD_KERNEL_ERROR in result.report_error
     assert result.files == {}  # the report notebook failed: no files to list
     assert isinstance(result.report, SweepReport) and result.report.tolerance == 0.3
     assert result.report.results == tuple(load_sweep(out)) and len(result.report.results) == 2
@@ -335,7 +393,7 @@ def test_ctrl_c_exits_130_keeps_finished_runs_and_writes_no_report(
     assert _recommendation_lines(stdout.getvalue()) == [] and not (out / "summary.md").exists()
     err = capsys.readouterr().err
     assert "interrupted: finished results are kept; run the same command again to resume\n" in err
-    assert "report failed" not in err and f"FAILED failed   {first.name}: NoSuchKernel" in err
+    assert "report failed" not in err and f"FAILED failed   {first.name}: {DEAD_KERNEL_ERROR}" in err
 
 
 
@@ -373,7 +431,8 @@ def test_resumed_sweep_prints_counts_paths_and_recommendation_and_no_report_writ
     assert "FAILED" not in captured.err and "interrupted" not in captured.err
     # --no-report: no summary.md, report.*, figures/; only the grid it was asked for, and no lock left behind
     assert sorted(p.name for p in out.iterdir()) == ["results", "sweep.json"]
-    assert json.loads((out / "sweep.json").read_text()) == {"runs": ["gpt-tiny-fp32-s0", "gpt-tiny-bf16-mixed-s0"]}
+    names = [RunConfig(**r.config).name for r in load_sweep(out)]
+    assert json.loads((out / "sweep.json").read_text()) == {"runs": sorted(names, key=lambda n: "bf16" in n)}
 
 
 def test_the_printed_recommendations_are_those_of_the_returned_report(
@@ -403,7 +462,8 @@ def test_resumed_sweep_with_a_diverged_run_exits_1_and_lists_it(
     captured = capsys.readouterr()
     assert "(0 executed, 2 resumed), 1 not ok" in captured.out
     assert "recommendation (gpt-tiny): fp32 — stay in fp32" in captured.out
-    assert captured.err.splitlines()[-1] == "FAILED diverged gpt-tiny-fp16-mixed-s0: diverged: first line"
+    fp16 = next(r for r in load_sweep(out) if r.config["precision"] == "fp16-mixed")
+    assert captured.err.splitlines()[-1] == f"FAILED diverged {RunConfig(**fp16.config).name}: diverged: first line"
 
 
 def test_cli_force_report_kernel_and_tolerance_reach_the_sweep(
@@ -412,7 +472,8 @@ def test_cli_force_report_kernel_and_tolerance_reach_the_sweep(
     out = tmp_path / "sw"
     runs = _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 1000.0, "bf16-mixed": 1500.0},
                            seeds=(0, 1))  # fmt: skip
-    for run in runs[2:]:  # bf16's two seeds: eval loss +5% over fp32's
+    bf16_runs = [r for r in runs if r.parameters["precision"] == "bf16-mixed"]
+    for run in bf16_runs:  # bf16's two seeds: eval loss +5% over fp32's
         bf16 = RunResult.load(run.result_path)
         replace(bf16, metrics=replace(bf16.metrics, eval_loss=2.1)).save(run.result_path)
     base = ["--out", str(out), "--precisions", "fp32,bf16", "--seeds", "0,1", *ARGS, *NO_KERNEL]
@@ -422,8 +483,7 @@ def test_cli_force_report_kernel_and_tolerance_reach_the_sweep(
     report_error = [line for line in captured.err.splitlines() if line.startswith("report failed:")]
     assert report_error == [
         (
-            f"report failed: report notebook failed ({out.resolve() / 'report.ipynb'}): NoSuchKernel: No such kernel"
-            " named no-such-kernel"
+            f"report failed: report notebook failed ({out.resolve() / 'report.ipynb'}): {DEAD_KERNEL_ERROR}"
         )
     ]
     assert "±10% of fp32's" in (out / "summary.md").read_text()
@@ -431,7 +491,7 @@ def test_cli_force_report_kernel_and_tolerance_reach_the_sweep(
     assert (
         "recommendation (gpt-tiny): fp32 — stay in fp32: bf16-mixed is worse" in capsys.readouterr().out
     )  # not within 2%
-    replace(bf16, status="failed", error="x").save(runs[3].result_path)
+    replace(bf16, status="failed", error="x").save(bf16_runs[1].result_path)
     assert main([*base, "--no-report"]) == 1  # the failed run is retried (and fails: no kernel)
     assert "4 of 4 runs done (1 executed, 3 resumed), 1 not ok" in capsys.readouterr().out
     assert main([*base, "--no-report", "--force"]) == 1
@@ -596,7 +656,7 @@ def test_a_default_that_depends_on_the_steps_follows_them(tmp_path: Path) -> Non
     result = sweep(tmp_path / "sw", ["fp32"], [0], ["device=cpu", "steps=5"], report=False, settings=NO_KERNEL_SETTINGS)
     (saved,) = load_sweep(result.out)
     assert saved.config["steps"] == 5 and saved.config["timing_warmup_steps"] == 1
-    assert saved.error == "NoSuchKernel: No such kernel named no-such-kernel"  # it got as far as the kernel
+    assert saved.error == DEAD_KERNEL_ERROR  # it got as far as the kernel
 
 
 def test_a_user_model_module_must_be_importable_from_here_before_any_kernel_starts(
@@ -728,32 +788,43 @@ def test_a_truncated_or_foreign_json_never_breaks_the_sweep_and_is_named_in_the_
         "- not read: hello.json: not an AMP Workbook result (no schema_version)\n"
         "- not read: truncated.json: not valid JSON, truncated or corrupt (Expecting ':' delimiter at line 1 column 45)\n"
     )
-    html = (out / "report.html").read_text()  # papermill wrote report.ipynb before failing: exported afresh
-    assert "an old report" not in html and "amp-stale" not in html and "truncated.json: not valid JSON" in html
+    html = (out / "report.html").read_text()  # papermill wrote report.ipynb before failing: exported afresh...
+    assert "an old report" not in html and "truncated.json: not valid JSON" in html
+    assert "<b>STALE:</b> the report notebook could not run (FileNotFoundError" in html  # ...and marked: it failed
 
 
-def test_a_report_covers_the_grid_asked_for_reusing_identical_runs_and_naming_the_rest(
+def test_a_second_sweep_into_the_folder_keeps_the_first_ones_results_and_names_them_apart(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "st"
     first = _finished_sweep(out, {"fp32": "ok"}, {"fp32": 1000.0}, grid={"lr": [1e-3, 3e-3]})
-    assert [r.name for r in first] == ["gpt-tiny-fp32-s0-lr=0.001", "gpt-tiny-fp32-s0-lr=0.003"]
+    kept = {r.result_path: r.result_path.read_bytes() for r in first}
     result = sweep(out, ["fp32", "bf16"], [0], [*PARAMS, "lr=1e-3"], settings=NO_KERNEL_SETTINGS)
-    assert [(o.name, o.status, o.resumed) for o in result.outcomes] == [
-        ("gpt-tiny-fp32-s0", "ok", True),  # the identical fp32 run is reused, not re-run under a new name
-        ("gpt-tiny-bf16-mixed-s0", "failed", False),
-    ]
-    assert [r.config["run_name"] for r in result.report.results] == ["gpt-tiny-bf16-mixed-s0", "gpt-tiny-fp32-s0"]
+    fp32, bf16 = result.outcomes
+    assert (fp32.name, fp32.status, fp32.resumed) == (first[0].name, "ok", True)  # the same config: the same file
+    assert (bf16.status, bf16.resumed) == ("failed", False)
     assert {r.config.get("lr") for r in result.report.results} == {0.001}  # no lr=0.003 nobody asked for
     assert all(row.runs == 1 for row in result.report.table)  # never averaged in as extra seeds
     summary = (out / "summary.md").read_text()
     assert summary.endswith(
         "\n## Not in this report\n\n"
-        "- left out: gpt-tiny-fp32-s0-lr=0.001.json: from an earlier grid, not part of the one this sweep was last run with\n"
-        "- left out: gpt-tiny-fp32-s0-lr=0.003.json: from an earlier grid, not part of the one this sweep was last run with\n"
+        f"- left out: {first[1].name}.json: from an earlier grid, not part of the one this sweep was last run with\n"
     )
-    assert "reused gpt-tiny-fp32-s0-lr=0.001.json for gpt-tiny-fp32-s0 (identical config)" in capsys.readouterr().out
-    assert all(r.result_path.exists() for r in first)  # kept on disk: the earlier grid can be asked for again
+    assert {p: p.read_bytes() for p in kept} == kept  # nothing of the first sweep was touched
+
+
+def test_two_sweeps_that_differ_in_one_value_keep_both_results(tmp_path: Path) -> None:
+    # issue 28: `-p steps=6` then `-p steps=8` into one folder used to overwrite the first run's result
+    out = tmp_path / "q"
+    six = _finished_sweep(out, {"fp32": "ok"}, {"fp32": 1000.0}, grid={"steps": [6]})
+    eight = sweep(out, ["fp32"], [0], ["device=cpu", "steps=8", "wandb_mode=disabled"], report=False,
+                  settings=NO_KERNEL_SETTINGS)  # fmt: skip
+    assert RunResult.load(six[0].result_path).config["steps"] == 6  # still there, still steps=6
+    (ran,) = eight.outcomes
+    assert ran.name != six[0].name and "steps=8" in ran.name and "steps=6" in six[0].name
+    assert load_sweep(out).notes == [
+        f"left out: {six[0].name}.json: from an earlier grid, not part of the one this sweep was last run with"
+    ]
 
 
 # --- paths the sweep may not write to (as a user without rights: root ignores file modes) ---
@@ -762,7 +833,7 @@ AS_NOBODY = """
 import sys
 from amp_lib.sweep.cli import main
 base = sys.argv[1]
-args = ["--precisions", "fp32", "-p", "device=cpu", "--kernel", "no-such-kernel", "--no-report"]
+args = ["--precisions", "fp32", "-p", "device=cpu", "--no-report"]
 for out in (base + "/readonly/sw", base + "/mine/sw"):
     print("exit", main(["--out", out, *args]), flush=True)
 """
@@ -782,6 +853,13 @@ def test_folders_without_write_permission_are_refused_before_any_run_for_a_non_r
         os.chown(base / "mine" / "sw", 65534, -1)  # nobody's sweep folder, but its results/ is root's
         os.chown(base / "home", 65534, -1)
         env = {**os.environ, "HOME": str(base / "home"), "MPLCONFIGDIR": str(base / "home")}
+        as_nobody = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c"]
+        probe = subprocess.run(
+            [*as_nobody, "import amp_lib"], capture_output=True, text=True, timeout=60, env=env, cwd=str(base), check=False,
+        )  # fmt: skip
+        if probe.returncode != 0:  # a checkout (or venv) inside a folder only root may enter, e.g. under /root
+            reason = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
+            pytest.skip(f"the user 'nobody' cannot run {sys.executable} and import amp_lib here: {reason}")
         done = subprocess.run(
             [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", AS_NOBODY, str(base)],
             capture_output=True, text=True, timeout=120, env=env, cwd=str(base), check=False,

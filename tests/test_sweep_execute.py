@@ -56,7 +56,6 @@ from amp_lib.sweep.execute import (
     lost_run,
     outcome_line,
     remove_scratch,
-    reuse_identical,
     run_sweep,
     same_config,
     scratch_folders,
@@ -110,64 +109,24 @@ def test_complete_means_same_parameters_and_a_final_status(tmp_path: Path) -> No
     _saved_result(run, out_dir="/moved/elsewhere")
     assert is_complete(run)  # a moved sweep folder still resumes
     (other,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [10], "wandb_mode": ["disabled"]})
-    assert other.name == run.name and not is_complete(other)  # same name, different run: not skipped
+    assert other.result_path != run.result_path and not is_complete(other)  # another run, another file
     assert COMPLETE == ("ok", "diverged", "oom")
 
 
 def test_a_value_left_to_its_default_is_compared_too(tmp_path: Path) -> None:
-    # `-p dropout=0.1` alone names its run like a run at the default dropout: the result must not stand for it.
-    (with_lr,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9], "dropout": [0.1]})
-    (default_lr,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9]})
-    assert with_lr.name == default_lr.name
-    result = _saved_result(with_lr)
-    assert is_complete(with_lr) and not is_complete(default_lr)
-    assert same_config(default_lr, replace(result, config={**result.config, "dropout": RunConfig().dropout}))
+    # `-p dropout=0.1` names its run apart from a run at the default dropout; a result copied over the other
+    # name still does not stand for it (the config is compared, not the name).
+    (with_dropout,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9], "dropout": [0.1]})
+    (default,) = expand_grid(tmp_path, CPU, ["fp32"], [0], {"steps": [9]})
+    assert with_dropout.name != default.name
+    result = _saved_result(with_dropout)
+    result.save(default.result_path)
+    assert is_complete(with_dropout) and not is_complete(default)
+    assert same_config(default, replace(result, config={**result.config, "dropout": RunConfig().dropout}))
     older = {k: v for k, v in result.config.items() if k != "dropout"}  # a file from before a field existed
-    assert same_config(default_lr, replace(result, config=older)) and not same_config(
-        with_lr, replace(result, config=older)
+    assert same_config(default, replace(result, config=older)) and not same_config(
+        with_dropout, replace(result, config=older)
     )
-
-
-# --- reuse: an identical run finished by an earlier grid in the same folder ---
-
-
-def test_an_identical_config_finished_under_another_name_is_reused_not_rerun(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "sw"
-    first = expand_grid(out, CPU, ["fp32"], [0], parse_params(["device=cpu", "steps=9", "lr=1e-3,3e-3"]))
-    for run in first:
-        _saved_result(run)
-    again = expand_grid(out, CPU, ["fp32", "bf16"], [0], parse_params(["device=cpu", "steps=9", "lr=1e-3"]))
-    assert [r.name for r in again] == ["gpt-tiny-fp32-s0", "gpt-tiny-bf16-mixed-s0"]
-    assert reuse_identical(again, out.resolve() / "results") == {"gpt-tiny-fp32-s0": first[0].result_path}
-    outcomes, _ = run_sweep(again, NO_KERNEL)
-    assert [(o.name, o.status, o.resumed) for o in outcomes] == [
-        ("gpt-tiny-fp32-s0", "ok", True),  # reused: no kernel, no new name for the same numbers
-        ("gpt-tiny-bf16-mixed-s0", "failed", False),
-    ]
-    copied, source = RunResult.load(again[0].result_path), RunResult.load(first[0].result_path)
-    assert copied.config == {**source.config, "run_name": "gpt-tiny-fp32-s0"} and copied.metrics == source.metrics
-    assert f"reused {first[0].name}.json for gpt-tiny-fp32-s0 (identical config)" in capsys.readouterr().out
-    assert not (out / "runs" / "gpt-tiny-fp32-s0.ipynb").exists()
-    assert reuse_identical(again, out.resolve() / "results") == {}  # complete now: nothing more to reuse
-    run_sweep(again[:1], NO_KERNEL, force=True)  # --force re-runs instead of reusing
-    assert RunResult.load(again[0].result_path).status == "failed"
-    assert reuse_identical(again, tmp_path / "missing") == {}
-
-
-def test_only_a_complete_result_is_reused_and_runs_after_a_complete_one_are_matched_too(tmp_path: Path) -> None:
-    out = tmp_path / "sw"
-    first = expand_grid(out, CPU, ["fp32"], [0, 1], parse_params(["device=cpu", "steps=9", "lr=1e-3,3e-3"]))
-    for run in first:  # seed 0 finished, seed 1 failed, each under its lr-named run
-        _saved_result(run, "ok" if run.parameters["seed"] == 0 else "failed")
-    again = expand_grid(out, CPU, ["fp32"], [0, 1], parse_params(["device=cpu", "steps=9", "lr=1e-3"]))
-    _saved_result(again[0])  # the first run of the new grid is complete itself; the second is not
-    assert reuse_identical(again, out.resolve() / "results") == {}  # seed 1's twin failed: nothing to reuse
-    _saved_result(next(r for r in first if r.parameters["seed"] == 1 and r.parameters["lr"] == 1e-3))
-    assert reuse_identical(again, out.resolve() / "results") == {
-        again[1].name: next(r.result_path for r in first if r.parameters["seed"] == 1 and r.parameters["lr"] == 1e-3)
-    }
 
 
 # --- the `failed` record of a run that wrote none ---
@@ -361,7 +320,7 @@ def test_the_kernel_environment_finds_user_modules_counts_parallel_runs_and_name
     env = kernel_environment(run, Settings(workdir="/work", concurrent_runs=3))
     assert env["PYTHONPATH"] == f"/work{os.pathsep}/elsewhere"  # the invoking folder first, once
     assert env[CONCURRENT_RUNS_ENV] == "3" == str(Settings(concurrent_runs=3).concurrent_runs)
-    assert re.fullmatch(r"gpt-tiny-fp32-s0-lr_0_001-\d{10}", env["WANDB_RUN_ID"])  # the W&B folder names the run
+    assert re.fullmatch(r"gpt-tiny-fp32-s0-lr_0_001-[0-9a-f]{8}-\d{10}", env["WANDB_RUN_ID"])  # the W&B folder names the run
     monkeypatch.delenv("PYTHONPATH")
     monkeypatch.chdir(tmp_path)
     assert kernel_environment(run, Settings())["PYTHONPATH"] == str(tmp_path)  # default: the current folder

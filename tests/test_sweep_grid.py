@@ -14,6 +14,7 @@ from amp_lib.sweep.grid import (
     DEVICE_DEFAULTS,
     SweepRun,
     _slug,
+    check_runs,
     expand_grid,
     parse_params,
     run_problems,
@@ -34,10 +35,16 @@ H100 = Capabilities(
 # --- -p items: splitting, names and reserved keys ---
 
 
-def test_params_split_values_strip_keys_and_later_items_win() -> None:
-    grid = parse_params([" lr =1e-3,3e-3", "steps=20", "steps=9,10", "wandb_mode=disabled"])
+def test_params_split_values_and_strip_keys() -> None:
+    grid = parse_params([" lr =1e-3,3e-3", "steps=9,10", "wandb_mode=disabled"])
     assert grid == {"lr": [0.001, 0.003], "steps": [9, 10], "wandb_mode": ["disabled"]}
     assert parse_params([]) == {}
+
+
+def test_a_key_given_twice_is_refused_not_silently_the_last() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_params(["steps=3", "lr=1e-3", "steps=4"])
+    assert str(info.value) == "-p steps is given twice; give its values once, comma-separated: -p steps=v1,v2"
 
 
 def test_a_value_may_contain_an_equals_sign() -> None:
@@ -90,19 +97,30 @@ def test_slug_keeps_safe_characters_and_replaces_the_rest() -> None:
 # --- expanding the grid into runs ---
 
 
-def test_expand_orders_grid_then_precisions_then_seeds_and_names_varying_keys(tmp_path: Path) -> None:
+def readable(run: SweepRun) -> str:
+    """A run's name without its identity, after checking that the identity is its config's."""
+    assert run.name == f"{run.parameters['run_name']}-{config_of(run).identity}"
+    return run.parameters["run_name"]
+
+
+def config_of(run: SweepRun) -> RunConfig:
+    return RunConfig.from_dict(run.config_values())
+
+
+def test_expand_orders_grid_then_seeds_then_precisions_and_names_the_values_the_user_set(tmp_path: Path) -> None:
     grid = {"lr": [0.001, 0.01], "steps": [9], "model": ["gpt-tiny"]}
     runs = expand_grid(tmp_path / "sw", CPU, ["32", "bf16"], [1, 0], grid)
-    assert [r.name for r in runs] == [
-        "gpt-tiny-fp32-s1-lr=0.001",
-        "gpt-tiny-fp32-s0-lr=0.001",
-        "gpt-tiny-bf16-mixed-s1-lr=0.001",
-        "gpt-tiny-bf16-mixed-s0-lr=0.001",
-        "gpt-tiny-fp32-s1-lr=0.01",
-        "gpt-tiny-fp32-s0-lr=0.01",
-        "gpt-tiny-bf16-mixed-s1-lr=0.01",
-        "gpt-tiny-bf16-mixed-s0-lr=0.01",
+    assert [readable(r) for r in runs] == [  # seed-major: drift over the sweep cannot line up with a precision
+        "gpt-tiny-fp32-s1-lr=0.001-steps=9",
+        "gpt-tiny-bf16-mixed-s1-lr=0.001-steps=9",
+        "gpt-tiny-fp32-s0-lr=0.001-steps=9",
+        "gpt-tiny-bf16-mixed-s0-lr=0.001-steps=9",
+        "gpt-tiny-fp32-s1-lr=0.01-steps=9",
+        "gpt-tiny-bf16-mixed-s1-lr=0.01-steps=9",
+        "gpt-tiny-fp32-s0-lr=0.01-steps=9",
+        "gpt-tiny-bf16-mixed-s0-lr=0.01-steps=9",
     ]
+    assert runs[0].coordinates == (("precision", "fp32"), ("seed", 1), ("lr", 0.001))
     first = runs[0].parameters
     assert first == {
         **RECIPES["shakespeare-char-tiny"],  # the device default recipe, spelt out (the name is not passed on)
@@ -114,25 +132,27 @@ def test_expand_orders_grid_then_precisions_then_seeds_and_names_varying_keys(tm
         "lr": 0.001,
         "precision": "fp32",
         "seed": 1,
-        "run_name": "gpt-tiny-fp32-s1-lr=0.001",
+        "run_name": "gpt-tiny-fp32-s1-lr=0.001-steps=9",
         "out_dir": str((tmp_path / "sw").resolve() / "results"),
         "wandb_group": "sw",
     }
-    assert runs[0].result_path == (tmp_path / "sw").resolve() / "results" / "gpt-tiny-fp32-s1-lr=0.001.json"
+    assert runs[0].result_path == (tmp_path / "sw").resolve() / "results" / f"{runs[0].name}.json"
+    assert runs[0].result_path == config_of(runs[0]).result_path  # where the notebook writes it
     assert not (tmp_path / "sw").exists()  # planning writes nothing
 
 
 def test_default_sweep_uses_native_precisions_and_device_defaults(tmp_path: Path) -> None:
     grid = parse_params(["lr=1e-3,3e-3", "grad_clip=none", "allow_slow=false"])
     runs = expand_grid(tmp_path, CPU, None, [0, 1], grid)
-    assert [r.parameters["precision"] for r in runs[:4]] == ["fp32", "fp32", "bf16-mixed", "bf16-mixed"]
+    assert [(r.parameters["precision"], r.parameters["seed"]) for r in runs[:4]] == [
+        ("fp32", 0), ("bf16-mixed", 0), ("fp32", 1), ("bf16-mixed", 1)]  # fmt: skip
     assert len(runs) == 2 * 2 * 2
     first = runs[0].parameters
     assert first["model"] == "gpt-tiny" and first["steps"] == RECIPES["shakespeare-char-tiny"]["steps"]
     assert "recipe" not in first and first["profile_step"] is True  # the CPU default, spelt out
     assert first["grad_clip"] is None and first["allow_slow"] is False and first["lr"] == 0.001
     assert first["out_dir"] == str(tmp_path.resolve() / "results") and first["wandb_group"] == tmp_path.name
-    assert runs[0].name == "gpt-tiny-fp32-s0-lr=0.001"
+    assert readable(runs[0]) == "gpt-tiny-fp32-s0-lr=0.001-grad_clip=None"  # allow_slow=false is the default
     assert len({r.name for r in runs}) == len(runs)
     fast_fp16 = Capabilities(device_type="cpu", device_name="test-cpu", fp16_fast=True)
     assert [r.parameters["precision"] for r in expand_grid(tmp_path, fast_fp16)] == ["fp32", "fp16-mixed", "bf16-mixed"]
@@ -144,14 +164,14 @@ def test_default_precisions_seed_and_group_with_an_explicit_group(tmp_path: Path
     assert all(r.parameters["seed"] == 0 and r.parameters["wandb_group"] == "team" for r in runs)
     assert runs[0].parameters["model"] == "gpt-tiny"
     assert expand_grid(tmp_path / "my sweep", CPU, ["fp32"])[0].parameters["wandb_group"] == "my_sweep"
-    assert expand_grid(tmp_path / "x", CPU, ["fp32"], grid=None)[0].name == "gpt-tiny-fp32-s0"
+    assert readable(expand_grid(tmp_path / "x", CPU, ["fp32"], grid=None)[0]) == "gpt-tiny-fp32-s0"
 
 
 def test_cuda_capabilities_give_the_cuda_defaults_and_model_without_a_gpu(tmp_path: Path) -> None:
     runs = expand_grid(tmp_path / "gpu", H100, None, [0], {"steps": [50]})
     assert [r.parameters["precision"] for r in runs] == ["fp32", "tf32", "fp16-mixed", "bf16-mixed"]
-    assert [r.name for r in runs] == ["gpt-small-fp32-s0", "gpt-small-tf32-s0", "gpt-small-fp16-mixed-s0",
-                                      "gpt-small-bf16-mixed-s0"]  # fmt: skip
+    assert [readable(r) for r in runs] == ["gpt-small-fp32-s0-steps=50", "gpt-small-tf32-s0-steps=50",
+                                           "gpt-small-fp16-mixed-s0-steps=50", "gpt-small-bf16-mixed-s0-steps=50"]  # fmt: skip
     assert runs[0].parameters == {
         **RECIPES["shakespeare-char-short"],  # nanoGPT's baby GPT, shortened: the GPU default
         "profile_step": True,
@@ -160,7 +180,7 @@ def test_cuda_capabilities_give_the_cuda_defaults_and_model_without_a_gpu(tmp_pa
         "timing_warmup_steps": 10,  # the recipe's 20, but at most a fifth of the steps the user set
         "precision": "fp32",
         "seed": 0,
-        "run_name": "gpt-small-fp32-s0",
+        "run_name": "gpt-small-fp32-s0-steps=50",
         "out_dir": str((tmp_path / "gpu").resolve() / "results"),
         "wandb_group": "gpu",
     }
@@ -172,12 +192,12 @@ def test_cuda_capabilities_give_the_cuda_defaults_and_model_without_a_gpu(tmp_pa
 
 def test_model_is_in_the_name_but_never_twice(tmp_path: Path) -> None:
     runs = expand_grid(tmp_path, CPU, ["fp32"], [0], {"model": ["gpt-tiny", "tests.user_models:make"]})
-    assert [r.name for r in runs] == ["gpt-tiny-fp32-s0", "tests.user_models.make-fp32-s0"]
+    assert [r.parameters["run_name"] for r in runs] == ["gpt-tiny-fp32-s0", "tests.user_models.make-fp32-s0"]
 
 
 def test_several_devices_are_planned_without_probing_them(tmp_path: Path) -> None:
     runs = expand_grid(tmp_path, CPU, ["fp32"], [0], {"device": ["cpu", "cuda"]})  # cuda: whether or not there is one
-    assert [r.name for r in runs] == ["gpt-tiny-fp32-s0-device=cpu", "gpt-tiny-fp32-s0-device=cuda"]
+    assert [r.parameters["run_name"] for r in runs] == ["gpt-tiny-fp32-s0-device=cpu", "gpt-tiny-fp32-s0-device=cuda"]
     assert [r.parameters["device"] for r in runs] == ["cpu", "cuda"]
 
 
@@ -187,9 +207,34 @@ def test_expand_rejects_repeats_and_colliding_names(tmp_path: Path) -> None:
     assert str(info.value) == "precisions ['fp32', 'fp32'] and seeds [0] must not repeat"
     with pytest.raises(ValueError, match=r"precisions \['fp32'\] and seeds \[1, 1\] must not repeat"):
         expand_grid(tmp_path, CPU, ["fp32"], [1, 1])
-    with pytest.raises(ValueError) as info:
-        expand_grid(tmp_path, CPU, ["fp32"], [0], {"model": ["a:b", "c", "a.b"]})
-    assert str(info.value) == "run names collide: ['a.b-fp32-s0']"
+    runs = expand_grid(tmp_path, CPU, ["fp32"], [0], {"model": ["a:b", "c", "a.b"]})  # one readable name, two models
+    assert runs[0].parameters["run_name"] == runs[2].parameters["run_name"] and runs[0].name != runs[2].name
+
+
+# --- identity: two configs never share a result file ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [(["steps=6"], ["steps=8"]), ([], ["nproc=2"]), (["allow_slow=false"], ["allow_slow=true"]),
+     (["lr=1e-3"], ["lr=1e-3", "dropout=0.1"])],
+    ids=lambda v: " ".join(v) or "(none)",
+)  # fmt: skip
+def test_sweeps_that_differ_in_any_value_write_different_result_files(
+    tmp_path: Path, first: list[str], second: list[str]
+) -> None:
+    a = expand_grid(tmp_path, CPU, ["fp16-mixed"], [0], parse_params(first))
+    b = expand_grid(tmp_path, CPU, ["fp16-mixed"], [0], parse_params(second))
+    assert a[0].result_path != b[0].result_path
+    assert config_of(a[0]) != config_of(b[0])
+
+
+def test_a_value_the_user_sets_to_the_recipes_own_is_not_named_but_the_same_run(tmp_path: Path) -> None:
+    (plain,) = expand_grid(tmp_path, CPU, ["fp32"], [0])
+    (same,) = expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["steps=60", "allow_slow=false"]))
+    assert same.name == plain.name and readable(same) == "gpt-tiny-fp32-s0"
+    (nproc,) = expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["nproc=2"]))
+    assert readable(nproc) == "gpt-tiny-fp32-ddp2-s0"  # the parallelism is named where torchrun names it
 
 
 # --- defaults that depend on the user's values ---
@@ -234,7 +279,7 @@ def test_without_a_recipe_a_run_has_the_config_defaults_and_the_devices_model(tm
             "timing_warmup_steps": 5,  # RunConfig's, being under a fifth of the steps
             "precision": "fp32",
             "seed": 0,
-            "run_name": f"{model}-fp32-s0",
+            "run_name": f"{model}-fp32-s0-steps=100",
             "out_dir": str((tmp_path / "s").resolve() / "results"),
             "wandb_group": "s",
         }
@@ -245,14 +290,17 @@ def test_without_a_recipe_a_run_has_the_config_defaults_and_the_devices_model(tm
 
 
 def test_run_problems_lists_each_bad_value_once_with_its_field_and_what_is_valid(tmp_path: Path) -> None:
-    grid = parse_params(["batch_size=0,-1", "device=cpu", "wandb_mode=offline,loud"])
+    grid = parse_params(["batch_size=0,-1", "device=cpu", "wandb_mode=loud"])
     runs = expand_grid(tmp_path, CPU, ["fp32", "bf16"], [0, 1], grid)
-    assert len(runs) == 16
+    assert len(runs) == 8
     assert run_problems(runs) == [
         "batch_size=0 must be >= 1",
         "invalid wandb_mode 'loud'; valid values are: offline, online, disabled",
         "batch_size=-1 must be >= 1",
     ]
+    with pytest.raises(ValueError) as info:  # the same runs twice, tracked twice: one result file for both
+        expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["wandb_mode=offline,disabled"]))
+    assert str(info.value) == "-p wandb_mode takes one value: it changes where runs are tracked, not what they train"
     good = expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["model=mlp", "wandb_group=g"]))
     assert run_problems(good) == []
     bad_model = expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["model=resnet"]))
@@ -295,9 +343,35 @@ def test_a_recipe_is_spelt_out_under_what_the_user_set(tmp_path: Path) -> None:
 def test_nproc_alone_runs_ddp_and_a_parallelism_the_user_set_is_kept(tmp_path: Path) -> None:
     caps = Capabilities()
     (ddp,) = expand_grid(tmp_path, caps, ["fp32"], grid=parse_params(["nproc=2"]))
-    assert ddp.parameters["nproc"] == 2 and ddp.parameters["parallelism"] == "ddp"
+    assert ddp.parameters["nproc"] == 2 and config_of(ddp).parallelism == "ddp"
     (fsdp,) = expand_grid(tmp_path, caps, ["fp32"], grid=parse_params(["nproc=2", "parallelism=fsdp"]))
     assert fsdp.parameters["parallelism"] == "fsdp"
     (one,) = expand_grid(tmp_path, caps, ["fp32"], grid=parse_params(["nproc=1"]))
-    assert "parallelism" not in one.parameters
+    assert "parallelism" not in one.parameters and config_of(one).parallelism == "none"
     assert run_problems([ddp, fsdp, one]) == []
+
+
+# --- combinations that cannot run are skipped; values that cannot run refuse the sweep ---------------
+
+
+def test_the_fsdp_reduce_dtype_comparison_skips_fp32_with_a_half_reduce_dtype(tmp_path: Path) -> None:
+    grid = parse_params(["parallelism=fsdp", "nproc=2", "reduce_dtype=fp32,bf16"])
+    runs = expand_grid(tmp_path, CPU, ["fp32", "bf16-mixed"], [0, 1], grid)
+    check = check_runs(runs)
+    assert check.problems == ()
+    skip = "skipped fp32 x reduce_dtype=bf16: reduce_dtype='bf16' does not fit precision 'fp32'; valid: 'fp32' or its "
+    assert check.skipped == (skip + "compute dtype 'fp32'",)  # one line for both seeds
+    assert [(r.parameters["precision"], r.parameters["reduce_dtype"], r.parameters["seed"]) for r in check.runs] == [
+        ("fp32", "fp32", 0), ("bf16-mixed", "fp32", 0), ("fp32", "fp32", 1), ("bf16-mixed", "fp32", 1),
+        ("bf16-mixed", "bf16", 0), ("bf16-mixed", "bf16", 1)]  # fmt: skip
+
+
+def test_a_value_that_no_combination_can_use_refuses_the_sweep(tmp_path: Path) -> None:
+    only_bf16 = expand_grid(tmp_path, CPU, ["fp32", "bf16-mixed"], [0], parse_params(["parallelism=fsdp", "reduce_dtype=bf16"]))
+    check = check_runs(only_bf16)  # fp32 would run in no combination at all: that is no comparison with fp32
+    assert check.runs == () and check.problems == (
+        "reduce_dtype='bf16' does not fit precision 'fp32'; valid: 'fp32' or its compute dtype 'fp32'",)
+    wrong = check_runs(expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["batch_size=0,4"])))
+    assert wrong.runs == () and wrong.problems == ("batch_size=0 must be >= 1",) and wrong.skipped == ()
+    fine = check_runs(expand_grid(tmp_path, CPU, ["fp32"], [0, 1]))
+    assert len(fine.runs) == 2 and fine.skipped == fine.problems == ()

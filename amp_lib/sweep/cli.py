@@ -16,10 +16,14 @@ problem, and writes nothing.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.machinery
 import importlib.util
 import os
+import signal
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,12 +34,12 @@ from amp_lib.precision import parse_precision, probe, valid_precision_names
 from amp_lib.report import DEFAULT_TOLERANCE, SweepReport, build_report, check_tolerance
 from amp_lib.results import MANIFEST, grid_names, load_sweep, write_json_atomic
 from amp_lib.sweep.execute import Executor, LocalExecutor, Outcome, Settings, error_text, outcome_line, run_sweep
-from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params, run_problems
+from amp_lib.sweep.grid import SweepRun, check_runs, expand_grid, parse_params
 from amp_lib.sweep.lock import SweepLock
-from amp_lib.sweep.publish import mark_stale, notes_markdown, unmarked, write_report
+from amp_lib.sweep.publish import mark_stale, notes_markdown, remove_partial, unmark, unmarked, write_report
 from amp_lib.sweep.ray_executor import RayExecutor, address_problems
 from amp_lib.sweep.slurm_executor import SlurmExecutor, parse_sbatch
-from amp_lib.tracking import record_report
+from amp_lib.tracking import credentials_problem, record_report
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class SweepResult:
     report: SweepReport | None = None  # None when interrupted or when no run left a result
     files: dict[str, Path] = field(default_factory=dict)
     report_error: str | None = None
+    skipped: tuple[str, ...] = ()  # combinations of the grid that cannot run, one line each
 
     @property
     def failed(self) -> list[Outcome]:
@@ -82,14 +87,22 @@ def path_problems(out: Path) -> list[str]:
             problems.append(f"--out {out}: no permission to write in {folder}")
     if existing != out and not os.access(existing, os.W_OK | os.X_OK):
         problems.append(f"--out {out}: no permission to create it in {existing}")
+    if not problems and existing.is_dir():
+        try:  # what os.access cannot tell: a read-only or special file system (/proc), a full disk
+            fd, probe_file = tempfile.mkstemp(prefix=".amp-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe_file)
+        except OSError as exc:
+            problems.append(f"--out {out}: cannot create files in {existing} ({exc.strerror or exc})")
     return problems
 
 
 def model_problems(runs: Sequence[SweepRun], workdir: str) -> list[str]:
-    """A user model ("module:function") whose module the kernels could not import."""
+    """A user model ("module:function") whose module the kernels could not import, or whose module has no
+    such function (read from its source: the module is not imported, so nothing of it runs here)."""
     problems = []
     for model in sorted({str(r.parameters.get("model", "")) for r in runs}):
-        module = model.partition(":")[0]
+        module, _, function = model.partition(":")
         if ":" not in model or not module:
             continue
         top = module.split(".")[0]
@@ -99,20 +112,74 @@ def model_problems(runs: Sequence[SweepRun], workdir: str) -> list[str]:
             problems.append(
                 f"model={model!r}: no module named {top!r} in {workdir} (the kernels' PYTHONPATH) or the installed packages"
             )
+        elif (names := _module_names(module, workdir)) is not None and function not in names:
+            problems.append(f"model={model!r}: module {module!r} defines no {function!r}")
     return problems
 
 
+def _module_names(module: str, workdir: str) -> set[str] | None:
+    """The names a module's source defines at its top level; None when that cannot be told without running it
+    (no source, a module `__getattr__`, a star import)."""
+    sys.path.insert(0, workdir)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    finally:
+        sys.path.remove(workdir)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(alias.name == "*" for alias in node.names):
+                return None
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return None if "__getattr__" in names else names
+
+
+def kernel_problems(kernel: str) -> list[str]:
+    """A Jupyter kernel the notebooks could not start."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    manager = KernelSpecManager()
+    try:
+        manager.get_kernel_spec(kernel)
+    except NoSuchKernel:
+        return [f"--kernel {kernel!r}: no such Jupyter kernel; valid: {', '.join(sorted(manager.find_kernel_specs()))}"]
+    return []
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep will run, and the combinations of its grid it skips (one line each)."""
+
+    runs: tuple[SweepRun, ...]
+    skipped: tuple[str, ...] = ()
+
+
 def plan_sweep(
-    out: Path,
+    out: str | os.PathLike[str],
     precisions: Sequence[str] | None,
     seeds: Sequence[int],
     params: Sequence[str],
     tolerance: float,
     settings: Settings,
-) -> list[SweepRun]:
-    """The sweep's runs, every parameter, path and tolerance checked: raises `SweepRefused` listing every
-    problem (one line each) before any kernel starts or anything is written."""
-    problems: list[str] = []
+    problems: Sequence[str] = (),
+) -> SweepPlan:
+    """The sweep's runs, every parameter, path, kernel and tolerance checked: raises `SweepRefused` listing every
+    problem (one line each, `problems` found earlier first) before any kernel starts or anything is written."""
+    problems = list(problems)
+    given, out = str(out), Path(out)
 
     def check(fn: Any, *args: Any) -> Any:
         try:
@@ -129,20 +196,25 @@ def plan_sweep(
         check(parse_precision, p)
     if not seeds:
         problems.append("--seeds is empty; expected comma-separated ints, e.g. 0 or 0,1,2")
-    grid: dict[str, list[Any]] = {}
-    for item in params:
-        grid.update(check(parse_params, [item]) or {})
+    grid: dict[str, list[Any]] = check(parse_params, list(params)) or {}
+    if len(problems) > before_grid and not grid:  # one bad item: check the others one by one too
+        for item in params:
+            grid.update(check(parse_params, [item]) or {})
     runs: list[SweepRun] = []
+    skipped: tuple[str, ...] = ()
     devices = grid.get("device", ["auto"])
     caps = check(probe, devices[0] if len(devices) == 1 else "auto")
     if caps is not None and len(problems) == before_grid:  # the grid itself is sound: check every run
-        runs = check(expand_grid, out, caps, precisions, seeds, grid) or []
-        problems += [p for p in run_problems(runs) if p not in problems]
+        sorted_runs = check_runs(check(expand_grid, out, caps, precisions, seeds, grid) or [])
+        problems += [p for p in sorted_runs.problems if p not in problems]
+        runs, skipped = list(sorted_runs.runs), sorted_runs.skipped
         problems += model_problems(runs, settings.workdir or os.getcwd())
-    problems += path_problems(out)
+        problems += [p for p in map(credentials_problem, {r.parameters.get("wandb_mode") for r in runs}) if p]
+    problems += kernel_problems(settings.kernel)
+    problems += path_problems(out) if given.strip() else ["--out is empty; give the sweep's folder, e.g. --out sweeps/mine"]
     if problems:
         raise SweepRefused(problems)
-    return runs
+    return SweepPlan(tuple(runs), skipped)
 
 
 def _report_text(report: SweepReport, notes: Sequence[str]) -> str:
@@ -177,16 +249,19 @@ def sweep(
     executor = executor if executor is not None else LocalExecutor(workers)
     settings = settings or Settings()
     settings = replace(settings, workdir=settings.workdir or os.getcwd())
+    plan = plan_sweep(out, precisions, seeds, params, tolerance, settings)
     out_path = Path(out)
-    runs = plan_sweep(out_path, precisions, seeds, params, tolerance, settings)
     try:
         executor.open()
     except ValueError as exc:
         raise SweepRefused(str(exc).splitlines()) from None
+    for line in plan.skipped:
+        print(line, file=sys.stderr)
     try:
-        return _run_and_report(out_path, runs, settings, executor, force=force, report=report, tolerance=tolerance)
+        result = _run_and_report(out_path, plan.runs, settings, executor, force=force, report=report, tolerance=tolerance)
     finally:
         executor.close()
+    return replace(result, skipped=plan.skipped)
 
 
 def _run_and_report(
@@ -201,6 +276,9 @@ def _run_and_report(
 ) -> SweepResult:
     out_path.mkdir(parents=True, exist_ok=True)
     with SweepLock(out_path):
+        remove_partial(out_path)
+        # Stale until proven fresh: whatever ends this sweep (SIGKILL included), the old report says so.
+        mark_stale(out_path, f"a sweep started at {time.strftime('%Y-%m-%d %H:%M:%S')} has not rebuilt it")
         if grid_names(out_path) != {r.name for r in runs}:  # rewritten only when the grid changes
             write_json_atomic(out_path / MANIFEST, {"runs": [r.name for r in runs]})
         outcomes, interrupted = run_sweep(runs, settings, force=force, executor=executor)
@@ -211,6 +289,8 @@ def _run_and_report(
         if interrupted:
             if executed:
                 mark_stale(out_path, "the sweep was interrupted after new runs finished")
+            else:
+                unmark(out_path)  # nothing new finished: the old report still shows these results
             return SweepResult(out_path, tuple(outcomes), len(runs), interrupted, None, files, None)
         loaded = load_sweep(out_path)
         try:
@@ -229,6 +309,8 @@ def _run_and_report(
             summary_path = out_path / "summary.md"
             if summary_path.exists() and unmarked(summary_path) != _report_text(summary, loaded.notes):
                 mark_stale(out_path, "the results changed since it was written and --no-report skipped the report")
+            else:
+                unmark(out_path)
     return SweepResult(out_path, tuple(outcomes), len(runs), interrupted, summary, files, report_error)
 
 
@@ -362,22 +444,38 @@ def make_executor(args: argparse.Namespace) -> Executor:
     return executor
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping the sweep as Ctrl-C does (exit 143 instead of 130)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problems: list[str] = []  # every problem of the command line, reported together with the plan's
+    seeds: list[int] = []
     try:
         seeds = [int(s) for s in args.seeds]
     except ValueError:
-        print(f"error: invalid --seeds {','.join(args.seeds)!r}; expected comma-separated ints", file=sys.stderr)
-        return 2
+        problems.append(f"invalid --seeds {','.join(args.seeds)!r}; expected comma-separated ints, e.g. 0,1,2")
     if args.timeout is not None and not args.timeout > 0:
-        print(f"error: invalid --timeout {args.timeout}; expected seconds > 0", file=sys.stderr)
-        return 2
+        problems.append(f"invalid --timeout {args.timeout}; expected seconds > 0")
     if args.workers < 1:
-        print(f"error: invalid --workers {args.workers}; expected >= 1", file=sys.stderr)
-        return 2
+        problems.append(f"invalid --workers {args.workers}; expected >= 1")
     settings = Settings(kernel=args.kernel, timeout=args.timeout)
+    executor: Executor | None = None
     try:
         executor = make_executor(args)
+    except SweepRefused as exc:
+        problems += exc.problems
+    terminated: list[int] = []
+
+    def terminate(signum: int, frame: Any) -> None:
+        terminated.append(signum)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        if problems:  # refused: say everything else that is wrong too, then stop before anything runs
+            plan_sweep(args.out, args.precisions, seeds or [0], args.param, args.tolerance, settings, problems)
         result = sweep(
             args.out, args.precisions, seeds, args.param, force=args.force, report=args.report,
             tolerance=args.tolerance, settings=settings, executor=executor,
@@ -386,9 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+    except Terminated:  # before the runs started or after they ended: nothing is lost, the report says STALE
+        print("terminated (SIGTERM): finished results are kept; run the same command again to resume", file=sys.stderr)
+        return 143
     except OSError as exc:  # the folder changed under a running sweep (checked at the start): say so, no traceback
         print(f"error: {exc.strerror or exc}: {exc.filename or args.out}; finished results are kept", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     out = result.out
     ran = sum(not o.resumed for o in result.outcomes)
     print(
@@ -401,10 +504,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.report is not None:
         for rec in result.report.recommendations:
             print(f"recommendation ({rec.setting}): {rec.precision or 'none'} — {rec.reason}")
+    for line in result.skipped:
+        print(line)
     if result.interrupted:
-        print("interrupted: finished results are kept; run the same command again to resume", file=sys.stderr)
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"{how}: finished results are kept; run the same command again to resume", file=sys.stderr)
     if result.report_error:
         print(f"report failed: {result.report_error}", file=sys.stderr)
     for outcome in result.failed:
         print(f"FAILED {outcome_line(outcome)}", file=sys.stderr)
-    return result.exit_code
+    return 143 if terminated else result.exit_code

@@ -5,7 +5,8 @@ parameters); `failed` runs are retried and `force` re-runs everything. One run f
 the others: it is recorded as a `failed` result. Runs go to separate processes with `workers`
 because papermill's `cwd` is a process-wide chdir; each worker dies with the sweep (PR_SET_PDEATHSIG,
 so even a SIGKILL of the sweep leaves no worker, and ipykernel exits with its worker) and gets its
-share of the CPU threads. A run identical to one an earlier grid finished in the folder is reused.
+share of the CPU threads. A run's name ends with its config's identity, so a result on disk under
+that name is exactly that run's (checked again against its config before it is skipped).
 """
 
 from __future__ import annotations
@@ -24,20 +25,21 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import nbformat
 import papermill as pm
 import torch
 from jupyter_core.utils import ensure_event_loop
 from nbclient.exceptions import DeadKernelError
 from tqdm import tqdm
 
-from amp_lib.config import PROJECT, RunConfig, TrackingConfig
+from amp_lib.config import PROJECT, RunConfig, TrackingConfig, config_identity
 from amp_lib.precision import probe, resolve_precision
 from amp_lib.processes import die_with_parent, thread_share
-from amp_lib.results import RunResult, first_line, read_result
+from amp_lib.results import RunResult, first_line, read_result, write_text_atomic
 from amp_lib.sweep.grid import SweepRun
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent.parent / "notebooks"
@@ -45,50 +47,16 @@ COMPLETE = ("ok", "diverged", "oom")  # outcomes of the config itself; "failed" 
 PORT_RACE = ("Address already in use", "Kernel died before replying to kernel_info")
 
 
-# Fields that place or name a run: a result with every other value equal stands for the same run.
-PLACEMENT = ("run_name", "out_dir")
-
-
-def run_config_values(parameters: dict[str, Any]) -> dict[str, Any]:
-    """Every `RunConfig` value a run with these parameters trains with: its defaults filled in."""
-    values = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
-    values.update({k: v for k, v in parameters.items() if k in values})
-    return values
-
-
 def same_config(run: SweepRun, result: RunResult) -> bool:
-    """`result` was trained with exactly the config `run` stands for (its name and folder aside; a value
-    an older result lacks counts as the default it had)."""
-    defaults = run_config_values({})
-    expected = run_config_values(run.parameters)
-    return all(result.config.get(k, defaults[k]) == v for k, v in expected.items() if k not in PLACEMENT)
+    """`result` was trained with exactly the config `run` stands for: the same identity (its name and folder
+    aside; a value an older result lacks counts as the default it had)."""
+    return config_identity(result.config) == run.identity
 
 
 def is_complete(run: SweepRun) -> bool:
     """A finished result for exactly this config is on disk (so a resumed sweep skips the run)."""
     loaded = read_result(run.result_path)
     return isinstance(loaded, RunResult) and loaded.status in COMPLETE and same_config(run, loaded)
-
-
-def reuse_identical(runs: Sequence[SweepRun], results_dir: Path) -> dict[str, Path]:
-    """Runs without a complete result of their own whose exact config an earlier grid in the same folder
-    already finished (under another name): run name -> that result file. `run_sweep` copies it."""
-    found: dict[str, Path] = {}
-    candidates = []
-    if results_dir.is_dir():
-        for path in sorted(results_dir.glob("*.json")):
-            loaded = read_result(path)
-            if isinstance(loaded, RunResult) and loaded.status in COMPLETE:
-                candidates.append((path, loaded))
-    for run in runs:
-        if is_complete(run):
-            continue
-        match = next(
-            (path for path, result in candidates if path != run.result_path and same_config(run, result)), None
-        )
-        if match is not None:
-            found[run.name] = match
-    return found
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -127,7 +95,7 @@ def failed_result(parameters: dict[str, Any], error: str) -> RunResult:
         canonical = RunConfig.from_dict({k: v for k, v in given.items() if k in settings}).to_dict()
         config = {**canonical, **{k: v for k, v in given.items() if k not in settings}}
     except Exception:  # noqa: BLE001
-        config = {**{f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}, **given}
+        config = {**RunConfig().to_dict(), **given}
     plan: dict[str, Any] = {"requested": str(config.get("precision")), "effective": None, "fallback_reason": None}
     try:
         caps = probe(config["device"])  # filled in above, from the run or the defaults
@@ -232,38 +200,46 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
     runs_dir = Path(run.parameters["out_dir"]).parent / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     notebook = runs_dir / f"{run.name}.ipynb"
+    # papermill saves the notebook after every cell: it runs in a hidden file, moved into place whole.
+    partial = runs_dir / f".{run.name}.partial.ipynb"
     before = stamp(run.result_path)
     remove_scratch([run])  # what an earlier, killed attempt left on this machine (another node of a cluster)
     ensure_event_loop().set_exception_handler(ignore_abandoned_cell)  # the loop papermill's calls run on
     error: str | None = None
-    for attempt in range(settings.retries):
-        try:
-            # The kernel's temp files (W&B stages media and artifacts there) go to a folder of this
-            # attempt's own, removed afterwards: a sweep leaves nothing in the system temp folder.
-            with (
-                tempfile.TemporaryDirectory(prefix=scratch_prefix(run), ignore_cleanup_errors=True) as scratch,
-                _environment({**kernel_environment(run, settings), "TMPDIR": scratch}),
-            ):
-                pm.execute_notebook(
-                    str(Path(settings.notebooks) / "train.ipynb"),
-                    str(notebook),
-                    parameters=run.parameters,
-                    kernel_name=settings.kernel,
-                    cwd=str(runs_dir),
-                    execution_timeout=settings.timeout,
-                    progress_bar=False,
-                    extra_arguments=KERNEL_ARGUMENTS,
-                    # The notebook is saved by then: a kernel killed, not asked to shut down mid-cell on
-                    # Ctrl-C, leaves no zmq traceback of a reply sent to a closed socket.
-                    shutdown_kernel="immediate",
-                )
-            error = None
-            break
-        except Exception as exc:  # noqa: BLE001 - a notebook error of any kind is this run's failure, not the sweep's
-            error = error_text(exc)
-            if not (_is_port_race(exc) and attempt + 1 < settings.retries):
+    try:
+        for attempt in range(settings.retries):
+            try:
+                # The kernel's temp files (W&B stages media and artifacts there) go to a folder of this
+                # attempt's own, removed afterwards: a sweep leaves nothing in the system temp folder.
+                with (
+                    tempfile.TemporaryDirectory(prefix=scratch_prefix(run), ignore_cleanup_errors=True) as scratch,
+                    _environment({**kernel_environment(run, settings), "TMPDIR": scratch}),
+                ):
+                    pm.execute_notebook(
+                        str(Path(settings.notebooks) / run.notebook),
+                        str(partial),
+                        parameters=run.parameters,
+                        kernel_name=settings.kernel,
+                        cwd=str(runs_dir),
+                        execution_timeout=settings.timeout,
+                        progress_bar=False,
+                        extra_arguments=KERNEL_ARGUMENTS,
+                        # The notebook is saved by then: a kernel killed, not asked to shut down mid-cell on
+                        # Ctrl-C, leaves no zmq traceback of a reply sent to a closed socket.
+                        shutdown_kernel="immediate",
+                    )
+                error = None
                 break
-            time.sleep(0.5 * (attempt + 1))
+            except Exception as exc:  # noqa: BLE001 - a notebook error of any kind is this run's failure, not the sweep's
+                error = error_text(exc)
+                if not (_is_port_race(exc) and attempt + 1 < settings.retries):
+                    break
+                time.sleep(0.5 * (attempt + 1))
+    except BaseException:  # Ctrl-C: the unfinished run leaves nothing, not even half a notebook
+        partial.unlink(missing_ok=True)
+        raise
+    if partial.exists():
+        publish_notebook(partial, notebook)
     if stamp(run.result_path) != before:
         loaded = read_result(run.result_path)
         result = (
@@ -280,6 +256,14 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
         result = failed_result(run.parameters, error or "the notebook finished without writing its result")
         result.save(run.result_path)
     return Outcome(run.name, result.status, result.error, notebook=str(notebook))
+
+
+def publish_notebook(partial: Path, target: Path) -> None:
+    """Move a notebook papermill executed into `partial` to `target`, whole, naming `target` as its output."""
+    nb = nbformat.read(str(partial), as_version=4)
+    nb.metadata.setdefault("papermill", {})["output_path"] = str(target)
+    write_text_atomic(target, nbformat.writes(nb))
+    partial.unlink()
 
 
 def cpu_threads(workers: int) -> int:
@@ -401,20 +385,10 @@ def run_sweep(
 ) -> tuple[list[Outcome], bool]:
     """Execute `runs` (skipping complete ones unless `force`); returns outcomes and whether interrupted.
 
-    Runs go to `executor` (default: this machine with `workers` processes), which must be open. Without
-    `force`, a run whose exact config an earlier grid in the same folder finished under another name
-    reuses that result (copied under the run's own name) instead of training again.
+    Runs go to `executor` (default: this machine with `workers` processes), which must be open.
     """
     executor = executor if executor is not None else LocalExecutor(workers)
     outcomes: dict[str, Outcome] = {}
-    reused: list[str] = []
-    if not force and runs:
-        for name, source in reuse_identical(runs, runs[0].result_path.parent).items():
-            run = next(r for r in runs if r.name == name)
-            old = RunResult.load(source)
-            config = {**old.config, "run_name": run.name, "out_dir": run.parameters["out_dir"]}
-            replace(old, config=config).save(run.result_path)
-            reused.append(f"reused {source.name} for {run.name} (identical config)")
     todo = []
     for run in runs:
         if not force and is_complete(run):
@@ -425,8 +399,6 @@ def run_sweep(
     concurrent = executor.concurrency(todo)
     settings = replace(settings, workdir=settings.workdir or os.getcwd(), concurrent_runs=concurrent)
     bar = tqdm(total=len(runs), initial=len(outcomes), unit="run", desc="sweep", file=sys.stderr, dynamic_ncols=True)
-    for line in reused:
-        bar.write(line)
     if outcomes:
         bar.write(f"resuming: {len(outcomes)} of {len(runs)} runs already complete (--force re-runs them)")
 

@@ -2,6 +2,12 @@
 
 -p lr=1e-3,3e-3 --precisions fp32,bf16 --seeds 0,1   ->   8 `SweepRun`s, each a name and the
                                                          parameters papermill injects
+
+Runs are ordered seed-major within each grid point (seed 0 of every precision, then seed 1, ...), so a
+drift in the machine's load over a sweep cannot line up with a precision. A run's name is readable
+(model, precision, parallelism, seed and the values the user set) and ends with its config's identity,
+so two configs never share a result file. `check_runs` sorts the runs into those that run, the
+combinations that cannot (skipped, one line each) and values that are simply wrong (the sweep refuses).
 """
 
 from __future__ import annotations
@@ -14,10 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amp_lib.config import NON_SETTING_FIELDS, RECIPES, RunConfig, TrackingConfig, parameter_names, parse_value
+from amp_lib.config import (
+    NON_SETTING_FIELDS,
+    RECIPES,
+    RunConfig,
+    TrackingConfig,
+    base_run_name,
+    config_identity,
+    parameter_names,
+    parse_value,
+)
 from amp_lib.models import default_model_for
 from amp_lib.precision import Capabilities, native_precisions, parse_precision
-from amp_lib.tracking import WANDB_MODES
 
 # What `make sweep` runs when not told otherwise: a recipe sized to finish in about a minute on a 2-core
 # CPU, or all precisions x 3 seeds in about 10 minutes on one H100; each run profiles one step, so the
@@ -26,10 +40,14 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"recipe": "shakespeare-char-tiny", "profile_step": True},
     "cuda": {"recipe": "shakespeare-char-short", "profile_step": True},
 }
+# Values that already stand in a run's readable name (model, parallelism) or do not change the run (W&B).
+_NAMED_ELSEWHERE = ("model", "parallelism", "nproc", "reduce_dtype", *TrackingConfig.field_names())
+_MAX_READABLE = 120  # characters of a run name before its identity
 
 
 def parse_params(items: Sequence[str]) -> dict[str, list[Any]]:
-    """`["lr=1e-3,3e-3", "steps=20"]` -> `{"lr": [0.001, 0.003], "steps": [20]}`, names and types checked."""
+    """`["lr=1e-3,3e-3", "steps=20"]` -> `{"lr": [0.001, 0.003], "steps": [20]}`, names and types checked;
+    a key given twice is refused (which one should win?)."""
     valid = [k for k in parameter_names() if k not in NON_SETTING_FIELDS]
     grid: dict[str, list[Any]] = {}
     for item in items:
@@ -43,20 +61,45 @@ def parse_params(items: Sequence[str]) -> dict[str, list[Any]]:
             )
         if key not in valid:
             raise ValueError(f"unknown parameter {key!r}; valid names: {', '.join(valid)}")
+        if key in grid:
+            raise ValueError(f"-p {key} is given twice; give its values once, comma-separated: -p {key}=v1,v2")
         grid[key] = [parse_value(key, v) for v in values.split(",")]
     return grid
 
 
 @dataclass(frozen=True)
 class SweepRun:
-    """One notebook execution: its name and every parameter papermill injects."""
+    """One notebook execution: its name (the result file's stem), every parameter papermill injects, and
+    the grid coordinates that chose it (precision, seed and each `-p` key with several values)."""
 
     name: str
     parameters: dict[str, Any]
+    coordinates: tuple[tuple[str, Any], ...] = ()
+    notebook: str = "train.ipynb"  # in notebooks/: what papermill executes
 
     @property
     def result_path(self) -> Path:
         return Path(self.parameters["out_dir"]) / f"{self.name}.json"
+
+    @property
+    def identity(self) -> str:
+        """The identity of the config it trains (`RunConfig.identity`): the end of its name."""
+        return self.name.rsplit("-", 1)[-1]
+
+    def config_values(self) -> dict[str, Any]:
+        """The parameters that are `RunConfig` values (the rest are W&B settings)."""
+        tracking = TrackingConfig.field_names()
+        return {k: v for k, v in self.parameters.items() if k not in tracking}
+
+    def problems(self) -> list[str]:
+        """Every problem with this run's values, as its notebook would find them (no kernel needed)."""
+        found = RunConfig.problems(self.config_values())
+        tracking = {k: v for k, v in self.parameters.items() if k in TrackingConfig.field_names()}
+        try:
+            TrackingConfig(**tracking)
+        except (ValueError, TypeError) as exc:
+            found.append(str(exc))
+        return found
 
 
 def _slug(value: Any) -> str:
@@ -70,10 +113,13 @@ def expand_grid(
     seeds: Sequence[int] = (0,),
     grid: dict[str, list[Any]] | None = None,
 ) -> list[SweepRun]:
-    """The runs of a sweep on a device with `caps`: precisions x seeds x grid; no precisions means the
-    device's native ones, and parameters the grid leaves out take the device's defaults (a recipe, spelt
-    out value by value)."""
+    """The runs of a sweep on a device with `caps`: grid points x seeds x precisions (seed-major); no
+    precisions means the device's native ones, and parameters the grid leaves out take the device's defaults
+    (a recipe, spelt out value by value)."""
     grid = dict(grid or {})
+    for key in TrackingConfig.field_names():
+        if len(grid.get(key, ())) > 1:
+            raise ValueError(f"-p {key} takes one value: it changes where runs are tracked, not what they train")
     if not precisions:
         precisions = native_precisions(caps)
     precisions = [parse_precision(p) for p in precisions]
@@ -82,48 +128,66 @@ def expand_grid(
     defaults = DEVICE_DEFAULTS[caps.device_type]
     base = {k: v for k, v in defaults.items() if k not in grid}
     results_dir = str(Path(out).resolve() / "results")
-    varying = [k for k, values in grid.items() if len(values) > 1 and k != "model"]
     unset = RunConfig()  # what each field holds when nothing sets it
+    varying = [k for k, v in grid.items() if len(v) > 1]
     runs = []
     for combo in itertools.product(*grid.values()):
         user = dict(zip(grid, combo))
         values = {**base, **user}
         # The recipe's values, spelt out value by value under what the user set. The name itself is not passed
         # on: RunConfig would apply it again over every value equal to its default, a value the user set too.
-        # An unknown name is passed on, for RunConfig to refuse with the valid ones (run_problems says so).
+        # An unknown name is passed on, for RunConfig to refuse with the valid ones.
         recipe_name = values.pop("recipe")  # always there: every device default names one, and the grid's wins
         if recipe_name and recipe_name not in RECIPES:
             values["recipe"] = recipe_name
         recipe = RECIPES.get(recipe_name, {})
+        before_user = {**recipe, **{k: v for k, v in base.items() if k != "recipe"}}
         values = {**recipe, **values}
         values.setdefault("model", default_model_for(caps.device_type))
         # A decay that ends with the steps (the recipe's, else RunConfig's) keeps doing so at the steps the user set.
         follows_steps = recipe.get("lr_decay_steps", unset.lr_decay_steps) == recipe.get("steps", unset.steps)
         if "steps" in user and "lr_decay_steps" not in user and follows_steps:
             values["lr_decay_steps"] = values["steps"] if values["steps"] > values.get("lr_warmup_steps", 0) else 0
-        if user.get("nproc", 1) > 1 and "parallelism" not in user:
-            values["parallelism"] = "ddp"  # -p nproc=2 alone: DDP, the one parallelism every model runs under
         if "steps" in user and "timing_warmup_steps" not in user:
             # A default that depends on a value the user set: -p steps=5 must not fail on a warm-up of 8.
             default = values.get("timing_warmup_steps", unset.timing_warmup_steps)
             values["timing_warmup_steps"] = timing_warmup_for(values["steps"], default)
-        for precision, seed in itertools.product(precisions, seeds):
-            name = "-".join(
-                [_slug(values["model"]), precision, f"s{seed}", *(_slug(f"{k}={values[k]}") for k in varying)]
-            )
+        shown = [
+            f"{k}={v}"
+            for k, v in user.items()
+            if k not in _NAMED_ELSEWHERE and v != before_user.get(k, getattr(unset, k, None))
+        ]
+        for seed, precision in itertools.product(seeds, precisions):
             parameters = {
                 **values,
                 "precision": precision,
                 "seed": seed,
-                "run_name": name,
                 "out_dir": results_dir,
                 "wandb_group": values.get("wandb_group") or _slug(Path(out).resolve().name),
             }
-            runs.append(SweepRun(name, parameters))
+            readable, identity = _naming(parameters, shown)
+            parameters["run_name"] = readable
+            coordinates = (("precision", precision), ("seed", seed), *((k, user[k]) for k in varying))
+            runs.append(SweepRun(f"{readable}-{identity}", parameters, coordinates))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"run names collide: {sorted({n for n in names if names.count(n) > 1})}")
     return runs
+
+
+def _naming(parameters: dict[str, Any], shown: Sequence[str]) -> tuple[str, str]:
+    """A run's readable name and its identity, from its config as its notebook will build it (the raw values
+    where they make no valid config: such a run never starts)."""
+    tracking = TrackingConfig.field_names()
+    values = {k: v for k, v in parameters.items() if k not in tracking and k != "run_name"}
+    try:
+        config = RunConfig.from_dict(values)
+        head, identity = config.base_name, config.identity
+    except (ValueError, TypeError):  # such a run never starts: its name only has to be unique
+        head = base_run_name(values.get("model"), values.get("precision"), "none", 1, "fp32", values.get("seed"))
+        identity = config_identity(values)
+    readable = "-".join([_slug(head), *map(_slug, shown)])
+    return readable[:_MAX_READABLE].rstrip("-"), identity
 
 
 def timing_warmup_for(steps: int, default: int) -> int:
@@ -132,42 +196,43 @@ def timing_warmup_for(steps: int, default: int) -> int:
     return max(0, min(default, steps // 5))
 
 
-def _config_problems(values: dict[str, Any]) -> list[str]:
-    """Every problem `RunConfig` finds in `values`, not just the first: after each one, the field it
-    names goes back to its default and the config is built again."""
-    defaults = RunConfig()
-    values, problems, reset = dict(values), [], set()
-    while True:
-        try:
-            RunConfig.from_dict(values)
-            return problems
-        except (ValueError, TypeError) as exc:
-            match = re.match(r"(?:invalid )?(\w+)[= ]", str(exc))
-            name = match.group(1) if match else None
-            if name in reset or str(exc) in problems:  # its default clashes too: nothing more to learn
-                return problems
-            problems.append(str(exc))
-            if name not in values or not hasattr(defaults, name):
-                return problems
-            reset.add(name)
-            values[name] = getattr(defaults, name)
-
-
 def run_problems(runs: Sequence[SweepRun]) -> list[str]:
     """Every problem with the runs' parameters, one line each (value, field, what is valid), found by
     building each run's `RunConfig` and `TrackingConfig` exactly as its notebook will: no kernel needed.
     A problem shared by many runs is listed once."""
-    tracking_fields = set(TrackingConfig.field_names())
     problems: list[str] = []
     for run in runs:
-        found = _config_problems({k: v for k, v in run.parameters.items() if k not in tracking_fields})
-        tracking = {k: v for k, v in run.parameters.items() if k in tracking_fields}
-        try:
-            TrackingConfig(**tracking)
-        except (ValueError, TypeError) as exc:
-            found.append(str(exc))
-        mode = tracking.get("wandb_mode")
-        if isinstance(mode, str) and mode.strip().lower() not in WANDB_MODES:
-            found.append(f"invalid wandb_mode {mode!r}; valid values are: {', '.join(WANDB_MODES)}")
-        problems += [p for p in found if p not in problems]
+        problems += [p for p in run.problems() if p not in problems]
     return problems
+
+
+@dataclass(frozen=True)
+class RunCheck:
+    """The runs of a grid sorted by what can happen to them."""
+
+    runs: tuple[SweepRun, ...]  # these run
+    skipped: tuple[str, ...]  # combinations that cannot run, one line each: the sweep goes on without them
+    problems: tuple[str, ...]  # wrong values: the sweep is refused
+
+
+def check_runs(runs: Sequence[SweepRun]) -> RunCheck:
+    """Sort the runs: a run whose values are fine runs; a run that fails only as a combination (every one of
+    its grid values runs in some other combination: fp32 x reduce_dtype=bf16 next to bf16-mixed x bf16 and fp32
+    x fp32) is skipped with one line; a value no run can use is a problem that refuses the sweep."""
+    found = {run.name: run.problems() for run in runs}
+    good = [r for r in runs if not found[r.name]]
+    usable = {(k, repr(v)) for r in good for k, v in r.coordinates}
+    skipped: dict[str, None] = {}
+    problems: list[str] = []
+    for run in runs:
+        if not found[run.name]:
+            continue
+        point = [(k, v) for k, v in run.coordinates if k != "seed"]
+        if good and all((k, repr(v)) in usable for k, v in run.coordinates):
+            where = " x ".join(str(v) if k == "precision" else f"{k}={v}" for k, v in point)
+            skipped[f"skipped {where}: {found[run.name][0]}"] = None
+        else:
+            problems += [p for p in found[run.name] if p not in problems]
+    if problems:
+        return RunCheck((), tuple(skipped), tuple(problems))
+    return RunCheck(tuple(good), tuple(skipped), ())
