@@ -13,41 +13,7 @@ from typing import Any
 
 import pytest
 
-# Under mutmut (it sets MUTANT_UNDER_TEST) the fast unit files run first, so that with `-x` a mutant
-# dies on the first cheap test that sees it instead of after the training-loop tests.
-_MUTATION_ORDER = (
-    "test_config",
-    "test_precision",
-    "test_results",
-    "test_scaler",
-    "test_measure",
-    "test_diagnose",
-    "test_headroom",
-    "test_data",
-    "test_models",
-    "test_examples",
-    "test_report",
-    "test_plots",
-    "test_explore",
-    "test_live",
-    "test_sweep_grid",
-    "test_sweep_lock",
-    "test_sweep_execute",
-    "test_sweep_ray_executor",
-    "test_sweep_slurm_executor",
-    "test_sweep_publish",
-    "test_sweep_cli",
-    "test_notebook",
-    "test_tracking",
-    "test_lightning_callback",
-    "test_hf",
-    "test_bench",
-    "test_train",
-    "test_distributed",
-)
-
-
-# Otherwise the files that take longest start first (`make test` hands whole files to workers in this order,
+# The files that take longest start first (`make test` hands whole files to workers in this order,
 # with --no-loadscope-reorder), so that no worker is still in a long file after the others have finished.
 # Longest first, as measured by `make test` with --durations on 2 cores; the other files follow, shuffled.
 LONGEST_FILES_FIRST = (
@@ -78,11 +44,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
-    order = _MUTATION_ORDER if "MUTANT_UNDER_TEST" in os.environ else LONGEST_FILES_FIRST
 
     def rank(item: pytest.Item) -> int:
         stem = item.path.stem
-        return order.index(stem) if stem in order else len(order)
+        return LONGEST_FILES_FIRST.index(stem) if stem in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
 
     items.sort(key=rank)  # stable: each file keeps its own (shuffled) order, the rest their shuffled order
 

@@ -1,4 +1,7 @@
-"""nbval runs a notebook's cells as separate test items, which pytest-randomly would shuffle.
+"""nbval's hooks for the notebooks in notebooks/ (here, not there, so JupyterLab's file browser, rooted at
+notebooks/, shows only notebooks).
+
+nbval runs a notebook's cells as separate test items, which pytest-randomly would shuffle.
 
 A notebook only works top to bottom in one kernel, so after pytest-randomly has reordered the session
 (its hook is a `tryfirst` wrapper that shuffles before every plain implementation runs), each
