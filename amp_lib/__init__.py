@@ -6,6 +6,7 @@ sit on top. The Lightning callback is `amp_lib.lightning_callback.AmpWandbCallba
 here: importing Lightning costs every kernel start about 4 s, and most runs never use it).
 """
 
+from amp_lib.amp_state import get_loss_scale
 from amp_lib.config import RunConfig
 from amp_lib.precision import (
     Capabilities,
@@ -19,7 +20,7 @@ from amp_lib.precision import (
 )
 from amp_lib.report import SweepReport, build_report
 from amp_lib.results import Metrics, RunResult, load_results, load_sweep
-from amp_lib.scaler import AmpScaler, StepOutcome, get_loss_scale
+from amp_lib.scaler import AmpScaler, StepOutcome
 from amp_lib.train import train
 
 __all__ = [

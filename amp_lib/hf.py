@@ -9,12 +9,11 @@
 - `gpt2_small` is a workbook model: `RunConfig(model="amp_lib.hf:gpt2_small")` trains a randomly
   initialised `GPT2LMHeadModel` (gpt-small's size, no downloads) on the built-in text.
 
-Skipped steps are counted the way `amp_lib.lightning_callback` counts them: GradScaler backs its scale
-off exactly when it skips a step, so a decrease of the scale tensor, compared on the device, is a skip.
-That needs no host-device sync on the steps that don't log, and it is right where Accelerate's
-`step_was_skipped` is not: with a fused optimizer (`optim="adamw_torch_fused"`) GradScaler always calls
-the optimizer's `step` and lets the kernel skip the update, so Accelerate reports no skip at all
-(accelerate #4242).
+`amp/precision` is the precision the Accelerator really runs (`accelerator_precision`), not the one asked
+for: Accelerate wraps the model's forward in `torch.autocast` only where it sets `native_amp`, and makes a
+GradScaler only for fp16 off the CPU, so `fp16=True` on a CPU trains in fp32. Where the two differ the rows
+also carry `amp/requested`, and the first one `amp/fallback_reason`. Skipped steps are counted as
+`amp_lib.amp_state.SkipCounter` counts them, the way the Lightning callback does.
 
 `transformers` and `accelerate` are an optional extra: `pip install 'amp-workbook[hf]'`. This module
 imports without them; what needs them says which extra to install.
@@ -30,11 +29,11 @@ from typing import Any
 
 import torch
 
+from amp_lib.amp_state import AmpRunLog, HookGuard, PrecisionState, active_grad_scaler, attr_or_none
 from amp_lib.config import RunConfig
 from amp_lib.models import GPT_SIZES, Workload, lm_loss, text_batches
-from amp_lib.precision import parse_precision, resolve_device
-from amp_lib.results import finite_or_none
-from amp_lib.scaler import attr_or_none, check_gradscaler_internals, find_grad_scaler, get_loss_scale, scale_tensor
+from amp_lib.precision import is_fp16, parse_precision, resolve_device
+from amp_lib.scaler import check_gradscaler_internals
 
 try:
     from transformers import TrainerCallback as _TrainerCallback
@@ -46,9 +45,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AccelerateAmpState",
     "AmpTrainerCallback",
-    "accelerate_precision",
+    "accelerator_precision",
     "add_amp_callback",
-    "find_hf_scaler",
     "gpt2_small",
     "log_amp_state",
     "trainer_precision",
@@ -57,6 +55,8 @@ __all__ = [
 INSTALL_HINT = "pip install 'amp-workbook[hf]'"
 # Logs of evaluation and prediction metrics: AMP state belongs to the training rows.
 _EVAL_PREFIXES = ("eval_", "test_")
+# Accelerate's distributed types whose backend applies the precision itself, not through Accelerate's autocast.
+_BACKEND_PRECISION = ("DEEPSPEED", "MEGATRON_LM", "XLA")
 
 
 def require(module: str) -> Any:
@@ -67,11 +67,11 @@ def require(module: str) -> Any:
         raise ImportError(f"{module} is not installed; amp_lib.hf needs the [hf] extra: {INSTALL_HINT}") from exc
 
 
-# --- precision and scaler ---
+# --- precision ---
 
 
 def trainer_precision(args: Any, accelerator_state: Any = None) -> str:
-    """The canonical precision of a Trainer run: `fp16`/`bf16` of its TrainingArguments, else Accelerate's
+    """The canonical precision a Trainer run asks for: `fp16`/`bf16` of its TrainingArguments, else Accelerate's
     `mixed_precision` ("no", "fp16", "bf16", "fp8"; e.g. from $ACCELERATE_MIXED_PRECISION), else `tf32`, else fp32."""
     if args.fp16:
         return "fp16-mixed"
@@ -83,64 +83,34 @@ def trainer_precision(args: Any, accelerator_state: Any = None) -> str:
     return "tf32" if args.tf32 else "fp32"
 
 
-def accelerate_precision(accelerator: Any) -> str:
-    """The canonical name of an Accelerator's `mixed_precision` ("no" is fp32, "fp8" fp8-mixed)."""
-    return parse_precision(accelerator.mixed_precision)
+def accelerator_precision(accelerator: Any, requested: str | None = None) -> PrecisionState:
+    """What an Accelerator really trains in, against `requested` (default: its own `mixed_precision`).
 
-
-def amp_enabled(precision: str) -> bool:
-    """Whether a canonical precision computes in reduced precision (fp32 and tf32 do not)."""
-    return precision not in ("fp32", "tf32")
-
-
-def find_hf_scaler(obj: Any) -> torch.amp.GradScaler | None:
-    """The enabled GradScaler of an Accelerator or an AcceleratedOptimizer (both keep it as `.scaler`),
-    or of a GradScaler itself; None wherever there is none (bf16, fp32, fp16 on a CPU)."""
-    scaler = find_grad_scaler(obj)
-    if scaler is None:
-        scaler = find_grad_scaler(attr_or_none(obj, "scaler"))
-    return scaler if scaler is not None and scaler.is_enabled() else None
-
-
-class SkipCounter:
-    """Skipped optimizer steps, counted on the device as decreases of the loss scale (no host sync).
-
-    `prime(scaler)` records the scale before the first step it should see; `observe(scaler)` after each
-    optimizer step compares the scale with the last one recorded. `count` syncs: read it only to log.
+    Accelerate's `mixed_precision` is what was asked for. What runs is its autocast: `prepare` wraps the
+    model's forward in `torch.autocast` only where the Accelerator set `native_amp` (and the autocast
+    handler does not turn it off). For fp16 on a CPU it sets neither that nor a GradScaler: fp32 runs.
+    DeepSpeed, Megatron-LM and XLA apply the precision themselves: what was asked is what runs there.
     """
-
-    def __init__(self) -> None:
-        self.skipped: Any = 0  # a device tensor once a step was observed
-        # The last scale seen: a device tensor, or the host float GradScaler starts from (before its
-        # first step it has no scale tensor yet, and get_scale() returns the initial scale without a sync).
-        self._last: torch.Tensor | float | None = None
-
-    def prime(self, scaler: torch.amp.GradScaler) -> None:
-        if self._last is None:
-            tensor = scale_tensor(scaler)
-            self._last = tensor if tensor is not None else float(scaler.get_scale())
-
-    def observe(self, scaler: torch.amp.GradScaler) -> None:
-        now = scale_tensor(scaler)
-        if now is None:
-            return
-        if self._last is not None:  # a float compares on the device as a kernel argument: no copy, no sync
-            self.skipped = self.skipped + (now < self._last).to(torch.int64)
-        self._last = now
-
-    @property
-    def count(self) -> int:
-        return int(self.skipped)
-
-
-def _amp_row(precision: str, scaler: torch.amp.GradScaler | None, counter: SkipCounter) -> dict[str, Any]:
-    row: dict[str, Any] = {"amp/enabled": int(amp_enabled(precision)), "amp/precision": precision}
-    if scaler is not None:
-        scale = finite_or_none(get_loss_scale(scaler))
-        if scale is not None:
-            row["amp/loss_scale"] = scale
-        row["amp/skipped_steps"] = counter.count
-    return row
+    mixed = accelerator.mixed_precision
+    asked = parse_precision(mixed)
+    requested = asked if requested is None else requested
+    effective, reason = asked, None
+    backend = attr_or_none(accelerator, "distributed_type")
+    if asked != "fp32" and getattr(backend, "value", backend) not in _BACKEND_PRECISION:
+        if not attr_or_none(accelerator, "native_amp"):
+            device = attr_or_none(attr_or_none(accelerator, "device"), "type")
+            where = "a CPU" if device == "cpu" else str(device)
+            no_scaler = (
+                " and no GradScaler" if asked == "fp16-mixed" and active_grad_scaler(accelerator) is None else ""
+            )
+            effective, reason = "fp32", f"Accelerate runs {mixed} on {where} in fp32: no autocast{no_scaler}"
+        elif attr_or_none(attr_or_none(accelerator, "autocast_handler"), "enabled") is False:
+            effective, reason = "fp32", "the Accelerator's AutocastKwargs(enabled=False) turn its autocast off"
+    if requested == "tf32" and effective == "fp32" and reason is None:
+        effective = "tf32"  # TF32 is a torch switch the Trainer sets; Accelerate neither sets nor clears it
+    if effective != requested and reason is None:
+        reason = f"the Accelerator runs mixed_precision={mixed!r}"
+    return PrecisionState(requested, effective, reason if effective != requested else None)
 
 
 # --- transformers.Trainer ---
@@ -149,15 +119,19 @@ def _amp_row(precision: str, scaler: torch.amp.GradScaler | None, counter: SkipC
 class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
     """Adds AMP state to each training log row of a `transformers.Trainer`.
 
-    `amp/enabled` (0/1) and `amp/precision` (canonical name) always; with an enabled GradScaler also
-    `amp/loss_scale` (when finite) and `amp/skipped_steps` (cumulative over this `train()` call, per
-    optimizer step, so gradient accumulation counts once per update). Evaluation rows are left alone.
+    `amp/enabled` (0/1) and `amp/precision` (canonical name) of the precision the Trainer's Accelerator
+    really runs; where that is not the precision asked for, `amp/requested` too and, in the first row of
+    each `train()`, `amp/fallback_reason`. With an enabled GradScaler also `amp/loss_scale` (when finite)
+    and `amp/skipped_steps` (cumulative over this `train()` call, per optimizer step, so gradient
+    accumulation counts once per update). Evaluation rows are left alone.
 
     The keys are added to the `logs` dict the Trainer hands every callback, and to the row it already
     appended to `state.log_history`. A reporter only sees them if this callback runs before it, while
     the Trainer puts user callbacks after its reporters: the callback therefore moves itself to the
     front of the Trainer's callback list when the Trainer first calls it (at the end of `__init__`, or
-    at `train()` for one added later). `add_amp_callback(trainer)` does the same explicitly.
+    at `train()` for one added later). `add_amp_callback(trainer)` does the same explicitly. Either way
+    the callback learns its Trainer, whose Accelerator says what runs; hooks called by hand, with no
+    Trainer, report the precision asked for.
 
     A hook never raises: tracking must not be the reason a fine-tune dies (a failure is logged once as
     a warning). The exception is a torch whose GradScaler lacks the internals read without a sync: that
@@ -168,96 +142,99 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         if _TrainerCallback is object:
             require("transformers")
         super().__init__()
-        self.counter = SkipCounter()  # over the current train() call
+        self.amp = AmpRunLog()  # over the current train() call
+        self.guard = HookGuard(log, "AmpTrainerCallback")
         self._placed = False
-        self._warned = False
+        self._trainer: weakref.ref[Any] | None = None
 
     @property
     def skipped_steps(self) -> int:
         """Skipped optimizer steps so far in this `train()` call (reading it syncs with the device)."""
-        return self.counter.count
+        return self.amp.skips.count
 
     # hooks: the Trainer calls each with (args, state, control, model=, optimizer=, ...)
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._guard(self._move_to_front)
+        self.guard(self._attach)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.counter = SkipCounter()
-        self._guard(self._move_to_front)
+        self.amp = AmpRunLog()
+        self.guard(self._attach)
         if not self._placed:
             log.warning(
                 "AmpTrainerCallback could not move ahead of the Trainer's reporting callbacks, which will miss "
                 "the amp/* keys; add it with amp_lib.hf.add_amp_callback(trainer)"
             )
-        precision = self._guard(trainer_precision, args, attr_or_none(kwargs.get("optimizer"), "accelerator_state"))
-        scaler = self._guard(find_hf_scaler, kwargs.get("optimizer"))
-        if scaler is None and isinstance(precision, str) and precision.startswith("fp16"):
+        precision = self.guard(self.precision, args, kwargs.get("optimizer"))
+        scaler = self.guard(active_grad_scaler, kwargs.get("optimizer"))
+        fp16 = isinstance(precision, PrecisionState) and is_fp16(precision.effective)
+        if isinstance(precision, PrecisionState) and precision.fell_back:
             log.warning(
-                "AmpTrainerCallback: fp16 is on but the Trainer has no GradScaler, so no loss scale is logged "
-                "(on a CPU, Accelerate creates none and runs fp16=True in fp32)"
+                "AmpTrainerCallback: %s was asked for, but the Trainer trains in %s: %s",
+                precision.requested,
+                precision.effective,
+                precision.reason,
             )
-        if scaler is not None or (isinstance(precision, str) and precision.startswith("fp16")):
+        elif fp16 and scaler is None:
+            log.warning("AmpTrainerCallback: fp16 runs without a GradScaler, so no loss scale is logged")
+        if scaler is not None or fp16:
             check_gradscaler_internals()  # outside the guard: a torch rename must not pass as a warning
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._guard(self._before_step, kwargs.get("optimizer"))
+        self.guard(self._before_step, kwargs.get("optimizer"))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._guard(self._after_step, kwargs.get("optimizer"))
+        self.guard(self._after_step, kwargs.get("optimizer"))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self._guard(self._add_keys, args, state, logs, kwargs.get("optimizer"))
+        self.guard(self._add_keys, args, state, logs, kwargs.get("optimizer"))
 
     # work
-    def _guard(self, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - tracking must never break training
-            self._warn_once(f"AmpTrainerCallback: logging failed and is skipped: {type(exc).__name__}: {exc}")
-            return None
+    def precision(self, args: Any, optimizer: Any = None) -> PrecisionState:
+        """What `args` ask for, against what the Trainer's Accelerator runs (no Trainer known: what they ask)."""
+        accelerator = attr_or_none(self._trainer() if self._trainer is not None else None, "accelerator")
+        if accelerator is None:
+            requested = trainer_precision(args, attr_or_none(optimizer, "accelerator_state"))
+            return PrecisionState(requested, requested)
+        return accelerator_precision(accelerator, trainer_precision(args, accelerator))
 
-    def _warn_once(self, message: str) -> None:
-        if not self._warned:
-            self._warned = True
-            log.warning(message)
-
-    def _move_to_front(self) -> None:
-        """Find the CallbackHandler calling this hook (a frame up the stack) and move self to its front.
+    def _attach(self) -> None:
+        """Find the CallbackHandler calling this hook (a frame up the stack), move self to its front, and
+        remember the Trainer that called it (the frame above whose `callback_handler` it is).
 
         Safe while the handler iterates its list: moving the current item from index k to 0 leaves the
         items after k at the indices the iteration has still to visit. The whole stack is searched, not a
         fixed number of frames: a subclass, a decorator or a tracer can put any number of frames between.
         """
-        if self._placed:
+        if self._placed and self._trainer is not None:
             return
         from transformers.trainer_callback import CallbackHandler
 
         frame = sys._getframe(1)
+        handler = None
         while frame is not None:
-            handler = frame.f_locals.get("self")
-            if isinstance(handler, CallbackHandler) and any(cb is self for cb in handler.callbacks):
-                _put_first(handler.callbacks, self)
-                self._placed = True
+            owner = frame.f_locals.get("self")
+            if handler is None and isinstance(owner, CallbackHandler) and any(cb is self for cb in owner.callbacks):
+                handler = owner
+                if not self._placed:
+                    _put_first(handler.callbacks, self)
+                    self._placed = True
+            elif handler is not None and attr_or_none(owner, "callback_handler") is handler:
+                self._trainer = _weak(owner)
                 return
             frame = frame.f_back
 
     def _before_step(self, optimizer: Any) -> None:
-        scaler = find_hf_scaler(optimizer)
-        if scaler is not None:
-            self.counter.prime(scaler)
+        self.amp.skips.prime(active_grad_scaler(optimizer))
 
     def _after_step(self, optimizer: Any) -> None:
         """Count a skip; a second look at the same step counts nothing (the scale has not moved since)."""
-        scaler = find_hf_scaler(optimizer)
-        if scaler is not None:
-            self.counter.observe(scaler)
+        self.amp.skips.observe(active_grad_scaler(optimizer))
 
     def _add_keys(self, args: Any, state: Any, logs: dict[str, Any] | None, optimizer: Any) -> None:
         if not isinstance(logs, dict) or any(str(k).startswith(_EVAL_PREFIXES) for k in logs):
             return
         logged = set(logs)
-        precision = trainer_precision(args, attr_or_none(optimizer, "accelerator_state"))
-        row = _amp_row(precision, find_hf_scaler(optimizer), self.counter)
+        row = self.amp.row(self.precision(args, optimizer), active_grad_scaler(optimizer))
         logs.update(row)
         # Trainer.log appended {**logs, "step": global_step} to log_history before calling on_log.
         history = getattr(state, "log_history", None)
@@ -265,6 +242,14 @@ class AmpTrainerCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
             last = history[-1]
             if last.get("step") == state.global_step and logged <= set(last):
                 last.update(row)
+
+
+def _weak(obj: Any) -> weakref.ref[Any] | None:
+    """A weak reference to `obj`, None for an object that takes none (no Trainer: a stand-in)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
 
 
 def _put_first(callbacks: list[Any], callback: Any) -> None:
@@ -285,6 +270,7 @@ def add_amp_callback(trainer: Any, callback: AmpTrainerCallback | None = None) -
     callbacks[:] = [cb for cb in callbacks if not isinstance(cb, AmpTrainerCallback) or cb is callback]
     _put_first(callbacks, callback)
     callback._placed = True  # placed by hand: nothing to move, and nothing to warn about at train()
+    callback._trainer = _weak(trainer)
     return callback
 
 
@@ -305,30 +291,29 @@ class AccelerateAmpState:
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
-        self.counter = SkipCounter()
-        scaler = find_hf_scaler(accelerator)
+        self.amp = AmpRunLog()
+        scaler = active_grad_scaler(accelerator)
         if scaler is not None:
             check_gradscaler_internals()
-            self.counter.prime(scaler)
+            self.amp.skips.prime(scaler)
 
     @property
-    def precision(self) -> str:
-        return accelerate_precision(self.accelerator)
+    def precision(self) -> PrecisionState:
+        """The Accelerator's `mixed_precision` against what it really runs (`accelerator_precision`)."""
+        return accelerator_precision(self.accelerator)
 
     @property
     def skipped_steps(self) -> int:
         """Skipped optimizer steps seen by `after_step()` (reading it syncs with the device)."""
-        return self.counter.count
+        return self.amp.skips.count
 
     def after_step(self) -> None:
-        scaler = find_hf_scaler(self.accelerator)
-        if scaler is not None:
-            self.counter.observe(scaler)
+        self.amp.skips.observe(active_grad_scaler(self.accelerator))
 
     def state(self) -> dict[str, Any]:
-        """`amp/enabled`, `amp/precision`, and with an enabled scaler `amp/loss_scale` (if finite) and
-        `amp/skipped_steps` (cumulative)."""
-        return _amp_row(self.precision, find_hf_scaler(self.accelerator), self.counter)
+        """The `amp/*` keys of `AmpRunLog.row`: the precision that runs, and with an enabled scaler
+        `amp/loss_scale` (if finite) and `amp/skipped_steps` (cumulative)."""
+        return self.amp.row(self.precision, active_grad_scaler(self.accelerator))
 
     def log(self, step: int | None = None) -> dict[str, Any]:
         row = self.state()

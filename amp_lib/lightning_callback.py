@@ -12,11 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
+from amp_lib.amp_state import AmpRunLog, HookGuard, PrecisionState, active_grad_scaler, attr_or_none, canonical_name
 from amp_lib.precision import is_fp16
-from amp_lib.results import finite_or_none
-from amp_lib.scaler import check_gradscaler_internals, find_grad_scaler, get_loss_scale, scale_tensor
+from amp_lib.scaler import check_gradscaler_internals
 
 try:  # Lightning 2.x unified package first, then the standalone one; neither is required
     from lightning.pytorch import Callback as _Callback
@@ -40,14 +38,35 @@ def active_wandb_run() -> Any:
     return wandb.run
 
 
+def lightning_precision(trainer: Any, requested: str) -> PrecisionState:
+    """`requested` against what the trainer's precision plugin runs (`trainer.precision`, read from
+    `trainer.strategy.precision_plugin`). A trainer without one to read (not set up, a stand-in) reports
+    `requested`: nothing better is known."""
+    plugin = attr_or_none(attr_or_none(trainer, "strategy"), "precision_plugin")
+    flag = attr_or_none(plugin, "precision")
+    if not isinstance(flag, (str, int)) or isinstance(flag, bool):
+        return PrecisionState(requested, requested)
+    effective = canonical_name(flag)
+    if effective == requested:
+        return PrecisionState(requested, effective)
+    if requested == "fp16-mixed" and effective == "bf16-mixed" and attr_or_none(plugin, "device") == "cpu":
+        reason = "Lightning runs precision='16-mixed' on a CPU as 'bf16-mixed': it has no fp16 AMP for a CPU"
+    else:
+        reason = f"the Trainer's precision plugin ({type(plugin).__name__}) runs precision={flag!r}"
+    return PrecisionState(requested, effective, reason)
+
+
 class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
     """Log `amp/enabled`, `amp/precision` and (fp16 with a scaler) `amp/loss_scale` at each train epoch end,
     plus `amp/loss_scale` and cumulative `amp/skipped_steps` every `log_every_n_steps` optimizer steps.
 
-    `precision` is the flag the user gave the Trainer, in any spelling (`'16'`, `16`, `'16-mixed'`,
-    `'fp16-mixed'`, `'16_true'`...). A loss scale is only logged when `enabled`, the precision is fp16 and
-    the trainer really has an enabled GradScaler with a finite scale (Lightning runs `'16-mixed'` as bf16
-    on a CPU, which has none). Rows carry `trainer/global_step`, the step key Lightning's WandbLogger uses.
+    `enabled` and `precision` say what the run asked for: `precision` is the flag the user gave the
+    Trainer, in any spelling (`'16'`, `16`, `'16-mixed'`, `'fp16-mixed'`, `'16_true'`...), and
+    `enabled=False` asks for no AMP (fp32). The rows say what the Trainer really runs (its precision
+    plugin), by canonical name: Lightning runs `'16-mixed'` as bf16-mixed on a CPU, without a
+    GradScaler. Where the two differ the epoch rows also carry `amp/requested`, and the first one
+    `amp/fallback_reason`. A loss scale is logged where fp16 runs with an enabled GradScaler whose scale
+    is finite. Rows carry `trainer/global_step`, the step key Lightning's WandbLogger uses.
     """
 
     def __init__(self, enabled: bool, precision: Any, log_every_n_steps: int = 50) -> None:
@@ -59,19 +78,22 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         self.enabled = bool(enabled)
         self.precision = precision
         self.log_every_n_steps = log_every_n_steps
-        self._skipped: Any = 0  # a device tensor once a step was seen: counted without a host sync
-        self._scale_before: Any = None
+        self.amp = AmpRunLog()
+        self.guard = HookGuard(log, "AmpWandbCallback")
         self._last_step: int | None = None
-        self._warned = False
 
     @property
-    def tracks_scale(self) -> bool:
-        """Whether this callback is configured to report a loss scale at all."""
-        return self.enabled and is_fp16(self.precision)
+    def requested(self) -> str:
+        """The precision asked for, by canonical name: `precision`, or fp32 when not `enabled`."""
+        return canonical_name(self.precision) if self.enabled else "fp32"
+
+    def precision_state(self, trainer: Any) -> PrecisionState:
+        """What was asked for against what `trainer` runs."""
+        return lightning_precision(trainer, self.requested)
 
     # hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self.tracks_scale:
+        if is_fp16(self.precision_state(trainer).effective):
             check_gradscaler_internals()  # outside the guard: a torch rename must not pass as a warning
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -86,33 +108,28 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
     # work ----------------------------------------------------------------------------------------
     def _guard(self, fn: Any, trainer: Any) -> None:
         """Log the row `fn(trainer)` returns, if any; an error is a warning (once), never the run's end."""
-        try:
-            row = fn(trainer)
-            if row:
-                self._log(row)
-        except Exception as exc:  # noqa: BLE001 - tracking must never break training
-            if not self._warned:
-                self._warned = True
-                log.warning("AmpWandbCallback: logging failed and is skipped: %s: %s", type(exc).__name__, exc)
+        self.guard(self._log_row, fn, trainer)
 
-    def _scaler(self, trainer: Any) -> Any:
-        if not self.tracks_scale:
-            return None
-        scaler = find_grad_scaler(trainer)
-        return scaler if scaler is not None and scaler.is_enabled() else None
+    def _log_row(self, fn: Any, trainer: Any) -> None:
+        row = fn(trainer)
+        run = active_wandb_run() if row else None
+        if run is not None:
+            run.log(row)
+
+    def _scaler(self, trainer: Any, precision: PrecisionState | None = None) -> Any:
+        """The trainer's enabled GradScaler where fp16 runs; None elsewhere."""
+        precision = precision if precision is not None else self.precision_state(trainer)
+        return active_grad_scaler(trainer) if is_fp16(precision.effective) else None
 
     def _before_step(self, trainer: Any) -> None:
-        scaler = self._scaler(trainer)
-        if scaler is None:
-            return
-        # A device tensor (get_scale() would sync); before the first step there is none yet, and
-        # get_scale() returns the initial scale without a sync.
-        self._scale_before = scale_tensor(scaler)
-        if self._scale_before is None:
-            self._scale_before = torch.tensor(float(scaler.get_scale()))
+        self.amp.skips.prime(self._scaler(trainer))
 
     def step_row(self, trainer: Any) -> dict[str, Any] | None:
-        """After a batch: count a skipped optimizer step; the row to log every `log_every_n_steps` steps."""
+        """After a batch: count a skipped optimizer step; the row to log every `log_every_n_steps` steps.
+
+        (The trainer's scaler has already cleared its per-step inf flags by now: the scale's decrease is
+        the one record of a skip that survives the step.)
+        """
         step = getattr(trainer, "global_step", None)
         if not isinstance(step, int):
             return None
@@ -122,39 +139,15 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         scaler = self._scaler(trainer)
         if scaler is None:
             return None
-        self._count_skip(scaler)
+        self.amp.skips.observe(scaler)
         if not (self.log_every_n_steps and step > 0 and step % self.log_every_n_steps == 0):
             return None
-        row: dict[str, Any] = {"amp/skipped_steps": int(self._skipped), "trainer/global_step": step}
-        scale = finite_or_none(get_loss_scale(scaler))
-        if scale is not None:
-            row["amp/loss_scale"] = scale
-        return row
-
-    def _count_skip(self, scaler: Any) -> None:
-        """GradScaler backs the scale off exactly when it skipped the step: count scale decreases on device.
-
-        (The trainer's scaler has already cleared its per-step inf flags by now, so the decrease is the
-        one record of the skip that survives the step.)
-        """
-        after, before = scale_tensor(scaler), self._scale_before
-        if after is None or before is None:
-            return
-        self._skipped = self._skipped + (after < before.to(after.device)).to(torch.int64).sum()
-        self._scale_before = None
+        return {**self.amp.scale_row(scaler), "trainer/global_step": step}
 
     def epoch_row(self, trainer: Any) -> dict[str, Any]:
         """The row logged at the end of each train epoch."""
-        row: dict[str, Any] = {
-            "amp/enabled": int(self.enabled),
-            "amp/precision": str(self.precision),
-        }
-        scaler = self._scaler(trainer)
-        if scaler is not None:
-            scale = finite_or_none(get_loss_scale(scaler))
-            if scale is not None:
-                row["amp/loss_scale"] = scale
-            row["amp/skipped_steps"] = int(self._skipped)
+        precision = self.precision_state(trainer)
+        row = self.amp.row(precision, self._scaler(trainer, precision))
         step = getattr(trainer, "global_step", None)
         if isinstance(step, int):
             row["trainer/global_step"] = step
@@ -162,9 +155,3 @@ class AmpWandbCallback(_Callback):  # type: ignore[misc,valid-type]
         if isinstance(epoch, int):
             row["epoch"] = epoch
         return row
-
-    @staticmethod
-    def _log(row: dict[str, Any]) -> None:
-        run = active_wandb_run()
-        if run is not None:
-            run.log(row)

@@ -133,40 +133,12 @@ class AmpScaler:
         return StepOutcome(grad_norm=grad_norm.detach(), skipped=skipped, scale=scale_tensor(self.scaler))
 
     def get_scale(self) -> float | None:
-        return get_loss_scale(self.scaler)
+        """The current loss scale (a sync); None when disabled or when it is not finite."""
+        scale = float(self.scaler.get_scale()) if self.enabled else math.nan
+        return scale if math.isfinite(scale) else None
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scaler.load_state_dict(state)
-
-
-def attr_or_none(obj: Any, name: str) -> Any:
-    """getattr that also swallows errors raised by properties (e.g. a Lightning strategy not yet attached)."""
-    try:
-        return getattr(obj, name)
-    except Exception:  # noqa: BLE001 - AttributeError or any other: no such attribute
-        return None
-
-
-def find_grad_scaler(obj: Any) -> torch.amp.GradScaler | None:
-    """The GradScaler of a GradScaler, an AmpScaler or a Lightning trainer
-    (`trainer.strategy.precision_plugin.scaler`); None wherever there is none."""
-    if isinstance(obj, AmpScaler):
-        obj = obj.scaler
-    elif not isinstance(obj, torch.amp.GradScaler):
-        obj = attr_or_none(attr_or_none(attr_or_none(obj, "strategy"), "precision_plugin"), "scaler")
-    return obj if isinstance(obj, torch.amp.GradScaler) else None
-
-
-def get_loss_scale(obj: Any) -> float | None:
-    """The current loss scale of a GradScaler, an AmpScaler or a Lightning trainer; else None.
-
-    None also stands for a disabled scaler and for a NaN or infinite scale, which is no scale at all.
-    """
-    scaler = find_grad_scaler(obj)
-    if scaler is None or not scaler.is_enabled():
-        return None
-    scale = float(scaler.get_scale())
-    return scale if math.isfinite(scale) else None

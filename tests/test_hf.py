@@ -29,12 +29,14 @@ import tomllib
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import AutocastKwargs
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import WandbCallback
 from transformers.trainer_callback import DefaultFlowCallback
-from wandb_readback import only_run_dir, read_run
+from wandb_readback import only_run_dir, read_run, read_summary
 
 from amp_lib import hf
+from amp_lib.amp_state import PrecisionState
 from amp_lib.config import RunConfig
 from amp_lib.data import CharTokenizer, corpus
 from amp_lib.hf import AccelerateAmpState, AmpTrainerCallback, add_amp_callback, gpt2_small, log_amp_state
@@ -175,16 +177,41 @@ def test_fp32_trainer_reports_amp_disabled(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fp16_without_a_scaler_logs_no_scale_and_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """fp16=True on a CPU as the Trainer runs it, without help: Accelerate makes no GradScaler."""
-    trainer = make_trainer(tmp_path, report_to=[], callbacks=[AmpTrainerCallback()], fp16=True, max_steps=2)
-    assert trainer.accelerator.scaler is None
+def test_fp16_on_a_cpu_logs_the_fp32_that_ran_and_why_in_log_history_and_wandb(
+    tmp_path: Path, wandb_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fp16=True on a CPU as the Trainer runs it, without help: Accelerate makes no autocast and no GradScaler,
+    so the run is fp32 (its losses are those of an fp32 run, to the bit). The rows say so: `amp/precision`
+    fp32, `amp/requested` fp16-mixed, and the reason in the first row; W&B stores the same."""
+    import wandb
+
+    trainer = make_trainer(tmp_path / "fp16", report_to=["wandb"], callbacks=[AmpTrainerCallback()], fp16=True)
+    assert trainer.accelerator.scaler is None and not trainer.accelerator.native_amp
     with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
         trainer.train()
-    for row in training_rows(trainer.state.log_history):
-        assert amp_keys(row) == {"amp/enabled": 1, "amp/precision": "fp16-mixed"}
+    wandb.finish()
+    fp32 = make_trainer(tmp_path / "fp32", report_to=[])
+    fp32.train()
+    losses = [row["loss"] for row in training_rows(trainer.state.log_history)]
+    assert losses == [row["loss"] for row in training_rows(fp32.state.log_history)]  # fp32 is what ran
+
+    reason = "Accelerate runs fp16 on a CPU in fp32: no autocast and no GradScaler"
+    rows = [amp_keys(row) for row in trainer.state.log_history if "eval_loss" not in row]
+    assert len(rows) == 5  # four steps and the train summary
+    expected = {"amp/enabled": 0, "amp/precision": "fp32", "amp/requested": "fp16-mixed"}
+    assert rows == [{**expected, "amp/fallback_reason": reason}] + [expected] * 4
     warnings = [r.getMessage() for r in caplog.records if r.name == "amp_lib.hf"]
-    assert len(warnings) == 1 and "no GradScaler" in warnings[0]
+    assert warnings == [f"AmpTrainerCallback: fp16-mixed was asked for, but the Trainer trains in fp32: {reason}"]
+
+    run_dir = only_run_dir(wandb_env / "wandb_dir")
+    stored = read_run(run_dir).rows_with("train/amp/precision")
+    assert [int(row["train/global_step"]) for row in stored] == [1, 2, 3, 4, 4]  # the steps, the train summary
+    for row in stored:
+        assert (row["train/amp/enabled"], row["train/amp/precision"]) == (0, "fp32")
+        assert row["train/amp/requested"] == "fp16-mixed"
+    assert [row.get("train/amp/fallback_reason") for row in stored] == [reason, None, None, None, None]
+    summary = read_summary(run_dir)["summary"]  # where a W&B user sees it: the run's summary keeps it
+    assert (summary["train/amp/precision"], summary["train/amp/fallback_reason"]) == ("fp32", reason)
 
 
 @pytest.mark.slow
@@ -347,10 +374,7 @@ def test_a_trainer_whose_arguments_name_no_precision_takes_accelerates(caplog: p
     with caplog.at_level(logging.WARNING, logger="amp_lib.hf"):
         callback.on_train_begin(args, SimpleNamespace(global_step=0), None, optimizer=optimizer("fp16"))
     assert [r.getMessage() for r in caplog.records] == [
-        (
-            "AmpTrainerCallback: fp16 is on but the Trainer has no GradScaler, so no loss scale is logged "
-            "(on a CPU, Accelerate creates none and runs fp16=True in fp32)"
-        )
+        "AmpTrainerCallback: fp16 runs without a GradScaler, so no loss scale is logged"
     ]
 
 
@@ -425,17 +449,45 @@ def test_trainer_and_accelerate_precisions_are_canonical() -> None:
     for no_mixed in ("no", " NO ", ""):  # Accelerate's "no" (any case) or nothing: the arguments decide
         assert hf.trainer_precision(tf32, SimpleNamespace(mixed_precision=no_mixed)) == "tf32"
     assert hf.trainer_precision(cpu_args(bf16=True), SimpleNamespace(mixed_precision="fp16")) == "bf16-mixed"
-    for mixed, name in (("no", "fp32"), ("bf16", "bf16-mixed"), ("fp16", "fp16-mixed")):
-        assert hf.accelerate_precision(fresh_accelerator(mixed_precision=mixed)) == name
-    assert [hf.amp_enabled(name) for name in ("fp32", "tf32", "fp16-mixed", "bf16-mixed")] == [False, False, True, True]
 
 
-def test_the_scaler_found_is_an_enabled_grad_scaler_held_or_given() -> None:
-    scaler = torch.amp.GradScaler("cpu")
-    assert hf.find_hf_scaler(scaler) is scaler
-    assert hf.find_hf_scaler(SimpleNamespace(scaler=scaler)) is scaler  # an Accelerator, an AcceleratedOptimizer
-    assert hf.find_hf_scaler(torch.amp.GradScaler("cpu", enabled=False)) is None
-    assert hf.find_hf_scaler(SimpleNamespace(scaler=None)) is None
+def test_the_accelerator_says_what_really_runs_on_this_cpu() -> None:
+    """Real Accelerators on the CPU: bf16 autocast runs; fp16 gets no autocast and no GradScaler, so fp32 runs;
+    with the GradScaler and autocast Accelerate builds on a GPU (handed in), fp16 runs."""
+    no_reason = "Accelerate runs fp16 on a CPU in fp32: no autocast and no GradScaler"
+    assert hf.accelerator_precision(fresh_accelerator(mixed_precision="no")) == PrecisionState("fp32", "fp32")
+    bf16 = fresh_accelerator(mixed_precision="bf16")
+    assert hf.accelerator_precision(bf16) == PrecisionState("bf16-mixed", "bf16-mixed")
+    # what a Trainer asked for, where the Accelerator runs another precision
+    assert hf.accelerator_precision(bf16, "fp16-mixed") == PrecisionState(
+        "fp16-mixed", "bf16-mixed", "the Accelerator runs mixed_precision='bf16'"
+    )
+    assert hf.accelerator_precision(fresh_accelerator(mixed_precision="fp16")) == PrecisionState(
+        "fp16-mixed", "fp32", no_reason
+    )
+    helped = with_cpu_grad_scaler(fresh_accelerator(mixed_precision="fp16"))
+    assert hf.accelerator_precision(helped) == PrecisionState("fp16-mixed", "fp16-mixed")
+    off = fresh_accelerator(mixed_precision="bf16", kwargs_handlers=[AutocastKwargs(enabled=False)])
+    assert hf.accelerator_precision(off) == PrecisionState(
+        "bf16-mixed", "fp32", "the Accelerator's AutocastKwargs(enabled=False) turn its autocast off"
+    )
+    # TF32 is a torch switch Accelerate leaves alone: asked for with mixed_precision "no", it is what runs
+    assert hf.accelerator_precision(fresh_accelerator(mixed_precision="no"), "tf32") == PrecisionState("tf32", "tf32")
+
+
+def test_the_callback_reads_the_precision_from_the_trainer_it_was_given_or_found(tmp_path: Path) -> None:
+    """Found on the stack when the Trainer first calls it, or given by add_amp_callback: either way the
+    Trainer's Accelerator decides. Called by hand, with no Trainer, it reports what the arguments ask."""
+    fallback = PrecisionState(
+        "fp16-mixed", "fp32", "Accelerate runs fp16 on a CPU in fp32: no autocast and no GradScaler"
+    )
+    found = AmpTrainerCallback()
+    trainer = make_trainer(tmp_path / "a", report_to=[], callbacks=[found], fp16=True)
+    assert found.precision(trainer.args) == fallback
+    other = make_trainer(tmp_path / "b", report_to=[], fp16=True)
+    given = add_amp_callback(other)
+    assert given.precision(other.args) == fallback
+    assert AmpTrainerCallback().precision(trainer.args) == PrecisionState("fp16-mixed", "fp16-mixed")
 
 
 # --- plain accelerate loops ---
@@ -502,6 +554,10 @@ def test_accelerate_state_counts_every_skip_between_logs_without_a_scaler_logs_n
         "amp/enabled": 0,
         "amp/precision": "fp32",
     }
+    unhelped = AccelerateAmpState(fresh_accelerator(mixed_precision="fp16"))  # on a CPU: no autocast, no scaler
+    expected = {"amp/enabled": 0, "amp/precision": "fp32", "amp/requested": "fp16-mixed"}
+    reason = "Accelerate runs fp16 on a CPU in fp32: no autocast and no GradScaler"
+    assert [unhelped.log(1), unhelped.log(2)] == [{**expected, "amp/fallback_reason": reason}, expected]
 
 
 @pytest.mark.gpu

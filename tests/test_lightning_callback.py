@@ -16,15 +16,16 @@ from typing import Any
 
 import pytest
 import torch
-from wandb_readback import RunRecord, read_run
+from wandb_readback import RunRecord, read_run, read_summary
 
 from amp_lib import lightning_callback
-from amp_lib.lightning_callback import AmpWandbCallback, active_wandb_run
+from amp_lib.amp_state import PrecisionState
+from amp_lib.lightning_callback import AmpWandbCallback, active_wandb_run, lightning_precision
 from amp_lib.scaler import check_gradscaler_internals
 
 lightning = pytest.importorskip("lightning")
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.plugins import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 
 REPO = Path(__file__).resolve().parents[1]
 FP16_SPELLINGS: list[Any] = ["16", 16, "16-mixed", "fp16-mixed", "fp16", "16-true", "16_true", "fp16-true"]
@@ -168,14 +169,42 @@ def logged_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in read_run(run_dir).history]
 
 
+# --- the precision the trainer runs --------------------------------------------------------------
+
+
+def plugin_trainer(plugin: Any) -> SimpleNamespace:
+    return SimpleNamespace(strategy=SimpleNamespace(precision_plugin=plugin), global_step=0, current_epoch=0)
+
+
+def test_the_precision_is_read_from_the_trainers_precision_plugin() -> None:
+    """Lightning's real precision plugins, where a Trainer keeps them: their `precision` is what runs."""
+    bf16_cpu = plugin_trainer(MixedPrecision("bf16-mixed", "cpu"))
+    assert lightning_precision(bf16_cpu, "bf16-mixed") == PrecisionState("bf16-mixed", "bf16-mixed")
+    assert lightning_precision(bf16_cpu, "fp16-mixed") == PrecisionState(
+        "fp16-mixed",
+        "bf16-mixed",
+        "Lightning runs precision='16-mixed' on a CPU as 'bf16-mixed': it has no fp16 AMP for a CPU",
+    )
+    assert lightning_precision(plugin_trainer(Precision()), "fp16-mixed") == PrecisionState(
+        "fp16-mixed", "fp32", "the Trainer's precision plugin (Precision) runs precision='32-true'"
+    )
+    double = lightning_precision(plugin_trainer(DoublePrecision()), "fp32")  # no canonical name: Lightning's own
+    assert (double.effective, double.enabled) == ("64-true", False)
+    assert lightning_precision(plugin_trainer(HalfPrecision("16-true")), "fp16-true") == PrecisionState(
+        "fp16-true", "fp16-true"
+    )
+    for unreadable in (None, SimpleNamespace(), trainer_with(live_scaler())):  # nothing to read: what was asked
+        assert lightning_precision(unreadable, "fp16-mixed") == PrecisionState("fp16-mixed", "fp16-mixed")
+
+
 # --- construction -------------------------------------------------------------------------------
 
 
 def test_arguments_and_defaults() -> None:
     cb = AmpWandbCallback(1, "16")
-    assert cb.enabled is True and cb.precision == "16" and cb.log_every_n_steps == 50 and cb.tracks_scale
-    assert AmpWandbCallback(0, "16", 0).enabled is False and not AmpWandbCallback(0, "16").tracks_scale
-    assert not AmpWandbCallback(True, "bf16").tracks_scale
+    assert cb.enabled is True and cb.precision == "16" and cb.log_every_n_steps == 50 and cb.requested == "fp16-mixed"
+    assert AmpWandbCallback(0, "16", 0).enabled is False and AmpWandbCallback(0, "16").requested == "fp32"
+    assert AmpWandbCallback(True, "bf16").requested == "bf16-mixed"
     assert AmpWandbCallback(True, 16, log_every_n_steps=0).log_every_n_steps == 0  # 0: epoch end only
     with pytest.raises(ValueError) as info:
         AmpWandbCallback(True, 16, log_every_n_steps=-1)
@@ -188,9 +217,11 @@ def test_invalid_log_every_n_steps_names_the_value(bad: Any) -> None:
         AmpWandbCallback(enabled=True, precision="16-mixed", log_every_n_steps=bad)
 
 
-def test_every_fp16_spelling_tracks_a_scale_and_no_other_does() -> None:
-    assert [AmpWandbCallback(True, p).tracks_scale for p in FP16_SPELLINGS] == [True] * len(FP16_SPELLINGS)
-    assert [AmpWandbCallback(True, p).tracks_scale for p in NOT_FP16] == [False] * len(NOT_FP16)
+def test_every_spelling_is_requested_by_its_canonical_name() -> None:
+    assert [AmpWandbCallback(True, p).requested for p in FP16_SPELLINGS] == ["fp16-mixed"] * 5 + ["fp16-true"] * 3
+    assert [AmpWandbCallback(True, p).requested for p in NOT_FP16] == [
+        "fp32", "fp32", "bf16-mixed", "bf16-mixed", "tf32", "64-true", "None"
+    ]  # fmt: skip
 
 
 def test_is_a_lightning_callback() -> None:
@@ -338,12 +369,12 @@ def test_steps_are_logged_every_n_with_the_skips_counted_from_scale_backoffs() -
         None, None, {"amp/skipped_steps": 2, "trainer/global_step": 6, "amp/loss_scale": 512},
     ]  # fmt: skip
     assert never.epoch_row(t0) == {
-        "amp/enabled": 1, "amp/precision": "16-mixed", "amp/loss_scale": 512, "amp/skipped_steps": 2,
+        "amp/enabled": 1, "amp/precision": "fp16-mixed", "amp/loss_scale": 512, "amp/skipped_steps": 2,
         "trainer/global_step": 6, "epoch": 4,
     }  # fmt: skip
 
 
-def test_the_first_step_compares_with_the_initial_scale_and_only_a_step_with_a_before_hook_counts() -> None:
+def test_the_first_step_compares_with_the_initial_scale_and_each_later_one_with_the_step_before() -> None:
     cb = AmpWandbCallback(enabled=True, precision="16", log_every_n_steps=1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)  # no scale tensor yet
     trainer = trainer_with(scaler, step=0)
@@ -355,11 +386,11 @@ def test_the_first_step_compares_with_the_initial_scale_and_only_a_step_with_a_b
     rows.append(cb.step_row(trainer))  # same global step (gradient accumulation): no second row
     scaler._scale.fill_(256.0)
     trainer.global_step = 2
-    rows.append(cb.step_row(trainer))  # no before hook for this step: nothing to compare, no skip counted
+    rows.append(cb.step_row(trainer))  # no before hook for this step: 256 < 512 after step 1, still a skip
     assert rows == [
         {"amp/skipped_steps": 1, "trainer/global_step": 1, "amp/loss_scale": 512},
         None,
-        {"amp/skipped_steps": 1, "trainer/global_step": 2, "amp/loss_scale": 256},
+        {"amp/skipped_steps": 2, "trainer/global_step": 2, "amp/loss_scale": 256},
     ]
     # A callback attached mid-batch (its first hook an after-step one) has no scale to compare with either.
     late = AmpWandbCallback(enabled=True, precision="16", log_every_n_steps=1)
@@ -367,15 +398,15 @@ def test_the_first_step_compares_with_the_initial_scale_and_only_a_step_with_a_b
 
 
 def test_the_epoch_row_says_whether_amp_is_on_and_the_scale_only_for_fp16() -> None:
-    trainer = trainer_with(live_scaler(), step=7, epoch=2)
+    trainer = trainer_with(live_scaler(), step=7, epoch=2)  # no precision plugin to read: what was asked is logged
     assert AmpWandbCallback(True, "16").epoch_row(trainer) == {
-        "amp/enabled": 1, "amp/precision": "16", "amp/loss_scale": 1024, "amp/skipped_steps": 0,
+        "amp/enabled": 1, "amp/precision": "fp16-mixed", "amp/loss_scale": 1024, "amp/skipped_steps": 0,
         "trainer/global_step": 7, "epoch": 2,
     }  # fmt: skip
-    assert AmpWandbCallback(True, 16).epoch_row(trainer)["amp/precision"] == "16"  # any spelling, as a string
+    assert AmpWandbCallback(True, 16).epoch_row(trainer)["amp/precision"] == "fp16-mixed"  # any spelling: canonical
     row = {"amp/enabled": 1, "amp/precision": "bf16-mixed", "trainer/global_step": 7, "epoch": 2}
     assert AmpWandbCallback(True, "bf16-mixed").epoch_row(trainer) == row
-    assert AmpWandbCallback(False, "16").epoch_row(trainer) == {**row, "amp/enabled": 0, "amp/precision": "16"}
+    assert AmpWandbCallback(False, "16").epoch_row(trainer) == {**row, "amp/enabled": 0, "amp/precision": "fp32"}
 
 
 @pytest.mark.slow
@@ -389,7 +420,7 @@ def test_step_zero_and_non_int_steps_are_not_logged(wandb_dir: Path) -> None:
         cb.on_train_epoch_end(trainer_with(live_scaler(), step=None, epoch="0"), None)
         run_dir = Path(run.settings.sync_dir)
     assert logged_rows(run_dir) == [
-        {"amp/enabled": 1, "amp/precision": "16", "amp/loss_scale": 1024, "amp/skipped_steps": 0}
+        {"amp/enabled": 1, "amp/precision": "fp16-mixed", "amp/loss_scale": 1024, "amp/skipped_steps": 0}
     ]
 
 
@@ -404,7 +435,7 @@ def test_every_fp16_spelling_logs_the_scale_and_others_do_not(wandb_dir: Path) -
             AmpWandbCallback(enabled=True, precision=precision).on_train_epoch_end(trainer, None)
         run_dir = Path(run.settings.sync_dir)
     rows = read_run(run_dir).history
-    assert [row["amp/precision"] for row in rows] == [str(p) for p in spellings]
+    assert [row["amp/precision"] for row in rows] == [AmpWandbCallback(True, p).requested for p in spellings]
     assert [row.get("amp/loss_scale") for row in rows] == [4096.0] * len(FP16_SPELLINGS) + [None] * len(NOT_FP16)
     assert {(row["trainer/global_step"], row["epoch"]) for row in rows} == {(7, 3)}
 
@@ -448,7 +479,7 @@ def test_trainers_without_a_usable_scaler_log_no_scale_and_never_raise(
             callback.on_train_epoch_end(trainer, None)
         run_dir = Path(run.settings.sync_dir)
     record = read_run(run_dir)
-    assert [(r["amp/enabled"], r["amp/precision"]) for r in epoch_rows(record)] == [(1, "16-mixed")] * len(trainers)
+    assert [(r["amp/enabled"], r["amp/precision"]) for r in epoch_rows(record)] == [(1, "fp16-mixed")] * len(trainers)
     assert "amp/loss_scale" not in record.metric_keys()  # a NaN or infinite scale is no scale
     # the NaN and inf scalers are enabled GradScalers: their step rows carry the skip count, but no scale
     assert [(r["trainer/global_step"], r["amp/skipped_steps"]) for r in step_rows(record)] == [(1, 0), (1, 0)]
@@ -479,7 +510,7 @@ def test_fp16_with_scaler_logs_the_scalers_scale_and_skips(wandb_dir: Path) -> N
             "amp/enabled", "amp/precision", "amp/loss_scale", "amp/skipped_steps", "trainer/global_step", "epoch"
         }  # fmt: skip
         assert row["amp/enabled"] == 1
-        assert row["amp/precision"] == str(precision)
+        assert row["amp/precision"] == "fp16-mixed"
         assert row["trainer/global_step"] == step
         assert row["amp/loss_scale"] == scale
         assert row["amp/skipped_steps"] == skipped
@@ -499,8 +530,8 @@ def test_fp16_with_scaler_logs_the_scalers_scale_and_skips(wandb_dir: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_without_fp16_no_scale_is_logged(wandb_dir: Path, precision: str) -> None:
+@pytest.mark.parametrize(("precision", "enabled", "name"), [("32-true", 0, "fp32"), ("bf16-mixed", 1, "bf16-mixed")])
+def test_without_fp16_no_scale_is_logged(wandb_dir: Path, precision: str, enabled: int, name: str) -> None:
     import wandb
 
     callback = AmpWandbCallback(enabled=True, precision=precision, log_every_n_steps=1)
@@ -509,28 +540,38 @@ def test_without_fp16_no_scale_is_logged(wandb_dir: Path, precision: str) -> Non
         run_dir = Path(run.settings.sync_dir)
     record = read_run(run_dir)
     assert witness.step_scale == {}
-    assert [(row["amp/enabled"], row["amp/precision"]) for row in epoch_rows(record)] == [(1, precision)] * 2
+    assert [(row["amp/enabled"], row["amp/precision"]) for row in epoch_rows(record)] == [(enabled, name)] * 2
+    assert "amp/requested" not in record.metric_keys()  # ran as asked
     assert "amp/loss_scale" not in record.metric_keys()
     assert "amp/skipped_steps" not in record.metric_keys()
     assert step_rows(record) == []
 
 
 @pytest.mark.slow
-def test_lightning_16_mixed_on_cpu_runs_bf16_so_there_is_no_scale(wandb_dir: Path) -> None:
+def test_lightning_16_mixed_on_cpu_runs_bf16_and_the_log_says_so(wandb_dir: Path) -> None:
+    """Lightning runs precision="16-mixed" on a CPU as bf16-mixed (no GradScaler): the rows W&B stored say
+    bf16-mixed, name the fp16-mixed asked for, and the first one why; the run's summary keeps the reason."""
     import wandb
 
     callback = AmpWandbCallback(enabled=True, precision="16-mixed", log_every_n_steps=1)
     with wandb.init(project="amp-test", dir=wandb_dir) as run:
         with pytest.warns(UserWarning, match="bf16"):
-            fit(callback, epochs=1, precision="16-mixed")  # Lightning switches to bf16-mixed on a CPU
+            fit(callback, epochs=2, precision="16-mixed")  # Lightning switches to bf16-mixed on a CPU
         run_dir = Path(run.settings.sync_dir)
     record = read_run(run_dir)
-    assert [(r["amp/enabled"], r["amp/precision"]) for r in epoch_rows(record)] == [(1, "16-mixed")]
-    assert "amp/loss_scale" not in record.metric_keys()
+    reason = "Lightning runs precision='16-mixed' on a CPU as 'bf16-mixed': it has no fp16 AMP for a CPU"
+    rows = [{k: v for k, v in r.items() if k.startswith("amp/")} for r in epoch_rows(record)]
+    expected = {"amp/enabled": 1, "amp/precision": "bf16-mixed", "amp/requested": "fp16-mixed"}
+    assert rows == [{**expected, "amp/fallback_reason": reason}, expected]
+    assert "amp/loss_scale" not in record.metric_keys() and step_rows(record) == []
+    summary = read_summary(run_dir)["summary"]
+    assert (summary["amp/precision"], summary["amp/fallback_reason"]) == ("bf16-mixed", reason)
 
 
 @pytest.mark.slow
-def test_disabled_logs_enabled_zero_and_no_scale_even_with_a_scaler(wandb_dir: Path) -> None:
+def test_disabled_but_running_fp16_logs_what_ran_and_what_was_asked(wandb_dir: Path) -> None:
+    """enabled=False asks for no AMP; a Trainer given a real fp16 plugin runs it anyway, with its GradScaler:
+    the rows say fp16-mixed ran (with its scale and skips), that fp32 was asked for, and why."""
     import wandb
 
     callback = AmpWandbCallback(enabled=False, precision="16-mixed", log_every_n_steps=1)
@@ -538,10 +579,17 @@ def test_disabled_logs_enabled_zero_and_no_scale_even_with_a_scaler(wandb_dir: P
         witness = fit(callback, plugins=[fp16_plugin()])
         run_dir = Path(run.settings.sync_dir)
     record = read_run(run_dir)
-    assert witness.step_scale  # a scaler was in use, yet the callback was told AMP is off
-    assert [(r["amp/enabled"], r["amp/precision"]) for r in epoch_rows(record)] == [(0, "16-mixed")] * 2
-    assert "amp/loss_scale" not in record.metric_keys() and "amp/skipped_steps" not in record.metric_keys()
-    assert step_rows(record) == []
+    assert witness.step_scale  # a scaler was in use, though the callback was told AMP is off
+    epochs = epoch_rows(record)
+    assert [(r["amp/enabled"], r["amp/precision"], r["amp/requested"]) for r in epochs] == [
+        (1, "fp16-mixed", "fp32")
+    ] * 2
+    assert [r.get("amp/fallback_reason") for r in epochs] == [
+        "the Trainer's precision plugin (MixedPrecision) runs precision='16-mixed'",
+        None,
+    ]
+    assert [r["amp/loss_scale"] for r in epochs] == [scale for _, scale, _ in witness.epoch_end]
+    assert [r["trainer/global_step"] for r in step_rows(record)] == list(range(1, 9))
 
 
 @pytest.mark.slow
@@ -594,7 +642,7 @@ def test_the_callback_works_without_lightning_and_without_wandb(tmp_path: Path) 
         cb.on_train_batch_start(trainer, None, None, 0)
         cb.on_train_batch_end(trainer, None, None, None, 0)
         cb.on_train_epoch_end(trainer, None)
-        print("ok", cb._warned)
+        print("ok", cb.guard.warned)
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blockers), str(REPO)])}

@@ -1,11 +1,10 @@
-"""AmpScaler, GradScaler's internals and get_loss_scale on a real `torch.amp.GradScaler('cpu')`:
-skips, backoff, growth, clipping, state, and finding the scaler of a trainer."""
+"""AmpScaler and GradScaler's internals on a real `torch.amp.GradScaler('cpu')`: skips, backoff, growth,
+clipping and state. Finding a trainer's scaler and reading its scale are `amp_lib.amp_state`'s (tests/test_amp_state.py)."""
 
 from __future__ import annotations
 
 import copy
 import math
-import types
 import warnings
 from dataclasses import replace
 
@@ -19,9 +18,7 @@ from amp_lib.scaler import (
     AmpScaler,
     StepOutcome,
     check_gradscaler_internals,
-    find_grad_scaler,
     found_inf,
-    get_loss_scale,
     scale_tensor,
     total_grad_norm,
 )
@@ -429,74 +426,6 @@ def test_sharded_gradients_give_a_plain_tensor_of_the_whole_norm(one_rank_group,
         assert not bool(outcome.skipped)
 
 
-# --- get_loss_scale -----------------------------------------------------------------------------
-
-
-def gradscaler_with_scale(value: float) -> torch.amp.GradScaler:
-    gs = torch.amp.GradScaler("cpu")
-    state = gs.state_dict()
-    state["scale"] = value
-    gs.load_state_dict(state)
-    return gs
-
-
-def test_get_loss_scale_of_gradscaler_and_ampscaler():
-    gs = torch.amp.GradScaler("cpu", init_scale=512.0)
-    assert get_loss_scale(gs) == 512.0
-    amp = AmpScaler("cpu", init_scale=1024.0)
-    assert get_loss_scale(amp) == 1024.0
-    assert amp.get_scale() == 1024.0
-
-
-def test_get_loss_scale_follows_lightning_trainer_shape():
-    gs = torch.amp.GradScaler("cpu", init_scale=2048.0)
-    trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(precision_plugin=types.SimpleNamespace(scaler=gs)))
-    assert get_loss_scale(trainer) == 2048.0
-
-
-@pytest.mark.parametrize(
-    "obj",
-    [
-        None,
-        object(),
-        types.SimpleNamespace(),  # no strategy
-        types.SimpleNamespace(strategy=types.SimpleNamespace()),  # strategy without precision_plugin
-        types.SimpleNamespace(strategy=types.SimpleNamespace(precision_plugin=types.SimpleNamespace())),  # no scaler
-        types.SimpleNamespace(strategy=types.SimpleNamespace(precision_plugin=types.SimpleNamespace(scaler=None))),
-        types.SimpleNamespace(strategy=types.SimpleNamespace(precision_plugin=types.SimpleNamespace(scaler=1.0))),
-    ],
-    ids=["none", "object", "no-strategy", "no-plugin", "no-scaler", "scaler-none", "scaler-not-gradscaler"],
-)
-def test_get_loss_scale_none_when_there_is_no_scaler(obj):
-    assert get_loss_scale(obj) is None
-
-
-def test_get_loss_scale_none_for_disabled_scalers():
-    assert get_loss_scale(torch.amp.GradScaler("cpu", enabled=False)) is None
-    assert get_loss_scale(AmpScaler("cpu", enabled=False)) is None
-
-
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=repr)
-def test_get_loss_scale_none_for_non_finite_scale(value):
-    assert get_loss_scale(gradscaler_with_scale(value)) is None
-    assert get_loss_scale(torch.amp.GradScaler("cpu", init_scale=value)) is None
-
-
-@pytest.mark.parametrize("value", [0.0, 1e10, 1.0, 2.0**-24], ids=repr)
-def test_get_loss_scale_returns_finite_scales_as_floats(value):
-    for gs in (gradscaler_with_scale(value), torch.amp.GradScaler("cpu", init_scale=value)):
-        got = get_loss_scale(gs)
-        assert type(got) is float and got == value
-
-
-def test_get_loss_scale_reads_the_live_scale_after_steps():
-    model, (x, y) = make_model(), make_batch()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = AmpScaler("cpu")
-    inf_step(model, opt, scaler, x, y)
-    assert get_loss_scale(scaler) == get_loss_scale(scaler.scaler) == DEFAULT_INIT / 2
-
-
 # --- GradScaler's private attributes, read in one place each --------------------------------------
 # scale_tensor reads `_scale` and found_inf reads `_found_inf_per_device`. These tests compare them
 # with GradScaler's public behaviour, so a torch release that renames or repurposes either fails here
@@ -543,76 +472,6 @@ def test_ampscaler_checks_the_internals_when_it_is_made():
     check_gradscaler_internals.cache_clear()
     AmpScaler("cpu")
     assert check_gradscaler_internals.cache_info().currsize == 1  # ran (once, then cached)
-
-
-# --- find_grad_scaler -----------------------------------------------------------------------------
-
-
-class PrecisionPlugin:
-    def __init__(self, scaler):
-        self.scaler = scaler
-
-
-class Strategy:
-    def __init__(self, plugin):
-        self.precision_plugin = plugin
-
-
-class Trainer:
-    """Shaped like a Lightning trainer: the scaler sits at `trainer.strategy.precision_plugin.scaler`."""
-
-    def __init__(self, scaler):
-        self.strategy = Strategy(PrecisionPlugin(scaler))
-
-
-class DetachedTrainer:
-    """A Lightning trainer before its strategy is attached: reading the property raises."""
-
-    @property
-    def strategy(self):
-        raise RuntimeError("strategy is not attached yet")
-
-
-class DetachedStrategy:
-    @property
-    def precision_plugin(self):
-        raise TypeError("no plugin yet")
-
-
-def test_find_grad_scaler_of_a_gradscaler_an_ampscaler_and_a_trainer():
-    gs = torch.amp.GradScaler("cpu")
-    assert find_grad_scaler(gs) is gs
-    amp = AmpScaler("cpu")
-    assert find_grad_scaler(amp) is amp.scaler
-    assert find_grad_scaler(Trainer(gs)) is gs
-    disabled = torch.amp.GradScaler("cpu", enabled=False)
-    assert find_grad_scaler(disabled) is disabled  # found; get_loss_scale is what calls it no scale
-
-
-@pytest.mark.parametrize(
-    "obj",
-    [
-        None,
-        object(),
-        1.0,
-        Trainer(None),
-        Trainer(1.0),
-        DetachedTrainer(),
-        types.SimpleNamespace(strategy=DetachedStrategy()),
-    ],
-    ids=[
-        "none",
-        "object",
-        "float",
-        "scaler-none",
-        "scaler-float",
-        "raising-strategy",
-        "raising-plugin",
-    ],
-)
-def test_find_grad_scaler_none_wherever_there_is_none(obj):
-    assert find_grad_scaler(obj) is None
-    assert get_loss_scale(obj) is None
 
 
 # --- COLLAPSED_SCALE ------------------------------------------------------------------------------
