@@ -2,7 +2,9 @@
 
 Prints median step time, throughput, the ratio to fp32 measured in the same process, peak memory,
 and the overhead of `amp_lib.train`'s loop against a bare `torch.autocast` + `GradScaler` loop on
-the same model and batches (the loop's bookkeeping should cost under 3%).
+the same model and batches (the loop's bookkeeping should cost under 3%). Then the speed-up with its
+95% interval and verdict from the sweep's own paired, interleaved protocol (`amp_lib.speed`), so that
+`make bench` and a sweep's report quote the same kind of figure.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from amp_lib.config import BUILTIN_MODELS, RunConfig
 from amp_lib.measure import PeakMemory, StepTimer
 from amp_lib.models import build_workload, default_model_for
 from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
+from amp_lib.speed import speed_verdicts, time_precisions, timing_reason
 from amp_lib.train import make_optimizer, seed_everything, train
 
 DEFAULT_PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
@@ -194,6 +197,30 @@ def format_bench_table(rows: Sequence[BenchRow], device_name: str) -> str:
     return "\n".join(lines + (["", "fallbacks:", *notes] if notes else []))
 
 
+def format_interleaved(base: RunConfig, precisions: Sequence[str], budget_s: float) -> str:
+    """The paired, interleaved speed-ups against the first precision, as a sweep's report quotes them."""
+    result = time_precisions(base, precisions, budget_s=budget_s)
+    timing = result.timing
+    assert timing is not None
+    if not result.ok:
+        return f"interleaved timing: {result.error}"
+    head = (
+        f"interleaved timing (the sweep's protocol: ABBA blocks of {timing.block_steps} steps, "
+        f"{timing.elapsed_s:.0f} s of a {timing.budget_s:.0f} s budget, stopped: {timing.stopped}):"
+    )
+    lines = [
+        head,
+        f"| precision | speed-up vs {timing.precisions[0]} [95% CI] | rounds | verdict |",
+        "|---|---|---|---|",
+    ]
+    for v in speed_verdicts(timing).values():
+        interval = f"{v.interval.mean:.2f}x [{v.interval.low:.2f}x, {v.interval.high:.2f}x]" if v.interval else "n/a"
+        reason = timing_reason(v, timing)
+        lines.append(f"| {v.precision} | {interval} | {v.rounds} | {v.verdict}{f' ({reason})' if reason else ''} |")
+    lines += [f"- {p}: could not be timed: {why}" for p, why in timing.failed.items()]
+    return "\n".join(lines)
+
+
 def build_parser(cuda: bool) -> argparse.ArgumentParser:
     """The defaults are the documented set-up: GPT-2 small at 16 x 1024 tokens on a GPU, gpt-tiny on a CPU."""
     parser = argparse.ArgumentParser(prog="python -m amp_lib.bench", description=__doc__.splitlines()[0])
@@ -210,6 +237,9 @@ def build_parser(cuda: bool) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument(
         "--headroom-every", type=int, default=0, help="also measure the fp16 headroom map sampling every N steps"
+    )
+    parser.add_argument(
+        "--speed-budget", type=float, default=30.0, help="seconds for the interleaved timing (0: skip it)"
     )
     return parser
 
@@ -233,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = base_config(args)
     rows = bench(base, args.precisions, args.repeats)
     print(format_bench_table(rows, probe(resolve_device(base.device)).device_name))
+    if args.speed_budget > 0 and len(args.precisions) > 1:
+        print("\n" + format_interleaved(base, args.precisions, args.speed_budget))
     if args.headroom_every > 0:
         costs = headroom_cost(base, args.precisions, args.headroom_every, args.repeats)
         print("\n" + format_headroom_table(costs, args.headroom_every))

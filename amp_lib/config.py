@@ -23,7 +23,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from amp_lib.precision import compute_dtype_name, parse_parallelism, parse_precision, parse_reduce_dtype
+import torch
+
+from amp_lib.fp8 import parse_fp8_layers
+from amp_lib.optim import optimizer_problem, parse_optimizer
+from amp_lib.precision import parse_parallelism, parse_precision, parse_reduce_dtype, reduce_dtype_problem
 
 PROJECT = "amp-workbook"  # the package, its Jupyter kernel and the default W&B project
 # The built-in models and their context length (None: not a sequence model). models.py builds exactly these.
@@ -197,6 +201,11 @@ class RunConfig:
     parallelism: str = "auto"
     nproc: int = 1  # processes (one per GPU) on this machine; batch_size is per process
     reduce_dtype: str = "fp32"  # FSDP's gradient-reduction dtype: fp32 or the compute dtype (bf16, fp16)
+    # fp8 recipes only: 'auto' (torchao's rule for the recipe), 'all' (every linear with dims multiple of 16),
+    # or a comma list of module-name patterns kept in high precision (e.g. 'lm_head,blocks.0.*')
+    fp8_layers: str = "auto"
+    emulate_fp8: bool = False  # without fp8 hardware, run an fp8 recipe emulated (its loss only), not bf16-mixed
+    optimizer: str = "adamw"  # adamw (fused, fp32 state); torchao's adamw-bf16, adamw-8bit, adamw-4bit, adamw-fp8
 
     def __post_init__(self) -> None:
         values, problems = _validated(asdict(self))
@@ -262,6 +271,21 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def recipe_of(values: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The recipe a config's values mostly spell out (a sweep passes its recipe value by value), and the values
+    that differ from it: ("shakespeare-char-tiny", {"steps": 40}). (None, {}) when no recipe holds most of them."""
+    name = values.get("recipe")
+    candidates = [name] if isinstance(name, str) and name in RECIPES else list(RECIPES)
+    best, changed = None, {}
+    for n in candidates:
+        if sum(k in values for k in RECIPES[n]) < len(RECIPES[n]):
+            continue  # a config that does not hold every value (a hand-made or older result) spells no recipe out
+        differ = {k: values.get(k) for k, v in RECIPES[n].items() if values.get(k) != v}
+        if len(differ) <= len(RECIPES[n]) // 3 and (best is None or len(differ) < len(changed)):
+            best, changed = n, differ
+    return best, changed
 
 
 def base_run_name(model: Any, precision: Any, parallelism: Any, nproc: Any, reduce_dtype: Any, seed: Any) -> str:
@@ -339,6 +363,8 @@ def _validated(given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     canonical("precision", parse_precision)
     canonical("parallelism", lambda p: "auto" if str(p).strip().lower() == "auto" else parse_parallelism(p))
     canonical("reduce_dtype", parse_reduce_dtype)
+    canonical("fp8_layers", lambda v: str(parse_fp8_layers(v)))
+    canonical("optimizer", parse_optimizer)
     for name, minimum in MINIMUMS.items():
         rule((name,), lambda n=name, m=minimum: f"{n}={values[n]!r} must be >= {m}" if values[n] < m else None)
     for names, check in _RULES:
@@ -383,7 +409,16 @@ _RULES: tuple[tuple[tuple[str, ...], Callable[[dict[str, Any]], str | None]], ..
     (("run_name",), lambda v: _unless(
         not v["run_name"] or re.fullmatch(r"[\w.=+-]+", v["run_name"]) is not None,
         f"invalid run_name {v['run_name']!r}; use letters, digits and . _ = + -")),
+    (("optimizer", "precision", "device"), lambda v: optimizer_problem(
+        v["optimizer"], TRUE_PARAM_DTYPES.get(v["precision"], "fp32"), _device_type(v["device"]))),
 )  # fmt: skip
+# The parameter dtype of the precisions that train in half ("true"); every other keeps fp32 master weights.
+TRUE_PARAM_DTYPES: dict[str, str] = {"bf16-true": "bf16", "fp16-true": "fp16"}
+
+
+def _device_type(device: str) -> str:
+    """cpu or cuda: what a config's device (auto, cpu, cuda, cuda:N) runs on here."""
+    return "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def _block_problem(model: str, seq_len: int) -> str | None:
@@ -404,14 +439,7 @@ def _parallel_rules(values: dict[str, Any], rule: Callable[[tuple[str, ...], Cal
          f"(parallelism={v['parallelism']!r}); DDP reduces gradients in their own dtype: use 'fp32'"
          if v["reduce_dtype"] != "fp32" and v["parallelism"] != "fsdp" else None)
 
-    def fits() -> str | None:
-        compute = compute_dtype_name(v["precision"])
-        if v["reduce_dtype"] in ("fp32", compute):
-            return None
-        return (f"reduce_dtype={v['reduce_dtype']!r} does not fit precision {v['precision']!r}; valid: 'fp32' or its "
-                f"compute dtype {compute!r}")
-
-    rule(("reduce_dtype", "precision"), fits)
+    rule(("reduce_dtype", "precision"), lambda: reduce_dtype_problem(v["precision"], v["reduce_dtype"]))
     rule(("parallelism", "model"), lambda: f"model {v['model']!r} has no transformer blocks for fsdp to shard one by one; "
          "use parallelism 'ddp' (or a model with blocks in an nn.ModuleList)"
          if v["parallelism"] == "fsdp" and v["model"] in UNSHARDABLE_MODELS else None)  # fmt: skip

@@ -10,13 +10,19 @@ speed-up and the machine facts into causes; it reads only data, so a test can fe
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import subprocess
+import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from amp_lib.headroom import way_out
 from amp_lib.precision import Capabilities, cpu_isa
 
 CATEGORIES = ("matmul", "elementwise", "norm", "optimizer", "data_movement", "communication")
@@ -122,15 +128,64 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)
 
     def start(self) -> None:
-        self._prof.start()
+        with _quiet_stderr():  # kineto prints "USDT ... profiler_start" straight to the process's stderr
+            self._prof.start()
         self._sync()
         self._began = time.perf_counter()
 
     def stop(self) -> StepProfile:
         self._sync()
         wall_ms = (time.perf_counter() - self._began) * 1e3
-        self._prof.stop()
+        with _quiet_stderr():
+            self._prof.stop()
         return summarize(self._prof.events(), wall_ms, self.device.type)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null for the duration: what C++ libraries print there is not ours to show."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class ProfileProbe:
+    """One profiled step as a probe of the training loop: step `step` runs under torch.profiler, and `record()`
+    is its summary with the machine facts and the causes this run alone can tell (the report adds fp32's)."""
+
+    def __init__(self, device: torch.device, step: int, precision: str, caps: Capabilities) -> None:
+        self.device, self.step, self.precision, self.caps = device, step, precision, caps
+        self._profiler: StepProfiler | None = None
+        self._record: dict[str, Any] | None = None
+
+    def begin_step(self, step: int) -> None:
+        if step == self.step:
+            self._profiler = StepProfiler(self.device)
+            self._profiler.start()
+
+    def end_step(self, step: int) -> None:
+        if self._profiler is None:
+            return
+        profile, facts = self._profiler.stop(), machine_facts(self.caps)
+        self._profiler = None
+        family = self.precision.split("-")[0]
+        causes = [c.text for c in explain(self.precision, profile, None, facts)] if family != "fp32" else []
+        self._record = {"step": step, **profile.to_dict(), "facts": facts, "causes": causes}
+
+    def flush(self, rows: Sequence[Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def record(self) -> dict[str, Any] | None:
+        return self._record
 
 
 def tf32_for_fp32() -> bool:
@@ -155,6 +210,48 @@ def machine_facts(caps: Capabilities) -> dict[str, Any]:
     else:
         facts["cpu_isa"] = sorted(cpu_isa())
     return facts
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name, as /proc/cpuinfo gives it (None where there is none)."""
+    with contextlib.suppress(OSError), open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def source_commit() -> str | None:
+    """The git commit amp_lib was loaded from (with "+dirty" when its files differ from it); None outside a checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "amp_lib"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head or None
+
+
+def machine_context(caps: Capabilities) -> dict[str, Any]:
+    """Where a run ran, for a report's header: the machine facts, the CPU model, the torch, CUDA and amp-workbook
+    versions and the source commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        workbook = version("amp-workbook")
+    except PackageNotFoundError:
+        workbook = None
+    return {
+        **machine_facts(caps),
+        "cpu_model": cpu_model(),
+        "cpu_isa": sorted(cpu_isa()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "amp_workbook": workbook,
+        "commit": source_commit(),
+    }
 
 
 @dataclass(frozen=True)
@@ -205,3 +302,37 @@ def explain(
             causes.append(Cause(0.3, f"{len(bad)} of {len(profile.gemms)} reduced-precision GEMMs have a dimension that is not a "
                                      f"multiple of 8 (e.g. {m}x{k}x{n}): pad vocabulary/hidden sizes"))
     return sorted(causes, key=lambda c: c.weight, reverse=True)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Why one precision failed or did not pay on one setting, in words."""
+
+    setting: str
+    precision: str
+    causes: tuple[str, ...]  # ranked, from its profiled step, fp32's and the machine facts
+    overflows: tuple[str, ...]  # per run that skipped steps or diverged: the first module to overflow, the way out
+
+
+def _profile(results: Sequence[Any]) -> tuple[StepProfile | None, dict[str, Any]]:
+    for result in results:
+        if result.profile:
+            return StepProfile.from_dict(result.profile), dict(result.profile.get("facts", {}))
+    return None, {}
+
+
+def diagnose(setting: str, label: str, effective: str, results: Sequence[Any], fp32: Sequence[Any], *,
+             explain_speed: bool) -> Diagnosis | None:  # fmt: skip
+    """The causes of one precision's runs (`results`) not paying, from their profiled step, fp32's and the machine
+    facts (when `explain_speed`), and the way out of each run's first fp16 overflow; None with nothing to say."""
+    causes: list[str] = []
+    if explain_speed:
+        profile, facts = _profile([r for r in results if r.ok])
+        if profile is not None or facts:
+            causes = [c.text for c in explain(effective, profile, _profile(fp32)[0], facts)]
+    overflows = []
+    for result in results:
+        events = (result.headroom or {}).get("first_overflow", [])
+        if events and (result.metrics.skipped_steps or result.status == "diverged"):
+            overflows.append(f"seed {result.seed}: {way_out(events[0], result.bf16_capable)}")
+    return Diagnosis(setting, label, tuple(causes), tuple(overflows)) if causes or overflows else None

@@ -212,12 +212,14 @@ def gather_floats(value: float | None, device: torch.device) -> list[float | Non
 # -- the launcher ----------------------------------------------------------------------------------
 
 
-def torchrun_command(config_path: Path, result_path: Path, log_dir: Path, nproc: int) -> list[str]:
+def torchrun_command(config_path: Path, result_path: Path, log_dir: Path, nproc: int, plan_path: Path | None = None) -> list[str]:
     """torchrun of this interpreter (`python -m torch.distributed.run`, the same venv) running one run on
-    `nproc` local processes; `--standalone` picks a free rendezvous port, so runs can share a machine."""
+    `nproc` local processes with the launcher's plan; `--standalone` picks a free rendezvous port, so runs can
+    share a machine."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         f"--log-dir={log_dir}", "-m", TRAIN_MODULE, "--config", str(config_path), "--result", str(result_path),
+        *(["--plan", str(plan_path)] if plan_path is not None else []),
     ]  # fmt: skip
 
 
@@ -306,14 +308,16 @@ def launch(
     with tempfile.TemporaryDirectory(prefix="amp-torchrun-") as tmp:
         folder = Path(tmp)
         config_path, result_path, log_dir = folder / "config.json", folder / "result.json", folder / "logs"
+        plan_path = folder / "plan.json"
         config_path.write_text(json.dumps(config.to_dict()))
+        plan_path.write_text(json.dumps(plan.to_dict()))  # the workers run the plan the observers were told
         env = dict(os.environ)
         # Each process gets its share of this one's threads (torchrun would otherwise set 1 and warn).
         env.setdefault("OMP_NUM_THREADS", str(thread_share(torch.get_num_threads(), config.nproc)))
         env.pop("LOCAL_RANK", None)
         log = open(folder / "torchrun.log", "w+", encoding="utf-8")  # noqa: SIM115 - read back below
         proc = subprocess.Popen(
-            torchrun_command(config_path, result_path, log_dir, config.nproc),
+            torchrun_command(config_path, result_path, log_dir, config.nproc, plan_path),
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             # A launcher killed outright (a sweep's timed-out kernel) still stops torchrun; its agent stops the workers.
             preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGTERM),  # noqa: PLW1509 - prctl only

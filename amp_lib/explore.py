@@ -12,10 +12,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from amp_lib.report import BASELINE, DEFAULT_TOLERANCE, Comparison, NoiseFloor, build_report, results_by_precision
-from amp_lib.results import RunResult, load_sweep
+from amp_lib.report import DEFAULT_TOLERANCE, Group, NoiseFloor, build_report
+from amp_lib.results import HistoryRow, RunResult, load_sweep
+from amp_lib.table import BASELINE, results_by_precision
 
 VIEWS: tuple[str, ...] = ("train loss", "eval loss", "loss scale", "throughput", "memory")
+NOTHING_SELECTED = "no run selected: select at least one precision and one seed"
+NO_SCALER = "no fp16-mixed run in this selection: no loss scale to show (only fp16-mixed uses a loss scaler)"
+BACKOFF = 0.5  # GradScaler's backoff factor (AmpScaler's default): a skipped step halves the scale
 
 MEMORY_PARTS: tuple[tuple[str, str], ...] = (
     ("param_memory_mb", "parameters"),
@@ -63,7 +67,8 @@ class Line:
 
 @dataclass(frozen=True)
 class Bar:
-    """One run's peak memory, and the parts of it that are tensor sizes (the rest is activations/workspace)."""
+    """One run's peak memory, and what held it: tensor sizes (parameters, gradients, optimizer state, and where
+    MemTracker measured a step activations and temporaries) and the rest of the peak."""
 
     label: str
     precision: str
@@ -95,8 +100,8 @@ class Explorer:
     @classmethod
     def of(cls, results: Sequence[RunResult], tolerance: float = DEFAULT_TOLERANCE) -> Explorer:
         runs = [
-            Run(setting, precision, r.config.get("seed"), r)
-            for (setting, precision), group in results_by_precision(results).items()
+            Run(setting, key.label, r.seed, r)
+            for (setting, key), group in results_by_precision(results).items()
             for r in group
         ]
         return cls(tuple(runs), tolerance, tuple(getattr(results, "notes", ())))
@@ -142,7 +147,7 @@ class Explorer:
             if r.setting == selection.setting and r.precision in selection.precisions and r.seed in selection.seeds
         )
 
-    def verdicts(self, selection: Selection) -> tuple[tuple[Comparison, ...], tuple[NoiseFloor, ...]]:
+    def verdicts(self, selection: Selection) -> tuple[tuple[Group, ...], tuple[NoiseFloor, ...]]:
         """The verdicts of the selected precisions over the selected seeds, each judged against fp32 of the
         same seeds whether or not fp32 is among the curves (a verdict without its baseline means nothing)."""
         self.check(selection)
@@ -151,17 +156,19 @@ class Explorer:
             for r in self.runs
             if r.setting == selection.setting
             and r.seed in selection.seeds
-            and (r.precision in selection.precisions or r.precision == BASELINE)
+            and (r.precision in selection.precisions or r.result.requested == BASELINE)  # every fp32 row: the report picks its baseline
         ]
         if not pool or not selection.precisions:
             return (), ()
         report = build_report(pool, self.tolerance)
-        return tuple(c for c in report.comparisons if c.requested in selection.precisions), report.noise
+        return tuple(g for g in report.groups if g.requested in selection.precisions), report.noise
 
     def figure_data(self, selection: Selection) -> FigureData:
-        """The selection's view as plain data: one line (or bar) per selected run."""
+        """The selection's view as plain data: one line (or bar) per selected run; with nothing to draw, the
+        `note` says why (nothing selected, no fp16-mixed run for the loss scale, nothing recorded)."""
         runs = self.selected(selection)
-        return _VIEW_DATA[selection.view](runs)
+        data = _VIEW_DATA[selection.view](runs)
+        return data if runs else replace(data, note=NOTHING_SELECTED)
 
     def _setting(self, setting: str) -> str:
         if setting not in self.settings:
@@ -186,10 +193,27 @@ def with_view(selection: Selection, view: str) -> Selection:
 # -- the views -----------------------------------------------------------------------------------
 
 
+def scales_in_use(rows: Sequence[HistoryRow]) -> tuple[tuple[int, float, bool], ...]:
+    """(step, the loss scale the step ran with, skipped) of each row that has a scale. A row holds the scale
+    after its step's update; a step ran with the one before it: the previous row's, and for a first row that
+    skipped, its scale undone by the backoff (a run that starts at 2**20 and skips shows its skip at 2**20)."""
+    out: list[tuple[int, float, bool]] = []
+    before: HistoryRow | None = None
+    for row in rows:
+        if row.loss_scale is not None:
+            if before is not None and before.loss_scale is not None and before.step == row.step - 1:
+                used = before.loss_scale
+            else:
+                used = row.loss_scale / BACKOFF if row.skipped else row.loss_scale
+            out.append((row.step, used, row.skipped))
+        before = row
+    return tuple(out)
+
+
 def _line(run: Run, points: Sequence[tuple[float, float]], marks: Sequence[tuple[float, float]] = ()) -> Line:
     return Line(
         label=run.label if run.result.ok else f"{run.label} [{run.result.status}]",
-        precision=str(run.result.plan.get("effective") or run.precision),
+        precision=str(run.result.effective or run.precision),
         seed=run.seed,
         x=tuple(p[0] for p in points),
         y=tuple(p[1] for p in points),
@@ -200,26 +224,33 @@ def _line(run: Run, points: Sequence[tuple[float, float]], marks: Sequence[tuple
 
 def _train_loss(runs: Sequence[Run]) -> FigureData:
     lines = tuple(_line(r, [(h.step, h.loss) for h in r.result.history if h.loss is not None]) for r in runs)
-    return FigureData(
-        "train loss", "train loss", lines, note="" if any(line.x for line in lines) else "no loss recorded"
-    )
+    lines = tuple(line for line in lines if line.x)
+    note = "" if lines else "no train loss recorded: the selected runs ended before their first logged step"
+    return FigureData("train loss", "train loss", lines, note=note)
 
 
 def _eval_loss(runs: Sequence[Run]) -> FigureData:
     lines = tuple(_line(r, [(e.step, e.loss) for e in r.result.evals if e.loss is not None]) for r in runs)
     lines = tuple(line for line in lines if line.x)
-    return FigureData("eval loss", "eval loss", lines, note="" if lines else "no eval recorded")
+    note = "" if lines else "no eval recorded: the selected runs ended before their first eval"
+    return FigureData("eval loss", "eval loss", lines, note=note)
 
 
 def _loss_scale(runs: Sequence[Run]) -> FigureData:
     lines = []
     for r in runs:
-        rows = [h for h in r.result.history if h.loss_scale is not None]
-        if rows:
-            skipped = [(h.step, h.loss_scale) for h in rows if h.skipped]
-            lines.append(_line(r, [(h.step, h.loss_scale) for h in rows], skipped))
-    note = "" if lines else "no selected run used a loss scaler (only fp16-mixed does)"
-    return FigureData("loss scale", "loss scale (x = skipped step)", tuple(lines), note=note, log_y=bool(lines))
+        trace = scales_in_use(r.result.history)
+        if trace:
+            marks = [(step, scale) for step, scale, skipped in trace if skipped]
+            lines.append(_line(r, [(step, scale) for step, scale, _ in trace], marks))
+    if lines:
+        note = ""
+    elif any(r.result.plan.use_loss_scaler for r in runs):
+        note = "no loss scale recorded: the selected fp16-mixed runs ended before their first logged step"
+    else:
+        note = NO_SCALER
+    ylabel = "loss scale the step ran with (x = skipped)"
+    return FigureData("loss scale", ylabel, tuple(lines), note=note, log_y=bool(lines))
 
 
 def _throughput(runs: Sequence[Run]) -> FigureData:
@@ -239,8 +270,23 @@ def _throughput(runs: Sequence[Run]) -> FigureData:
         "throughput",
         f"throughput ({unit}) per timed step",
         tuple(lines),
-        note="" if lines else "no timed step recorded",
+        note="" if lines else "no timed step recorded: the selected runs ended before their timed steps",
     )
+
+
+def _holders(result: RunResult) -> list[tuple[str, float]]:
+    """What held the run's memory: at its tracked step's peak where MemTracker measured one (activations and
+    temporaries too), else the tensor counts of the run; [] when neither was recorded."""
+    tracked = result.memory
+    if tracked is not None and tracked.tracked:
+        temporaries = (tracked.temporaries_mb or 0.0) + (tracked.other_mb or 0.0)
+        parts = [("parameters", tracked.parameters_mb), ("gradients", tracked.gradients_mb),
+                 ("optimizer", tracked.optimizer_state_mb), ("activations", tracked.activations_mb),
+                 ("temporaries", temporaries)]  # fmt: skip
+        return [(name, value) for name, value in parts if value is not None]
+    m = result.metrics
+    parts = [(name, getattr(m, attr)) for attr, name in MEMORY_PARTS if getattr(m, attr) is not None]
+    return parts if len(parts) == len(MEMORY_PARTS) else []
 
 
 def _memory(runs: Sequence[Run]) -> FigureData:
@@ -249,14 +295,12 @@ def _memory(runs: Sequence[Run]) -> FigureData:
         m = r.result.metrics
         if m.peak_memory_mb is None:
             continue
-        parts = [(name, getattr(m, attr)) for attr, name in MEMORY_PARTS if getattr(m, attr) is not None]
-        if len(parts) == len(MEMORY_PARTS):
+        parts = _holders(r.result)
+        if parts:
             parts.append(("rest", max(m.peak_memory_mb - sum(v for _, v in parts), 0.0)))
-        else:
-            parts = []
         bar = Bar(
             label=_line(r, []).label,
-            precision=str(r.result.plan.get("effective") or r.precision),
+            precision=str(r.result.effective or r.precision),
             seed=r.seed,
             total=m.peak_memory_mb,
             parts=tuple(parts),
@@ -264,7 +308,7 @@ def _memory(runs: Sequence[Run]) -> FigureData:
         bars.append(bar)
     kinds = {r.result.metrics.peak_memory_kind for r in runs} - {None}
     ylabel = "peak memory (MB)" + (", CPU: whole process" if "cpu_rss" in kinds else "")
-    return FigureData("memory", ylabel, bars=tuple(bars), note="" if bars else "no memory recorded")
+    return FigureData("memory", ylabel, bars=tuple(bars), note="" if bars else "no peak memory recorded")
 
 
 _VIEW_DATA = {

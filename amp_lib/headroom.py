@@ -164,6 +164,35 @@ class HeadroomMap:
         }
 
 
+class HeadroomProbe:
+    """The headroom map as one of the training loop's probes: its hooks see every step between `begin_step`
+    and `end_step`; at each flush it reads what they saw with the loss scale each step's backward ran with (the
+    scale before that step's update, starting from `init_scale`)."""
+
+    def __init__(self, model: torch.nn.Module, every: int, init_scale: float | None) -> None:
+        self.map, self._scale = HeadroomMap(model, every), init_scale
+
+    def begin_step(self, step: int) -> None:
+        self.map.begin_step(step)
+
+    def end_step(self, step: int) -> None:
+        self.map.end_step(step)
+
+    def flush(self, rows: Sequence[Any]) -> None:
+        used = []
+        for row in rows:
+            used.append(self._scale)
+            self._scale = row.loss_scale
+        self.map.flush([row.skipped for row in rows], used)
+
+    def close(self) -> None:
+        self.map.remove()
+
+    def record(self) -> dict[str, Any]:
+        """What the result keeps: `HeadroomMap.to_dict`."""
+        return self.map.to_dict()
+
+
 def headroom_table(headroom: dict[str, Any]) -> list[dict[str, Any]]:
     """Per module, over the sampled steps: the largest |activation| and |unscaled gradient|, fp16 and
     bf16 headroom in doublings, and the worst underflow fractions — what the notebook's heatmap and the

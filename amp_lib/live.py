@@ -1,9 +1,10 @@
 """The live figure of a training run: a `RunObserver` that redraws the run's figure in place as rows arrive.
 
 It sees rows only when the loop flushes them (every `log_every` steps), so it adds no host-device sync.
-Drawing a matplotlib figure costs tens to hundreds of milliseconds on the training thread, so redraws are
-throttled: at most one per `min_interval_s`, and never more than `budget` of the wall time; the final
-state (with the evals and the status) is always drawn. The frame is a PNG inside a plain HTML output,
+Drawing a matplotlib figure costs tens to hundreds of milliseconds on the training thread, so redraws at a
+flush are throttled: at most one per `min_interval_s`, and never more than `budget` of the wall time. An
+eval is drawn as it is measured (evals are few, and each costs more than a frame), and the final state
+(with the status) is always drawn. The frame is a PNG inside a plain HTML output,
 shown through an IPython display handle: JupyterLab updates it in place without any extension, and the
 last frame stays in the saved notebook, papermill's output and exported HTML.
 """
@@ -32,13 +33,17 @@ class LiveFrame:
     step: int  # optimizer steps done
     steps: int  # optimizer steps planned
     status: str | None = None  # the run's status once it ended
+    last_eval: tuple[int, float] | None = None  # (step, loss) of the latest eval drawn
 
     @property
     def caption(self) -> str:
         state = f"finished: {self.status}" if self.status else "training"
-        return (
+        text = (
             f"{state} · updated {self.updates} time{'s' if self.updates != 1 else ''} · step {self.step}/{self.steps}"
         )
+        if self.last_eval is not None:
+            text += f" · eval loss {self.last_eval[1]:.4f} at step {self.last_eval[0]}"
+        return text
 
     def _repr_mimebundle_(self, **_: Any) -> dict[str, str]:
         image = base64.b64encode(self.png).decode("ascii")
@@ -102,9 +107,10 @@ class LiveFigure:
             self._draw(self._snapshot(), status=None)
 
     def on_eval(self, row: EvalRow) -> None:
-        """An evaluation finished: drawn with the next frame (a loop that does not report evals still ends
-        with them, from the result)."""
+        """An evaluation finished: drawn at once, so its point shows while the run trains."""
         self.evals.append(row)
+        if self.config is not None:
+            self._draw(self._snapshot(), status=None)
 
     def on_end(self, result: RunResult) -> None:
         self._draw(result, status=result.status)
@@ -114,7 +120,8 @@ class LiveFigure:
         return self.rows[-1].step + 1 if self.rows else 0
 
     def _snapshot(self) -> RunResult:
-        """The run so far, as the figure function takes it (status "ok": nothing went wrong yet)."""
+        """The run so far, as the figure function takes it; drawn as a run still training (its status, which a
+        result without a final eval loss reads as diverged, is not drawn)."""
         assert self.config is not None and self.plan is not None
         return RunResult(
             config=self.config.to_dict(), plan=self.plan.to_dict(), history=tuple(self.rows), evals=tuple(self.evals)
@@ -122,11 +129,12 @@ class LiveFigure:
 
     def _draw(self, result: RunResult, status: str | None) -> None:
         began = self.clock()
-        steps = int(result.config.get("steps") or 0)  # a snapshot and the loop's result carry the run's config
+        steps = result.steps or 0  # a snapshot and the loop's result carry the run's config
         figure = run_figure(result, steps=steps, state=None if status else "training")
         step = result.history[-1].step + 1 if result.history else 0
+        evals = [(e.step, e.loss) for e in result.evals if e.loss is not None]
         self.frames += 1
-        self.show(LiveFrame(figure_png(figure), self.frames, step, steps, status))
+        self.show(LiveFrame(figure_png(figure), self.frames, step, steps, status, evals[-1] if evals else None))
         took = self.clock() - began
         # the next redraw waits at least min_interval_s, and long enough that drawing stays within the budget
         self._next_at = began + took + max(self.min_interval_s, took * (1 - self.budget) / self.budget)

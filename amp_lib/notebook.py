@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mistune
+
 from amp_lib.config import RunConfig, TrackingConfig, parameter_names
+from amp_lib.details import DETAILS, rules_markdown, why_markdown
 from amp_lib.diagnose import StepProfile
 from amp_lib.explore import VIEWS, Explorer, Selection
 from amp_lib.explore import load as load_explorer
@@ -32,19 +35,24 @@ from amp_lib.plots import (
     save_report_figures,
 )
 from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
-from amp_lib.report import (
-    DEFAULT_TOLERANCE,
-    Row,
-    SweepReport,
-    build_report,
-    check_tolerance,
+from amp_lib.render import (
+    answer,
+    context,
     format_memory,
     format_table,
     format_verdicts,
     memory_note,
-    why_markdown,
+    recommendations_markdown,
 )
-from amp_lib.results import HistoryRow, RunResult, load_sweep
+from amp_lib.report import (
+    DEFAULT_TOLERANCE,
+    Measurements,
+    SweepReport,
+    build_report,
+    check_tolerance,
+)
+from amp_lib.results import EvalRow, HistoryRow, RunResult, load_sweep
+from amp_lib.speed import speed_verdicts, time_precisions
 from amp_lib.train import train
 
 # The tiny demo compare.ipynb runs when it is given no sweep_dir: seconds on a 2-core CPU.
@@ -89,6 +97,8 @@ def run_notebook_parameters(namespace: Mapping[str, Any], before: Collection[str
         allow_slow=config.allow_slow,
         parallelism=config.parallelism,
         reduce_dtype=config.reduce_dtype,
+        emulate_fp8=config.emulate_fp8,
+        fp8_layers=config.fp8_layers,
     )
     return NotebookRun(config=config, plan=plan, tracking=tracking)
 
@@ -103,7 +113,13 @@ class ProgressBar:
     def on_start(self, config: RunConfig, plan: PrecisionPlan) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=config.steps, desc=f"{config.name} [{plan.effective}]", unit="step", **self.tqdm_kwargs)
+        name = config.run_name or config.base_name  # the readable part of the name, without its identity
+        self.bar = tqdm(total=config.steps, desc=f"{name} [{plan.effective}]", unit="step", **self.tqdm_kwargs)
+        container = getattr(self.bar, "container", None)  # tqdm.notebook's widget row: label, bar, counts
+        if container is not None:
+            for part in (container.children[0], container.children[-1]):
+                part.layout.flex = "0 0 auto"  # the label and the counts keep their one line, never broken mid-word
+            container.layout.flex_flow = "row wrap"  # in a narrow output the parts wrap whole instead
 
     def on_log(self, rows: Sequence[HistoryRow], items_per_step: int) -> None:
         if self.bar is None or not rows:
@@ -114,6 +130,9 @@ class ProgressBar:
             postfix.update(scale=f"{last.loss_scale:g}", skipped=last.skipped_steps)
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(len(rows))
+
+    def on_eval(self, row: EvalRow) -> None:
+        pass  # the bar shows the train loss; the eval loss is the live figure's
 
     def on_end(self, result: RunResult) -> None:
         if self.bar is not None:
@@ -140,6 +159,7 @@ def plan_markdown(plan: PrecisionPlan) -> str:
     if plan.parallelism != "none":
         line += f"; {plan.label} over {plan.parallelism}, gradients reduced in {plan.reduce_dtype}"
     line = line.replace("torch.", "")
+    line += f"\n\n**Emulated:** {plan.emulation_note}" if plan.emulated else ""
     return line + (f"\n\n**Fallback:** {plan.fallback_reason}" if plan.fallback_reason else "")
 
 
@@ -159,6 +179,10 @@ def result_markdown(result: RunResult) -> str:
         lines.append(
             f"- loss scale: final {m.final_loss_scale:g}, min {m.min_loss_scale:g}; skipped steps: {m.skipped_steps}"
         )
+    if result.fp8_layers is not None:
+        lines.append(f"- fp8: {result.fp8_layers.summary}")
+    if result.energy is not None and result.energy.joules_per_item is not None:
+        lines.append(f"- energy: {result.energy.joules:,.1f} J over the timed steps, {result.energy.joules_per_item:.3g} J per item")
     return "\n".join(lines)
 
 
@@ -168,7 +192,7 @@ def markdown(text: str) -> Any:
     return Markdown(text)
 
 
-def table_html(rows: Sequence[Row]) -> Any:
+def table_html(rows: Sequence[Measurements]) -> Any:
     from IPython.display import HTML
 
     return HTML(format_table(rows, "html"))
@@ -178,15 +202,82 @@ def verdicts_html(report: SweepReport) -> Any:
     """The verdict table (quality and speed against fp32 with intervals, time to quality) as HTML."""
     from IPython.display import HTML
 
-    return HTML(format_verdicts(report.comparisons, report.noise, "html"))
+    return HTML(format_verdicts(report.groups, "html"))
 
 
 def memory_html(report: SweepReport) -> Any:
     """The memory split table as HTML, with the note a CPU's process-wide peak needs."""
     from IPython.display import HTML
 
-    note = memory_note(report.comparisons)
-    return HTML(format_memory(report.comparisons, "html") + (f"<p><em>{html.escape(note)}</em></p>" if note else ""))
+    note = memory_note(report.groups)
+    return HTML(format_memory(report.groups, "html") + (f"<p><em>{html.escape(note)}</em></p>" if note else ""))
+
+
+# -- the timing of one setting (speed.ipynb) -----------------------------------------------------
+
+
+def speed_run(config: Mapping[str, Any], precisions: Sequence[str], budget_s: float = 0.0) -> RunResult:
+    """Time `precisions` (fp32 first) on the config's model in alternating blocks (`amp_lib.speed`) within
+    `budget_s` seconds (0: the device's default), and write the result beside the training runs' results."""
+    run = RunConfig.from_dict(dict(config))
+    result = time_precisions(run, list(precisions), budget_s=budget_s or None)
+    result.save(run.result_path)
+    return result
+
+
+def speed_markdown(result: RunResult) -> str:
+    """The timing in words: each precision's speed-up over the baseline with its interval and verdict."""
+    timing = result.timing
+    if timing is None or not timing.blocks:
+        return f"**Status:** {result.status}" + (f" — {result.error_line}" if result.error_line else "")
+    how = "every comparison decided" if timing.stopped == "decided" else "budget spent"
+    head = f"Timed {len(timing.precisions)} precisions in alternating blocks of {timing.block_steps} steps"
+    lines = [f"{head}, {timing.elapsed_s:.0f} s ({how}):", ""]
+    for p, v in speed_verdicts(timing).items():
+        shown = "—" if v.interval is None else v.interval.format(".2f", "x")
+        lines.append(f"- {p} vs {timing.precisions[0]}: {shown}, {v.verdict} ({v.rounds} rounds, {v.dropped} dropped)")
+    lines += [f"- {p}: not timed — {why}" for p, why in timing.failed.items()]
+    return "\n".join(lines)
+
+
+def report_header(report: SweepReport) -> Any:
+    """The top of the report: its context (machine, versions, model, recipe, seeds, tolerance) and the answer,
+    with its caveat, as HTML."""
+    from IPython.display import HTML
+
+    facts = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(v)}</li>" for k, v in context(report))
+    answer_html = mistune.html(answer(report)) if report.recommendations else "<p>No results.</p>"
+    return HTML(f'<div class="amp-header"><ul class="amp-context">{facts}</ul>'
+                f'<div class="amp-answer"><b>Answer:</b> {answer_html}</div></div>')  # fmt: skip
+
+
+def details_html(report: SweepReport) -> Any:
+    """The report's details, each in a collapsed section: caveats, causes, timing, noise, every measurement, rules."""
+    from IPython.display import HTML
+
+    parts = []
+    for title, body in DETAILS:
+        text = body(report)
+        if text:
+            parts.append(
+                f'<details class="amp-details"><summary>{html.escape(title)}</summary>{mistune.html(text)}</details>'
+            )
+    return HTML("".join(parts))
+
+
+def answer_text(report: SweepReport) -> str:
+    """The report's answer, one sentence per setting."""
+    return answer(report)
+
+
+def recommendation_text(report: SweepReport) -> str:
+    """Each setting's recommendation with its reason and evidence, as markdown."""
+    return recommendations_markdown(report)
+
+
+def rules_text(report: SweepReport) -> str:
+    """The rules every verdict of the report follows."""
+    return rules_markdown(report.tolerance)
 
 
 def show_images(paths: Sequence[str | os.PathLike[str]]) -> None:
@@ -218,6 +309,22 @@ def demo_sweep(directory: str | os.PathLike[str], seeds: Sequence[int] = (0,)) -
     return out
 
 
+def check_report_view(view: ReportView) -> bool:
+    """Raise unless the report is whole: a table row per run, a verdict per row, every figure drawn, an answer.
+    The report notebook's last cell: a report that is not whole fails its notebook, and the sweep says so."""
+    report = view.report
+    if not (report.results and len(report.runs) == len(report.results)):
+        raise AssertionError(f"{len(report.results)} results but {len(report.runs)} table rows")
+    if sum(g.runs for g in report.groups) != len(report.results):
+        raise AssertionError("a result is in no verdict row, or in two")
+    missing = [name for name, path in view.figures.items() if not path.exists()]
+    if "eval_curves" not in view.figures or missing:
+        raise AssertionError(f"figures not drawn: {missing or ['eval_curves']}")
+    if not (report.recommendations and answer(report)):
+        raise AssertionError("no answer")
+    return True
+
+
 def report_view(sweep_dir: str = "", tolerance: float = DEFAULT_TOLERANCE, figures_dir: str = "") -> ReportView:
     """Load a sweep folder ("" runs the tiny demo into a temp folder), build its report, draw the figures."""
     folder = Path(sweep_dir) if sweep_dir else demo_sweep(tempfile.mkdtemp(prefix="amp-demo-"))
@@ -242,13 +349,15 @@ def explorer(sweep_dir: str = "", tolerance: float = DEFAULT_TOLERANCE) -> Explo
 
 @dataclass(frozen=True)
 class ExploreView:
-    """What the explorer shows for one selection: the figure, a caption, the verdicts (and, for the memory
-    view, the memory split). Plain HTML, so the last view stays in the saved notebook and exported HTML."""
+    """What the explorer shows for one selection: the figure (or, with nothing to draw, why: `note`), a
+    caption, the verdicts (and, for the memory view, the memory split). Plain HTML, so the last view stays in
+    the saved notebook and exported HTML; the figure is shown at its own size (at least 900 px wide)."""
 
     selection: Selection
     runs: int
     png: bytes = field(repr=False)
     tables_html: str
+    note: str = ""  # why the view draws nothing (nothing selected, no fp16-mixed run for the loss scale, ...)
 
     @property
     def caption(self) -> str:
@@ -256,27 +365,32 @@ class ExploreView:
         return f"{s.view} · {s.setting} · {self.runs} run{'s' if self.runs != 1 else ''} selected"
 
     def _repr_mimebundle_(self, **_: Any) -> dict[str, str]:
-        image = base64.b64encode(self.png).decode("ascii")
+        if self.note:
+            shown = f'<div class="amp-explore-note">{html.escape(self.note)}</div>'
+        else:
+            image = base64.b64encode(self.png).decode("ascii")
+            shown = f'<img alt="{html.escape(self.selection.view)}" src="data:image/png;base64,{image}"/>'
         return {
             "text/html": f'<div class="amp-explore"><div class="amp-explore-caption">{html.escape(self.caption)}</div>'
-            f'<img alt="{html.escape(self.selection.view)}" src="data:image/png;base64,{image}"/>{self.tables_html}</div>',
-            "text/plain": self.caption,
+            f"{shown}{self.tables_html}</div>",
+            "text/plain": self.caption + (f"\n{self.note}" if self.note else ""),
         }
 
 
 def explore_view(explorer: Explorer, selection: Selection) -> ExploreView:
     """The view of one selection: its figure and the verdicts of its precisions (against fp32, same seeds)."""
     runs = explorer.selected(selection)
-    comparisons, noise = explorer.verdicts(selection)
+    comparisons, _ = explorer.verdicts(selection)
     if comparisons:
-        tables = format_verdicts(comparisons, noise, "html")
+        tables = format_verdicts(comparisons, "html")
         if selection.view == "memory":
             note = memory_note(comparisons)
             tables += format_memory(comparisons, "html") + (f"<p><em>{html.escape(note)}</em></p>" if note else "")
     else:
         tables = "<p><em>Select at least one precision and one seed to see their verdicts.</em></p>"
-    png = figure_png(explore_figure(explorer.figure_data(selection)))
-    return ExploreView(selection, len(runs), png, tables)
+    data = explorer.figure_data(selection)
+    png = figure_png(explore_figure(data))
+    return ExploreView(selection, len(runs), png, tables, data.note)
 
 
 class ExplorerPanel:
@@ -351,9 +465,7 @@ def headroom_markdown(result: RunResult) -> str:
     with the least fp16 headroom."""
     if not result.headroom:
         return "_The headroom map was off (`headroom_every=0`)._"
-    bf16 = result.plan.get("device_type") != "cuda" or tuple(
-        (result.profile or {}).get("facts", {}).get("compute_capability") or (8, 0)
-    ) >= (8, 0)
+    bf16 = result.bf16_capable
     events = result.headroom.get("first_overflow", [])
     lines = [f"- {way_out(e, bf16)}" for e in events[:1]] + (
         [f"- ({len(events) - 1} more overflowing steps)"] if len(events) > 1 else []

@@ -2,6 +2,12 @@
 
 Figures are built on `matplotlib.figure.Figure` (Agg canvas), never through pyplot, so they hold no
 global state, need no display and are freed when dropped; notebooks show the saved PNG.
+
+Every figure is at least 900 px wide at `DPI` with legend text of 10 px or more, and every series it lists
+can be seen: each precision has its colour and its marker (staggered along the line, so a series that
+tracks another still shows), fp32 is drawn on top, narrower, with hollow markers (and dashed where line
+styles do not stand for seeds), several seeds are thin lines under their mean, tensor memory has an axis of
+its own beside a peak that dwarfs it, and labels sit above the error bars, never across them.
 """
 
 from __future__ import annotations
@@ -16,323 +22,533 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb, to_rgba
 from matplotlib.figure import Figure
 
-from amp_lib.explore import FigureData
+from amp_lib.explore import FigureData, scales_in_use
 from amp_lib.headroom import headroom_doublings
-from amp_lib.report import BASELINE, Comparison, Row, SweepReport, eval_curve, results_by_precision
+from amp_lib.render import memory_text
+from amp_lib.report import Group, SweepReport
 from amp_lib.results import RunResult
+from amp_lib.speed import UNDECIDED, UNRELIABLE
+from amp_lib.table import BASELINE, results_by_precision
 
-_COLORS = {
-    "fp32": "tab:blue",
-    "tf32": "tab:cyan",
-    "fp16-mixed": "tab:red",
-    "bf16-mixed": "tab:green",
-    "fp16-true": "tab:orange",
-    "bf16-true": "tab:olive",
-    "fp8-mixed": "tab:purple",
-}
+DPI = 100  # every PNG: a figure's inches times this is its size in pixels
+LEGEND_PT = 10.0  # 13.9 px at DPI: still 10 px in a notebook that shows a figure at 72% of its size
+NOTE_PT = 12.0
+_COLORS = {"fp32": "tab:blue", "tf32": "tab:cyan", "fp16-mixed": "tab:red", "bf16-mixed": "tab:green",
+           "fp16-true": "tab:orange", "bf16-true": "tab:olive", "fp8-tensorwise": "tab:purple",
+           "fp8-rowwise": "tab:pink", "fp8-rowwise-gw-hp": "tab:brown"}  # fmt: skip
+_MARKERS = {"fp32": "o", "tf32": "v", "fp16-mixed": "s", "bf16-mixed": "^", "fp16-true": "D", "bf16-true": "P",
+            "fp8-tensorwise": "X", "fp8-rowwise": "p", "fp8-rowwise-gw-hp": "h"}  # fmt: skip
+_BASELINE_DASHES = (0, (6, 3))
+_SEED_STYLES = ("-", "--", "-.", (0, (5, 1.5, 1, 1.5, 1, 1.5)))  # dotted (":") is a run that did not end ok
+_UNSURE = (UNRELIABLE, UNDECIDED)  # speed verdicts that decide nothing: marked on the chart
+_UNSURE_RED = "#b00020"
 
 
-def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (7.0, 4.0)) -> tuple[Figure, list[Axes]]:
-    fig = Figure(figsize=size, layout="constrained")
+def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (10.0, 4.5)) -> tuple[Figure, list[Axes]]:
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, [ax for line in axes for ax in line]
 
 
-def _label(result: RunResult) -> str:
-    name = str(result.config.get("run_name") or result.plan.get("requested") or "run")
-    return name if result.ok else f"{name} [{result.status}]"
+def _color(precision: str | None) -> str:
+    return _COLORS.get(str(precision), "tab:gray")
 
 
-def _color(result: RunResult) -> str:
-    return _COLORS.get(str(result.plan.get("effective")), "tab:gray")
+def _seed_color(precision: str | None, index: int) -> tuple[float, float, float]:
+    """The precision's colour for its `index`-th seed: itself, darker, lighter, darker still, so seeds that
+    share a curve still show as two lines."""
+    base = np.array(to_rgb(_color(precision)))
+    toward, share = ((0.0, 0.0), (0.0, 0.4), (1.0, 0.45), (0.0, 0.65))[index % 4]
+    return tuple(float(c) for c in base + (toward - base) * share)  # type: ignore[return-value]
+
+
+def _legend(ax: Axes, outside: bool = False) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        where = {"loc": "upper left", "bbox_to_anchor": (1.0, 1.0)} if outside else {}
+        ax.legend(fontsize=LEGEND_PT, **where)
+
+
+def _say(ax: Axes, text: str) -> None:
+    """An empty panel: the reason in words, and no empty axes."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=NOTE_PT, wrap=True)
+    ax.set_axis_off()
+
+
+def _line_style(precision: str, index: int, count: int, points: int) -> dict[str, Any]:
+    """A precision's mean line: its colour and marker (placed every few points, offset per series so two
+    series on the same points both show); fp32 dashed, hollow-marked and on top."""
+    every = max(1, points // 8)
+    style: dict[str, Any] = {
+        "color": _color(precision),
+        "marker": _MARKERS.get(precision, "*"),
+        "markersize": 7.0,
+        "linewidth": 2.6,
+        "markevery": (index * every // max(count, 1) % every, every),
+        "zorder": 2.5,
+    }
+    if precision == BASELINE:  # narrower than the others, so one that runs along it shows at its edges
+        style.update(linestyle=_BASELINE_DASHES, linewidth=1.8, markerfacecolor="none", markeredgewidth=1.8, zorder=3)
+    return style
+
+
+def _seed_label(result: RunResult) -> str:
+    return result.label + ("" if result.seed is None else f" s{result.seed}")
+
+
+# -- curves over seeds -----------------------------------------------------------------------------
+
+
+def _curves(ax: Axes, groups: Sequence[tuple[str, str, list[dict[int, float]]]], first_step: int = 0) -> bool:
+    """Per (label, precision, one curve per seed): the seeds as thin lines and their mean as the series."""
+    drawn = [(label, precision, [{s: v for s, v in c.items() if s >= first_step} for c in curves])
+             for label, precision, curves in groups]  # fmt: skip
+    drawn = [(label, precision, [c for c in curves if c]) for label, precision, curves in drawn]
+    drawn = [d for d in drawn if d[2]]
+    for index, (label, precision, curves) in enumerate(drawn):
+        color = _color(precision)
+        if len(curves) > 1:
+            for curve in curves:
+                steps = sorted(curve)
+                ax.plot(steps, [curve[s] for s in steps], "-", color=color, linewidth=0.9, alpha=0.4, zorder=1.5)
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = [sum(c[s] for c in curves) / len(curves) for s in steps]
+        name = f"{label}: mean of {len(curves)} seeds" if len(curves) > 1 else label
+        ax.plot(steps, mean, label=name, **_line_style(precision, index, len(drawn), len(steps)))
+    return bool(drawn)
+
+
+def _settings(results: Sequence[RunResult]) -> dict[str, list[tuple[str, str, list[RunResult]]]]:
+    """Per setting, per row in report order: (label, effective precision, results)."""
+    out: dict[str, list[tuple[str, str, list[RunResult]]]] = {}
+    for (setting, key), group in results_by_precision(results).items():
+        label = group[0].label if len({r.label for r in group}) == 1 else key.label
+        out.setdefault(setting, []).append((label, str(group[0].effective or key.requested), list(group)))
+    return out
+
+
+def loss_figure(results: Sequence[RunResult]) -> Figure:
+    """Train loss vs step, one panel per setting: per precision the mean over its ok seeds (each seed a thin
+    line beneath); a run that did not finish ok dotted, crossed where it stopped and named with its status."""
+    settings = _settings(results)
+    fig, axes = _figure(max(1, len(settings)), 1, (10.0, 4.5 * max(1, len(settings))))
+    for ax, (setting, rows) in zip(axes, settings.items()):
+        groups = []
+        for label, precision, group in rows:
+            curves = [{h.step: h.loss for h in r.history if h.loss is not None} for r in group if r.ok]
+            groups.append((label, precision, [c for c in curves if c]))
+        drawn = _curves(ax, groups)
+        for label, precision, group in rows:
+            for r in (r for r in group if not r.ok):
+                steps = [h.step for h in r.history if h.loss is not None]
+                losses = [h.loss for h in r.history if h.loss is not None]
+                if steps:
+                    ax.plot(steps, losses, ":", color=_color(precision), linewidth=1.6,
+                            label=f"{_seed_label(r)} [{r.status}]")  # fmt: skip
+                    ax.plot(steps[-1], losses[-1], "x", color="black", markersize=9, markeredgewidth=2, zorder=4)
+                    drawn = True
+        several = any(len(g[2]) > 1 for g in groups)
+        where = f" — {setting}" if len(settings) > 1 else ""
+        ax.set_title(f"train loss vs step{where}" + (" (thin: each seed)" if several else ""))
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        if drawn:
+            _legend(ax)
+        else:
+            _say(ax, "no loss recorded: no run got to its first logged step")
+    if not settings:
+        _say(axes[0], "no loss recorded: no runs")
+    return fig
+
+
+def eval_curves_figure(report: SweepReport) -> Figure:
+    """Eval loss vs step per precision: the mean over its ok seeds (each seed a thin line beneath) and the
+    time-to-quality target (fp32's mean best eval loss + tolerance) dotted. One row per setting: the whole
+    run, and its second half zoomed in (where the precisions' differences show)."""
+    settings = list(dict.fromkeys(g.setting for g in report.groups)) or [""]
+    fig, axes = _figure(len(settings), 2, (13.0, 4.5 * len(settings)))
+    for row, setting in enumerate(settings):
+        groups = []
+        for g in (g for g in report.groups if g.setting == setting):
+            curves = [{s: loss for s, loss, _ in r.eval_curve} for r in g.results if r.ok]
+            label = g.name
+            groups.append((label, str(g.effective or g.key.requested), [c for c in curves if c]))
+        last = max((s for _, _, curves in groups for c in curves for s in c), default=0)
+        target = next((g.ttq.target for g in report.groups if g.setting == setting and g.ttq), None)
+        several = any(len(c) > 1 for _, _, c in groups)
+        where = f" — {setting}" if len(settings) > 1 else ""
+        for ax, first, title in (
+            (axes[2 * row], 0, f"eval loss vs step{where}" + (" (thin: each seed)" if several else "")),
+            (axes[2 * row + 1], last // 2, f"second half, zoomed{where}"),
+        ):
+            ax.set_xlabel("step")
+            ax.set_ylabel("eval loss")
+            ax.set_title(title)
+            if not _curves(ax, groups, first):
+                _say(ax, "no eval recorded: no run got to its first eval")
+                continue
+            if target is not None:
+                ax.axhline(target, linestyle=":", color="black", linewidth=1.4, zorder=1.8,
+                           label=f"quality target {target:.4f} (fp32's best + tolerance)")  # fmt: skip
+            _legend(ax)
+    return fig
+
+
+# -- bars --------------------------------------------------------------------------------------------
+
+
+def _bars_with_spread(ax: Axes, means: Sequence[float | None], stds: Sequence[float | None], colors: Sequence[str],
+                      unsure: Sequence[bool] = ()) -> list[float]:  # fmt: skip
+    """Bars (none where the mean is None), error bars of one std where there is a spread, and hatched, pale
+    bars where `unsure`; returns the top of each bar's error bar, where its label goes."""
+    xs = range(len(means))
+    heights = [m or 0.0 for m in means]
+    for x, height, color, pale in zip(xs, heights, colors, [*unsure, *[False] * len(means)]):
+        if pale:
+            ax.bar(x, height, color=to_rgba(color, 0.35), edgecolor=color, hatch="//", linewidth=1.5)
+        else:
+            ax.bar(x, height, color=color)
+    spread = [(x, h, s) for x, h, s in zip(xs, heights, stds) if s]
+    if spread:
+        ax.errorbar([x for x, _, _ in spread], [h for _, h, _ in spread], yerr=[s for _, _, s in spread],
+                    fmt="none", ecolor="black", elinewidth=1.3, capsize=5, zorder=3)  # fmt: skip
+    return [h + (s or 0.0) for h, s in zip(heights, stds)]
+
+
+def _labels_above(ax: Axes, tops: Sequence[float], texts: Sequence[str], colors: Sequence[str] = ()) -> None:
+    """Each text just above its bar's error bar (never across it), with room kept for it under the frame."""
+    colors = [*colors, *["black"] * len(texts)]
+    for x, (top, text, color) in enumerate(zip(tops, texts, colors)):
+        if text:
+            ax.annotate(text, (x, top), xytext=(0, 5), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=LEGEND_PT, color=color, fontweight="bold" if color != "black" else "normal")  # fmt: skip
+    lines = max((t.count("\n") + 1 for t in texts if t), default=0)
+    if tops and max(tops) > 0:
+        ax.set_ylim(0, max(tops) * (1.12 + 0.1 * lines))
+
+
+def _bars_width(labels: Sequence[str], least: float = 9.5) -> float:
+    """A panel of bars wide enough, in inches, for each bar's tick label side by side (about 0.08 in a character
+    of its longest line at LEGEND_PT), and at least `least`."""
+    longest = max((len(line) for label in labels for line in label.split("\n")), default=0)
+    return max(least, len(labels) * (0.08 * longest + 0.25) + 1.2)
+
+
+def _two_bar_panels(labels: Sequence[str], least: float = 12.0) -> tuple[Figure, list[Axes]]:
+    """Two panels of the same bars: side by side, or one above the other when side by side would be too wide."""
+    width = _bars_width(labels, least / 2)
+    if 2 * width <= 16.0:
+        return _figure(1, 2, (max(least, 2 * width), 4.8))
+    return _figure(2, 1, (max(least, width), 9.6))
+
+
+def _ticks(ax: Axes, labels: Sequence[str]) -> None:
+    ax.set_xticks(range(len(labels)), labels, fontsize=LEGEND_PT)
+
+
+def _group_labels(groups: Sequence[Group]) -> list[str]:
+    several = len({g.setting for g in groups}) > 1
+    return [f"{g.requested}\n{g.setting}" if several else g.requested for g in groups]
+
+
+def _timing_unreliable(g: Group) -> bool:
+    return g.speed_verdict == UNRELIABLE or (g.is_baseline and bool(g.speed_reason))
+
+
+def _unsure(g: Group) -> bool:
+    """The throughput decides nothing: its verdict is unreliable or undecided (or the baseline's own timing
+    was unreliable)."""
+    return g.measurements.items_per_s is not None and (g.speed_verdict in _UNSURE or _timing_unreliable(g))
+
+
+def _memory_label(g: Group) -> str:
+    if g.is_baseline:
+        return "baseline"
+    if g.memory_ratio is not None:
+        return memory_text(g.memory_ratio.mean)
+    saved = g.measurements.memory_saved_pct
+    return memory_text(None if saved is None else 1 - saved.mean / 100)
+
+
+def _memory_title(kinds: set[str]) -> str:
+    if kinds == {"cpu_rss"}:
+        return "peak memory (MB): the whole process's resident set (CPU)"
+    if kinds == {"cuda_allocated"}:
+        return "peak memory (MB): allocated by PyTorch (GPU)"
+    return "peak memory (MB)"
+
+
+def throughput_memory_figure(groups: Sequence[Group]) -> Figure:
+    """Per precision: throughput (mean ± std over seeds, labelled with its speed-up and speed verdict; a
+    verdict that is unreliable or undecided hatched and named in red) and peak memory (labelled with what
+    it saves against fp32, in words). When the rows mix units (tokens/s and samples/s), the title says so."""
+    labels = _group_labels(groups)
+    units = sorted({g.measurements.throughput_unit for g in groups})
+    if len(units) > 1:
+        labels = [f"{label}\n({g.measurements.throughput_unit}/s)" for label, g in zip(labels, groups)]
+    fig, (left, right) = _two_bar_panels(labels, 13.0)
+    if len(units) > 1:
+        left.set_title(f"throughput (mixed units: {' and '.join(f'{u}/s' for u in units)})")
+    else:
+        left.set_title(f"throughput ({units[0] if units else 'tokens'}/s), ± std over seeds")
+    colors = [_color(g.effective) for g in groups]
+    speed = [g.measurements.items_per_s for g in groups]
+    unsure = [_unsure(g) for g in groups]
+    tops = _bars_with_spread(left, [s.mean if s else None for s in speed], [s.std if s else None for s in speed],
+                             colors, unsure)  # fmt: skip
+    words = []
+    for g, pale in zip(groups, unsure):
+        if g.measurements.items_per_s is None:
+            words.append(g.status)
+        elif g.is_baseline:
+            words.append("baseline" + ("\ntiming unreliable" if pale else ""))
+        else:
+            ratio = f"{g.point_speedup:.2f}x fp32" if g.point_speedup is not None else "no fp32 to compare"
+            words.append(f"{ratio}\n{g.speed_verdict}")
+    _labels_above(left, tops, words, [_UNSURE_RED if pale else "black" for pale in unsure])
+    memory = [g.measurements.peak_memory_mb for g in groups]
+    tops = _bars_with_spread(right, [m.mean if m else None for m in memory], [m.std if m else None for m in memory],
+                             colors)  # fmt: skip
+    _labels_above(right, tops, [g.status if m is None else _memory_label(g) for g, m in zip(groups, memory)])
+    right.set_title(_memory_title({g.memory.kind for g in groups if g.memory and g.memory.kind}))
+    for ax in (left, right):
+        _ticks(ax, labels)
+    if not groups:
+        _say(left, "no throughput recorded: no runs")
+        _say(right, "no memory recorded: no runs")
+    return fig
+
+
+def time_to_quality_figure(report: SweepReport) -> Figure:
+    """Per precision: the training time to first reach fp32's quality (its mean best eval loss plus the tolerance),
+    mean over seeds with the spread as an error bar, labelled with the speed-up; "never reached" where no seed
+    got there; hatched where the timing was unreliable."""
+    groups = [g for g in report.groups if g.ttq is not None]
+    fig, (ax,) = _figure(1, 1, (_bars_width(_group_labels(groups)), 4.8))
+    times = [g.ttq.time_s if g.ttq else None for g in groups]
+    # wall time: unreliable where the timing was (an undecided speed-up leaves it as it is)
+    unsure = [_timing_unreliable(g) and t is not None for g, t in zip(groups, times)]
+    tops = _bars_with_spread(ax, [t.mean if t else None for t in times], [t.std if t else None for t in times],
+                             [_color(g.effective) for g in groups], unsure)  # fmt: skip
+    words = []
+    for g, pale in zip(groups, unsure):
+        assert g.ttq is not None
+        if g.ttq.reached == 0:
+            text = f"never reached\nin {g.ttq.horizon} steps"
+        elif g.ttq.reached < g.ttq.runs:
+            text = f"{g.ttq.reached} of {g.ttq.runs} seeds\nreached it"
+        elif g.ttq.point_speedup is not None and not g.is_baseline:
+            text = f"speed-up {g.ttq.point_speedup:.2f}x"
+        else:
+            text = "baseline" if g.is_baseline else ""
+        words.append(text + ("\ntiming unreliable" if pale else ""))
+    _labels_above(ax, tops, words, [_UNSURE_RED if pale else "black" for pale in unsure])
+    _ticks(ax, _group_labels(groups))
+    ax.set_ylabel("training seconds (evals excluded)")
+    ax.set_title("time to fp32's quality (its mean best eval loss + tolerance)")
+    if not groups:
+        _say(ax, "no eval recorded: no time to quality to show")
+    return fig
+
+
+MEMORY_PARTS = (("params_mb", "parameters"), ("grads_mb", "gradients"), ("optimizer_mb", "optimizer"),
+                ("activations_mb", "activations"), ("temporaries_mb", "temporaries"))  # fmt: skip
+_PART_COLORS = {"parameters": "tab:blue", "gradients": "tab:orange", "optimizer": "tab:green",
+                "activations": "tab:purple", "temporaries": "tab:brown"}  # fmt: skip
+_TOO_SMALL = 0.005  # a part under this share of the tallest stack would be under a pixel: named, not drawn
+
+
+def _tensor_panel(ax: Axes, parts: Sequence[dict[str, float] | None]) -> None:
+    """Per bar what held its tensor memory, stacked (parameters, gradients, optimizer state, and where MemTracker
+    measured a step activations and temporaries), on an axis of its own so it shows beside a peak that dwarfs
+    it; a part too small to see is named under the axis; "no split recorded" where a bar has no parts (None)."""
+    top = max((sum(split.values()) for split in parts if split), default=0.0)
+    largest = {name: max((split.get(name) or 0.0 for split in parts if split), default=0.0) for _, name in MEMORY_PARTS}
+    drawn = [name for name, most in largest.items() if most > 0 and most >= _TOO_SMALL * top]
+    tiny = [f"{name} ({most:.2g} MB at most)" for name, most in largest.items() if 0 < most < _TOO_SMALL * top]
+    bottoms = [0.0] * len(parts)
+    for name in drawn:
+        heights = [split.get(name) or 0.0 if split else 0.0 for split in parts]
+        ax.bar(range(len(parts)), heights, bottom=bottoms, color=_PART_COLORS[name], label=name)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    if drawn:
+        ax.set_ylim(0, max(bottoms) * 1.35)  # room for the legend above the bars
+    else:
+        ax.set_yticks([])
+    if tiny:
+        ax.set_xlabel("too small to draw: " + ", ".join(tiny))
+    for i, split in enumerate(parts):
+        if not split:
+            ax.annotate("no split\nrecorded", (i, 0), xytext=(0, 5), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=LEGEND_PT)  # fmt: skip
+    ax.set_title("tensor memory (MB), by what holds it")
+    ax.set_ylabel("MB")
+    _legend(ax)
+
+
+def memory_split_figure(report: SweepReport) -> Figure:
+    """Per precision, two panels on their own scales: the tensors' memory (parameters, gradients and optimizer
+    state, stacked) and the peak (on a CPU the whole process's resident set, which dwarfs the tensors),
+    labelled with what it uses against fp32, in words."""
+    groups = [g for g in report.groups if g.memory is not None and g.memory.peak_mb is not None]
+    fig, (tensors, peak) = _two_bar_panels(_group_labels(groups))
+    _tensor_panel(tensors, [{name: getattr(g.memory, attr) or 0.0 for attr, name in MEMORY_PARTS}
+                            if g.memory is not None and g.memory.rest_mb is not None else None for g in groups])  # fmt: skip
+    heights = [g.memory.peak_mb if g.memory else None for g in groups]
+    tops = _bars_with_spread(peak, heights, [None] * len(groups), [_color(g.effective) for g in groups])
+    _labels_above(peak, tops, [_memory_label(g) for g in groups])
+    peak.set_title(_memory_title({g.memory.kind for g in groups if g.memory and g.memory.kind}))
+    peak.set_ylabel("MB")
+    for ax in (tensors, peak):
+        _ticks(ax, _group_labels(groups))
+    if not groups:
+        _say(tensors, "no memory recorded")
+        _say(peak, "no memory recorded")
+    return fig
+
+
+# -- the loss scale --------------------------------------------------------------------------------
+
+
+def _plot_scale(ax: Axes, runs: Sequence[tuple[str, str, RunResult]]) -> bool:
+    """Each run's loss scale, as the scale each step ran with (a step line), x at each skipped step, at the
+    scale it skipped with. `runs`: (label, precision, result); a precision's seeds differ by line style and shade."""
+    seen: dict[str, int] = {}
+    skips = []
+    for label, precision, result in runs:
+        trace = scales_in_use(result.history)
+        if not trace:
+            continue
+        index = seen[precision] = seen.get(precision, -1) + 1
+        ax.plot([s for s, _, _ in trace], [v for _, v, _ in trace], color=_seed_color(precision, index), label=label,
+                linestyle=_SEED_STYLES[index % len(_SEED_STYLES)], linewidth=1.8, drawstyle="steps-post")  # fmt: skip
+        skips += [(s, v) for s, v, skipped in trace if skipped]
+    if skips:
+        ax.plot([s for s, _ in skips], [v for _, v in skips], "x", color="black", markersize=8, markeredgewidth=1.8,
+                zorder=4, label="skipped step")  # fmt: skip
+    drawn = bool(seen)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss scale the step ran with")
+    ax.set_title("loss scale vs step (x = skipped step)")
+    if drawn:
+        ax.set_yscale("log", base=2)
+        _legend(ax)
+    return drawn
+
+
+def loss_scale_figure(results: Sequence[RunResult]) -> Figure:
+    """Loss scale vs step for the runs that used a scaler, skipped steps marked with x."""
+    fig, (ax,) = _figure()
+    settings = _settings(results)
+    runs = [(_seed_label(r) + (f" — {setting}" if len(settings) > 1 else ""), precision, r)
+            for setting, rows in settings.items() for _, precision, group in rows for r in group]  # fmt: skip
+    if not _plot_scale(ax, runs):
+        _say(ax, "no run used a loss scaler (only fp16-mixed does): no loss scale to show")
+    return fig
 
 
 def _uses_scaler(result: RunResult) -> bool:
     return any(row.loss_scale is not None for row in result.history)
 
 
-def _plot_loss(ax: Axes, results: Sequence[RunResult]) -> None:
-    for result in results:
-        steps = [r.step for r in result.history if r.loss is not None]
-        losses = [r.loss for r in result.history if r.loss is not None]
-        style = "-" if result.ok else "--"
-        ax.plot(steps, losses, style, color=_color(result), label=_label(result))
-        if not result.ok and steps:
-            ax.plot(steps[-1], losses[-1], "x", color="black", markersize=9)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.set_title("loss vs step")
-    if ax.lines:
-        ax.legend(fontsize="small")
-    if not any(len(line.get_xdata()) for line in ax.lines):  # e.g. a run that failed before its first step
-        ax.text(0.5, 0.5, "no loss recorded", ha="center", va="center", transform=ax.transAxes)
-
-
-def _plot_scale(ax: Axes, results: Sequence[RunResult]) -> None:
-    scaled = [r for r in results if _uses_scaler(r)]
-    for result in scaled:
-        rows = [r for r in result.history if r.loss_scale is not None]
-        ax.plot([r.step for r in rows], [r.loss_scale for r in rows], "-", color=_color(result), label=_label(result))
-        skipped = [r for r in rows if r.skipped]
-        if skipped:
-            ax.plot(
-                [r.step for r in skipped],
-                [r.loss_scale for r in skipped],
-                "x",
-                color="black",
-                label=f"skipped ({_label(result)})",
-            )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss scale")
-    ax.set_title("loss scale vs step (x = skipped step)")
-    if scaled:
-        ax.set_yscale("log", base=2)
-        ax.legend(fontsize="small")
-    else:
-        ax.text(
-            0.5,
-            0.5,
-            "no run used a loss scaler (only fp16-mixed does)",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-        )
+# -- one run -----------------------------------------------------------------------------------------
 
 
 def run_figure(result: RunResult, *, steps: int | None = None, state: str | None = None) -> Figure:
-    """One run: its loss curve (evals as dots) and, when it used a loss scaler, the scale trace with skipped
+    """One run: its train loss, its evals as dots and, when it used a loss scaler, the scale trace with skipped
     steps. `steps` fixes the x axis to the whole run, so a live figure does not rescale as rows arrive;
-    `state` replaces the status in the title (a run still training has none yet)."""
+    `state` (a run still going, e.g. "training") replaces the status in the title."""
     panels = 2 if _uses_scaler(result) else 1
-    fig, axes = _figure(1, panels, (6.0 * panels, 4.0))
-    _plot_loss(axes[0], [result])
+    fig, axes = _figure(1, panels, (12.0 if panels == 2 else 9.6, 4.4))
+    loss_ax = axes[0]
+    precision = str(result.effective)
+    finished_badly = state is None and not result.ok
+    rows = [h for h in result.history if h.loss is not None]
+    if rows:
+        loss_ax.plot([h.step for h in rows], [h.loss for h in rows], ":" if finished_badly else "-",
+                     color=_color(precision), linewidth=1.6, label="train loss")  # fmt: skip
+        if finished_badly:
+            loss_ax.plot(rows[-1].step, rows[-1].loss, "x", color="black", markersize=9, markeredgewidth=2,
+                         label=f"stopped: {result.status}")  # fmt: skip
     evals = [e for e in result.evals if e.loss is not None]
     if evals:
-        axes[0].plot([e.step for e in evals], [e.loss for e in evals], "o:", color=_color(result), label="eval loss")
-        axes[0].set_ylabel("loss (line: train, dots: eval)")
-        axes[0].legend(fontsize="small")
+        loss_ax.plot([e.step for e in evals], [e.loss for e in evals], linestyle="none", marker="o", markersize=8,
+                     color="black", markerfacecolor=_color(precision), zorder=3, label="eval loss")  # fmt: skip
+    loss_ax.set_title("loss vs step")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    if rows or evals:
+        _legend(loss_ax)
+    elif state is None:
+        _say(loss_ax, f"no loss recorded: the run ended ({result.status}) before its first logged step")
     if panels == 2:
-        _plot_scale(axes[1], [result])
+        _plot_scale(axes[1], [("loss scale", precision, result)])
     if steps:
         for ax in axes:
-            ax.set_xlim(0, steps)
-    plan = result.plan
-    name = result.config.get("run_name")  # "" in a notebook run that left the default name
+            ax.set_xlim(-0.015 * steps, 1.015 * steps)  # the whole run, and room for a dot on its last step
+    name = result.run_name  # "" in a notebook run that left the default name
     fig.suptitle(
-        (f"{name}: " if name else "") + f"{plan.get('requested')} → {plan.get('effective')} [{state or result.status}]"
+        (f"{name}: " if name else "") + f"{result.plan.requested} → {result.effective} [{state or result.status}]"
     )
     return fig
 
 
-def loss_figure(results: Sequence[RunResult]) -> Figure:
-    """Loss vs step, one line per run, coloured by effective precision (dashed when not ok)."""
-    fig, (ax,) = _figure()
-    _plot_loss(ax, results)
-    return fig
-
-
-def loss_scale_figure(results: Sequence[RunResult]) -> Figure:
-    """Loss scale vs step for the runs that used a scaler, skipped steps marked with x."""
-    fig, (ax,) = _figure()
-    _plot_scale(ax, results)
-    return fig
-
-
-def throughput_memory_figure(rows: Sequence[Row]) -> Figure:
-    """Throughput and peak memory per row, with the spread over seeds as error bars. When the rows mix
-    units (tokens/s and samples/s), the title says so and each bar's label names its unit."""
-    fig, (left, right) = _figure(1, 2, (11.0, 4.0))
-    labels = [f"{r.requested}\n{r.setting}" if len({x.setting for x in rows}) > 1 else r.requested for r in rows]
-    units = sorted({r.throughput_unit for r in rows})
-    if len(units) > 1:
-        labels = [f"{label}\n({r.throughput_unit}/s)" for label, r in zip(labels, rows)]
-        throughput_title = f"throughput (mixed units: {' and '.join(f'{u}/s' for u in units)})"
-    else:
-        throughput_title = f"throughput ({units[0] if units else 'tokens'}/s)"
-    colors = [_COLORS.get(str(r.effective), "tab:gray") for r in rows]
-    for ax, attr, title in (
-        (left, "items_per_s", throughput_title),
-        (right, "peak_memory_mb", "peak memory (MB)"),
-    ):
-        stats = [getattr(r, attr) for r in rows]
-        values = [s.mean if s else 0.0 for s in stats]
-        errors = [s.std or 0.0 if s else 0.0 for s in stats]
-        ax.bar(range(len(rows)), values, yerr=errors, color=colors, capsize=4)
-        ax.set_xticks(range(len(rows)), labels, fontsize="small")
-        ax.set_title(title)
-        for i, (row, stat) in enumerate(zip(rows, stats)):
-            if stat is None:
-                ax.text(i, 0, row.status, ha="center", va="bottom", rotation=90, fontsize="small")
-    return fig
-
-
-def _comparison_labels(comparisons: Sequence[Comparison]) -> list[str]:
-    several = len({c.setting for c in comparisons}) > 1
-    return [f"{c.requested}\n{c.setting}" if several else c.requested for c in comparisons]
-
-
-def _comparison_color(c: Comparison) -> str:
-    return _COLORS.get(str(c.effective), "tab:gray")
-
-
-def _draw_eval_curves(
-    ax: Axes, curves_by: Sequence[tuple[Comparison, list[dict[int, float]]]], first_step: int
-) -> bool:
-    drawn = False
-    for c, curves in curves_by:
-        steps = sorted({s for curve in curves for s in curve if s >= first_step})
-        if not steps:
-            continue
-        at = [[curve[s] for curve in curves if s in curve] for s in steps]
-        label = f"{c.requested} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
-        ax.plot(steps, [sum(v) / len(v) for v in at], "-o", color=_comparison_color(c), label=label, markersize=3)
-        if len(curves) > 1:
-            ax.fill_between(steps, [min(v) for v in at], [max(v) for v in at], color=_comparison_color(c), alpha=0.2)
-        drawn = True
-    return drawn
-
-
-def eval_curves_figure(report: SweepReport) -> Figure:
-    """Eval loss vs step per precision: the mean over the ok seeds as a line, their min–max as a band, and
-    the time-to-quality target (fp32's mean best eval loss + tolerance) dashed. One row per setting: the
-    whole run, and its second half zoomed in (where the precisions' differences show)."""
-    settings = list(dict.fromkeys(c.setting for c in report.comparisons)) or [""]
-    groups = results_by_precision(report.results)
-    fig, axes = _figure(len(settings), 2, (13.0, 4.5 * len(settings)))
-    for row, setting in enumerate(settings):
-        curves_by = []
-        for c in (c for c in report.comparisons if c.setting == setting):
-            curves = [
-                {s: loss for s, loss, _ in eval_curve(r)} for r in groups.get((c.setting, c.requested), []) if r.ok
-            ]
-            curves = [curve for curve in curves if curve]
-            if curves:
-                curves_by.append((c, curves))
-        last = max((s for _, curves in curves_by for curve in curves for s in curve), default=0)
-        target = next((c.ttq.target for c in report.comparisons if c.setting == setting and c.ttq), None)
-        where = f" — {setting}" if len(settings) > 1 else ""
-        for ax, first, title in (
-            (axes[2 * row], 0, f"eval loss vs step{where} (band: min–max over seeds)"),
-            (axes[2 * row + 1], last // 2, f"second half, zoomed{where}"),
-        ):
-            drawn = _draw_eval_curves(ax, curves_by, first)
-            if target is not None and drawn:
-                ax.axhline(
-                    target, linestyle="--", color="black", linewidth=1, label=f"fp32's quality target {target:.4f}"
-                )
-            ax.set_xlabel("step")
-            ax.set_ylabel("eval loss")
-            ax.set_title(title)
-            if drawn:
-                ax.legend(fontsize="small")
-            else:
-                ax.text(0.5, 0.5, "no eval recorded", ha="center", va="center", transform=ax.transAxes)
-    return fig
-
-
-def time_to_quality_figure(report: SweepReport) -> Figure:
-    """Per precision: the training time to first reach fp32's quality (its mean best eval loss plus the tolerance),
-    mean over seeds with the spread as an error bar; "never reached" where no seed got there."""
-    comps = [c for c in report.comparisons if c.ttq is not None]
-    fig, (ax,) = _figure(1, 1, (max(6.0, 1.6 * len(comps)), 4.0))
-    values = [c.ttq.time_s.mean if c.ttq and c.ttq.time_s else 0.0 for c in comps]
-    errors = [c.ttq.time_s.std or 0.0 if c.ttq and c.ttq.time_s else 0.0 for c in comps]
-    ax.bar(range(len(comps)), values, yerr=errors, color=[_comparison_color(c) for c in comps], capsize=4)
-    ax.set_xticks(range(len(comps)), _comparison_labels(comps), fontsize="small")
-    ax.set_ylabel("training seconds (evals excluded)")
-    ax.set_title("time to fp32's quality (its mean best eval loss + tolerance)")
-    for i, c in enumerate(comps):
-        assert c.ttq is not None
-        if c.ttq.reached == 0:
-            ax.text(i, 0, f"never reached\nin {c.ttq.horizon} steps", ha="center", va="bottom", fontsize="small")
-        elif c.ttq.reached < c.ttq.runs:
-            ax.text(i, values[i], f"{c.ttq.reached} of {c.ttq.runs} seeds", ha="center", va="bottom", fontsize="small")
-        elif c.ttq.speedup is not None and not c.is_baseline:
-            ax.text(i, values[i], f"{c.ttq.speedup:.2f}x fp32", ha="center", va="bottom", fontsize="small")
-    if not comps:
-        ax.text(0.5, 0.5, "no eval recorded", ha="center", va="center", transform=ax.transAxes)
-    return fig
-
-
-MEMORY_PARTS = (
-    ("params_mb", "parameters"),
-    ("grads_mb", "gradients"),
-    ("optimizer_mb", "optimizer"),
-    ("rest_mb", "rest"),
-)
-_PART_COLORS = {"parameters": "tab:blue", "gradients": "tab:orange", "optimizer": "tab:green", "rest": "tab:gray"}
-
-
-def memory_split_figure(report: SweepReport) -> Figure:
-    """Peak memory per precision as stacked bars: parameters, gradients, optimizer state and the rest
-    (activations and workspace); a run without the split shows its peak as one hatched bar."""
-    comps = [c for c in report.comparisons if c.memory is not None and c.memory.peak_mb is not None]
-    fig, (ax,) = _figure(1, 1, (max(6.0, 1.6 * len(comps)), 4.0))
-    bottoms = [0.0] * len(comps)
-    for attr, name in MEMORY_PARTS:
-        heights = [getattr(c.memory, attr) or 0.0 if c.memory and c.memory.rest_mb is not None else 0.0 for c in comps]
-        ax.bar(range(len(comps)), heights, bottom=bottoms, color=_PART_COLORS[name], label=name)
-        bottoms = [b + h for b, h in zip(bottoms, heights)]
-    unsplit = [i for i, c in enumerate(comps) if c.memory is not None and c.memory.rest_mb is None]
-    if unsplit:
-        ax.bar(unsplit, [comps[i].memory.peak_mb for i in unsplit], color="white", edgecolor="black", hatch="//",
-               label="peak (no split recorded)")  # fmt: skip
-    ax.set_xticks(range(len(comps)), _comparison_labels(comps), fontsize="small")
-    ax.set_ylabel("MB")
-    cpu = any(c.memory is not None and c.memory.kind == "cpu_rss" for c in comps)
-    ax.set_title("peak memory split" + ("\n(CPU: the peak is the whole process's resident set)" if cpu else ""))
-    if comps:
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    else:
-        ax.text(0.5, 0.5, "no memory recorded", ha="center", va="center", transform=ax.transAxes)
-    return fig
-
-
-_SEED_STYLES = ("-", "--", ":", "-.")
+# -- the explorer's view ---------------------------------------------------------------------------
 
 
 def explore_figure(data: FigureData) -> Figure:
-    """The explorer's view: one line per run (colour: precision, line style: seed; x = a marked point such as
-    a skipped step), or one bar per run stacked by memory part."""
-    fig, (ax,) = _figure(1, 1, (9.0, 4.0))
-    seeds = list(dict.fromkeys([line.seed for line in data.lines] + [bar.seed for bar in data.bars]))
-    for line in data.lines:
-        style = _SEED_STYLES[seeds.index(line.seed) % len(_SEED_STYLES)] if line.ok else "--"
-        color = _COLORS.get(line.precision, "tab:gray")
-        width = 2.6 if line.precision == BASELINE else 1.5  # wider, so a precision that tracks fp32 leaves it visible
-        ax.plot(line.x, line.y, style, color=color, label=line.label, linewidth=width)
-        if line.marks:
-            ax.plot([m[0] for m in line.marks], [m[1] for m in line.marks], "x", color="black", markersize=8)
+    """The explorer's view: one line per run (colour and marker: precision, line style: seed; fp32 narrower with
+    hollow markers, on top; x = a marked point such as a skipped step), or for memory a bar per run in two panels: its tensors, stacked,
+    and its peak. With nothing to draw, the note in words on a blank figure."""
+    if data.note:
+        fig, (ax,) = _figure(1, 1, (10.0, 2.4))
+        ax.set_title(data.view)
+        _say(ax, data.note)
+        return fig
     if data.bars:
-        at = range(len(data.bars))
-        bottoms = [0.0] * len(data.bars)
-        for name, color in _PART_COLORS.items():
-            heights = [dict(bar.parts).get(name, 0.0) for bar in data.bars]
-            if any(heights):
-                ax.bar(at, heights, bottom=bottoms, color=color, label=name)
-                bottoms = [b + h for b, h in zip(bottoms, heights)]
-        unsplit = [i for i, bar in enumerate(data.bars) if not bar.parts]
-        if unsplit:
-            ax.bar(unsplit, [data.bars[i].total for i in unsplit],
-                   color=[_COLORS.get(data.bars[i].precision, "tab:gray") for i in unsplit], label="peak (no split)")  # fmt: skip
-        ax.set_xticks(list(at), [bar.label for bar in data.bars], fontsize="small")
-    else:
-        ax.set_xlabel("step")
+        return _explore_bars(data)
+    fig, (ax,) = _figure(1, 1, (11.0, 4.8))
+    seeds = list(dict.fromkeys(line.seed for line in data.lines))
+    for index, line in enumerate(data.lines):
+        style = _line_style(line.precision, index, len(data.lines), len(line.x))
+        seed = seeds.index(line.seed)  # a seed: its line style and shade (fp32: narrower, on top)
+        style.update(linestyle=_SEED_STYLES[seed % len(_SEED_STYLES)], color=_seed_color(line.precision, seed))
+        if not line.ok:
+            style.update(linestyle=":", linewidth=1.6)
+        if data.log_y:
+            style["drawstyle"] = "steps-post"
+        ax.plot(line.x, line.y, label=line.label, **style)
+        if line.marks:
+            ax.plot([m[0] for m in line.marks], [m[1] for m in line.marks], "x", color="black", markersize=8,
+                    markeredgewidth=1.8, zorder=4)  # fmt: skip
+    ax.set_xlabel("step")
     ax.set_ylabel(data.ylabel)
-    ax.set_title(data.view)
+    ax.set_title(data.view + " (colour and marker: precision, line style and shade: seed; fp32 narrower, on top)")
     if data.log_y:
         ax.set_yscale("log", base=2)
-    if data.note:
-        ax.text(0.5, 0.5, data.note, ha="center", va="center", transform=ax.transAxes)
-    elif ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _legend(ax, outside=True)
     return fig
 
 
-def figure_png(fig: Figure, dpi: int = 72) -> bytes:
+def _explore_bars(data: FigureData) -> Figure:
+    labels = [bar.label.replace(" ", "\n", 1) for bar in data.bars]  # "fp16-mixed\ns0": side by side
+    fig, (tensors, peak) = _two_bar_panels(labels)
+    _tensor_panel(tensors, [{k: v for k, v in bar.parts if k != "rest"} or None for bar in data.bars])
+    peak.bar(range(len(data.bars)), [bar.total for bar in data.bars], color=[_color(b.precision) for b in data.bars])
+    peak.set_title(data.ylabel)
+    peak.set_ylabel("MB")
+    for ax in (tensors, peak):
+        _ticks(ax, labels)
+    return fig
+
+
+# -- saving ------------------------------------------------------------------------------------------
+
+
+def figure_png(fig: Figure, dpi: int = DPI) -> bytes:
     """The figure as PNG bytes (for a display that is updated in place)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
@@ -342,24 +558,29 @@ def figure_png(fig: Figure, dpi: int = 72) -> bytes:
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=100)
+    fig.savefig(target, dpi=DPI)
     return target
 
 
-def save_report_figures(report: SweepReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write the report's figures as `<out_dir>/<name>.png`; returns name -> path. The loss-scale figure
-    is drawn only when a run used a loss scaler (otherwise it would only say that none did)."""
-    out = Path(out_dir)
+def report_figures(report: SweepReport) -> dict[str, Figure]:
+    """The report's figures by name. The loss-scale figure is drawn only when a run used a loss scaler
+    (otherwise it would only say that none did)."""
     figures = {
         "eval_curves": eval_curves_figure(report),
         "time_to_quality": time_to_quality_figure(report),
         "memory_split": memory_split_figure(report),
-        "throughput_memory": throughput_memory_figure(report.table),
+        "throughput_memory": throughput_memory_figure(report.groups),
         "loss": loss_figure(report.results),
     }
     if any(_uses_scaler(r) for r in report.results):
         figures["loss_scale"] = loss_scale_figure(report.results)
-    return {name: save_figure(fig, out / f"{name}.png") for name, fig in figures.items()}
+    return figures
+
+
+def save_report_figures(report: SweepReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write the report's figures (`report_figures`) as `<out_dir>/<name>.png`; returns name -> path."""
+    out = Path(out_dir)
+    return {name: save_figure(fig, out / f"{name}.png") for name, fig in report_figures(report).items()}
 
 
 def headroom_figure(headroom: dict[str, Any]) -> Figure:
@@ -380,8 +601,8 @@ def headroom_figure(headroom: dict[str, Any]) -> Figure:
                 elif value is not None and math.isfinite(value):
                     grid[i, j] = value
         image = ax.imshow(grid, aspect="auto", cmap="RdYlGn", vmin=-4, vmax=16, interpolation="nearest")
-        ax.set_yticks(range(len(names)), names, fontsize="x-small")
-        ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize="x-small")
+        ax.set_yticks(range(len(names)), names, fontsize="small")
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize="small")
         ax.set_xlabel("sampled step")
         ax.set_title(f"fp16 headroom of {kind}s (doublings; < 0 overflows)")
         for event in headroom.get("first_overflow", []):

@@ -19,6 +19,10 @@ from typing import Any
 
 import torch
 
+from amp_lib.fp8 import FP8_ALIASES, FP8_RECIPES, Fp8Recipe, LayerPlan, MixedMfu, mixed_mfu, parse_fp8_layers
+from amp_lib.scaler import AmpScaler
+
+# torchao's fp8 recipes are precisions of their own; `fp8-mixed` (and `fp8`) name the default one.
 CANONICAL: tuple[str, ...] = (
     "fp32",
     "tf32",
@@ -26,7 +30,7 @@ CANONICAL: tuple[str, ...] = (
     "bf16-mixed",
     "fp16-true",
     "bf16-true",
-    "fp8-mixed",
+    *FP8_RECIPES,
 )
 
 # Lightning strings and ints, Hugging Face words, and "16_true" (an older spelling of these utilities).
@@ -37,6 +41,9 @@ ALIASES: dict[str | int, str] = {
     32: "fp32",
     "no": "fp32",
     "float32": "fp32",
+    "float16": "fp16-mixed",
+    "half": "fp16-mixed",
+    "bfloat16": "bf16-mixed",
     "tf32": "tf32",
     "fp16-mixed": "fp16-mixed",
     "16-mixed": "fp16-mixed",
@@ -49,8 +56,7 @@ ALIASES: dict[str | int, str] = {
     "16-true": "fp16-true",
     "16_true": "fp16-true",
     "bf16-true": "bf16-true",
-    "fp8-mixed": "fp8-mixed",
-    "fp8": "fp8-mixed",
+    **FP8_ALIASES,
 }
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -129,6 +135,15 @@ def compute_dtype_name(precision: str) -> str:
     return {"tf32": "fp32", "fp8": "bf16"}.get(family, family)
 
 
+def reduce_dtype_problem(precision: Any, reduce_dtype: str) -> str | None:
+    """Why gradients cannot be reduced in `reduce_dtype` under `precision` (FSDP reduces in fp32 or the
+    precision's compute dtype), or None: the one statement of the rule, for the config and the plan alike."""
+    compute = compute_dtype_name(parse_precision(precision))
+    if reduce_dtype in ("fp32", compute):
+        return None
+    return f"reduce_dtype={reduce_dtype!r} does not fit precision {precision!r}; valid: 'fp32' or its compute dtype {compute!r}"
+
+
 def parallel_label(precision: str, parallelism: str = "none", reduce_dtype: str | None = None) -> str:
     """How a report row names a precision run under a parallelism: `fsdp bf16-mixed (reduce fp32)`, `ddp
     fp16-mixed`, `fsdp fp32`, `bf16-mixed`. The reduce dtype is named where FSDP had a choice (a half compute dtype)."""
@@ -178,6 +193,11 @@ class Capabilities:
 
     def cc_at_least(self, major: int, minor: int) -> bool:
         return self.compute_capability is not None and tuple(self.compute_capability) >= (major, minor)
+
+    @property
+    def fp8_hardware(self) -> bool:
+        """Whether the device has fp8 GEMMs (a GPU of compute capability 8.9+: Ada, Hopper and newer)."""
+        return self.device_type == "cuda" and self.cc_at_least(8, 9)
 
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -259,10 +279,24 @@ class PrecisionPlan:
     gather_dtype: torch.dtype | None = None
     # The dtype gradients are reduced across ranks in (None on one device): DDP reduces them in their own dtype.
     reduce_dtype: torch.dtype | None = None
+    # fp8 plans only: which linears may run in fp8 (a config's `fp8_layers`, canonical), and whether the recipe
+    # runs emulated (no fp8 hardware here: its loss forecasts fp8's, its timings say nothing about fp8's speed).
+    fp8_layers: str | None = None
+    emulated: bool = False
 
     @property
     def fell_back(self) -> bool:
         return self.fallback_reason is not None
+
+    @property
+    def emulation_note(self) -> str | None:
+        """What a reader must know about an emulated fp8 plan, in one line (None when it is not emulated)."""
+        if not self.emulated:
+            return None
+        return (
+            f"{self.effective} emulated on {self.device_type} ({self.device_name}), which has no fp8 GEMMs: "
+            "its loss forecasts fp8's, its speed says nothing about fp8's"
+        )
 
     @property
     def family(self) -> str:
@@ -270,15 +304,45 @@ class PrecisionPlan:
         return self.effective.split("-")[0]
 
     @property
-    def peak_tflops(self) -> float | None:
-        """The device's dense peak TFLOP/s in this precision, where the table knows the device.
+    def peak_table(self) -> dict[str, float]:
+        """The device's dense peak TFLOP/s by precision family, where the table knows the device ({} elsewhere).
 
         A fragment must not run on into more digits: an "L40S" is no "L4", an "RTX A1000" no "A100".
         """
         for fragment, table in PEAK_TFLOPS.items():
             if re.search(rf"{re.escape(fragment)}(?!\d)", self.device_name):
-                return table.get(self.family)
-        return None
+                return table
+        return {}
+
+    @property
+    def peak_tflops(self) -> float | None:
+        """The device's dense peak TFLOP/s in this precision (None where unknown, and for emulated fp8)."""
+        return None if self.emulated else self.peak_table.get(self.family)
+
+    def mixed_mfu(
+        self, layers: LayerPlan | None, items_per_s: float, flops_per_item: float | None, devices: int = 1
+    ) -> MixedMfu | None:
+        """An fp8 run's MFU against the bf16 dense peak and against the mixed peak of the GEMMs that ran in fp8
+        and in bf16 (an item is one row of the linears' GEMMs: a token, or a sample); None for the other plans,
+        an emulated one, or a device whose peaks the table does not know."""
+        peaks = self.peak_table
+        if layers is None or self.emulated or not flops_per_item or not (peaks.get("bf16") and peaks.get("fp8")):
+            return None
+        return mixed_mfu(items_per_s, flops_per_item, min(layers.fp8_flops_per_row, flops_per_item), peaks, devices)
+
+    @property
+    def fp8_recipe(self) -> Fp8Recipe | None:
+        """The torchao recipe an fp8 plan converts its model with; None for the other precisions."""
+        if self.family != "fp8":
+            return None
+        return Fp8Recipe.from_values(self.effective, self.fp8_layers or "auto", self.emulated)
+
+    def scaler(self, init_scale: float = 2.0**16, growth_interval: int = 2000) -> AmpScaler:
+        """The loss scaler this plan runs with: enabled exactly when it needs one (fp16 mixed precision);
+        a disabled one steps the optimizer as plainly as a loop without a scaler."""
+        return AmpScaler(
+            self.device_type, enabled=self.use_loss_scaler, init_scale=init_scale, growth_interval=growth_interval
+        )
 
     def autocast(self) -> torch.autocast:
         """The forward context: autocast to the plan's dtype, or a disabled autocast."""
@@ -301,11 +365,8 @@ class PrecisionPlan:
         reason = self.fallback_reason
         compute = compute_dtype_name(self.effective)
         if reduce_name not in ("fp32", compute):
-            requested = compute_dtype_name(parse_precision(self.requested))
-            if reduce_name != requested:
-                raise ValueError(
-                    f"reduce_dtype={reduce_name!r} does not fit precision {self.requested!r}; valid: 'fp32' or its compute dtype {requested!r}"
-                )
+            if (problem := reduce_dtype_problem(self.requested, reduce_name)) is not None:
+                raise ValueError(problem)
             note = f"gradients reduced in {compute} (not {reduce_name}): the precision runs as {self.effective}"
             reason, reduce_name = (f"{reason}; then {note}" if reason else note), compute
         # A mixed precision's autocast dtype (None for fp32 and the "true" ones): fp8's is bf16, as torchao's
@@ -325,6 +386,27 @@ class PrecisionPlan:
             return self.effective
         return parallel_label(self.effective, self.parallelism, _dtype_name(self.reduce_dtype))
 
+    def prepare(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        compile: bool = False,
+        parallel: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        *,
+        tokens_per_step: int | None = None,
+    ) -> tuple[torch.nn.Module, LayerPlan | None]:
+        """The model on `device` in the parameter dtype, and an fp8 plan's layer plan (None otherwise): its recipe
+        swaps the linears `fp8_layers` selects for torchao's Float8Linear (`tokens_per_step`, the rows of one
+        micro-batch's GEMMs, is shown next to the auto rule); `parallel` wraps it for DDP/FSDP (after fp8, before
+        compile: torchao's and PyTorch's order); `compile` wraps it in torch.compile."""
+        model = model.to(device=device, dtype=self.param_dtype)
+        layers = None
+        if (recipe := self.fp8_recipe) is not None:
+            model, layers = recipe.convert(model, tokens_per_step)  # torchao: the fp8 extra
+        if parallel is not None:
+            model = parallel(model)
+        return (torch.compile(model) if compile else model), layers
+
     def prepare_model(
         self,
         model: torch.nn.Module,
@@ -332,24 +414,8 @@ class PrecisionPlan:
         compile: bool = False,
         parallel: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     ) -> torch.nn.Module:
-        """The model on `device` in the parameter dtype; fp8 swaps eligible linears for torchao's
-        Float8Linear (sizes that are multiples of 16); `parallel` wraps it for DDP/FSDP (after fp8, before
-        compile: torchao's and PyTorch's order); `compile` wraps it in torch.compile."""
-        model = model.to(device=device, dtype=self.param_dtype)
-        if self.effective == "fp8-mixed":
-            from torchao.float8 import convert_to_float8_training  # optional extra: only fp8 plans need it
-
-            def eligible(module: torch.nn.Module, fqn: str) -> bool:
-                return (
-                    isinstance(module, torch.nn.Linear)
-                    and module.in_features % 16 == 0
-                    and module.out_features % 16 == 0
-                )
-
-            convert_to_float8_training(model, module_filter_fn=eligible)
-        if parallel is not None:
-            model = parallel(model)
-        return torch.compile(model) if compile else model
+        """`prepare`'s model, without the layer plan."""
+        return self.prepare(model, device, compile, parallel)[0]
 
     def convert_input(self, x: Any) -> Any:
         """Float inputs in the parameters' dtype: a 'true' precision runs the whole model in half, as
@@ -374,6 +440,16 @@ class PrecisionPlan:
         d["reduce_dtype"] = _dtype_name(self.reduce_dtype)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrecisionPlan:
+        """The plan `to_dict` wrote (how a launcher hands its plan to torchrun's workers); other keys are ignored."""
+        names = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in d.items() if k in names}
+        for key in ("autocast_dtype", "param_dtype", "gather_dtype"):
+            values[key] = getattr(torch, values[key]) if values.get(key) else None
+        values["reduce_dtype"] = REDUCE_DTYPES[values["reduce_dtype"]] if values.get("reduce_dtype") else None
+        return cls(**values)
+
 
 _REDUCE_NAMES: dict[torch.dtype, str] = {d: name for name, d in REDUCE_DTYPES.items()}
 
@@ -383,32 +459,41 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return _REDUCE_NAMES.get(dtype)
 
 
-def _plan(requested: Any, effective: str, caps: Capabilities, reason: str | None) -> PrecisionPlan:
+def _plan(requested: Any, effective: str, caps: Capabilities, reason: str | None, fp8_layers: Any) -> PrecisionPlan:
     family, _, mode = effective.partition("-")
     half = HALF_DTYPES.get(family)
-    if family == "fp8":
+    fp8 = family == "fp8"
+    if fp8:
         half = torch.bfloat16  # fp8 matmuls inside bf16 autocast (torchao float8 training)
     return PrecisionPlan(
         requested=str(requested),
         effective=effective,
         device_type=caps.device_type,
         device_name=caps.device_name,
-        autocast_dtype=half if mode == "mixed" else None,
+        autocast_dtype=half if mode == "mixed" or fp8 else None,
         param_dtype=half if mode == "true" else torch.float32,
         use_loss_scaler=effective == "fp16-mixed",
         fallback_reason=reason,
+        fp8_layers=str(parse_fp8_layers(fp8_layers)) if fp8 else None,
+        emulated=fp8 and not caps.fp8_hardware,  # reached only with emulate_fp8 (`_fallback`)
     )
 
 
-def _fallback(name: str, caps: Capabilities, allow_slow: bool = False) -> tuple[str, str] | None:
-    """The precision to use instead of `name` on `caps`, with the reason; None if `name` runs."""
+def _fallback(
+    name: str, caps: Capabilities, allow_slow: bool = False, emulate_fp8: bool = False
+) -> tuple[str, str] | None:
+    """The precision to use instead of `name` on `caps`, with the reason; None if `name` runs (an fp8 recipe
+    without fp8 hardware runs with `emulate_fp8`, emulated)."""
     family, _, mode = name.partition("-")
     where = f"{caps.device_type} ({caps.device_name})"
     if name == "tf32" and not (caps.device_type == "cuda" and caps.cc_at_least(8, 0)):
         return "fp32", f"tf32 needs an Ampere or newer GPU (compute capability 8.0+); running on {where}"
-    if name == "fp8-mixed":
-        if not (caps.device_type == "cuda" and caps.cc_at_least(8, 9)):
-            return "bf16-mixed", f"fp8 needs a GPU with compute capability 8.9+ (Ada/Hopper); running on {where}"
+    if family == "fp8":
+        if not caps.fp8_hardware and not emulate_fp8:
+            return "bf16-mixed", (
+                f"fp8 needs a GPU with compute capability 8.9+ (Ada/Hopper); running on {where} "
+                "(emulate_fp8=True forecasts its loss in emulation)"
+            )
         if not caps.fp8_backend:
             return "bf16-mixed", "fp8 training needs torchao (pip install torchao); it is not installed"
     if family == "fp16" and caps.device_type == "cpu" and not caps.fp16_fast and not allow_slow:
@@ -433,23 +518,28 @@ def resolve_precision(
     allow_slow: bool = False,
     parallelism: str = "none",
     reduce_dtype: str = "fp32",
+    emulate_fp8: bool = False,
+    fp8_layers: Any = "auto",
 ) -> PrecisionPlan:
     """Resolve a requested precision against the hardware; fallbacks carry their reason.
 
     `allow_slow` runs fp16 on a CPU without fast fp16 anyway (correct, just slow): useful to study
     loss-scale dynamics on a laptop. Precisions the hardware cannot run at all still fall back.
     `parallelism` and `reduce_dtype` (a config's) add the gradient-reduction dtypes (`with_parallelism`).
+    `emulate_fp8` runs an fp8 recipe emulated where the device has no fp8 GEMMs (instead of falling back to
+    bf16-mixed), for its loss only; `fp8_layers` selects the linears an fp8 plan converts.
     """
     name = parse_precision(requested)
     caps = caps if caps is not None else probe()
     reasons: list[str] = []
     effective = name
-    while (step := _fallback(effective, caps, allow_slow)) is not None:
+    while (step := _fallback(effective, caps, allow_slow, emulate_fp8)) is not None:
         if strict:
-            raise PrecisionUnavailableError(f"precision {requested!r} is unavailable: {step[1]}")
+            why = re.sub(r"; (using|then) [\w-]+$", "", step[1])  # it raises: nothing is used instead
+            raise PrecisionUnavailableError(f"precision {requested!r} is unavailable: {why}")
         effective, reason = step
         reasons.append(reason)
-    return _plan(requested, effective, caps, "; then ".join(reasons) or None).with_parallelism(
+    return _plan(requested, effective, caps, "; then ".join(reasons) or None, fp8_layers).with_parallelism(
         parallelism, reduce_dtype
     )
 

@@ -19,12 +19,13 @@ from urllib.parse import urlparse
 from amp_lib.config import PROJECT, WANDB_MODES, RunConfig, check_wandb_mode
 from amp_lib.diagnose import StepProfile
 from amp_lib.precision import PrecisionPlan
-from amp_lib.results import HistoryRow, RunResult, finite_or_none
+from amp_lib.render import answer, format_ttq, reason
+from amp_lib.report import SweepReport
+from amp_lib.results import EvalRow, HistoryRow, RunResult, finite_or_none
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
 
-    from amp_lib.report import SweepReport
 
 log = logging.getLogger(__name__)
 __all__ = ["WANDB_MODES", "WandbTracker", "credentials_problem", "record_report", "resolve_wandb_mode"]
@@ -100,22 +101,24 @@ def report_summary(report: SweepReport) -> dict[str, Any]:
     `report/answer`, `report/tolerance`, and per precision `report/<precision>/<name>` (with several
     settings `report/<setting>/<precision>/<name>`, and `report/<setting>/recommendation`). Missing
     values are left out, never written as null or NaN."""
-    several = len({c.setting for c in report.comparisons}) > 1
-    summary: dict[str, Any] = {"report/answer": report.answer(), "report/tolerance": report.tolerance}
+    several = len({g.setting for g in report.groups}) > 1
+    summary: dict[str, Any] = {"report/answer": answer(report), "report/tolerance": report.tolerance}
 
     def prefix(setting: str) -> str:
         return f"report/{setting}/" if several else "report/"
 
     for rec in report.recommendations:
         summary[f"{prefix(rec.setting)}recommendation"] = rec.precision or "none"
-        summary[f"{prefix(rec.setting)}recommendation_reason"] = rec.reason
+        summary[f"{prefix(rec.setting)}recommendation_reason"] = reason(rec)
     for floor in report.noise:
         if floor.best_eval_loss is not None:
             summary[f"{prefix(floor.setting)}fp32_best_eval_loss"] = floor.best_eval_loss.mean
             summary[f"{prefix(floor.setting)}fp32_noise_std"] = floor.best_eval_loss.std
             summary[f"{prefix(floor.setting)}fp32_noise_ci_half_width"] = floor.half_width
             summary[f"{prefix(floor.setting)}tolerance_abs"] = floor.tolerance_abs
-    for c in report.comparisons:
+            if floor.seeds_needed:
+                summary[f"{prefix(floor.setting)}seeds_needed"] = floor.seeds_needed
+    for c in report.groups:
         key = f"{prefix(c.setting)}{c.requested}/"
         ttq = c.ttq
         values: dict[str, Any] = {
@@ -130,11 +133,17 @@ def report_summary(report: SweepReport) -> dict[str, Any]:
             "speedup": c.speedup.mean if c.speedup else c.point_speedup,
             "speedup_low": c.speedup.low if c.speedup else None,
             "speedup_high": c.speedup.high if c.speedup else None,
-            "ttq": ttq.format() if ttq else None,
+            "ttq": format_ttq(ttq) if ttq else None,
             "ttq_time_s": ttq.time_s.mean if ttq and ttq.time_s else None,
             "ttq_steps": ttq.steps.mean if ttq and ttq.steps else None,
             "ttq_reached": ttq.reached if ttq else None,
-            "ttq_speedup": ttq.speedup if ttq else None,
+            "ttq_speedup": (ttq.speedup.mean if ttq.speedup else ttq.point_speedup) if ttq else None,
+            "ttq_censored": ttq.censored if ttq else None,
+            "speed_source": c.speed_source or None,
+            "eligible": c.eligible,
+            "loss_diff_pct": c.loss_diff_pct.mean if c.loss_diff_pct else None,
+            "seeds_used": c.seeds_used,
+            "memory_ratio": c.memory_ratio.mean if c.memory_ratio else None,
             "peak_memory_mb": c.memory.peak_mb if c.memory else None,
             "why": "; ".join(
                 w
@@ -262,6 +271,11 @@ class WandbTracker:
         use_scaler = bool(self._plan and self._plan.use_loss_scaler)
         for row in rows:
             self.run.log(history_row_metrics(row, items_per_step, use_scaler), step=row.step)
+
+    def on_eval(self, row: EvalRow) -> None:
+        """Log each eval at its training step as it is measured (`eval/loss`; a non-finite one is left out)."""
+        if self.run is not None and row.loss is not None:
+            self.run.log({"eval/loss": row.loss}, step=row.step)
 
     def on_end(self, result: RunResult) -> None:
         """Write summary values that match the result JSON, then finish (failed unless status is ok)."""

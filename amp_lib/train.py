@@ -26,8 +26,10 @@ import random
 import statistics
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +37,7 @@ from typing import Any, Protocol
 import torch
 
 from amp_lib.config import RunConfig, parse_value
-from amp_lib.diagnose import StepProfiler, explain, machine_facts
+from amp_lib.diagnose import ProfileProbe, machine_context
 from amp_lib.distributed import (
     Ranks,
     RankSlice,
@@ -43,26 +45,32 @@ from amp_lib.distributed import (
     gradient_sync,
     in_torchrun,
     launch,
-    local_tensor,
     mean_over_ranks,
     process_group,
     worker_device,
     wrap_model,
 )
-from amp_lib.headroom import HeadroomMap
+from amp_lib.energy import EnergyMeter, EnergyReading
+from amp_lib.fp8 import LayerPlan, gemm_rows
+from amp_lib.headroom import HeadroomProbe
 from amp_lib.measure import PeakMemory, StepTimer, percentile
+from amp_lib.memtrack import MemorySplit, StepMemoryProbe
 from amp_lib.models import Workload, build_workload
+from amp_lib.optim import make_optimizer as make_named_optimizer
 from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
 from amp_lib.results import EvalRow, HistoryRow, Metrics, RunResult
-from amp_lib.scaler import COLLAPSED_SCALE, AmpScaler, StepOutcome
+from amp_lib.scaler import COLLAPSED_SCALE, StepOutcome
 
 
 class RunObserver(Protocol):
-    """Receives a run's plan, its history rows as they are flushed, and its result (e.g. W&B)."""
+    """Receives a run's plan, its history rows as they are flushed, each eval as it is measured, and its
+    result (e.g. W&B, the live figure, the progress bar)."""
 
     def on_start(self, config: RunConfig, plan: PrecisionPlan) -> None: ...
 
     def on_log(self, rows: Sequence[HistoryRow], items_per_step: int) -> None: ...
+
+    def on_eval(self, row: EvalRow) -> None: ...
 
     def on_end(self, result: RunResult) -> None: ...
 
@@ -77,17 +85,13 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused where the device has it: fused AdamW takes GradScaler's inf check without a sync.
+    """The config's optimizer (`amp_lib.optim`): `adamw` is AdamW, fused where the device has it (fused AdamW
+    takes GradScaler's inf check without a sync); the others are torchao's AdamW with low-precision state.
 
     With a learning-rate schedule the learning rate is a device tensor (`scheduled_lr` updates it in place).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
     lr: float | torch.Tensor = torch.tensor(config.lr, device=device) if config.schedules_lr else config.lr
-    hyper = {"lr": lr, "betas": (0.9, config.beta2), "weight_decay": config.weight_decay}
-    try:
-        return torch.optim.AdamW(params, **hyper, fused=device.type in ("cuda", "cpu"))
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, **hyper, foreach=False)  # takes a tensor lr too
+    return make_named_optimizer(model, lr, (0.9, config.beta2), config.weight_decay, device, config.optimizer)
 
 
 def scheduled_lr(applied_steps: torch.Tensor, config: RunConfig) -> torch.Tensor:
@@ -102,22 +106,6 @@ def scheduled_lr(applied_steps: torch.Tensor, config: RunConfig) -> torch.Tensor
     else:
         after = torch.full_like(n, config.lr)
     return torch.where(n < config.lr_warmup_steps, warm, after)
-
-
-def memory_split_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[float, float, float]:
-    """Parameters, gradients and optimizer state as tensor sizes (MiB): what the peak holds besides
-    activations and workspace. Gradients take their parameters' size and dtype. Under FSDP these are this
-    rank's shards (a DTensor's local part), under DDP each rank's full copy."""
-    params = [p for p in model.parameters()]
-    param_bytes = sum(local_tensor(p).numel() * p.element_size() for p in params)
-    grad_bytes = sum(local_tensor(p).numel() * p.element_size() for p in params if p.requires_grad)
-    state_bytes = sum(
-        local_tensor(t).numel() * t.element_size()
-        for state in optimizer.state.values()
-        for t in state.values()
-        if torch.is_tensor(t)
-    )
-    return param_bytes / 2**20, grad_bytes / 2**20, state_bytes / 2**20
 
 
 @torch.no_grad()
@@ -138,9 +126,13 @@ class Recorder:
 
     def __init__(self, timer: StepTimer, item_unit: str = "tokens", constant_lr: float | None = None) -> None:
         self.timer, self.item_unit, self.constant_lr = timer, item_unit, constant_lr
-        self.headroom: HeadroomMap | None = None  # set by the loop when the map is on
+        self.headroom: dict[str, Any] | None = None  # the fp16 headroom map, when it was on
         self.over_ranks = False  # several processes: the logged loss is the mean of every rank's
         self.profile: dict[str, Any] | None = None  # the profiled step's summary, when asked for
+        self.fp8_layers: LayerPlan | None = None  # an fp8 run's linears: which ran in fp8, and why not the others
+        self.memory: MemorySplit | None = None  # what held the memory at one untimed step's peak
+        self.energy: EnergyReading | None = None  # the timed steps' energy (None with the reason where not read)
+        self.machine: dict[str, Any] = {}  # where the run ran (amp_lib.diagnose.machine_context)
         self.history: list[HistoryRow] = []
         self.evals: list[EvalRow] = []
         self.timed_ms: list[float] = []
@@ -227,6 +219,19 @@ def check_divergence(rows: Sequence[HistoryRow], use_scaler: bool) -> None:
             )
 
 
+def resolve_plan(config: RunConfig, device: torch.device) -> PrecisionPlan:
+    """The precision plan a config runs with on `device`: its precision, fallbacks and parallelism, resolved once."""
+    return resolve_precision(
+        config.precision,
+        probe(device),
+        allow_slow=config.allow_slow,
+        parallelism=config.parallelism,
+        reduce_dtype=config.reduce_dtype,
+        emulate_fp8=config.emulate_fp8,
+        fp8_layers=config.fp8_layers,
+    )
+
+
 def train(
     config: RunConfig,
     observers: Sequence[RunObserver] = (),
@@ -239,12 +244,21 @@ def train(
 
     `plan` is the config's resolved precision when the caller already resolved it (the notebook shows
     it before training); otherwise it is resolved here, once. A ddp/fsdp run outside torchrun is launched
-    under torchrun (`timeout` in seconds bounds it) and replayed to the observers when it ends.
+    under torchrun with this plan (`timeout` in seconds bounds it) and replayed to the observers when it ends.
     """
     device = resolve_device(config.device)
-    if plan is None:
-        plan = resolve_precision(config.precision, probe(device), allow_slow=config.allow_slow)
-    plan = plan.with_parallelism(config.parallelism, config.reduce_dtype)
+    plan = plan if plan is not None else resolve_plan(config, device)
+    if plan.parallelism != config.parallelism:
+        raise ValueError(
+            f"the plan is for parallelism {plan.parallelism!r} but the config runs {config.parallelism!r}; "
+            "resolve it with amp_lib.train.resolve_plan(config, device)"
+        )
+    if config.lr_warmup_steps >= config.steps:
+        warnings.warn(
+            f"lr_warmup_steps={config.lr_warmup_steps} is not shorter than the run (steps={config.steps}): "
+            "the learning rate never reaches lr",
+            stacklevel=2,
+        )
     if config.parallelism == "none":
         return _train_here(config, plan, device, observers, write, Ranks())
     if not in_torchrun():
@@ -265,11 +279,23 @@ def _launch(
     if result.history:
         for obs in observers:
             obs.on_log(result.history, result.metrics.items_per_step or 0)
+    for row in result.evals:
+        for obs in observers:
+            obs.on_eval(row)
     if write:
         result.save(config.result_path)
     for obs in observers:
         obs.on_end(result)
     return result
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, or a CPU allocation that failed (torch's allocator, or Python's)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in text or
+                                              "DefaultCPUAllocator: not enough memory" in text)  # fmt: skip
 
 
 def _train_here(
@@ -290,26 +316,28 @@ def _train_here(
         metrics, status, error = _run(config, plan, device, observers, recorder, ranks), "ok", None
     except Diverged as exc:
         metrics, status, error = recorder.metrics(), "diverged", str(exc)
-    except torch.cuda.OutOfMemoryError as exc:
-        if parallel:
-            raise
-        metrics, status, error = recorder.metrics(), "oom", f"out of memory: {exc}"
     except Exception as exc:  # a user model can raise anything; the result must still be written
         if parallel:
             raise
         tail = "".join(traceback.format_exception(exc)[-3:])
-        metrics, status, error = recorder.metrics(), "failed", f"{type(exc).__name__}: {exc}\n{tail}"
+        if _out_of_memory(exc):
+            metrics, status, error = recorder.metrics(), "oom", f"out of memory: {exc}"
+        else:
+            metrics, status, error = recorder.metrics(), "failed", f"{type(exc).__name__}: {exc}\n{tail}"
     gc.collect()  # the workload (model, optimizer, batches) died with _run's frame: return its memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
     result = RunResult(
         config=config.to_dict(),
-        plan={**plan.to_dict(), "torch_version": torch.__version__, **_machine_share()},
+        plan={**plan.to_dict(), "torch_version": torch.__version__, **_machine_share(), "machine": recorder.machine},
         metrics=metrics,
         history=tuple(recorder.history),
         evals=tuple(recorder.evals),
-        headroom=recorder.headroom.to_dict() if recorder.headroom else None,
+        headroom=recorder.headroom,
         profile=recorder.profile,
+        fp8_layers=recorder.fp8_layers,
+        memory=recorder.memory,
+        energy=recorder.energy,
         status=status,
         error=error,
     )
@@ -336,14 +364,48 @@ def rank_rows(workload: Workload, ranks: Ranks) -> Workload:
     )
 
 
-def _machine_share() -> dict[str, int]:
+def _machine_share() -> dict[str, Any]:
     """The intra-op threads this run used, and how many runs shared the machine (a sweep's workers set
     AMP_WORKBOOK_CONCURRENT_RUNS): the report marks timings taken in parallel."""
     try:
         concurrent = max(1, int(os.environ.get("AMP_WORKBOOK_CONCURRENT_RUNS", "1")))
     except ValueError:
         concurrent = 1
-    return {"threads": torch.get_num_threads(), "concurrent_runs": concurrent}
+    share: dict[str, Any] = {"threads": torch.get_num_threads(), "concurrent_runs": concurrent}
+    if executor := os.environ.get("AMP_WORKBOOK_EXECUTOR"):
+        share["executor"] = executor
+    return share
+
+
+class Probe(Protocol):
+    """An optional instrument of the loop (the fp16 headroom map, the profiled step): it sees each step begin
+    and end, and the rows at each flush; `close()` removes what it put on the model. Off, it does not exist."""
+
+    def begin_step(self, step: int) -> None: ...
+
+    def end_step(self, step: int) -> None: ...
+
+    def flush(self, rows: Sequence[HistoryRow]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _probes(config: RunConfig, plan: PrecisionPlan, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            device: torch.device, clock: _Clock) -> dict[str, Any]:  # fmt: skip
+    """The probes of the run, by name: what held the memory at one untimed step's peak always (MemTracker: that
+    step only, and its time is no training time), the others only when asked (a diagnostic that is off costs
+    nothing)."""
+    profiled = max(config.timing_warmup_steps - 1, 0) if config.profile_step else None
+    # the split of an untimed step after the first (which makes the optimizer state), and not the profiled one
+    step = next((s for s in (1, 0) if s < config.timing_warmup_steps and s != profiled), None)
+    why_not = "no untimed step to measure" + (" besides the profiled one" if config.profile_step else "")
+    why_not += f" (timing_warmup_steps={config.timing_warmup_steps})"
+    probes: dict[str, Any] = {"memory": StepMemoryProbe(model, optimizer, device, step, clock.exclude, why_not)}
+    if config.headroom_every:
+        probes["headroom"] = HeadroomProbe(model, config.headroom_every, config.init_scale if plan.use_loss_scaler else None)
+    if profiled is not None:  # the last untimed step, so the profiler's overhead stays out of the timings
+        probes["profile"] = ProfileProbe(device, profiled, plan.effective, probe(device))
+    return probes
 
 
 def _run(
@@ -356,98 +418,98 @@ def _run(
 ) -> Metrics:
     seed_everything(config.seed)  # the same on every rank: FSDP shards one model, DDP checks it is one
     world = ranks.world_size
+    recorder.machine = {**machine_context(probe(device)), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     workload = rank_rows(build_workload(global_batch_config(config, world), device), ranks)
     recorder.over_ranks = world > 1  # the history's loss is the mean over the ranks' rows
+    param_count = sum(p.numel() for p in workload.model.parameters())
     recorder.item_unit = workload.item_unit
     wrap = partial(wrap_model, plan=plan, device=device) if plan.parallelism != "none" else None
-    model = plan.prepare_model(workload.model, device, config.compile, parallel=wrap)
+    tokens = gemm_rows(workload.train_batches[0][0]) if plan.fp8_recipe else None  # a micro-batch's, this rank's
+    model, recorder.fp8_layers = plan.prepare(workload.model, device, config.compile, wrap, tokens_per_step=tokens)
+    if world > 1:  # each rank draws its own dropout masks (the model and data were built alike above)
+        torch.manual_seed(config.seed * 1_000_003 + ranks.rank)
     optimizer = make_optimizer(model, config, device)
-    scaler = AmpScaler(
-        device.type, enabled=plan.use_loss_scaler, init_scale=config.init_scale, growth_interval=config.growth_interval
-    )
-    autocast, memory = plan.autocast(), PeakMemory(device)  # the forward context, chosen once
-    clip = config.grad_clip or None
-    items_per_step = workload.items_per_batch * config.grad_accum  # over all ranks: the batch was built global
-    batches, accum = workload.train_batches, config.grad_accum
+    scaler = plan.scaler(config.init_scale, config.growth_interval)
+    autocast, memory, clock = plan.autocast(), PeakMemory(device), _Clock(device)  # the forward context, chosen once
+    meter = EnergyMeter(device)  # NVML's energy counter around the timed steps (a reason elsewhere)
+    clip, batches, accum = config.grad_clip or None, workload.train_batches, config.grad_accum
+    items_per_step = workload.items_per_batch * accum  # over all ranks: the batch was built global
     lr = optimizer.param_groups[0]["lr"] if config.schedules_lr else None  # the device tensor the optimizer reads
     recorder.constant_lr = config.lr  # the rows' rate when no step records a scheduled one
     applied = torch.zeros((), device=device)  # optimizer steps really taken: skipped ones don't count
-    clock = _Clock(device)
-    headroom = recorder.headroom = HeadroomMap(model, config.headroom_every) if config.headroom_every else None
-    scale_in_use = config.init_scale if plan.use_loss_scaler else None
-    # One profiled step, the last untimed one, so the profiler's overhead stays out of the timings.
-    profiled = max(config.timing_warmup_steps - 1, 0) if config.profile_step else None
+    probes = _probes(config, plan, model, optimizer, device, clock)
 
-    with plan.tf32_scope():
-        model.train()
-        for step in range(config.steps):
-            timed = step >= config.timing_warmup_steps
-            if step == config.timing_warmup_steps:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                memory.reset()
-            if timed:
-                recorder.timer.start()
-            profiler = StepProfiler(device) if step == profiled else None
-            if profiler is not None:
-                profiler.start()
-            if lr is not None:
-                lr.copy_(scheduled_lr(applied, config))
-            if headroom is not None:
-                headroom.begin_step(step)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = batches[(step * accum + micro) % len(batches)]
-                with gradient_sync(model, micro == accum - 1):  # one gradient reduction per optimizer step
-                    with autocast:
-                        loss = workload.loss_fn(model(plan.convert_input(x)), y) / accum
-                    outcome = scaler.step(loss, optimizer, clip, update=micro == accum - 1)
-                step_loss += loss.detach().float()
-            optimizer.zero_grad(set_to_none=True)
-            if headroom is not None:
-                headroom.end_step(step)
-            if profiler is not None:
-                profile, facts = profiler.stop(), machine_facts(probe(device))
-                # What this run alone can tell (the report adds fp32's profile and the measured speed-up).
-                causes = (
-                    [c.text for c in explain(plan.effective, profile, None, facts)]
-                    if plan.family != "fp32"
-                    else []
+    def log_and_eval(step: int, rows: list[HistoryRow]) -> None:
+        for p in probes.values():
+            p.flush(rows)
+        began = time.perf_counter()  # a live figure's drawing is not training time
+        for obs in observers:
+            obs.on_log(rows, items_per_step)
+        clock.excluded += time.perf_counter() - began
+        check_divergence(rows, plan.use_loss_scaler)
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            _evaluate_into(recorder, clock, observers, step + 1, model, workload, plan)
+
+    try:
+        with plan.tf32_scope():
+            model.train()
+            for step in range(config.steps):
+                timed = step >= config.timing_warmup_steps
+                if step == config.timing_warmup_steps:
+                    _sync(device)
+                    memory.reset()
+                    meter.start()
+                for p in probes.values():
+                    p.begin_step(step)
+                if timed:
+                    recorder.timer.start()
+                if lr is not None:
+                    lr.copy_(scheduled_lr(applied, config))
+                step_loss = torch.zeros((), device=device)
+                for micro in range(accum):
+                    x, y = batches[(step * accum + micro) % len(batches)]
+                    with gradient_sync(model, micro == accum - 1):  # one gradient reduction per optimizer step
+                        with autocast:
+                            loss = workload.loss_fn(model(plan.convert_input(x)), y) / accum
+                        outcome = scaler.step(loss, optimizer, clip, update=micro == accum - 1)
+                    step_loss += loss.detach().float()
+                optimizer.zero_grad(set_to_none=True)
+                if lr is not None:
+                    applied += 1 - outcome.skipped.to(applied.dtype)
+                if timed:
+                    recorder.timer.stop()
+                for p in probes.values():
+                    p.end_step(step)
+                recorder.record(step, step_loss, outcome, timed, lr.clone() if lr is not None else None)
+                eval_due = bool(config.eval_every) and (step + 1) % config.eval_every == 0
+                if eval_due or (step + 1) % config.log_every == 0 or step + 1 == config.steps:  # an eval syncs anyway
+                    log_and_eval(step, recorder.flush())
+            if plan.use_loss_scaler and recorder.history and recorder.history[-1].skipped_steps == config.steps:
+                raise Diverged(
+                    f"the loss scaler skipped every one of the {config.steps} steps (init_scale={config.init_scale:g}): "
+                    "nothing was trained"
                 )
-                recorder.profile = {"step": step, **profile.to_dict(), "facts": facts, "causes": causes}
-            if lr is not None:
-                applied += 1 - outcome.skipped.to(applied.dtype)
-            if timed:
-                recorder.timer.stop()
-            recorder.record(step, step_loss, outcome, timed, lr.clone() if lr is not None else None)
-            eval_due = bool(config.eval_every) and (step + 1) % config.eval_every == 0 and step + 1 < config.steps
-            if eval_due or (step + 1) % config.log_every == 0 or step + 1 == config.steps:  # an eval syncs anyway
-                rows = recorder.flush()
-                if headroom is not None:
-                    used = []  # the scale each step's backward ran with: the one before its update
-                    for row in rows:
-                        used.append(scale_in_use)
-                        scale_in_use = row.loss_scale
-                    headroom.flush([r.skipped for r in rows], used)
-                began = time.perf_counter()  # a live figure's drawing is not training time
-                for obs in observers:
-                    obs.on_log(rows, items_per_step)
-                clock.excluded += time.perf_counter() - began
-                check_divergence(rows, plan.use_loss_scaler)
-            if eval_due:
-                _evaluate_into(recorder, clock, step + 1, model, workload, plan)
-        # the training peak (the final eval below adds no gradients to it), of every rank
-        peaks = gather_floats(memory.peak_mb(), device)
-        eval_loss = _evaluate_into(recorder, clock, config.steps, model, workload, plan)
-    if headroom is not None:
-        headroom.remove()
+            _sync(device)  # the queued steps are part of the energy
+            timed_items = items_per_step * (config.steps - config.timing_warmup_steps)
+            reading = meter.stop(timed_items)  # each rank reads its own GPU: the run's energy is their sum
+            recorder.energy = reading.over_ranks(gather_floats(reading.joules, device), timed_items)
+            # the training peak (the final eval below adds no gradients to it), of every rank, and the tensor sizes
+            peaks, sizes = gather_floats(memory.peak_mb(), device), probes["memory"].counted()
+            eval_loss = _evaluate_into(recorder, clock, observers, config.steps, model, workload, plan)
+    finally:
+        if recorder.energy is None:
+            meter.stop()  # a run cut short: no reading, but NVML let go
+        for p in probes.values():
+            p.close()
+        recorder.memory = probes["memory"].record()
+        recorder.headroom = probes["headroom"].record() if "headroom" in probes else None
+        recorder.profile = probes["profile"].record() if "profile" in probes else None
 
     step_ms = statistics.median(recorder.timed_ms)
     throughput = items_per_step / (step_ms / 1e3)
-    peak_flops = plan.peak_tflops
-    flops = workload.flops_per_item
+    peak_flops, flops = plan.peak_tflops, workload.flops_per_item
     mfu = throughput * flops / (peak_flops * 1e12 * world) if peak_flops and flops else None  # per device
-    param_mb, grad_mb, optimizer_mb = memory_split_mb(model, optimizer)
+    mixed = plan.mixed_mfu(recorder.fp8_layers, throughput, flops, world)  # fp8 runs: against both peaks
     return replace(
         recorder.metrics(),
         items_per_s=throughput,
@@ -463,11 +525,18 @@ def _run(
         peak_memory_kind=memory.kind,
         eval_loss=eval_loss,
         train_time_s=clock.training_s(),
-        mfu=mfu,
-        param_memory_mb=param_mb,
-        grad_memory_mb=grad_mb,
-        optimizer_memory_mb=optimizer_mb,
+        mfu=mixed.mfu_vs_bf16_peak if mixed else mfu,
+        **(mixed.to_dict() if mixed else {}),
+        param_memory_mb=sizes.parameters_mb,  # tensor sizes; what held the peak is `recorder.memory`
+        grad_memory_mb=sizes.gradients_mb,
+        optimizer_memory_mb=sizes.optimizer_state_mb,
+        param_count=param_count,
     )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _Clock:
@@ -477,6 +546,10 @@ class _Clock:
     def __init__(self, device: torch.device) -> None:
         self.device, self.start, self.excluded = device, time.perf_counter(), 0.0
 
+    def exclude(self, seconds: float) -> None:
+        """Take `seconds` out of training time (a step a diagnostic slowed down)."""
+        self.excluded += seconds
+
     def training_s(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the queued steps are part of the time
@@ -484,14 +557,24 @@ class _Clock:
 
 
 def _evaluate_into(
-    recorder: Recorder, clock: _Clock, step: int, model: torch.nn.Module, workload: Workload, plan: PrecisionPlan
+    recorder: Recorder,
+    clock: _Clock,
+    observers: Sequence[RunObserver],
+    step: int,
+    model: torch.nn.Module,
+    workload: Workload,
+    plan: PrecisionPlan,
 ) -> float:
-    """Evaluate after `step` optimizer steps, record the eval, and end the run if the loss is not finite."""
+    """Evaluate after `step` optimizer steps, record the eval, show it to the observers, and end the run if the
+    loss is not finite."""
     elapsed = clock.training_s()
     began = time.perf_counter()
     loss = evaluate(model, workload, plan)
+    row = EvalRow(step=step, loss=loss if math.isfinite(loss) else None, elapsed_s=elapsed)
+    recorder.evals.append(row)
+    for obs in observers:
+        obs.on_eval(row)
     clock.excluded += time.perf_counter() - began
-    recorder.evals.append(EvalRow(step=step, loss=loss if math.isfinite(loss) else None, elapsed_s=elapsed))
     if not math.isfinite(loss):
         raise Diverged(f"eval loss is {loss} after step {step}")
     return loss
@@ -510,16 +593,21 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amp_lib.train", description="Train one run; write its result JSON.")
     parser.add_argument("--config", help="a JSON file of RunConfig values")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a RunConfig value (wins over --config)")
+    parser.add_argument("--plan", help="a JSON file of the precision plan to run (a launcher's); default: resolved here")
     parser.add_argument("--result", help="where rank 0 writes the result (default: <out_dir>/<run name>.json)")
     args = parser.parse_args(argv)
-    values: dict[str, Any] = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
-    for item in args.param:
-        key, sep, text = item.partition("=")
-        if not sep:
-            parser.error(f"invalid -p {item!r}; expected KEY=VALUE")
-        values[key.strip()] = parse_value(key.strip(), text)
-    config = RunConfig.from_dict(values)
-    result = train(config, write=False)
+    try:
+        values: dict[str, Any] = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
+        for item in args.param:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise ValueError(f"invalid -p {item!r}; expected KEY=VALUE")
+            values[key.strip()] = parse_value(key.strip(), text)
+        config = RunConfig.from_dict(values)
+        plan = PrecisionPlan.from_dict(json.loads(Path(args.plan).read_text(encoding="utf-8"))) if args.plan else None
+    except (OSError, ValueError) as exc:  # one line naming the bad value, no traceback
+        parser.exit(2, f"error: {exc}\n")
+    result = train(config, plan=plan, write=False)
     if int(os.environ.get("RANK", "0")) == 0:
         path = result.save(args.result or config.result_path)
         print(f"{config.name}: {result.status} -> {path}" + (f" ({result.error_line})" if result.error else ""))

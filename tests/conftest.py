@@ -153,9 +153,11 @@ def ctrl_c_stdout() -> Iterator[type[CtrlCOnFirstOutcome]]:
 
 # Set by libraries for themselves, once per process, by whichever test first needs them (importing Lightning
 # sets the first, so a whole-suite run has it before any test).
-# (inductor sets _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR for its generated code on a first compile)
+# (inductor sets _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR for its generated code on a first compile; importing
+# ray sets RAY_CLIENT_MODE=0)
 SET_BY_LIBRARIES_ON_FIRST_USE = {
     "PYTEST_CURRENT_TEST",
+    "RAY_CLIENT_MODE",
     "TORCHINDUCTOR_CACHE_DIR",
     "TRITON_CACHE_DIR",
     "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",

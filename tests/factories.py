@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from amp_lib.results import EvalRow, HistoryRow, Metrics, RunResult
+from amp_lib.results import EvalRow, HistoryRow, Metrics, PlanRecord, RunResult
 
 SCALED = ("fp16-mixed",)  # effective precisions that run with a loss scaler
 
@@ -59,7 +59,7 @@ def make_result(
     rows: tuple[HistoryRow, ...] = (),
     metrics: dict[str, Any] | None = None,
     evals: Sequence[EvalRow] = (),
-    plan: dict[str, Any] | None = None,
+    plan: dict[str, Any] | PlanRecord | None = None,
     headroom: dict[str, Any] | None = None,
     profile: dict[str, Any] | None = None,
     **config: Any,
@@ -87,7 +87,7 @@ def make_result(
             "requested": str(precision),
             "effective": effective or str(precision),
             "fallback_reason": reason,
-            **(plan or {}),
+            **(plan.to_dict() if isinstance(plan, PlanRecord) else plan or {}),
         },
         metrics=Metrics(
             items_per_s=tps,
@@ -107,3 +107,35 @@ def make_result(
         status=status,
         error=error,
     )
+
+
+def seeds(precision: str, values: list[float], *, what: str = "eval_loss", **kw: Any) -> list[RunResult]:
+    """One result per seed 0, 1, 2...: `values` are the eval losses (or, with what="tps", throughputs)."""
+    return [make_result(precision, seed, **{what: value}, **kw) for seed, value in enumerate(values)]
+
+
+# Three precisions of one seed each, as the report tables are tested on them.
+THREE = [
+    make_result("fp32", tps=1000, mem=200, eval_loss=2.0),
+    make_result("fp16-mixed", tps=2500, mem=120, eval_loss=2.01, skipped=3, final_scale=32768.0, min_scale=1024.0),
+    make_result("bf16", effective="bf16-mixed", tps=2000, mem=110, eval_loss=1.99),
+]
+# An fp16-mixed run as train() records it: one skipped step halved the scale from 2**16.
+FP16_SCALED = {"skipped": 1, "final_scale": 32768.0, "min_scale": 32768.0, "rows": history(5, scaled=True, skip_at=2)}
+# What the memory split of a result holds, as train() records it (MB).
+SPLIT = {"param_memory_mb": 10.0, "grad_memory_mb": 10.0, "optimizer_memory_mb": 20.0}
+# A three-seed sweep of four precisions with eval curves, memory splits and one-run-at-a-time timings.
+SWEEP = [
+    make_result(
+        precision, seed, tps=tps * (1 + 0.01 * (seed * (i + 1) % 4)), mem=peak, eval_loss=curve[-1], evals=eval_curve(*curve, step_s=step_s),
+        metrics={**SPLIT, "peak_memory_kind": "cuda_allocated", "train_time_s": 3 * 10 * step_s},
+        plan={"concurrent_runs": 1, "threads": 16},
+    )
+    for i, (precision, tps, peak, step_s, curves) in enumerate((
+        ("fp32", 1000.0, 400.0, 0.1, [(3.0, 2.3, 2.0), (3.0, 2.35, 2.02), (3.0, 2.3, 1.98)]),
+        ("tf32", 1500.0, 400.0, 0.07, [(3.0, 2.3, 2.01), (3.0, 2.3, 2.0), (3.0, 2.4, 2.05)]),
+        ("fp16-mixed", 2600.0, 250.0, 0.04, [(3.0, 2.6, 2.2), (3.0, 2.6, 2.24), (3.0, 2.7, 2.19)]),
+        ("bf16-mixed", 2400.0, 240.0, 0.04, [(3.0, 2.03, 2.0), (3.0, 2.02, 2.02), (3.0, 2.035, 1.985)]),
+    ))
+    for seed, curve in enumerate(curves)
+]  # fmt: skip

@@ -19,6 +19,7 @@ from amp_lib.bench import (
     build_parser,
     format_bench_table,
     format_headroom_table,
+    format_interleaved,
     headroom_cost,
     main,
 )
@@ -148,13 +149,13 @@ def test_bare_loop_compiles_the_model_when_asked(user_models) -> None:
 @pytest.fixture  # per test: mutation testing must see every test that reads the rows call bench()
 def rows():
     base = RunConfig(model="mlp", steps=6, timing_warmup_steps=2, batch_size=4, log_every=2, device="cpu")
-    return bench(base, ["fp32", "fp16-mixed"], repeats=1)
+    return bench(base, ["fp32", "tf32"], repeats=1)  # tf32 falls back to fp32 on every CPU
 
 
 @pytest.mark.slow
 def test_bench_reports_each_precision_with_its_fallback(rows) -> None:
-    assert [r.precision for r in rows] == ["fp32", "fp16-mixed"]
-    assert rows[1].effective == "bf16-mixed" and "fp16" in rows[1].fallback_reason
+    assert [r.precision for r in rows] == ["fp32", "tf32"]
+    assert rows[1].effective == "fp32" and "tf32" in rows[1].fallback_reason
     assert all(r.step_ms > 0 and r.bare_step_ms > 0 and r.items_per_s > 0 for r in rows)
     assert rows[0].unit == "samples"
 
@@ -169,10 +170,10 @@ def test_bench_throughput_counts_the_items_of_one_step(rows) -> None:
 @pytest.mark.slow
 def test_bench_table_quotes_ratios_against_the_fp32_row(rows) -> None:
     table = format_bench_table(rows, "cpu")
-    fp32_line, fp16_line = (line for line in table.splitlines() if line.startswith("| fp"))
+    fp32_line, tf32_line = (line for line in table.splitlines() if line.startswith(("| fp32", "| tf32")))
     assert "| 1.00x |" in fp32_line
     ratio = rows[1].items_per_s / rows[0].items_per_s
-    assert f"| {ratio:.2f}x |" in fp16_line
+    assert f"| {ratio:.2f}x |" in tf32_line
     assert "fallbacks:" in table
 
 
@@ -266,6 +267,7 @@ def test_bench_defaults_are_the_documented_setup(cuda, model, batch_size, seq_le
     assert (config.model, config.batch_size, config.seq_len) == (model, batch_size, seq_len)
     assert (config.steps, config.timing_warmup_steps, config.log_every, config.device) == (40, 10, 10, "auto")
     assert (args.precisions, args.repeats, args.json) == (["fp32", "bf16-mixed", "fp16-mixed"], 3, None)
+    assert args.speed_budget == 30.0
     assert not (config.allow_slow or config.compile)
     flags = base_config(build_parser(cuda).parse_args(["--allow-slow", "--compile", "--steps", "12"]))
     assert flags.allow_slow and flags.compile and flags.steps == 12
@@ -303,7 +305,8 @@ def test_bench_cli_help_and_a_bad_model(capsys) -> None:
     assert "--allow-slow run fp16 even on a CPU without fast fp16 --compile" in flat
     assert "--compile torch.compile the model in both loops --json" in flat
     assert "--json JSON also write the rows as JSON here --headroom-every" in flat
-    assert flat.endswith("--headroom-every HEADROOM_EVERY also measure the fp16 headroom map sampling every N steps")
+    assert "--headroom-every HEADROOM_EVERY also measure the fp16 headroom map sampling every N steps" in flat
+    assert flat.endswith("--speed-budget SPEED_BUDGET seconds for the interleaved timing (0: skip it)")
     with pytest.raises(SystemExit) as info:
         build_parser(False).parse_args(["--model", "gpt-huge"])
     assert info.value.code == 2
@@ -323,6 +326,7 @@ def test_bench_cli_writes_json(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"device: {probe(torch.device('cpu')).device_name}, torch {torch.__version__}"
     assert printed[3].startswith("| fp32 | fp32 |")
+    assert not any(line.startswith("interleaved timing") for line in printed)  # one precision: nothing to pair
     assert out.read_text() == json.dumps(json.loads(out.read_text()), indent=2)  # readable, two-space indent
 
 
@@ -345,3 +349,26 @@ def test_headroom_cost_times_map_off_unsampled_and_sampled_steps_apart(capsys) -
             "--batch-size", "2", "--device", "cpu", "--headroom-every", "3"]  # fmt: skip
     assert main(argv) == 0
     assert "headroom map (sampled every 3 steps): median step ms" in capsys.readouterr().out
+
+
+# --- the interleaved speed-up: the sweep's own protocol ----------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_quotes_the_interleaved_speed_up_with_its_interval_and_verdict(capsys) -> None:
+    base = mlp_config(timing_warmup_steps=1, batch_size=8)
+    table = format_interleaved(base, ["fp32", "bf16-mixed"], budget_s=2.0).splitlines()
+    assert table[0].startswith("interleaved timing (the sweep's protocol: ABBA blocks of ")
+    assert table[1:3] == ["| precision | speed-up vs fp32 [95% CI] | rounds | verdict |", "|---|---|---|---|"]
+    (row,) = table[3:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "bf16-mixed" and int(cells[2]) >= 1
+    low, high = (float(x) for x in cells[1].split("[")[1].rstrip("x]").replace("x", "").split(", "))
+    assert 0 < low <= float(cells[1].split("x")[0]) <= high
+    assert cells[3].split(" (")[0] in {"faster", "slower", "no measurable gain", "undecided"}
+    argv = ["--model", "mlp", "--precisions", "fp32", "bf16-mixed", "--steps", "4", "--timing-warmup-steps", "1",
+            "--repeats", "1", "--batch-size", "2", "--device", "cpu", "--speed-budget", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert "\ninterleaved timing (the sweep's protocol" in capsys.readouterr().out
+    assert main([*argv[:-1], "0"]) == 0
+    assert "interleaved timing" not in capsys.readouterr().out

@@ -660,3 +660,83 @@ def test_a_config_raises_the_first_of_its_problems() -> None:
     with pytest.raises(ValueError) as info:
         RunConfig(**values)
     assert str(info.value) == RunConfig.problems(values)[0] == "steps=0 must be >= 1"
+
+
+# --- fp8 recipes and the optimizer: run values like any other ---------------------------------------
+
+
+def test_the_fp8_and_optimizer_fields_default_to_todays_behaviour_and_keep_older_identities() -> None:
+    config = RunConfig()
+    assert (config.fp8_layers, config.emulate_fp8, config.optimizer) == ("auto", False, "adamw")
+    # a field added with a default leaves every older config's identity (and result file name) as it was
+    assert config.identity == config_identity({"precision": "fp32"})
+    assert RunConfig(optimizer="adamw-8bit").identity != config.identity
+    assert RunConfig(emulate_fp8=True).identity != config.identity
+
+
+@pytest.mark.parametrize(
+    "values,stored",
+    [
+        ({"fp8_layers": " ALL "}, {"fp8_layers": "all"}),
+        ({"fp8_layers": "all, lm_head,blocks.0.*"}, {"fp8_layers": "lm_head,blocks.0.*"}),
+        ({"fp8_layers": "auto,lm_head,lm_head"}, {"fp8_layers": "auto,lm_head"}),
+        ({"optimizer": "AdamW8bit"}, {"optimizer": "adamw-8bit"}),
+        ({"optimizer": "adamw_4bit"}, {"optimizer": "adamw-4bit"}),
+        ({"optimizer": "adamw-fp32"}, {"optimizer": "adamw"}),
+        ({"optimizer": "adamw-bf16", "precision": "bf16-true"}, {"optimizer": "adamw-bf16"}),
+        ({"precision": "fp8-mixed", "emulate_fp8": True}, {"precision": "fp8-tensorwise", "emulate_fp8": True}),
+        ({"precision": "fp32", "fp8_layers": "lm_head"}, {"fp8_layers": "lm_head"}),  # ignored by fp32, kept
+    ],
+    ids=repr,
+)
+def test_fp8_layers_and_optimizer_are_stored_canonical(values: dict[str, Any], stored: dict[str, Any]) -> None:
+    config = RunConfig(**values)
+    assert {k: getattr(config, k) for k in stored} == stored
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.identity == RunConfig(**stored, **{k: v for k, v in values.items() if k not in stored}).identity
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"optimizer": "adam"}, ("invalid optimizer 'adam'; valid values are: adamw, adamw-bf16, adamw-8bit, "
+                                "adamw-4bit, adamw-fp8")),
+        ({"fp8_layers": "auto,all"}, "invalid fp8_layers 'auto,all': name one of 'auto' or 'all', not both; valid: "),
+        ({"fp8_layers": "lm head"}, "invalid fp8_layers 'lm head': bad pattern 'lm head'; valid: 'auto'"),
+        ({"fp8_layers": ""}, "invalid fp8_layers ''; valid: 'auto' (torchao's rule for the recipe), 'all'"),
+        ({"emulate_fp8": "yes"}, "emulate_fp8='yes' has type str; expected bool"),
+        ({"optimizer": 8}, "optimizer=8 has type int; expected str"),
+    ],
+    ids=repr,
+)  # fmt: skip
+def test_bad_fp8_and_optimizer_values_are_one_line_naming_the_value_and_the_choices(values, message) -> None:
+    with pytest.raises(ValueError) as info:
+        RunConfig(**values)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-true", "fp8-rowwise"])
+def test_adamw_bf16_with_parameters_that_are_not_bf16_is_a_problem_a_sweep_skips(precision: str) -> None:
+    values = {"optimizer": "adamw-bf16", "precision": precision}
+    problems = RunConfig.problems(values)
+    dtype = "fp16" if precision == "fp16-true" else "fp32"
+    assert problems == [
+        ("optimizer 'adamw-bf16' keeps bf16 parameters and state (stochastic rounding): it needs bf16 parameters "
+        f"(precision bf16-true); this run's parameters are {dtype}")
+    ]
+    assert RunConfig.problems({**values, "precision": "bf16-true"}) == []
+
+
+@pytest.mark.parametrize("optimizer", ["adamw-8bit", "adamw-4bit", "adamw-fp8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true"])
+def test_torchaos_low_bit_optimizers_run_with_any_precision_on_this_machine(optimizer: str, precision: str) -> None:
+    # torchao is installed and a C++ compiler is on the PATH here: nothing stops them (optim's own tests say why not)
+    assert RunConfig.problems({"optimizer": optimizer, "precision": precision, "device": "cpu"}) == []
+
+
+def test_the_new_fields_parse_from_the_text_of_a_sweeps_p() -> None:
+    assert parse_value("optimizer", "adamw-8bit") == "adamw-8bit"
+    assert parse_value("emulate_fp8", "true") is True
+    assert parse_value("fp8_layers", "lm_head,blocks.0.*") == "lm_head,blocks.0.*"
+    # a sweep's -p splits its values at commas: '+' separates the patterns of one value
+    assert RunConfig(fp8_layers=parse_value("fp8_layers", "lm_head+blocks.0.*")).fp8_layers == "lm_head,blocks.0.*"

@@ -26,6 +26,7 @@ from torch import nn
 
 from amp_lib import distributed
 from amp_lib.config import RunConfig
+from amp_lib.details import summary_markdown
 from amp_lib.distributed import (
     Ranks,
     RankSlice,
@@ -410,6 +411,9 @@ class Rows:
         self.rows += list(rows)
         self.items = items_per_step
 
+    def on_eval(self, row: Any) -> None:
+        self.calls.append(f"eval {row.step}")
+
     def on_end(self, result: RunResult) -> None:
         self.calls.append(f"end {result.status}")
 
@@ -430,7 +434,7 @@ def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(
         result = train(config, [observer])
     finally:
         torch.set_num_threads(threads)
-    assert result.plan["threads"] == 2, result.error
+    assert result.plan.threads == 2, result.error
     reference = single_process(str(tmp_path))
     assert result.ok, result.error
     assert [f.name for f in (tmp_path / "out").iterdir()] == [config.result_path.name]  # rank 0's, nothing else
@@ -439,11 +443,12 @@ def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(
     assert losses == pytest.approx([r.loss for r in reference.history], rel=1e-4)
     assert result.metrics.eval_loss == pytest.approx(reference.metrics.eval_loss, rel=1e-4)
     # replayed to the observers as a run in this process would report it, with the global batch's tokens
-    assert observer.calls == ["start ddp fp32", "log", "end ok"] and observer.rows == list(result.history)
+    evals = [f"eval {e.step}" for e in result.evals]
+    assert observer.calls == ["start ddp fp32", "log", *evals, "end ok"] and observer.rows == list(result.history)
     assert observer.items == result.metrics.items_per_step == 8 * 16
     assert len(result.metrics.peak_memory_mb_ranks) == 2
     assert result.metrics.peak_memory_mb == max(result.metrics.peak_memory_mb_ranks)
-    assert result.plan["parallelism"] == "ddp" and result.plan["reduce_dtype"] == "fp32"
+    assert result.plan.parallelism == "ddp" and result.plan.reduce_dtype == "fp32"
     assert result.metrics.param_memory_mb == pytest.approx(reference.metrics.param_memory_mb)  # a full replica
     # the profiled step saw DDP's gradient all-reduce; a single process has none to report
     assert result.metrics.comm_time_ms is not None and result.metrics.comm_time_ms > 0
@@ -545,7 +550,7 @@ def test_fsdp_on_two_processes_matches_one_process_and_shards_the_memory(under_t
     names = sorted(p.name for p in (out / "results").iterdir())  # rank 0 alone wrote, one file per run
     assert names == sorted(f"{c.run_name}.json" for c in _scenarios(out).values())
     saved = RunResult.load(out / "results" / "fsdp-fp32.json")
-    assert saved.plan["parallelism"] == "fsdp" and saved.metrics.items_per_step == 8 * 16
+    assert saved.plan.parallelism == "fsdp" and saved.metrics.items_per_step == 8 * 16
 
 
 @pytest.mark.slow
@@ -553,7 +558,7 @@ def test_fsdp_reduces_gradients_in_the_dtype_the_plan_names(under_torchrun: Any)
     out, ranks = under_torchrun
     for name, reduce in (("fsdp-bf16-reduce-fp32", "fp32"), ("fsdp-bf16-reduce-bf16", "bf16")):
         saved = RunResult.load(out / "results" / f"reduce-{reduce}.json")
-        assert saved.ok and saved.plan["reduce_dtype"] == reduce and saved.plan["gather_dtype"] == "bfloat16"
+        assert saved.ok and saved.plan.reduce_dtype == reduce and saved.plan.gather_dtype == "bfloat16"
         for rank in ranks:
             steps = rank[name]["steps_seen"]
             assert len(steps) == 2 and all(s["dtypes"] == ["torch.float32"] for s in steps)  # fp32 master shards
@@ -646,7 +651,7 @@ def test_an_error_on_one_rank_fails_the_run_with_that_ranks_error(tmp_path: Path
     assert alive  # the launcher stopped torchrun's processes, not every child of this one
     assert result.status == "failed", result.error
     assert result.error.startswith("torchrun exited with 1; rank 1: ") and f"rank 1 broke at forward {KILL_AT}" in result.error
-    assert result.plan["torch_version"] == torch.__version__ and result.plan["parallelism"] == "ddp"
+    assert result.plan.torch_version == torch.__version__ and result.plan.parallelism == "ddp"
 
 
 @pytest.mark.slow
@@ -735,8 +740,8 @@ def test_a_sweep_with_nproc_2_runs_under_torchrun_and_its_report_shows_the_paral
     assert result.ok and result.config["parallelism"] == "ddp" and result.config["nproc"] == 2
     assert result.metrics.items_per_step == 2 * 2 * 16 and len(result.metrics.peak_memory_mb_ranks) == 2
     report = build_report(load_sweep(tmp_path / "sw"))  # what summary.md and report.ipynb show (--no-report: no kernel)
-    (row,) = report.comparisons
-    assert row.requested == "ddp fp32" and "| ddp fp32 |" in report.summary_markdown()
+    (row,) = report.groups
+    assert row.requested == "ddp fp32" and "| ddp fp32 |" in summary_markdown(report)
 
 
 if __name__ == "__main__":

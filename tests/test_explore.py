@@ -159,11 +159,32 @@ def test_the_loss_scale_view_marks_skipped_steps_and_leaves_out_runs_without_a_s
     ex = Explorer.of(sweep())
     data = ex.figure_data(replace(ex.default_selection(), view="loss scale"))
     assert [line.label for line in data.lines] == ["fp16-mixed s0", "fp16-mixed s1"]
-    assert data.lines[0].y == (65536.0, 65536.0, 32768.0, 32768.0)
-    assert data.lines[0].marks == ((2, 32768.0),) and data.log_y and data.note == ""
+    # rows hold the scale after each step (2**16, 2**16, 2**15 skipped, 2**15); a step ran with the one before
+    assert data.lines[0].y == (65536.0, 65536.0, 65536.0, 32768.0)
+    assert data.lines[0].marks == ((2, 65536.0),) and data.log_y and data.note == ""
     fp32_only = ex.figure_data(Selection("gpt-tiny batch_size=4", ("fp32",), (0, 1), "loss scale"))
-    assert fp32_only.lines == () and fp32_only.note.startswith("no selected run used a loss scaler")
-    assert not fp32_only.log_y
+    assert fp32_only.lines == () and not fp32_only.log_y
+    assert (
+        fp32_only.note
+        == "no fp16-mixed run in this selection: no loss scale to show (only fp16-mixed uses a loss scaler)"
+    )
+    failed = Explorer.of([make_result("fp16-mixed", 0, status="oom", plan={"use_loss_scaler": True})])
+    assert failed.figure_data(replace(failed.default_selection(), view="loss scale")).note == (
+        "no loss scale recorded: the selected fp16-mixed runs ended before their first logged step"
+    )
+
+
+def test_a_skip_is_marked_at_the_scale_the_step_ran_with_from_the_first_step_on() -> None:
+    rows = history(4, scaled=True)
+    started_high = (
+        replace(rows[0], loss_scale=2.0**19, skipped=True),
+        *(replace(r, loss_scale=2.0**19) for r in rows[1:]),
+    )
+    assert explore.scales_in_use(started_high) == ((0, 2.0**20, True), (1, 2.0**19, False), (2, 2.0**19, False),
+                                                   (3, 2.0**19, False))  # fmt: skip
+    gap = (rows[0], replace(rows[2], loss_scale=2.0**15, skipped=True))  # a row missing: undone by the backoff
+    assert explore.scales_in_use(gap) == ((0, 2.0**16, False), (2, 2.0**16, True))
+    assert explore.scales_in_use(history(3)) == ()  # no scaler
 
 
 def test_the_throughput_view_is_items_per_timed_step() -> None:
@@ -174,7 +195,9 @@ def test_the_throughput_view_is_items_per_timed_step() -> None:
     assert line.x == (0, 1, 2, 3) and line.y == pytest.approx((800.0,) * 4)
     assert data.ylabel == "throughput (tokens/s) per timed step"
     untimed = Explorer.of([make_result("fp32", 0, rows=history(3))])  # no median step time recorded
-    assert untimed.figure_data(replace(untimed.default_selection(), view="throughput")).note == "no timed step recorded"
+    assert untimed.figure_data(replace(untimed.default_selection(), view="throughput")).note == (
+        "no timed step recorded: the selected runs ended before their timed steps"
+    )
     timed = {"rows": history(3), "metrics": {"step_time_ms_median": 10.0}}
     mixed = Explorer.of(
         [
@@ -198,38 +221,44 @@ def test_the_memory_view_is_a_bar_per_run_split_into_its_parts_when_they_were_re
     cpu = Explorer.of([make_result("fp32", 0, metrics={"peak_memory_kind": "cpu_rss"})])
     assert cpu.figure_data(replace(cpu.default_selection(), view="memory")).ylabel.endswith("CPU: whole process")
     none = Explorer.of([make_result("fp32", 0, mem=None)])
-    assert none.figure_data(replace(none.default_selection(), view="memory")).note == "no memory recorded"
+    assert none.figure_data(replace(none.default_selection(), view="memory")).note == "no peak memory recorded"
     tight = Explorer.of([make_result("fp32", 0, mem=None), make_result("fp16-mixed", 0, mem=30.0, metrics=SPLIT)])
     (bar,) = tight.figure_data(replace(tight.default_selection(), view="memory")).bars  # fp32 recorded none
     assert bar.label == "fp16-mixed s0" and bar.parts[-1] == ("rest", 0.0)  # tensors over the peak: no negative rest
 
 
-# Each view's axis label with the selection's fp16-mixed run drawn, and its axis label and note with nothing drawn.
+# Each view's axis label, and its note when the selected runs recorded nothing to draw.
 VIEW_TEXT = {
-    "train loss": ("train loss", "train loss", "no loss recorded"),
-    "eval loss": ("eval loss", "eval loss", "no eval recorded"),
+    "train loss": ("train loss", "no train loss recorded: the selected runs ended before their first logged step"),
+    "eval loss": ("eval loss", "no eval recorded: the selected runs ended before their first eval"),
     "loss scale": (
-        "loss scale (x = skipped step)",
-        "loss scale (x = skipped step)",
-        "no selected run used a loss scaler (only fp16-mixed does)",
+        "loss scale the step ran with (x = skipped)",
+        "no loss scale recorded: the selected fp16-mixed runs ended before their first logged step",
     ),
     "throughput": (
         "throughput (tokens/s) per timed step",
-        "throughput (items/s) per timed step",
-        "no timed step recorded",
+        "no timed step recorded: the selected runs ended before their timed steps",
     ),
-    "memory": ("peak memory (MB)", "peak memory (MB)", "no memory recorded"),
+    "memory": ("peak memory (MB)", "no peak memory recorded"),
 }
 
 
 @pytest.mark.parametrize("view", VIEWS)
-def test_each_view_names_itself_and_its_axis_and_says_so_when_there_is_nothing_to_draw(view: str) -> None:
-    ylabel, empty_ylabel, empty_note = VIEW_TEXT[view]
+def test_each_view_names_itself_and_its_axis_and_says_why_when_there_is_nothing_to_draw(view: str) -> None:
+    ylabel, empty_note = VIEW_TEXT[view]
     ex = Explorer.of(sweep())
     drawn = ex.figure_data(Selection("gpt-tiny batch_size=4", ("fp16-mixed",), (0,), view))
     assert (drawn.view, drawn.ylabel, drawn.note) == (view, ylabel, "") and len(drawn.lines + drawn.bars) == 1
-    empty = ex.figure_data(Selection("gpt-tiny batch_size=4", (), (), view))
-    assert (empty.view, empty.ylabel, empty.note, empty.lines, empty.bars) == (view, empty_ylabel, empty_note, (), ())
+    for nothing in (
+        Selection("gpt-tiny batch_size=4", (), (0, 1), view),
+        Selection("gpt-tiny batch_size=4", ("fp32",), (), view),
+    ):
+        empty = ex.figure_data(nothing)  # nothing selected: that is the reason, whatever the view
+        assert (empty.view, empty.note, empty.lines, empty.bars) == (view, explore.NOTHING_SELECTED, (), ())
+    assert explore.NOTHING_SELECTED == "no run selected: select at least one precision and one seed"
+    died = make_result("fp16-mixed", 0, status="oom", rows=(), mem=None, tps=None, plan={"use_loss_scaler": True})
+    gone = Explorer.of([died])
+    assert gone.figure_data(replace(gone.default_selection(), view=view)).note == empty_note
 
 
 # --- loading a folder ---------------------------------------------------------------------------

@@ -444,7 +444,8 @@ def test_trainer_and_accelerate_precisions_are_canonical() -> None:
     # TrainingArguments refuses tf32 without an Ampere GPU: the attributes it would have, as plain data
     tf32 = SimpleNamespace(fp16=False, bf16=False, tf32=True)
     assert hf.trainer_precision(tf32) == "tf32"
-    assert hf.trainer_precision(cpu_args(), SimpleNamespace(mixed_precision="fp8")) == "fp8-mixed"
+    # Accelerate's fp8 (its torchao backend) is torchao's default recipe, tensorwise: the canonical name of "fp8"
+    assert hf.trainer_precision(cpu_args(), SimpleNamespace(mixed_precision="fp8")) == "fp8-tensorwise"
     assert hf.trainer_precision(cpu_args(), SimpleNamespace(mixed_precision="no")) == "fp32"
     for no_mixed in ("no", " NO ", ""):  # Accelerate's "no" (any case) or nothing: the arguments decide
         assert hf.trainer_precision(tf32, SimpleNamespace(mixed_precision=no_mixed)) == "tf32"

@@ -117,7 +117,7 @@ def test_frames_are_titled_training_until_the_final_one_which_is_the_saved_figur
     live.on_end(result)
     assert [f.caption for f in frames] == [
         "training · updated 1 time · step 0/8",
-        "finished: diverged · updated 2 times · step 8/8",
+        "finished: diverged · updated 2 times · step 8/8 · eval loss 2.0000 at step 4",
     ]
     assert frames[-1].png == figure_png(run_figure(result, steps=config.steps))
 
@@ -143,10 +143,10 @@ def test_a_finished_result_given_alone_is_drawn_as_its_final_frame(records_steps
     if not records_steps:
         result = replace(result, config={k: v for k, v in result.config.items() if k != "steps"})
     LiveFigure(show=frames, clock=clock).on_end(result)
-    planned = 8 if records_steps else 0
+    planned = 8 if records_steps else 6  # the steps it recorded
     assert [f.caption for f in frames] == [f"finished: ok · updated 1 time · step 6/{planned}"]
     if not records_steps:  # (with steps, the saved figure: test_frames_are_titled_training_until_the_final_one...)
-        assert frames[0].png == figure_png(run_figure(result))
+        assert frames[0].png == figure_png(run_figure(result, steps=6))
 
 
 def test_a_restarted_observer_begins_a_new_count_and_history() -> None:
@@ -157,15 +157,22 @@ def test_a_restarted_observer_begins_a_new_count_and_history() -> None:
     assert (live.frames, live.rows, live.evals, live.step) == (1, [], [], 0)
 
 
-def test_evals_reported_during_the_run_are_drawn_with_the_next_frame() -> None:
-    with_eval, _, _ = started(min_interval_s=0.0)
-    without, _, _ = started(min_interval_s=0.0)
-    (row,) = eval_curve(2.5, every=2)
-    with_eval.on_eval(row)
+def test_an_eval_is_drawn_as_it_is_measured_even_right_after_a_frame() -> None:
+    with_eval, frames, _ = started(min_interval_s=60.0)  # a log flush now would be throttled
+    without, others, _ = started(min_interval_s=60.0)
     for live in (with_eval, without):
-        live.on_log(history(4), 1)
-    assert with_eval.evals == [row] and with_eval.frames == without.frames == 2
-    assert with_eval.show[-1].png != without.show[-1].png  # the eval dot
+        live.on_log(history(4), 1)  # too soon: no frame
+    (row,) = eval_curve(2.5, every=4)
+    with_eval.on_eval(row)
+    assert with_eval.evals == [row] and (len(frames), len(others)) == (2, 1)
+    assert frames[-1].caption == "training · updated 2 times · step 4/8 · eval loss 2.5000 at step 4"
+    assert frames[-1].last_eval == (4, 2.5)
+    drawn = RunResult(
+        config=with_eval.config.to_dict(), plan=with_eval.plan.to_dict(), history=history(4), evals=(row,)
+    )
+    assert frames[-1].png == figure_png(run_figure(drawn, steps=8, state="training"))  # the rows so far and the dot
+    without.on_eval(replace(row, loss=None))  # a non-finite eval: drawn, and no loss to quote
+    assert others[-1].last_eval is None and others[-1].caption == "training · updated 2 times · step 4/8"
 
 
 @pytest.mark.parametrize(("min_interval_s", "budget"), [(-1, 0.1), (0.5, 0), (0.5, 1.5)])
@@ -238,7 +245,9 @@ def test_a_real_fp16_run_redraws_at_each_flush_when_unthrottled_and_ends_on_its_
     live = LiveFigure(0.0, budget=1.0, show=frames.append)
     config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, log_every=2, eval_every=3)
     result = train(config, observers=[live])
-    assert result.ok and [f.step for f in frames] == [0, 2, 3, 4, 6, 6]  # start, each flush (an eval flushes), end
-    assert [f.updates for f in frames] == [1, 2, 3, 4, 5, 6] and frames[-1].status == "ok"
-    assert all(f.png.startswith(PNG) for f in frames)
+    # start, each flush (an eval flushes first), the eval after step 3 as it is measured, the final eval, the end
+    assert result.ok and [f.step for f in frames] == [0, 2, 3, 3, 4, 6, 6, 6]
+    assert [f.updates for f in frames] == [1, 2, 3, 4, 5, 6, 7, 8] and frames[-1].status == "ok"
+    assert [f.last_eval for f in frames[3:5]] == [(3, result.evals[0].loss)] * 2  # on the figure while it trains
+    assert frames[3].status is None and all(f.png.startswith(PNG) for f in frames)
     assert frames[-1].png == figure_png(run_figure(result, steps=6))

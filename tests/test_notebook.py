@@ -18,9 +18,10 @@ import nbformat
 import pytest
 from factories import history, make_result
 
-from amp_lib import notebook
+from amp_lib import explore, notebook
 from amp_lib.config import RunConfig, TrackingConfig, parameter_names
-from amp_lib.precision import Capabilities, resolve_precision
+from amp_lib.precision import Capabilities, probe, resolve_precision
+from amp_lib.render import recommendation_markdown
 from amp_lib.report import SweepReport, build_report
 from amp_lib.results import RunResult
 from amp_lib.train import train
@@ -70,7 +71,8 @@ def test_notebooks_are_stored_without_outputs_on_the_project_kernel() -> None:
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert cell.outputs == [] and cell.execution_count is None, f"{name}: {cell.source[:40]!r} has outputs"
-        assert "assert" in nb.cells[-1].source  # each notebook ends by checking its own results
+        last = nb.cells[-1].source  # each notebook ends by checking its own results
+        assert "assert" in last or "notebook.check_" in last, f"{name}: {last[:60]!r}"
 
 
 def test_explore_notebook_parameters_are_the_explorers_arguments() -> None:
@@ -103,7 +105,7 @@ def test_notebook_parameters_become_a_config_a_plan_and_tracking_settings() -> N
     }
     run = notebook.run_notebook_parameters(namespace, before={"notebook", "earlier"})
     assert run.config == RunConfig(precision="bf16", steps=6, timing_warmup_steps=1, device="cpu")
-    assert (run.plan.requested, run.plan.effective) == ("bf16", "bf16-mixed")
+    assert (run.plan.requested, run.plan.effective) == ("bf16-mixed", "bf16-mixed")  # the config's canonical name
     assert run.tracking == TrackingConfig(wandb_mode="disabled", wandb_project="amp-workbook", wandb_group="g")
     assert notebook.NotebookRun(config=run.config, plan=run.plan).tracking == TrackingConfig()
     only_project = notebook.run_notebook_parameters({"wandb_project": "p", "device": "cpu"}, before=())
@@ -113,8 +115,9 @@ def test_notebook_parameters_become_a_config_a_plan_and_tracking_settings() -> N
 def test_allow_slow_reaches_the_precision_plan() -> None:
     namespace = {"precision": "fp16-mixed", "device": "cpu", "allow_slow": True}
     assert notebook.run_notebook_parameters(namespace, before=()).plan.effective == "fp16-mixed"
-    namespace["allow_slow"] = False
-    assert notebook.run_notebook_parameters(namespace, before=()).plan.effective == "bf16-mixed"
+    namespace["allow_slow"] = False  # without fast fp16 (this machine's flags decide) the plan falls back to bf16
+    expected = "fp16-mixed" if probe("cpu").fp16_fast else "bf16-mixed"
+    assert notebook.run_notebook_parameters(namespace, before=()).plan.effective == expected
 
 
 def test_parallelism_and_reduce_dtype_reach_the_precision_plan() -> None:
@@ -205,7 +208,7 @@ def test_progress_bar_follows_a_real_fp16_run_and_the_figure_shows_the_scale(tin
     assert result.ok and bar.bar.n == config.steps
     assert "fp16-demo [fp16-mixed]" in stream.getvalue() and "scale=" in stream.getvalue()
     path = notebook.save_run_figure(result, config)
-    assert path == tmp_path / "results" / "fp16-demo.png" and path.stat().st_size > 0
+    assert path == tmp_path / "results" / f"fp16-demo-{config.identity}.png" and path.stat().st_size > 0
     text = notebook.result_markdown(result)
     assert "**Status:** ok" in text and "loss scale: final" in text and "tokens/s" in text
     assert RunResult.load(config.result_path).metrics.eval_loss == pytest.approx(result.metrics.eval_loss)
@@ -213,8 +216,8 @@ def test_progress_bar_follows_a_real_fp16_run_and_the_figure_shows_the_scale(tin
 
 def test_figure_goes_beside_the_result_json(tmp_path: Path) -> None:
     config = RunConfig(out_dir=str(tmp_path / "r"), run_name="x")
-    assert notebook.figure_path(config) == tmp_path / "r" / "x.png"
-    assert notebook.figure_path(RunConfig(out_dir="o")) == Path("o") / "gpt-tiny-fp32-s0.png"
+    assert notebook.figure_path(config) == tmp_path / "r" / f"x-{config.identity}.png" == config.result_path.with_suffix(".png")
+    assert notebook.figure_path(RunConfig(out_dir="o")) == Path("o") / f"gpt-tiny-fp32-s0-{RunConfig().identity}.png"
 
 
 # --- markdown and HTML views --------------------------------------------------------------------
@@ -267,7 +270,8 @@ def test_display_objects_wrap_the_text() -> None:
     assert html.startswith("<table") and "bf16-mixed" in html
     report = build_report([make_result("fp32", metrics={"peak_memory_kind": "cpu_rss"}), make_result("bf16-mixed")])
     verdicts = notebook.verdicts_html(report).data
-    assert verdicts.startswith('<table class="amp-verdicts">') and "inconclusive — run more seeds" in verdicts
+    assert verdicts.startswith('<table class="amp-verdicts">')
+    assert '<td style="white-space:nowrap">inconclusive</td><td style="white-space:nowrap">+0.00% (one seed)</td>' in verdicts  # one seed: shown, never judged
     memory = notebook.memory_html(report).data
     assert memory.startswith('<table class="amp-memory">')
     assert memory.endswith(
@@ -294,10 +298,10 @@ def test_report_view_of_a_folder_tabulates_recommends_and_draws(tmp_path: Path) 
     assert view.sweep_dir == tmp_path and rep.tolerance == 0.1
     assert [r.config["precision"] for r in rep.results] == ["bf16-mixed"] * 2 + ["fp32"] * 2  # sorted by path
     assert [r.requested for r in rep.runs] == ["fp32", "fp32", "bf16-mixed", "bf16-mixed"]
-    assert [r.requested for r in rep.table] == [c.requested for c in rep.comparisons] == ["fp32", "bf16-mixed"]
+    assert [r.requested for r in rep.table] == [c.requested for c in rep.groups] == ["fp32", "bf16-mixed"]
     assert [r.precision for r in rep.recommendations] == ["bf16-mixed"]
     assert rep.recommendations[0].tolerance == 0.1
-    assert rep.recommendation_markdown() == rep.recommendations[0].to_markdown()
+    assert notebook.recommendation_text(rep) == recommendation_markdown(rep.recommendations[0])
     assert sorted(view.figures) == FIGURES
     assert all(
         p.parent == tmp_path / "figures" and p.name == f"{k}.png" and p.exists() for k, p in view.figures.items()
@@ -305,9 +309,8 @@ def test_report_view_of_a_folder_tabulates_recommends_and_draws(tmp_path: Path) 
     notebook.show_images(list(view.figures.values()))  # outside a kernel this prints the objects: must not raise
     # several settings: compare.ipynb's recommendation cell shows each, a blank line apart
     two = notebook.ReportView(tmp_path, SweepReport((), (), (), rep.recommendations * 2, 0.1))
-    assert (
-        two.report.recommendation_markdown() == rep.recommendation_markdown() + "\n\n" + rep.recommendation_markdown()
-    )
+    one = notebook.recommendation_text(rep)
+    assert notebook.recommendation_text(two.report) == one + "\n\n" + one
     assert two.figures == {}
 
 
@@ -327,7 +330,8 @@ def test_report_view_runs_a_demo_when_given_no_folder(tmp_path: Path, monkeypatc
     # The demo lands in a fresh, recognisable temp folder, one named JSON per precision under results/.
     assert view.sweep_dir.parent == tmp_path and view.sweep_dir.name.startswith("amp-demo-")
     names = sorted(p.name for p in (view.sweep_dir / "results").glob("*.json"))
-    assert names == sorted(f"demo-{p}.json" for p in notebook.DEMO_PRECISIONS)
+    assert names == sorted(f"{r.config['run_name']}-{r.identity}.json" for r in rep.results)
+    assert sorted(r.config["run_name"] for r in rep.results) == sorted(f"demo-{p}" for p in notebook.DEMO_PRECISIONS)
     for result in rep.results:  # each run uses the tiny demo settings, not RunConfig's defaults
         assert {k: result.config[k] for k in notebook.DEMO_CONFIG} == notebook.DEMO_CONFIG
         assert result.config["run_name"] == f"demo-{result.config['precision']}"
@@ -337,7 +341,8 @@ def test_report_view_runs_a_demo_when_given_no_folder(tmp_path: Path, monkeypatc
     assert sorted(p.name for p in view.figures.values()) == [f"{name}.png" for name in FIGURES]
     assert all(p.parent == tmp_path / "figs" for p in view.figures.values())
     assert rep.tolerance == 0.05
-    assert rep.recommendation_markdown().startswith("**Recommendation") and "5%" in rep.recommendation_markdown()
+    text = notebook.recommendation_text(rep)
+    assert text.startswith("**Recommendation") and "5%" in text
     assert "<table" in notebook.table_html(rep.table).data
 
 
@@ -390,6 +395,8 @@ def test_explore_view_shows_the_figure_a_caption_and_the_verdicts_of_the_selecti
     )
     nothing = notebook.explore_view(ex, dataclasses.replace(selection, precisions=()))
     assert nothing.runs == 0 and nothing.tables_html.startswith("<p><em>Select at least one precision")
+    shown = nothing._repr_mimebundle_()["text/html"]
+    assert nothing.note == explore.NOTHING_SELECTED and 'class="amp-explore-note"' in shown and "<img" not in shown
 
 
 def test_the_explorer_panel_redraws_on_each_change_and_refills_the_choices_of_a_new_setting() -> None:
@@ -434,8 +441,8 @@ def test_the_explorer_trains_a_two_seed_demo_when_given_no_folder(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ex = notebook.explorer(tolerance=0.05)
     (folder,) = tmp_path.glob("amp-explore-demo-*")
-    names = sorted(p.name for p in (folder / "results").glob("*.json"))
-    assert names == sorted(f"demo-{p}-s{s}.json" for p in notebook.DEMO_PRECISIONS for s in notebook.DEMO_SEEDS)
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (folder / "results").glob("*.json"))  # without the identity
+    assert names == sorted(f"demo-{p}-s{s}" for p in notebook.DEMO_PRECISIONS for s in notebook.DEMO_SEEDS)
     assert ex.tolerance == 0.05 and ex.seeds(ex.settings[0]) == notebook.DEMO_SEEDS
     assert ex.precisions(ex.settings[0]) == notebook.DEMO_PRECISIONS
     with pytest.raises(ValueError, match="tolerance"):
@@ -446,10 +453,10 @@ def test_the_saved_run_figure_spans_the_whole_run(tmp_path: Path) -> None:
     config = RunConfig(out_dir=str(tmp_path), run_name="x", steps=12)
     path = notebook.save_run_figure(make_result("fp32", rows=history(4)), config)
     png = path.read_bytes()
-    assert path == tmp_path / "x.png" and png.startswith(b"\x89PNG")
+    assert path == config.result_path.with_suffix(".png") and png.startswith(b"\x89PNG")
     # the x axis is the planned run, not just the 4 steps logged so far: a 40-step plan draws another figure
     longer = notebook.save_run_figure(make_result("fp32", rows=history(4)), dataclasses.replace(config, steps=40))
-    assert longer == path and longer.read_bytes() != png
+    assert longer != path and longer.read_bytes() != png  # another config: another file, another figure
 
 
 # --- why: headroom and profile in words --------------------------------------------------------------
@@ -481,10 +488,8 @@ def test_headroom_and_profile_in_words_and_what_to_turn_on_when_they_are_off(tmp
         "Step 3 took 10.0 ms: matmul 50%, optimizer 20%, idle/host 30%; 1 of 1 reduced-precision GEMMs not multiples of 8."
     )
     config = RunConfig(out_dir=str(tmp_path), run_name="hm")
-    assert (
-        notebook.save_headroom_figure(run, config) == tmp_path / "hm-headroom.png"
-        and (tmp_path / "hm-headroom.png").exists()
-    )
+    saved = notebook.save_headroom_figure(run, config)
+    assert saved == tmp_path / f"{config.name}-headroom.png" and saved.exists()
     assert notebook.why_text(build_report([make_result("fp32")])).startswith("_Nothing to explain, or nothing recorded")
 
 

@@ -28,6 +28,8 @@ import nbformat
 import pytest
 from factories import eval_curve, history, make_result
 
+from amp_lib import explore, plots
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,6 +295,40 @@ def image_sources(browser: Any, css: str) -> list[str]:
     return texts(browser, f"{css} img", read=lambda element: element.get_attribute("src"))
 
 
+def image_widths(browser: Any, css: str) -> list[tuple[int, int]]:
+    """(the PNG's own width, the width the page shows it at) of each image in `css`, in CSS pixels."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(i => [i.naturalWidth, i.clientWidth]);", f"{css} img"
+    )
+
+
+def assert_shown_readable(width: tuple[int, int], what: str) -> None:
+    """A figure's PNG is at least 900 px wide, the page shows it at least 900 px wide, and not so much smaller than
+    its own size that its legend text (`plots.LEGEND_PT` at `plots.DPI`) falls under 10 px."""
+    natural, shown = width
+    legend_px = plots.LEGEND_PT * plots.DPI / 72 * shown / natural
+    assert natural >= 900 and shown >= 900 and legend_px >= 10, (
+        f"{what} is {natural} px, shown at {shown} px: legend text {legend_px:.1f} px"
+    )
+
+
+def progress_label(browser: Any) -> tuple[str, int]:
+    """The text of the progress bar's label (tqdm's widget row) and the number of lines the page breaks it into."""
+    return tuple(
+        browser.execute_script(
+            """
+            const row = [...document.querySelectorAll('.widget-hbox')].find(b => b.querySelector('.widget-hprogress'));
+            if (!row) return ['', 0];
+            const label = row.querySelector('.widget-html-content');
+            const range = document.createRange();
+            range.selectNodeContents(label);
+            const tops = new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top)));
+            return [label.textContent, tops.size];
+            """
+        )
+    )
+
+
 # --- train.ipynb: the live figure ---------------------------------------------------------------
 
 
@@ -311,6 +347,8 @@ def test_run_all_cells_of_train_shows_the_live_figure_updating_until_the_run_fin
             seen.append(captions[-1])
             if len(seen) == 2:
                 screenshot("2-training", ".amp-live")
+            if seen[-1].startswith("training") and " · eval loss " in seen[-1] and " · eval loss " not in seen[-2]:
+                screenshot("2-training-first-eval", ".amp-live")  # the eval's dot, drawn while the run trains
         return bool(seen) and seen[-1].startswith("finished")
 
     wait_for(finished, 90, "the live figure to say the run finished", poll=0.05)
@@ -319,11 +357,18 @@ def test_run_all_cells_of_train_shows_the_live_figure_updating_until_the_run_fin
     assert errors(browser) == []
     training = [c for c in seen if c.startswith("training")]
     assert len(training) >= 2, f"the page showed the live figure training only as {training}"
-    assert seen[-1].startswith("finished: ok · updated ") and seen[-1].endswith(f"step 24/{TRAIN_PARAMETERS['steps']}")
+    # the eval after step 8 is on the figure while the run trains, not only once it has ended
+    assert any(" · eval loss " in c and c.endswith(" at step 8") for c in training), training
+    assert seen[-1].startswith("finished: ok · updated ") and f"step 24/{TRAIN_PARAMETERS['steps']} · " in seen[-1]
     updates = int(seen[-1].split("updated ")[1].split(" ")[0])
     assert updates >= len(training) + 1
-    assert len(texts(browser, ".amp-live img")) == 1  # one figure, updated in place
+    (width,) = image_widths(browser, ".amp-live")  # one figure, updated in place
+    assert_shown_readable(width, "the live figure")
     assert any(t.startswith("Status: ok") for t in texts(browser, ".jp-RenderedMarkdown"))  # the result's summary
+    label, lines = progress_label(browser)
+    assert label.startswith("gpt-tiny-fp16-mixed-s0") and lines == 1, (
+        f"the progress label {label!r} takes {lines} lines"
+    )
 
 
 # --- explore.ipynb: the explorer ----------------------------------------------------------------
@@ -380,3 +425,24 @@ def test_the_explorer_redraws_its_view_when_the_selection_changes(
     wait_for(lambda: texts(browser, caption) == ["loss scale · gpt-tiny · 2 runs selected"], 30, "the view of seed 1")
     assert "fp16-mixed" in "".join(texts(browser, ".amp-explore .amp-verdicts"))
     screenshot("3-seed-1", ".amp-explore")
+    (width,) = image_widths(browser, ".amp-explore")
+    assert_shown_readable(width, "the explorer's figure")
+    cells = texts(browser, ".amp-explore .amp-verdicts td")
+    assert cells and max(map(len, cells)) <= 40, f"a verdict cell is a wall of text: {max(cells, key=len)!r}"
+
+    (precisions,) = [
+        w
+        for w in browser.find_elements(By.CSS_SELECTOR, ".widget-select-multiple")
+        if "precisions" in w.text.splitlines()[0]
+    ]
+    note = ".amp-explore .amp-explore-note"
+    Select(precisions.find_element(By.TAG_NAME, "select")).deselect_by_visible_text("fp16-mixed")
+    wait_for(
+        lambda: texts(browser, caption) == ["loss scale · gpt-tiny · 1 run selected"], 30, "the view of fp32 alone"
+    )
+    assert texts(browser, note) == [explore.NO_SCALER] and image_sources(browser, ".amp-explore") == []
+    screenshot("4-no-fp16", ".amp-explore")
+    Select(precisions.find_element(By.TAG_NAME, "select")).deselect_by_visible_text("fp32")
+    wait_for(lambda: texts(browser, caption) == ["loss scale · gpt-tiny · 0 runs selected"], 30, "the empty selection")
+    assert texts(browser, note) == [explore.NOTHING_SELECTED]  # the reason, not "no eval recorded"
+    screenshot("5-nothing-selected", ".amp-explore")

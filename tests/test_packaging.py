@@ -315,3 +315,38 @@ def test_data_flows_one_way_the_core_never_imports_the_layers_above_it() -> None
         "report",
     ):
         assert not graph[f"amp_lib.{core}"] & above, core
+
+
+# --- the shape of the code: one job per module, typed records at the seams ---
+
+
+def test_no_module_of_the_library_outgrows_one_job() -> None:
+    sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in (ROOT / "amp_lib").rglob("*.py")}
+    assert len(sizes) > 20
+    assert {path: n for path, n in sizes.items() if n > 620} == {}
+
+
+def test_results_are_read_through_their_typed_records_not_raw_dicts() -> None:
+    """A run's config and plan are parsed once, in results.py; everything else reads typed fields."""
+    raw = re.compile(r"\.(config|plan)\.get\(|\.(config|plan)\[\"")
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in (ROOT / "amp_lib").rglob("*.py")
+        if p.name != "results.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if raw.search(line)
+    ]
+    assert offenders == []
+
+
+def test_the_architecture_table_lists_every_module_with_the_modules_it_imports() -> None:
+    """docs/architecture.md is read to find one's way: a module missing from it, or an import it does not show,
+    misleads the reader."""
+    rows = re.findall(r"^\| `([\w/]+)\.py` \| .+ \| ([^|]+) \|$", (ROOT / "docs" / "architecture.md").read_text(), re.M)
+    documented = {path.replace("/", "."): {m.strip() for m in imports.split(",")} - {"—"} for path, imports in rows}
+    graph = {
+        name.removeprefix("amp_lib."): {m.removeprefix("amp_lib.") for m in imports}
+        for name, imports in _amp_lib_imports().items()
+        if name not in ("amp_lib", "amp_lib.sweep", "amp_lib.sweep.__main__")
+    }
+    assert documented == graph

@@ -36,6 +36,7 @@ from amp_lib.precision import (
 )
 
 CUDA = torch.cuda.is_available()
+TORCHAO = importlib.util.find_spec("torchao") is not None
 
 # Hardware described as data: nothing here needs the hardware itself.
 CPU_SLOW_FP16 = Capabilities(device_type="cpu", device_name="AVX2", bf16_supported=True, fp16_fast=False)
@@ -165,7 +166,7 @@ def test_is_fp16_false_otherwise(value):
 
 # Written out: the dtype each canonical precision computes its matmuls in (fp8's surrounding autocast is bf16).
 COMPUTE_DTYPE = {"fp32": "fp32", "tf32": "fp32", "fp16-mixed": "fp16", "bf16-mixed": "bf16", "fp16-true": "fp16",
-                 "bf16-true": "bf16", "fp8-mixed": "bf16"}  # fmt: skip
+                 "bf16-true": "bf16", "fp8-tensorwise": "bf16", "fp8-rowwise": "bf16", "fp8-rowwise-gw-hp": "bf16"}  # fmt: skip
 
 
 def test_compute_dtype_name_of_every_canonical_precision():
@@ -442,7 +443,8 @@ def test_chained_fallback_fp8_on_turing_keeps_both_reasons():
         (
             "fp8-mixed",
             AMPERE,
-            "fp8 needs a GPU with compute capability 8.9+ (Ada/Hopper); running on cuda (NVIDIA A100)",
+            ("fp8 needs a GPU with compute capability 8.9+ (Ada/Hopper); running on cuda (NVIDIA A100) "
+            "(emulate_fp8=True forecasts its loss in emulation)"),
         ),
         ("fp8-mixed", HOPPER_NO_TORCHAO, "fp8 training needs torchao (pip install torchao); it is not installed"),
         ("fp16-mixed", CPU_NO_BF16, "this CPU has neither fast fp16 nor bf16; using fp32"),
@@ -527,6 +529,93 @@ def test_resolve_without_caps_probes_this_machine():
     assert plan.device_type == probe().device_type
 
 
+# --- fp8 recipes: the hardware, emulation and the layer selection ----------------------------------
+
+CPU_WITH_TORCHAO = replace(CPU_SLOW_FP16, fp8_backend=True)
+AMPERE_WITH_TORCHAO = replace(AMPERE, fp8_backend=True)
+RECIPES = ["fp8-tensorwise", "fp8-rowwise", "fp8-rowwise-gw-hp"]
+
+
+@pytest.mark.parametrize("alias", ["fp8-mixed", "fp8", "FP8-Mixed"])
+def test_fp8_mixed_and_fp8_are_aliases_of_the_default_recipe(alias):
+    assert parse_precision(alias) == "fp8-tensorwise"
+    assert [n for n in CANONICAL if n.startswith("fp8")] == RECIPES
+    assert "fp8-mixed" in valid_precision_names() and "fp8-mixed" not in CANONICAL
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_runs_as_itself_on_fp8_hardware_with_its_layer_selection(recipe):
+    plan = resolve_precision(recipe, HOPPER, fp8_layers="lm_head, blocks.0.*", strict=True)
+    assert (plan.effective, plan.emulated, plan.fallback_reason) == (recipe, False, None)
+    assert plan.fp8_layers == "lm_head,blocks.0.*"  # canonical
+    assert plan.fp8_recipe.precision == recipe and plan.fp8_recipe.emulate is False
+    assert plan.peak_tflops == 1979.0 and plan.emulation_note is None
+    # emulation is a way out where the hardware lacks fp8, not a second way to run it where it has it
+    assert resolve_precision(recipe, HOPPER, emulate_fp8=True) == resolve_precision(recipe, HOPPER)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("caps", [CPU_WITH_TORCHAO, AMPERE_WITH_TORCHAO], ids=lambda c: c.device_name)
+def test_without_fp8_hardware_a_recipe_falls_back_to_bf16_saying_how_to_emulate_it(recipe, caps):
+    plan = resolve_precision(recipe, caps)
+    assert plan.effective == "bf16-mixed" and plan.fp8_layers is None and not plan.emulated
+    assert plan.fallback_reason.startswith("fp8 needs a GPU with compute capability 8.9+")
+    assert "emulate_fp8=True forecasts its loss in emulation" in plan.fallback_reason
+    with pytest.raises(PrecisionUnavailableError, match="8.9"):
+        resolve_precision(recipe, caps, strict=True)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("caps", [CPU_WITH_TORCHAO, AMPERE_WITH_TORCHAO], ids=lambda c: c.device_name)
+def test_with_emulate_fp8_a_recipe_runs_emulated_where_the_hardware_lacks_fp8(recipe, caps):
+    plan = resolve_precision(recipe, caps, emulate_fp8=True, strict=True)
+    assert (plan.effective, plan.emulated, plan.fallback_reason) == (recipe, True, None)
+    assert plan.fp8_recipe.emulate is True and plan.fp8_layers == "auto"
+    assert plan.autocast_dtype == torch.bfloat16 and plan.param_dtype == torch.float32
+    assert plan.peak_tflops is None  # an emulated run's speed says nothing: no MFU either
+    assert plan.emulation_note == (
+        f"{recipe} emulated on {caps.device_type} ({caps.device_name}), which has no fp8 GEMMs: its loss forecasts "
+        "fp8's, its speed says nothing about fp8's"
+    )
+    assert PrecisionPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan  # as a launcher hands it on
+
+
+def test_emulation_still_needs_torchao():
+    plan = resolve_precision("fp8-rowwise", CPU_SLOW_FP16, emulate_fp8=True)
+    assert plan.effective == "bf16-mixed" and not plan.emulated
+    assert plan.fallback_reason == "fp8 training needs torchao (pip install torchao); it is not installed"
+
+
+def test_fp8_options_leave_every_other_precision_as_it_was():
+    for name in ("fp32", "bf16-mixed", "bf16-true"):
+        plan = resolve_precision(name, CPU_WITH_TORCHAO, emulate_fp8=True, fp8_layers="all")
+        assert plan == resolve_precision(name, CPU_WITH_TORCHAO)
+        assert plan.fp8_layers is None and plan.fp8_recipe is None and not plan.emulated
+
+
+def test_a_bad_fp8_layers_value_is_refused_naming_it():
+    with pytest.raises(ValueError, match="invalid fp8_layers 'auto,all'"):
+        resolve_precision("fp8-rowwise", HOPPER, fp8_layers="auto,all")
+
+
+@pytest.mark.slow  # importing torchao takes seconds
+@pytest.mark.skipif(not TORCHAO, reason="needs torchao (the fp8 extra)")
+def test_an_fp8_runs_mfu_is_stated_against_the_bf16_and_the_mixed_peak_and_not_when_emulated():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    plan = resolve_precision("fp8-rowwise", HOPPER, fp8_layers="all")
+    layers = plan.fp8_recipe.plan(model)
+    flops = 2 * layers.fp8_flops_per_row  # half the FLOPs of an item in fp8 GEMMs
+    mfu = plan.mixed_mfu(layers, items_per_s=1e9, flops_per_item=flops)
+    achieved = 1e9 * flops / 1e12
+    assert mfu.mfu_vs_bf16_peak == pytest.approx(achieved / 989.0)
+    assert mfu.fp8_flop_share == pytest.approx(0.5)
+    assert mfu.mfu_vs_mixed_peak == pytest.approx(achieved / (2 / (1 / 1979.0 + 1 / 989.0)))
+    emulated = resolve_precision("fp8-rowwise", CPU_WITH_TORCHAO, emulate_fp8=True)
+    assert emulated.mixed_mfu(layers, 1e9, flops) is None
+    assert resolve_precision("bf16-mixed", HOPPER).mixed_mfu(None, 1e9, flops) is None
+    assert replace(plan, device_name="NVIDIA A100").mixed_mfu(layers, 1e9, flops) is None  # no fp8 peak known
+
+
 # --- plan fields --------------------------------------------------------------------------------
 
 
@@ -539,7 +628,9 @@ def test_resolve_without_caps_probes_this_machine():
         ("bf16-mixed", torch.bfloat16, torch.float32, False),
         ("fp16-true", None, torch.float16, False),
         ("bf16-true", None, torch.bfloat16, False),
-        ("fp8-mixed", torch.bfloat16, torch.float32, False),
+        ("fp8-tensorwise", torch.bfloat16, torch.float32, False),
+        ("fp8-rowwise", torch.bfloat16, torch.float32, False),
+        ("fp8-rowwise-gw-hp", torch.bfloat16, torch.float32, False),
     ],
 )
 def test_plan_fields(name, autocast, param, scaler):
@@ -585,10 +676,11 @@ def test_plan_to_dict_names_the_gather_and_reduce_dtypes_as_plain_strings(
 # --- the plan's behaviour: autocast -------------------------------------------------------------
 
 # Written out independently of the plan's fields: what each precision runs its matmuls and parameters in.
-AUTOCAST_DTYPE = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "fp8-mixed": torch.bfloat16}
+AUTOCAST_DTYPE = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "fp8-tensorwise": torch.bfloat16,
+                  "fp8-rowwise": torch.bfloat16, "fp8-rowwise-gw-hp": torch.bfloat16}  # fmt: skip
 PARAM_DTYPE = {"fp16-true": torch.float16, "bf16-true": torch.bfloat16}
 FAMILY = {"fp32": "fp32", "tf32": "tf32", "fp16-mixed": "fp16", "bf16-mixed": "bf16", "fp16-true": "fp16",
-          "bf16-true": "bf16", "fp8-mixed": "fp8"}  # fmt: skip
+          "bf16-true": "bf16", "fp8-tensorwise": "fp8", "fp8-rowwise": "fp8", "fp8-rowwise-gw-hp": "fp8"}  # fmt: skip
 
 
 def native_plan(name: str) -> PrecisionPlan:
@@ -612,7 +704,7 @@ def test_autocast_is_on_in_the_plans_dtype_for_mixed_precisions_only(name):
         with plan.autocast():
             on, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
             out = x @ x
-    assert on is name.endswith("-mixed")
+    assert on is (name in AUTOCAST_DTYPE)  # the mixed precisions, and fp8's recipes inside bf16 autocast
     if on:
         assert dtype == AUTOCAST_DTYPE[name]
     assert out.dtype == AUTOCAST_DTYPE.get(name, torch.float32)
@@ -664,7 +756,7 @@ def small_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
 
 
-@pytest.mark.parametrize("name", [n for n in CANONICAL if n != "fp8-mixed"])
+@pytest.mark.parametrize("name", [n for n in CANONICAL if not n.startswith("fp8")])
 def test_prepare_model_puts_the_model_on_the_device_in_the_parameter_dtype(name):
     model = small_model()
     prepared = native_plan(name).prepare_model(model, torch.device("meta"))  # meta: a device this machine has
@@ -683,13 +775,11 @@ def test_prepare_model_does_not_compile_unless_asked():
     assert plan.prepare_model(model, torch.device("cpu"), compile=False) is model
 
 
-TORCHAO = importlib.util.find_spec("torchao") is not None
-
 
 @pytest.mark.skipif(TORCHAO, reason="checks the failure where torchao is missing")
 def test_an_fp8_plan_does_not_train_silently_without_fp8_where_torchao_is_missing():
     with pytest.raises(ModuleNotFoundError, match="torchao"):
-        native_plan("fp8-mixed").prepare_model(torch.nn.Linear(16, 16), torch.device("cpu"))
+        native_plan("fp8-tensorwise").prepare_model(torch.nn.Linear(16, 16), torch.device("cpu"))
 
 
 @pytest.mark.slow  # importing torchao takes seconds
@@ -698,10 +788,13 @@ def test_an_fp8_plan_swaps_the_linears_whose_sizes_are_multiples_of_16_for_float
     from torchao.float8.float8_linear import Float8Linear
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
-    prepared = native_plan("fp8-mixed").prepare_model(model, torch.device("cpu"))
+    plan = resolve_precision("fp8-tensorwise", HOPPER, fp8_layers="all")
+    prepared, layers = plan.prepare(model, torch.device("cpu"), tokens_per_step=64)
     assert isinstance(prepared[0], Float8Linear)
     assert type(prepared[2]) is torch.nn.Linear  # 8 outputs: fp8 matmuls want multiples of 16
     assert {p.dtype for p in prepared.parameters()} == {torch.float32}  # master weights stay fp32
+    assert layers.fp8_fqns == ("0",) and layers.high_precision_fqns == ("2",) and layers.tokens_per_step == 64
+    assert "dims not multiples of 16" in layers.decisions[1].reason
 
 
 @pytest.mark.slow  # importing torch._dynamo takes seconds
@@ -772,7 +865,7 @@ def test_peak_tflops_by_gpu_name_and_family():
     h100 = replace(HOPPER, device_name="NVIDIA H100 80GB HBM3")
     # NVIDIA's dense (no sparsity) peaks, written out: the table and the plan both give them
     for name, peak in [("fp32", 67.0), ("tf32", 494.0), ("bf16-mixed", 989.0), ("fp16-mixed", 989.0),
-                       ("bf16-true", 989.0), ("fp16-true", 989.0), ("fp8-mixed", 1979.0)]:  # fmt: skip
+                       ("bf16-true", 989.0), ("fp16-true", 989.0), ("fp8-rowwise", 1979.0)]:  # fmt: skip
         plan = resolve_precision(name, h100)
         assert plan.peak_tflops == peak == PEAK_TFLOPS["H100"][FAMILY[name]]
     a100 = replace(AMPERE, device_name="NVIDIA A100-SXM4-40GB")
@@ -783,7 +876,7 @@ def test_peak_tflops_by_gpu_name_and_family():
     assert resolve_precision("bf16", Capabilities()).peak_tflops is None  # a CPU
     assert resolve_precision("fp16", TURING).peak_tflops is None  # a GPU the table does not know
     # a known GPU without a figure for the family: none rather than another family's
-    assert replace(native_plan("fp8-mixed"), device_name="NVIDIA A100-PCIE-40GB").peak_tflops is None
+    assert replace(native_plan("fp8-tensorwise"), device_name="NVIDIA A100-PCIE-40GB").peak_tflops is None
 
 
 @pytest.mark.parametrize("device_name", ["NVIDIA L40S", "NVIDIA L40", "NVIDIA RTX A1000", "NVIDIA H1000"])
@@ -858,6 +951,8 @@ def test_tf32_is_on_during_a_tf32_run_and_restored_after(tiny_config, saved_tf32
         def on_log(self, rows, items_per_step):
             self.seen.append(tf32_flags())
 
+        def on_eval(self, row): ...
+
         def on_end(self, result): ...
 
     set_tf32_flags((False, True))
@@ -866,7 +961,7 @@ def test_tf32_is_on_during_a_tf32_run_and_restored_after(tiny_config, saved_tf32
         tiny_config(precision="tf32", device="cuda", steps=3, timing_warmup_steps=1, log_every=1), [observer]
     )
     assert result.status == "ok", result.error
-    on = result.plan["effective"] == "tf32"  # an Ampere or newer GPU
+    on = result.plan.effective == "tf32"  # an Ampere or newer GPU
     assert observer.seen == [(on, on)] * 3
     assert tf32_flags() == (False, True)
 
@@ -920,7 +1015,7 @@ def test_fsdp_gathers_fp8_parameters_in_bf16() -> None:
     assert (plan.gather_dtype, plan.reduce_dtype, plan.label) == (
         torch.bfloat16,
         torch.bfloat16,
-        "fsdp fp8-mixed (reduce bf16)",
+        "fsdp fp8-tensorwise (reduce bf16)",
     )
     assert resolve_precision("fp8-mixed", HOPPER, parallelism="fsdp").gather_dtype == torch.bfloat16
 

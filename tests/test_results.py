@@ -171,6 +171,10 @@ def test_save_load_round_trip(tmp_path: Path, status: str) -> None:
         "evals",
         "headroom",
         "profile",
+        "timing",
+        "fp8_layers",
+        "memory",
+        "energy",
         "status",
         "error",
     }
@@ -228,7 +232,7 @@ def test_nested_non_finite_values_in_config_and_plan() -> None:
     d = result.to_dict()
     assert d["config"] == {"lr": [1.0, None], "x": {"y": None}, "n": 3, "b": True}
     assert type(d["config"]["n"]) is int and d["config"]["b"] is True  # ints and bools are not turned into floats
-    assert d["plan"] == {"p": [None, 2.0]}
+    assert d["plan"]["p"] == [None, 2.0] and d["plan"]["effective"] is None  # unknown keys kept, known ones typed
 
 
 def test_a_version_1_file_loads_with_tokens_per_s_as_items_per_s(tmp_path: Path) -> None:
@@ -616,7 +620,10 @@ def test_eval_curves_headroom_and_profile_round_trip(tmp_path: Path) -> None:
         profile={"step": 1, "wall_ms": 3.0, "busy_ms": {"matmul": 1.0}},
     )
     loaded = RunResult.load(result.save(tmp_path / "r.json"))
-    assert loaded == result and loaded.evals[1].loss is None and loaded.history[0].lr == 1e-4
+    assert loaded.evals == result.evals and loaded.headroom == result.headroom and loaded.profile == result.profile
+    assert loaded.evals[1].loss is None and loaded.history[0].lr == 1e-4
+    # an "ok" result whose eval loss is not finite (NaN, null in the file) is what it is: diverged
+    assert (result.status, loaded.status) == ("diverged", "diverged") and "eval loss is not finite" in loaded.error
     old = {
         "schema_version": 1,
         "config": {"warmup_steps": 3},
@@ -633,7 +640,7 @@ def test_eval_curves_headroom_and_profile_round_trip(tmp_path: Path) -> None:
 
 
 def test_the_per_rank_fields_round_trip_and_a_file_without_them_still_loads(tmp_path: Path) -> None:
-    metrics = Metrics(peak_memory_mb=30.0, peak_memory_mb_ranks=(30.0, 24.5), items_per_step=256)
+    metrics = Metrics(peak_memory_mb=30.0, peak_memory_mb_ranks=(30.0, 24.5), items_per_step=256, eval_loss=2.0)
     result = RunResult(config={"nproc": 2}, plan={"reduce_dtype": "bf16"}, metrics=metrics)
     loaded = RunResult.load(result.save(tmp_path / "r.json"))
     assert loaded == result and loaded.metrics.peak_memory_mb_ranks == (30.0, 24.5)
@@ -644,3 +651,40 @@ def test_the_per_rank_fields_round_trip_and_a_file_without_them_still_loads(tmp_
     back = RunResult.from_dict(older)
     assert back.metrics.items_per_step is None and back.metrics.peak_memory_mb_ranks is None
     assert back.schema_version == 2
+
+
+# --- fp8 layer plans, the memory split, energy and the optimizer: typed at the seam ----------------------
+
+
+def test_the_fp8_layer_plan_memory_split_and_energy_are_typed_records_through_the_file(tmp_path: Path) -> None:
+    from amp_lib.energy import EnergyReading
+    from amp_lib.fp8 import LayerPlan, LinearDecision
+    from amp_lib.memtrack import MemorySplit
+
+    layers = LayerPlan("fp8-rowwise", "rowwise", "lm_head", True, ("output", "grad_input", "grad_weight"),
+                       (LinearDecision("fc", 64, 64, True, "eligible: dims multiples of 16"),
+                        LinearDecision("lm_head", 64, 65, False, "kept in high precision by pattern 'lm_head'")),
+                       tokens_per_step=512)  # fmt: skip
+    memory = MemorySplit("MemTracker", "cpu", 3.0, 1.0, 0.0, 0.5, 1.0, 0.4, 0.1, 0.0, {"Parameter": 1.0}, 400.0, 410.0)
+    energy = EnergyReading(None, reason="no NVIDIA GPU: the run is on cpu")
+    result = replace(make_result("fp8-rowwise", plan={"emulated": True, "fp8_layers": "lm_head"}, optimizer="adamw-8bit"),
+                     fp8_layers=layers, memory=memory, energy=energy)  # fmt: skip
+    loaded = RunResult.load(result.save(tmp_path / "r.json"))
+    assert loaded == result
+    assert isinstance(loaded.fp8_layers, LayerPlan) and loaded.fp8_layers.high_precision_fqns == ("lm_head",)
+    assert isinstance(loaded.memory, MemorySplit) and loaded.memory.tracked
+    assert loaded.energy.joules is None and loaded.energy.reason == "no NVIDIA GPU: the run is on cpu"
+    assert loaded.plan.emulated is True and loaded.plan.fp8_layers == "lm_head" and loaded.plan.extra == {}
+    assert loaded.row.label == "fp8-rowwise adamw-8bit" and loaded.optimizer == "adamw-8bit"
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["fp8_layers"]["decisions"][1]["reason"] == "kept in high precision by pattern 'lm_head'"
+    assert data["energy"]["devices"] == [] and data["memory"]["detail_mb"] == {"Parameter": 1.0}
+
+
+def test_an_older_result_has_none_of_them_and_the_optimizer_it_ran_adamw(tmp_path: Path) -> None:
+    data = make_result("fp32").to_dict()
+    for key in ("fp8_layers", "memory", "energy"):
+        del data[key]
+    old = RunResult.from_dict(data)
+    assert (old.fp8_layers, old.memory, old.energy, old.optimizer) == (None, None, None, "adamw")
+    assert not old.plan.emulated and old.plan.fp8_layers is None

@@ -26,7 +26,10 @@ from factories import make_result
 from wandb_readback import only_run_dir, read_run, read_summary
 
 from amp_lib.config import RECIPES, RunConfig, parameter_names
+from amp_lib.details import summary_markdown
 from amp_lib.precision import Capabilities, valid_precision_names
+from amp_lib.render import answer, short_reason
+from amp_lib.report import NO_BASELINE as R_NO_BASELINE
 from amp_lib.report import SweepReport, build_report
 from amp_lib.results import RunResult, load_sweep
 from amp_lib.sweep.cli import SweepRefused, SweepResult, _csv, build_parser, main, make_executor, sweep
@@ -41,7 +44,8 @@ CPU = Capabilities(device_type="cpu", device_name="test-cpu")
 ARGS = ["-p", "device=cpu", "-p", "steps=9", "-p", "wandb_mode=disabled"]
 PARAMS = ARGS[1::2]  # the same, as sweep()'s params
 DEAD_KERNEL = "amp-dead-kernel"
-NO_KERNEL = ["--kernel", DEAD_KERNEL]  # a run that is (wrongly) executed fails in a moment, starting no kernel
+# a run that is (wrongly) executed fails in a moment, starting no kernel; no timing runs unless a test asks for them
+NO_KERNEL = ["--kernel", DEAD_KERNEL, "--speed-budget", "0"]
 NO_KERNEL_SETTINGS = Settings(kernel=DEAD_KERNEL, retries=1)
 DEAD_KERNEL_ERROR = f"FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/{DEAD_KERNEL}'"
 
@@ -129,7 +133,8 @@ usage: python -m amp_lib.sweep [-h] --out OUT [--precisions PRECISIONS] [--seeds
                                [--executor {local,ray,slurm}] [--ray-address ADDRESS]
                                [--ray-dashboard] [--slurm-partition NAME] [--slurm-time MIN]
                                [--slurm-gpus-per-run N] [--sbatch KEY=VALUE] [--kernel KERNEL]
-                               [--timeout TIMEOUT] [--tolerance TOLERANCE] [--no-report]
+                               [--timeout TIMEOUT] [--tolerance TOLERANCE]
+                               [--speed-budget SECONDS] [--no-report]
 
 Run notebooks/train.ipynb over precisions x seeds x parameters with papermill, then the report.
 
@@ -160,6 +165,10 @@ options:
   --timeout TIMEOUT     seconds a notebook cell may run (default 3600)
   --tolerance TOLERANCE
                         relative eval-loss tolerance vs fp32 for the recommendation
+  --speed-budget SECONDS
+                        seconds to time each setting's precisions against fp32 in alternating
+                        blocks (default: 20 on a CPU, 60 on a GPU; 0: no timing, speed from the
+                        training runs alone)
   --no-report           skip report.ipynb / report.html
 """
 
@@ -271,7 +280,7 @@ def test_every_problem_of_the_executor_options_is_listed_at_once() -> None:
 
 def test_workers_and_another_executor_are_refused_together(tmp_path: Path) -> None:
     with pytest.raises(SweepRefused, match="workers=2 applies to the local executor; RayExecutor places runs itself"):
-        sweep(tmp_path / "sw", ["fp32"], [0], PARAMS, workers=2, executor=RayExecutor(), settings=NO_KERNEL_SETTINGS)
+        sweep(tmp_path / "sw", ["fp32"], [0], PARAMS, workers=2, executor=RayExecutor(), settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert not (tmp_path / "sw").exists()
 
 
@@ -285,29 +294,29 @@ def test_a_bad_tolerance_is_rejected_before_any_run_starts(tmp_path: Path, toler
     # Were the tolerance checked only when the report is built, the run would start (here it would fail
     # at once, the kernel missing), leave runs/ and results/ behind and still end in the same ValueError.
     with pytest.raises(ValueError, match=r"must be a finite number >= 0"):
-        sweep(out, ["fp32"], [0], PARAMS, tolerance=tolerance, settings=NO_KERNEL_SETTINGS)
+        sweep(out, ["fp32"], [0], PARAMS, tolerance=tolerance, settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert list(out.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_cuda_sweep_on_a_cpu_machine_is_rejected_before_any_run(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="CUDA is not available"):
-        sweep(tmp_path / "sw", ["fp32"], [0], ["device=cuda"], settings=NO_KERNEL_SETTINGS)
+        sweep(tmp_path / "sw", ["fp32"], [0], ["device=cuda"], settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert not (tmp_path / "sw").exists()
 
 
 def test_precisions_that_are_all_blank_are_refused_as_empty(tmp_path: Path) -> None:
     with pytest.raises(SweepRefused) as refused:
-        sweep(tmp_path / "sw", [" ", ""], [0], PARAMS, settings=NO_KERNEL_SETTINGS)
+        sweep(tmp_path / "sw", [" ", ""], [0], PARAMS, settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert refused.value.problems[0].startswith("--precisions is empty; valid values are: fp32, tf32, ")
     assert not (tmp_path / "sw").exists()
 
 def test_the_device_probed_is_the_one_in_the_grid_or_auto_for_several(tmp_path: Path) -> None:
-    one = sweep(tmp_path / "one", ["fp32"], [0], ["device=cpu"], report=False, settings=NO_KERNEL_SETTINGS)
+    one = sweep(tmp_path / "one", ["fp32"], [0], ["device=cpu"], report=False, settings=NO_KERNEL_SETTINGS, speed_budget=0)
     (result,) = load_sweep(one.out)
     assert result.config["model"] == "gpt-tiny" and result.config["steps"] == RECIPES["shakespeare-char-tiny"]["steps"]
     several = sweep(tmp_path / "two", ["fp32"], [0], ["device=cpu,cuda", "model=gpt-tiny"], report=False,
-                    settings=NO_KERNEL_SETTINGS)  # fmt: skip
+                    settings=NO_KERNEL_SETTINGS, speed_budget=0)  # fmt: skip
     assert [o.name.rsplit("-", 1)[0] for o in several.outcomes] == [
         "gpt-tiny-fp32-s0-device=cpu", "gpt-tiny-fp32-s0-device=cuda"]  # fmt: skip
     assert several.planned == 2 and {o.status for o in several.outcomes} == {"failed"}
@@ -319,7 +328,7 @@ def test_the_device_probed_is_the_one_in_the_grid_or_auto_for_several(tmp_path: 
 def test_sweep_function_resumes_and_returns_the_report_summary_md_was_written_from(tmp_path: Path) -> None:
     out = tmp_path / "sw"
     runs = _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "oom"}, {"fp32": 1000.0, "bf16-mixed": 1.0})
-    result = sweep(out, ["fp32", "bf16"], [0], PARAMS, tolerance=0.3, settings=NO_KERNEL_SETTINGS)
+    result = sweep(out, ["fp32", "bf16"], [0], PARAMS, tolerance=0.3, settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert result.planned == 2 and result.interrupted is False and result.exit_code == 1 and result.out == out
     assert [(o.name, o.status, o.resumed) for o in result.outcomes] == [(r.name, s, True) for r, s in
                                                                          zip(runs, ("ok", "oom"))]  # fmt: skip
@@ -329,21 +338,21 @@ def test_sweep_function_resumes_and_returns_the_report_summary_md_was_written_fr
     assert isinstance(result.report, SweepReport) and result.report.tolerance == 0.3
     assert result.report.results == tuple(load_sweep(out)) and len(result.report.results) == 2
     summary = (out / "summary.md").read_text(encoding="utf-8")
-    assert summary == result.report.summary_markdown()  # summary.md is written from the report sweep() returns
+    assert summary == summary_markdown(result.report)  # summary.md is written from the report sweep() returns
     assert summary.startswith("# AMP Workbook sweep summary") and "| oom |" in summary
     assert "±30% of fp32's" in summary  # the tolerance it was given
     assert not (out / "summary.md.tmp").exists()
-    quiet = sweep(out, ["fp32", "bf16"], [0], PARAMS, report=False, tolerance=0.3, settings=NO_KERNEL_SETTINGS)
+    quiet = sweep(out, ["fp32", "bf16"], [0], PARAMS, report=False, tolerance=0.3, settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert quiet.report_error is None and quiet.files == {} and quiet.out == out
     assert quiet.report == result.report  # computed even without the report files
 
 
 def test_the_folder_is_made_with_its_parents_and_a_resume_leaves_the_grid_file_alone(tmp_path: Path) -> None:
     out = tmp_path / "new" / "nested" / "sw"
-    result = sweep(out, ["fp32"], [0], PARAMS, report=False, settings=NO_KERNEL_SETTINGS)
+    result = sweep(out, ["fp32"], [0], PARAMS, report=False, settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert [o.status for o in result.outcomes] == ["failed"] and (out / "sweep.json").is_file()
     stamp = (out / "sweep.json").stat().st_mtime_ns
-    sweep(out, ["fp32"], [0], PARAMS, report=False, settings=NO_KERNEL_SETTINGS)  # the same grid: retried
+    sweep(out, ["fp32"], [0], PARAMS, report=False, settings=NO_KERNEL_SETTINGS, speed_budget=0)  # the same grid: retried
     assert (out / "sweep.json").stat().st_mtime_ns == stamp  # rewritten only when the grid changes
 
 
@@ -352,10 +361,10 @@ def test_a_sweep_cut_short_after_executing_a_run_marks_the_summary_it_left_stale
 ) -> None:
     out = tmp_path / "sw"
     first, _ = _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 100.0, "bf16-mixed": 150.0})
-    sweep(out, ["fp32", "bf16"], [0], PARAMS, settings=NO_KERNEL_SETTINGS)  # summary.md, from the results
+    sweep(out, ["fp32", "bf16"], [0], PARAMS, settings=NO_KERNEL_SETTINGS, speed_budget=0)  # summary.md, from the results
     assert not (out / "summary.md").read_text().startswith(STALE_MD)
     monkeypatch.setattr(sys, "stdout", ctrl_c_stdout(first.name))
-    cut = sweep(out, ["fp32", "bf16"], [0], PARAMS, force=True, settings=NO_KERNEL_SETTINGS)
+    cut = sweep(out, ["fp32", "bf16"], [0], PARAMS, force=True, settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert cut.interrupted and [(o.name, o.resumed) for o in cut.outcomes] == [(first.name, False)]
     banner = (out / "summary.md").read_text().splitlines()[0]
     assert banner.startswith(f"{STALE_MD} the sweep was interrupted after new runs finished; ")
@@ -364,7 +373,7 @@ def test_sweep_runs_in_this_process_with_one_worker_and_the_bar_names_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (run,) = _finished_sweep(tmp_path / "sw", {"fp32": "ok"}, {"fp32": 1.0})
-    result = sweep(tmp_path / "sw", ["fp32"], [0], PARAMS, force=True, report=False, settings=NO_KERNEL_SETTINGS)
+    result = sweep(tmp_path / "sw", ["fp32"], [0], PARAMS, force=True, report=False, settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert [(o.status, o.resumed) for o in result.outcomes] == [("failed", False)]  # forced: executed
     frames = capsys.readouterr().err.replace("\n", "\r").split("\r")
     assert [f.strip() for f in frames if f.strip()][-1].endswith(f"run/s, {run.name}]")
@@ -376,7 +385,7 @@ def test_ctrl_c_exits_130_keeps_finished_runs_and_writes_no_report(
     out = tmp_path / "sw"
     (first, second) = expand_grid(out, CPU, ["fp32", "bf16"], [0], {"device": ["cpu"], "steps": [9]})
     monkeypatch.setattr(sys, "stdout", ctrl_c_stdout(first.name))
-    result = sweep(out, ["fp32", "bf16"], [0], ["device=cpu", "steps=9"], settings=NO_KERNEL_SETTINGS)
+    result = sweep(out, ["fp32", "bf16"], [0], ["device=cpu", "steps=9"], settings=NO_KERNEL_SETTINGS, speed_budget=0)
     assert (result.interrupted, result.exit_code, result.planned) == (True, 130, 2)
     assert [o.name for o in result.outcomes] == [first.name]
     assert (result.report, result.files, result.report_error) == (None, {}, None)  # no report of half a sweep
@@ -403,12 +412,12 @@ def test_the_verdicts_go_to_a_wandb_run_of_their_own_in_the_runs_project_and_gro
     wandb = ["wandb_mode=offline", "wandb_project=amp-test", "wandb_group=night"]
     grid = {k: [v] for k, v in (p.split("=") for p in wandb)}
     _finished_sweep(out, {"fp32": "ok", "bf16-mixed": "ok"}, {"fp32": 100.0, "bf16-mixed": 150.0}, grid=grid)
-    result = sweep(out, ["fp32", "bf16-mixed"], [0], ["device=cpu", "steps=9", *wandb], settings=NO_KERNEL_SETTINGS, report=False)
+    result = sweep(out, ["fp32", "bf16-mixed"], [0], ["device=cpu", "steps=9", *wandb], settings=NO_KERNEL_SETTINGS, speed_budget=0, report=False)
     assert result.exit_code == 0 and result.report is not None
     record = read_run(only_run_dir(out / "runs"))  # beside the runs' own folders, not in WANDB_DIR
     assert (record.run["project"], record.run["run_group"], record.run["job_type"]) == ("amp-test", "night", "report")
     assert record.run["display_name"] == "night-report"
-    assert read_summary(only_run_dir(out / "runs"))["summary"]["report/answer"] == result.report.answer()
+    assert read_summary(only_run_dir(out / "runs"))["summary"]["report/answer"] == answer(result.report)
 
 # --- what the command prints ---
 
@@ -427,7 +436,7 @@ def test_resumed_sweep_prints_counts_paths_and_recommendation_and_no_report_writ
     assert lines[3] == f"  results:   {out / 'results'}/"
     assert lines[4] == f"  notebooks: {out / 'runs'}/"
     (rec,) = build_report(load_sweep(out)).recommendations  # what the command prints is the report's
-    assert lines[5] == f"recommendation (gpt-tiny): {rec.precision} — {rec.reason}" and len(lines) == 6
+    assert lines[5] == f"recommendation (gpt-tiny): {rec.precision} — {short_reason(rec)}" and len(lines) == 6
     assert "FAILED" not in captured.err and "interrupted" not in captured.err
     # --no-report: no summary.md, report.*, figures/; only the grid it was asked for, and no lock left behind
     assert sorted(p.name for p in out.iterdir()) == ["results", "sweep.json"]
@@ -445,10 +454,10 @@ def test_the_printed_recommendations_are_those_of_the_returned_report(
     assert main([*argv, "--no-report", "--tolerance", "0.1"]) == 0
     printed = _recommendation_lines(capsys.readouterr().out)
     result = sweep(out, ["fp32", "bf16"], [0], [*PARAMS, "lr=1e-3,3e-3"], report=False, tolerance=0.1,
-                   settings=NO_KERNEL_SETTINGS)  # fmt: skip
+                   settings=NO_KERNEL_SETTINGS, speed_budget=0)  # fmt: skip
     recs = result.report.recommendations
     assert [r.setting for r in recs] == ["gpt-tiny lr=0.001", "gpt-tiny lr=0.003"]
-    assert printed == [f"recommendation ({r.setting}): {r.precision} — {r.reason}" for r in recs]
+    assert printed == [f"recommendation ({r.setting}): {r.precision} — {short_reason(r)}" for r in recs]
     assert result.report.tolerance == 0.1 and len(printed) == 2
 
 
@@ -489,7 +498,7 @@ def test_cli_force_report_kernel_and_tolerance_reach_the_sweep(
     assert "±10% of fp32's" in (out / "summary.md").read_text()
     assert main([*base, "--no-report"]) == 0
     assert (
-        "recommendation (gpt-tiny): fp32 — stay in fp32: bf16-mixed is worse" in capsys.readouterr().out
+        "recommendation (gpt-tiny): fp32 — stay in fp32: bf16-mixed worse by 5.0%, faster 1.50x" in capsys.readouterr().out
     )  # not within 2%
     replace(bf16, status="failed", error="x").save(bf16_runs[1].result_path)
     assert main([*base, "--no-report"]) == 1  # the failed run is retried (and fails: no kernel)
@@ -505,7 +514,7 @@ def test_cli_without_a_baseline_recommends_none(tmp_path: Path, capsys: pytest.C
     out_text = capsys.readouterr().out
     assert "1 of 1 runs done (0 executed, 1 resumed), 0 not ok" in out_text  # --workers 1 is accepted
     (rec,) = build_report(load_sweep(out)).recommendations
-    assert rec.precision is None and f"recommendation (gpt-tiny): none — {rec.reason}\n" in out_text
+    assert rec.precision is None and f"recommendation (gpt-tiny): none — {short_reason(rec)}\n" in out_text
 
 
 # --- end to end: a real two-precision sweep (train.ipynb twice, compare.ipynb once) ---
@@ -537,7 +546,7 @@ def test_two_precision_sweep_writes_results_notebooks_and_report(real_sweep: tup
         result = RunResult.load(sweep_dir / "results" / f"{name}.json")
         assert result.ok and result.config["steps"] == 8 and result.config["run_name"] == name
         assert (sweep_dir / "runs" / f"{name}.ipynb").exists()
-    assert {r.plan["effective"] for r in load_sweep(sweep_dir)} == {"fp32", "bf16-mixed"}
+    assert {r.plan.effective for r in load_sweep(sweep_dir)} == {"fp32", "bf16-mixed"}
     summary = (sweep_dir / "summary.md").read_text()
     assert "| fp32 | fp32 | ok |" in summary and "| bf16-mixed | bf16-mixed | ok |" in summary
     assert "**Recommendation (gpt-tiny):" in summary
@@ -571,11 +580,11 @@ def test_the_sweep_prints_its_counts_report_files_and_recommendation(real_sweep:
     ]
     # The recommendation printed and summary.md both come from the report sweep() computes once.
     resumed = sweep(sweep_dir, ["fp32", "bf16-mixed"], [0], [*(v for v in TINY if v != "-p"), "device=cpu",
-                    "wandb_mode=disabled"], report=False, settings=NO_KERNEL_SETTINGS)  # fmt: skip
+                    "wandb_mode=disabled"], report=False, settings=NO_KERNEL_SETTINGS, speed_budget=0)  # fmt: skip
     assert [o.resumed for o in resumed.outcomes] == [True, True]
-    assert (sweep_dir / "summary.md").read_text(encoding="utf-8") == resumed.report.summary_markdown()
+    assert (sweep_dir / "summary.md").read_text(encoding="utf-8") == summary_markdown(resumed.report)
     recs = resumed.report.recommendations
-    assert _recommendation_lines(stdout) == [f"recommendation ({r.setting}): {r.precision} — {r.reason}" for r in recs]
+    assert _recommendation_lines(stdout) == [f"recommendation ({r.setting}): {r.precision} — {short_reason(r)}" for r in recs]
     assert len(recs) == 1 and lines[-1] == _recommendation_lines(stdout)[0]
 
 
@@ -653,7 +662,7 @@ def test_every_bad_value_is_listed_before_any_kernel_starts_and_nothing_is_writt
 
 def test_a_default_that_depends_on_the_steps_follows_them(tmp_path: Path) -> None:
     # -p steps=5 used to fail in every kernel on the CPU default timing_warmup_steps=8
-    result = sweep(tmp_path / "sw", ["fp32"], [0], ["device=cpu", "steps=5"], report=False, settings=NO_KERNEL_SETTINGS)
+    result = sweep(tmp_path / "sw", ["fp32"], [0], ["device=cpu", "steps=5"], report=False, settings=NO_KERNEL_SETTINGS, speed_budget=0)
     (saved,) = load_sweep(result.out)
     assert saved.config["steps"] == 5 and saved.config["timing_warmup_steps"] == 1
     assert saved.error == DEAD_KERNEL_ERROR  # it got as far as the kernel
@@ -746,7 +755,7 @@ def test_a_second_sweep_on_a_held_folder_exits_2_naming_the_holder_and_a_killed_
             f"--out {out} is in use by another sweep (pid {holder.pid}); wait for it to finish, stop it, or use another --out"
         ]
         with pytest.raises(FolderLocked) as info:
-            sweep(out, ["fp32"], [0], PARAMS, settings=NO_KERNEL_SETTINGS)
+            sweep(out, ["fp32"], [0], PARAMS, settings=NO_KERNEL_SETTINGS, speed_budget=0)
         assert info.value.holder == holder.pid and info.value.folder == out
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "results"]  # the refused sweep wrote nothing
     finally:
@@ -780,7 +789,7 @@ def test_a_truncated_or_foreign_json_never_breaks_the_sweep_and_is_named_in_the_
     assert summary.startswith("> **STALE:** the results changed since it was written and --no-report skipped")
     assert summary.endswith(fresh)  # the old text, marked, never silently old
     assert '<div id="amp-stale"' in (out / "report.html").read_text()
-    result = sweep(out, ["fp32", "bf16"], [0], PARAMS, settings=NO_KERNEL_SETTINGS)  # with the report: rebuilt
+    result = sweep(out, ["fp32", "bf16"], [0], PARAMS, settings=NO_KERNEL_SETTINGS, speed_budget=0)  # with the report: rebuilt
     summary = (out / "summary.md").read_text()
     assert "STALE" not in summary and len(result.report.results) == 2
     assert summary.endswith(
@@ -799,7 +808,7 @@ def test_a_second_sweep_into_the_folder_keeps_the_first_ones_results_and_names_t
     out = tmp_path / "st"
     first = _finished_sweep(out, {"fp32": "ok"}, {"fp32": 1000.0}, grid={"lr": [1e-3, 3e-3]})
     kept = {r.result_path: r.result_path.read_bytes() for r in first}
-    result = sweep(out, ["fp32", "bf16"], [0], [*PARAMS, "lr=1e-3"], settings=NO_KERNEL_SETTINGS)
+    result = sweep(out, ["fp32", "bf16"], [0], [*PARAMS, "lr=1e-3"], settings=NO_KERNEL_SETTINGS, speed_budget=0)
     fp32, bf16 = result.outcomes
     assert (fp32.name, fp32.status, fp32.resumed) == (first[0].name, "ok", True)  # the same config: the same file
     assert (bf16.status, bf16.resumed) == ("failed", False)
@@ -818,7 +827,7 @@ def test_two_sweeps_that_differ_in_one_value_keep_both_results(tmp_path: Path) -
     out = tmp_path / "q"
     six = _finished_sweep(out, {"fp32": "ok"}, {"fp32": 1000.0}, grid={"steps": [6]})
     eight = sweep(out, ["fp32"], [0], ["device=cpu", "steps=8", "wandb_mode=disabled"], report=False,
-                  settings=NO_KERNEL_SETTINGS)  # fmt: skip
+                  settings=NO_KERNEL_SETTINGS, speed_budget=0)  # fmt: skip
     assert RunResult.load(six[0].result_path).config["steps"] == 6  # still there, still steps=6
     (ran,) = eight.outcomes
     assert ran.name != six[0].name and "steps=8" in ran.name and "steps=6" in six[0].name
@@ -909,7 +918,7 @@ def test_a_user_module_beside_the_user_trains_in_the_kernel_and_wandb_names_its_
             "-p", "wandb_mode=offline", "--no-report"]  # fmt: skip
     assert main(argv) == 0
     (result,) = load_sweep(tmp_path / "sw")
-    assert result.ok and result.config["model"] == "my_models:build" and result.plan["concurrent_runs"] == 1
+    assert result.ok and result.config["model"] == "my_models:build" and result.plan.concurrent_runs == 1
     (folder,) = (wandb_env / "wandb_dir" / "wandb").glob("offline-run-*")
     assert re.fullmatch(r"offline-run-\d{8}_\d{6}-my_models_build-fp32-s0-\d{10}", folder.name)
     seen = json.loads((tmp_path / "kernel.json").read_text())  # what the kernel itself saw
@@ -944,3 +953,30 @@ def test_a_folder_broken_under_a_running_sweep_ends_in_one_error_line_not_a_trac
     assert "Traceback" not in err
     assert err.splitlines()[-1] == f"error: File exists: {out / 'results'}; finished results are kept"
     assert _refused(argv, capsys) == [f"--out {out}: {out / 'results'} is a file, not a folder"]  # next time: refused
+
+
+# --- end to end: an optimizer axis, one row per optimizer in one report --------------------------------------
+
+
+@pytest.mark.slow  # torchao compiles the 8-bit optimizer's step in each kernel
+@pytest.mark.notebook
+def test_a_sweep_over_two_optimizers_gives_both_rows_of_one_setting_with_verdicts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--out", str(tmp_path / "opt"), "--precisions", "fp32", "--seeds", "0,1", "-p", "device=cpu",
+            "-p", "optimizer=adamw,adamw-8bit", *TINY, *QUIET, "--speed-budget", "0"]  # fmt: skip
+    assert main(argv) == 0
+    results = load_sweep(tmp_path / "opt")
+    assert sorted((r.optimizer, r.seed, r.status) for r in results) == [
+        ("adamw", 0, "ok"), ("adamw", 1, "ok"), ("adamw-8bit", 0, "ok"), ("adamw-8bit", 1, "ok")]  # fmt: skip
+    report = build_report(results)
+    assert [(g.name, g.runs) for g in report.groups] == [("fp32", 2), ("fp32 adamw-8bit", 2)]
+    base, eight_bit = report.groups
+    assert base.is_baseline and len(report.recommendations) == 1  # one setting: the optimizer is a row of it
+    assert eight_bit.seeds_used == 2 and eight_bit.loss_diff is not None  # judged against fp32 adamw, paired by seed
+    assert eight_bit.verdict not in (R_NO_BASELINE, "baseline") and eight_bit.speed_verdict != "—"
+    assert eight_bit.optimizer_saved_mb > 0  # gpt-tiny's larger weights keep 8-bit state: less than fp32 adamw's
+    summary = (tmp_path / "opt" / "summary.md").read_text()
+    assert "| fp32 adamw-8bit | 2 |" in summary  # its verdict row, both seeds
+    assert "| optimizer state vs fp32 |" in summary and "| saves " in summary
+    assert "recommendation (gpt-tiny): " in capsys.readouterr().out

@@ -33,7 +33,7 @@ from nbclient.exceptions import DeadKernelError
 
 from amp_lib.config import RunConfig
 from amp_lib.precision import Capabilities
-from amp_lib.results import RunResult, load_sweep
+from amp_lib.results import PlanRecord, RunResult, load_sweep
 from amp_lib.sweep.cli import main
 from amp_lib.sweep.execute import (
     COMPLETE,
@@ -63,7 +63,7 @@ from amp_lib.sweep.execute import (
     stamp,
     wandb_run_id,
 )
-from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params
+from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params, timing_runs
 
 CPU = Capabilities(device_type="cpu", device_name="test-cpu")
 NO_KERNEL = Settings(kernel="no-such-kernel", retries=1)
@@ -140,8 +140,8 @@ def test_failed_result_fills_defaults_and_resolves_the_plan() -> None:
     assert result.status == "failed" and result.error == "NoSuchKernel: x"
     defaults = RunConfig().to_dict()
     assert result.config == {**defaults, "precision": "bf16", "device": "cpu", "steps": 3, "stepz": 1}
-    assert result.plan["requested"] == "bf16" and result.plan["effective"] == "bf16-mixed"
-    assert result.plan["torch_version"] == torch.__version__ and result.plan["device_type"] == "cpu"
+    assert result.plan.requested == "bf16" and result.plan.effective == "bf16-mixed"
+    assert result.plan.torch_version == torch.__version__ and result.plan.device_type == "cpu"
 
 
 def test_failed_result_records_a_valid_config_in_its_canonical_spelling() -> None:
@@ -157,16 +157,16 @@ def test_failed_result_of_a_broken_config_keeps_what_is_known() -> None:
         {"precision": "fp33", "steps": 3, "wandb_mode": "disabled"}, "ValueError: invalid precision 'fp33'"
     )
     assert result.status == "failed" and result.config["steps"] == 3 and "wandb_mode" not in result.config
-    assert result.plan == {"requested": "fp33", "effective": None, "fallback_reason": None}
+    assert result.plan == PlanRecord(requested="fp33")
     result = failed_result({"precision": 33, "device": "cpu"}, "boom")
-    assert result.plan == {"requested": "33", "effective": None, "fallback_reason": None}
+    assert result.plan == PlanRecord(requested="33")
     assert failed_result({}, "e").config["precision"] == RunConfig().precision
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_cuda_run_on_a_cpu_machine_is_recorded_without_a_plan() -> None:
     result = failed_result({"precision": "fp32", "device": "cuda"}, "boom")
-    assert result.plan == {"requested": "fp32", "effective": None, "fallback_reason": None}
+    assert result.plan == PlanRecord(requested="fp32")
     assert result.config["device"] == "cuda"
 
 
@@ -260,7 +260,7 @@ def test_failing_runs_are_isolated_and_recorded_with_their_error(tmp_path: Path)
     )
     assert outcomes[1].error.startswith("ValueError: seq_len=512 exceeds gpt-tiny's block size 256")
     results = {r.config["run_name"]: r for r in load_sweep(tmp_path)}
-    assert results["typo"].config["stepz"] == 3 and results["typo"].plan["effective"] == "fp32"  # written by the sweep
+    assert results["typo"].config["stepz"] == 3 and results["typo"].plan.effective == "fp32"  # written by the sweep
     assert results[too_long.name].config["seq_len"] == 512 and results[too_long.name].history == ()
     assert (tmp_path / "runs" / "typo.ipynb").exists()  # the executed notebook shows the error
 
@@ -320,6 +320,7 @@ def test_the_kernel_environment_finds_user_modules_counts_parallel_runs_and_name
     env = kernel_environment(run, Settings(workdir="/work", concurrent_runs=3))
     assert env["PYTHONPATH"] == f"/work{os.pathsep}/elsewhere"  # the invoking folder first, once
     assert env[CONCURRENT_RUNS_ENV] == "3" == str(Settings(concurrent_runs=3).concurrent_runs)
+    assert env["AMP_WORKBOOK_EXECUTOR"] == "local" and kernel_environment(run, Settings(executor="ray"))["AMP_WORKBOOK_EXECUTOR"] == "ray"
     assert re.fullmatch(r"gpt-tiny-fp32-s0-lr_0_001-[0-9a-f]{8}-\d{10}", env["WANDB_RUN_ID"])  # the W&B folder names the run
     monkeypatch.delenv("PYTHONPATH")
     monkeypatch.chdir(tmp_path)
@@ -442,7 +443,7 @@ def test_a_lost_run_is_recorded_failed_unless_it_wrote_a_final_result_since_it_w
         run.name, "failed", "Slurm job 3 ended TIMEOUT"
     )
     saved = RunResult.load(run.result_path)
-    assert saved.status == "failed" and saved.config["steps"] == 9 and saved.plan["effective"] == "fp32"
+    assert saved.status == "failed" and saved.config["steps"] == 9 and saved.plan.effective == "fp32"
     before = stamp(run.result_path)
     _saved_result(run, "oom")  # the run finished (out of memory) before its worker died: that result stands
     assert lost_run(run, "worker died", before) == Outcome(run.name, "oom", "oom: first line\nsecond")
@@ -748,8 +749,8 @@ def test_sigkill_of_a_parallel_sweep_takes_its_workers_and_kernels_with_it(tmp_p
     survivors = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid, s in seen.items() if _alive(pid, s)}
     assert survivors == {}, "orphaned processes"
     finished = load_sweep(out)
-    assert finished and all(r.plan.get("concurrent_runs") == 2 for r in finished if r.ok)
-    assert all(r.plan.get("threads") == cpu_threads(2) for r in finished if r.ok)  # each run its share of cores
+    assert finished and all(r.plan.concurrent_runs == 2 for r in finished if r.ok)
+    assert all(r.plan.threads == cpu_threads(2) for r in finished if r.ok)  # each run its share of cores
     assert "without encryption" not in (tmp_path / "stderr.txt").read_text()  # the kernels' noise is gone
     # The killed sweep's lock blocks nothing, and what it finished is resumed, not run twice.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
@@ -803,3 +804,53 @@ def test_ctrl_c_of_a_serial_sweep_mid_run_prints_no_traceback_and_leaves_no_kern
         time.sleep(0.2)
     assert not any(_alive(p, s) for p, s in kernels.items())
     assert list((tmp_path / "c" / "results").glob("*.json")) == []  # the unfinished run wrote nothing
+
+
+# --- timing runs (speed.ipynb) --------------------------------------------------------------------------
+
+
+def test_a_timing_run_is_complete_only_as_a_timing_of_its_precisions_and_fails_as_one(tmp_path: Path) -> None:
+    runs = expand_grid(tmp_path, CPU, ["fp32", "bf16"], [0], {"steps": [9], "device": ["cpu"]})
+    (timing,) = timing_runs(runs, 5.0)
+    assert not is_complete(timing)
+    fp32 = next(r for r in runs if r.parameters["precision"] == "fp32")
+    _saved_result(fp32).save(timing.result_path)  # the same config trained, not timed: not this run's result
+    assert not is_complete(timing)
+    outcomes, _ = run_sweep([timing], NO_KERNEL)
+    assert [(o.name, o.status) for o in outcomes] == [(timing.name, "failed")]
+    saved = RunResult.load(timing.result_path)
+    assert saved.timing is not None and saved.timing.precisions == ("fp32", "bf16-mixed") and saved.timing.blocks == ()
+    assert saved.error == NO_KERNEL_ERROR and not is_complete(timing)  # failed: retried on resume
+    replace(saved, status="ok", error=None).save(timing.result_path)
+    assert is_complete(timing)
+    other = replace(saved, status="ok", error=None, timing=replace(saved.timing, precisions=("fp32", "fp16-mixed")))
+    other.save(timing.result_path)
+    assert not is_complete(timing)  # a timing of other precisions
+    assert (tmp_path / "runs" / f"{timing.name}.ipynb").exists()  # its notebook, as a training run's
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_timing_runs_start_after_every_training_run_and_alone_with_every_core(tmp_path: Path) -> None:
+    """The interleaved timing must not share the machine with training runs: it runs after them, one at a time,
+    in a worker that has all the cores, whatever `--workers` says."""
+    log = tmp_path / "seen.jsonl"
+    runs = expand_grid(tmp_path / "sw", CPU, ["fp32", "bf16-mixed"], [0, 1], {"device": ["cpu"]})
+    timing = timing_runs(runs, 5.0)
+    notebooks = _stand_in_notebooks(
+        tmp_path / "nb",
+        "import json, os, time\n"
+        "began = time.time()\n"
+        "time.sleep(0.3)\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    name = globals().get('run_name') or 'timing ' + '+'.join(globals().get('precisions', []))\n"
+        "    f.write(json.dumps([name, os.environ['OMP_NUM_THREADS'], began, time.time()]) + '\\n')",
+    )
+    shutil.copy(Path(notebooks) / "train.ipynb", Path(notebooks) / "speed.ipynb")
+    outcomes, interrupted = run_sweep([*timing, *runs], Settings(notebooks=notebooks, retries=1), workers=2)
+    assert not interrupted and len(outcomes) == 5
+    seen = {name: (threads, began, ended) for name, threads, began, ended in map(json.loads, log.read_text().splitlines())}
+    (timed,) = [v for k, v in seen.items() if k.startswith("timing")]
+    trained = [v for k, v in seen.items() if not k.startswith("timing")]
+    assert len(trained) == 4 and timed[1] >= max(ended for _, _, ended in trained)
+    assert {threads for threads, _, _ in trained} == {str(cpu_threads(2))} and timed[0] == str(cpu_threads(1))

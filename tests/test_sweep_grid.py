@@ -18,6 +18,7 @@ from amp_lib.sweep.grid import (
     expand_grid,
     parse_params,
     run_problems,
+    timing_runs,
     timing_warmup_for,
 )
 
@@ -375,3 +376,69 @@ def test_a_value_that_no_combination_can_use_refuses_the_sweep(tmp_path: Path) -
     assert wrong.runs == () and wrong.problems == ("batch_size=0 must be >= 1",) and wrong.skipped == ()
     fine = check_runs(expand_grid(tmp_path, CPU, ["fp32"], [0, 1]))
     assert len(fine.runs) == 2 and fine.skipped == fine.problems == ()
+
+
+# --- timing runs: each setting's precisions timed against fp32 in one process ---------------------------
+
+
+def test_each_setting_that_trains_fp32_and_another_precision_gets_one_timing_run(tmp_path: Path) -> None:
+    runs = expand_grid(tmp_path, CPU, ["bf16", "fp32"], [1, 0], parse_params(["lr=1e-3,3e-3"]))
+    timed = timing_runs(runs, 15.0)
+    assert len(timed) == 2 and all(t.notebook == "speed.ipynb" for t in timed)
+    first = timed[0]
+    assert first.timed_precisions == ("fp32", "bf16-mixed")  # fp32 first: the baseline
+    assert first.parameters["budget_s"] == 15.0 and first.parameters["precisions"] == ["fp32", "bf16-mixed"]
+    base = next(r for r in runs if r.parameters["precision"] == "fp32" and r.parameters["seed"] == 0
+                and r.parameters["lr"] == 1e-3)  # fmt: skip
+    config = first.config_values()
+    assert {k: v for k, v in config.items() if k != "run_name"} == {k: v for k, v in base.config_values().items() if k != "run_name"}
+    assert config["run_name"] == f"{base.parameters['run_name']}-speed-bf16-mixed"
+    assert first.name == f"{config['run_name']}-{RunConfig.from_dict(config).identity}" and first.result_path.parent == base.result_path.parent
+    assert check_runs([*runs, *timed]).problems == ()  # a timing run's values are a valid config too
+
+
+def test_no_timing_without_fp32_another_precision_a_budget_or_with_several_processes(tmp_path: Path) -> None:
+    assert timing_runs(expand_grid(tmp_path, CPU, ["fp32"], [0]), 15.0) == []
+    assert timing_runs(expand_grid(tmp_path, CPU, ["bf16", "fp16"], [0]), 15.0) == []
+    assert timing_runs(expand_grid(tmp_path, CPU, ["fp32", "bf16"], [0]), 0.0) == []
+    ddp = expand_grid(tmp_path, CPU, ["fp32", "bf16"], [0], parse_params(["nproc=2"]))
+    assert timing_runs(ddp, 15.0) == []  # timed by its training runs
+
+
+# --- the optimizer and fp8 options as sweep axes -----------------------------------------------------
+
+
+def test_an_optimizer_axis_is_one_run_per_optimizer_named_by_it_and_skips_what_cannot_run(tmp_path: Path) -> None:
+    grid = parse_params(["optimizer=adamw,adamw-8bit,adamw-bf16"])
+    runs = expand_grid(tmp_path, CPU, ["fp32", "bf16-true"], [0, 1], grid)
+    check = check_runs(runs)
+    assert check.problems == ()
+    assert check.skipped == (
+        ("skipped fp32 x optimizer=adamw-bf16: optimizer 'adamw-bf16' keeps bf16 parameters and state (stochastic "
+        "rounding): it needs bf16 parameters (precision bf16-true); this run's parameters are fp32"),
+    )  # one line for both seeds
+    ran = {(r.parameters["precision"], r.optimizer) for r in check.runs}
+    assert ran == {(p, o) for p in ("fp32", "bf16-true") for o in ("adamw", "adamw-8bit")} | {("bf16-true", "adamw-bf16")}
+    # a run's name says its optimizer where it is not the default
+    assert all((f"optimizer={r.optimizer}" in readable(r)) is (r.optimizer != "adamw") for r in check.runs)
+    assert len({r.name for r in check.runs}) == len(check.runs) == 10
+
+
+def test_a_setting_of_several_optimizers_is_timed_once_with_the_baselines(tmp_path: Path) -> None:
+    """Timing compares precisions on one optimizer (adamw where the sweep has it): the other optimizers' rows are
+    judged by their training runs' speed."""
+    runs = expand_grid(tmp_path, CPU, ["fp32", "bf16"], [0, 1], parse_params(["optimizer=adamw-8bit,adamw"]))
+    (timed,) = timing_runs(runs, 15.0)
+    assert timed.timed_precisions == ("fp32", "bf16-mixed") and timed.optimizer == "adamw"
+    (alone,) = timing_runs(expand_grid(tmp_path, CPU, ["fp32", "bf16"], [0], parse_params(["optimizer=adamw8bit"])), 15.0)
+    assert alone.optimizer == "adamw-8bit"  # no adamw in the sweep: its precisions are compared on adamw-8bit
+
+
+def test_emulated_fp8_and_its_layer_selection_are_values_of_every_run_of_the_setting(tmp_path: Path) -> None:
+    grid = parse_params(["emulate_fp8=true", "fp8_layers=lm_head+blocks.0.*"])
+    runs = expand_grid(tmp_path, CPU, ["fp32", "fp8-mixed"], [0], grid)
+    assert [r.parameters["precision"] for r in runs] == ["fp32", "fp8-tensorwise"]
+    assert check_runs(runs).problems == () and len(check_runs(runs).runs) == 2
+    assert {config_of(r).fp8_layers for r in runs} == {"lm_head,blocks.0.*"}
+    (timed,) = timing_runs(runs, 15.0)  # speed.ipynb leaves the emulated recipe out of its timing (test_speed)
+    assert timed.timed_precisions == ("fp32", "fp8-tensorwise")

@@ -13,6 +13,8 @@ import nbformat
 import pytest
 from factories import make_result
 
+from amp_lib.details import summary_markdown
+from amp_lib.render import answer
 from amp_lib.report import build_report
 from amp_lib.results import load_sweep
 from amp_lib.sweep.execute import Settings
@@ -28,7 +30,7 @@ def test_write_report_writes_the_given_report_then_exports_even_a_failed_noteboo
     # On disk: an fp32 run alone. Given: a report of fp32 and a faster bf16 run (two seeds), at a 25% tolerance.
     make_result("fp32").save(tmp_path / "sw" / "results" / "fp32-s0.json")
     report = build_report(TWO_SEEDS, 0.25)
-    assert report.summary_markdown() != build_report(load_sweep(tmp_path / "sw"), 0.25).summary_markdown()
+    assert summary_markdown(report) != summary_markdown(build_report(load_sweep(tmp_path / "sw"), 0.25))
     monkeypatch.chdir(tmp_path)  # a relative folder: the notebook must still be given absolute paths
     settings = Settings(kernel="no-such-kernel")
     with pytest.raises(RuntimeError) as info:
@@ -38,9 +40,9 @@ def test_write_report_writes_the_given_report_then_exports_even_a_failed_noteboo
     assert str(info.value) == f"report notebook failed ({notebook}): NoSuchKernel: No such kernel named no-such-kernel"
     assert info.value.__cause__ is not None
     summary = (out / "summary.md").read_text(encoding="utf-8")
-    assert summary == report.summary_markdown()  # the report it was given, not one recomputed from disk
+    assert summary == summary_markdown(report)  # the report it was given, not one recomputed from disk
     assert summary.startswith("# AMP Workbook sweep summary") and "±25% of fp32's" in summary
-    assert "**Recommendation (gpt-tiny): bf16-mixed**" in summary
+    assert f"## Answer\n\n{answer(report)}\n" in summary and answer(report).startswith("Use bf16-mixed")
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.ipynb", "results", "summary.md"]
     meta = json.loads(notebook.read_text())["metadata"]["papermill"]
     assert meta["input_path"] == str(Path(settings.notebooks) / "compare.ipynb")
@@ -61,7 +63,7 @@ def test_a_report_notebook_that_never_ran_leaves_the_summary_and_no_html(tmp_pat
         write_report(tmp_path, report, Settings(notebooks=str(tmp_path / "missing")))
     assert str(info.value).startswith(f"report notebook failed ({tmp_path / 'report.ipynb'}): FileNotFoundError")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"]
-    assert (tmp_path / "summary.md").read_text(encoding="utf-8") == report.summary_markdown()
+    assert (tmp_path / "summary.md").read_text(encoding="utf-8") == summary_markdown(report)
 
 
 # --- what the report leaves out, and a report that could not be rebuilt ---
@@ -72,7 +74,7 @@ def test_left_out_files_are_listed_in_summary_md_and_report_html(tmp_path: Path)
     notes = ["not read: bad.json: not valid JSON", "left out: old.json: from an earlier grid <lr=0.003>"]
     with pytest.raises(RuntimeError):
         write_report(tmp_path, report, Settings(kernel="no-such-kernel"), notes=notes)
-    assert (tmp_path / "summary.md").read_text() == report.summary_markdown() + (
+    assert (tmp_path / "summary.md").read_text() == summary_markdown(report) + (
         "\n## Not in this report\n\n- not read: bad.json: not valid JSON\n"
         "- left out: old.json: from an earlier grid <lr=0.003>\n"
     )
@@ -125,5 +127,5 @@ def test_an_old_report_html_the_notebook_could_not_replace_is_marked_stale(tmp_p
     assert nbformat.reads(unmarked(tmp_path / "report.ipynb"), as_version=4) == nbformat.reads(
         old_notebook.decode(), as_version=4)
     summary = (tmp_path / "summary.md").read_text()
-    assert summary == report.summary_markdown() + notes_markdown(notes)  # the summary itself is fresh, notes too
+    assert summary == summary_markdown(report) + notes_markdown(notes)  # the summary itself is fresh, notes too
     assert "\n- not read: bad.json: not valid JSON\n" in summary

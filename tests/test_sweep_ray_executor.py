@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from amp_lib.results import load_sweep
 from amp_lib.sweep.cli import main, sweep
 from amp_lib.sweep.execute import Settings, run_sweep, scratch_folders
 from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params
-from amp_lib.sweep.ray_executor import EXTRA, RayExecutor, address_problems, task_resources, wants_gpus
+from amp_lib.sweep.ray_executor import EXTRA, RayExecutor, address_problems, task_resources, unreachable, wants_gpus
 
 CPU = Capabilities(device_type="cpu", device_name="test-cpu")
 # The tiniest real run: a few steps of gpt-tiny, one eval batch, no profiling, no W&B.
@@ -44,7 +45,7 @@ def test_a_bad_ray_address_is_refused_with_the_accepted_forms(address: str) -> N
 def test_the_command_refuses_ray_options_with_another_executor_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "-p", "device=cpu", "--kernel", "no-such-kernel"]
+    argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "-p", "device=cpu"]  # the default kernel
     assert main([*argv, "--ray-address", "auto"]) == 2
     assert main([*argv, "--executor", "ray", "--ray-address", "nowhere", "--workers", "2"]) == 2
     assert main([*argv, "--executor", "dask"]) == 2
@@ -55,6 +56,24 @@ def test_the_command_refuses_ray_options_with_another_executor_and_writes_nothin
         + " local Ray instance)",
         "error: invalid --executor 'dask'; valid values are: local, ray, slurm",
     ]
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_cluster_address_nothing_answers_at_is_refused_in_seconds_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert unreachable(f"ray://127.0.0.1:{port}", timeout=1.0) == (
+        f"nothing answers at 127.0.0.1:{port} within 1 s (Connection refused)"
+    )
+    started = time.monotonic()
+    argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "--speed-budget", "0", "-p", "device=cpu"]
+    assert main([*argv, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"]) == 2
+    assert time.monotonic() - started < 30  # Ray alone retries for minutes
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: --ray-address 127.0.0.1:{port}: cannot connect to Ray") and "nothing answers" in line
     assert not (tmp_path / "sw").exists()
 
 
@@ -195,8 +214,8 @@ def test_a_two_precision_two_seed_sweep_runs_as_ray_tasks_isolates_a_failure_and
     assert outcomes[0].error.startswith("ValueError: unknown parameter(s) 'stepz'")
     results = {r.config["run_name"]: r for r in load_sweep(out)}
     assert sorted(results) == sorted(["typo", *names]) and all(r.config["steps"] == 4 for r in results.values())
-    assert {results[n].plan["effective"] for n in names} == {"fp32", "bf16-mixed"}
-    assert {results[n].plan["concurrent_runs"] for n in names} == {2}  # two CPUs: two runs at a time
+    assert {results[n].plan.effective for n in names} == {"fp32", "bf16-mixed"}
+    assert {results[n].plan.concurrent_runs for n in names} == {2}  # two CPUs: two runs at a time
     assert all((out / "runs" / f"{n}.ipynb").exists() for n in names)  # each executed by its own task
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
     again = sweep(out, ["fp32", "bf16-mixed"], [0, 1], TINY, report=False, executor=RayExecutor())

@@ -115,7 +115,7 @@ def test_the_smallest_valid_time_limit_and_gpu_count_are_accepted() -> None:
 def test_bad_slurm_options_exit_2_one_line_each_and_write_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "-p", "device=cpu", "--kernel", "no-such-kernel"]
+    argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "-p", "device=cpu"]  # the default kernel
     assert main([*argv, "--slurm-time", "5", "--sbatch", "mem=1G"]) == 2  # slurm options, local executor
     assert main([*argv, "--executor", "slurm", "--slurm-time", "0", "--slurm-gpus-per-run", "-1", "--sbatch", "x"]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -260,7 +260,7 @@ def test_a_sweep_through_submitit_records_a_timed_out_job_as_failed_and_reruns_i
         f" ended TIMEOUT, reason TimeLimit: it reached its time limit of 1 min (--slurm-time) before the run"
         f" finished; job logs in {logs}"
     )
-    assert timed_out.config["seed"] == 1 and timed_out.plan["effective"] == "fp32"
+    assert timed_out.config["seed"] == 1 and timed_out.plan.effective == "fp32"
     assert list(logs.glob("*_0_log.err")) and list((out / "runs" / "slurm" / names[0]).glob("*_0_log.out"))
     assert (out / "runs" / f"{names[0]}.ipynb").exists()  # the notebook beside its job's logs
     ok_stamp = (out / "results" / f"{names[0]}.json").stat().st_mtime_ns

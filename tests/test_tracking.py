@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -14,11 +15,13 @@ from typing import Any
 
 import pytest
 from factories import eval_curve, make_result
+from scipy.stats import t as student_t
 from wandb_readback import only_run_dir, read_run, read_summary
 
 from amp_lib import tracking
 from amp_lib.config import PROJECT, RunConfig
 from amp_lib.precision import Capabilities, resolve_precision
+from amp_lib.render import answer, format_ttq, reason
 from amp_lib.report import build_report
 from amp_lib.results import HistoryRow, RunResult
 from amp_lib.tracking import (
@@ -212,11 +215,11 @@ def sweep_report(**config: Any):
 def test_report_summary_holds_the_answer_verdicts_intervals_and_time_to_quality() -> None:
     report = sweep_report()
     summary = report_summary(report)
-    bf16 = report.comparisons[2]
-    assert summary["report/answer"] == report.answer() and summary["report/answer"].startswith("Train in bf16-mixed")
+    bf16 = report.groups[2]
+    assert summary["report/answer"] == answer(report) and summary["report/answer"].startswith("Use bf16-mixed")
     assert summary["report/tolerance"] == 0.02
     assert summary["report/recommendation"] == "bf16-mixed"
-    assert summary["report/recommendation_reason"] == report.recommendations[0].reason
+    assert summary["report/recommendation_reason"] == reason(report.recommendations[0])
     assert summary["report/fp32_noise_std"] == pytest.approx(0.01) and summary["report/tolerance_abs"] == pytest.approx(
         0.0402
     )
@@ -228,8 +231,11 @@ def test_report_summary_holds_the_answer_verdicts_intervals_and_time_to_quality(
     assert (summary["report/bf16-mixed/loss_diff_low"], summary["report/bf16-mixed/loss_diff_high"]) == (
         bf16.loss_diff.low, bf16.loss_diff.high,
     )  # fmt: skip
-    assert summary["report/bf16-mixed/speedup"] == pytest.approx(2.0)
-    assert summary["report/bf16-mixed/speedup_low"] == pytest.approx(2.0 - 4.303 * 0.1 / math.sqrt(3))
+    logs = [math.log(t / 1000.0) for t in (2000.0, 2100.0, 1900.0)]  # paired by seed, on the log scale
+    # Holm over fp32's two comparisons (bf16, and fp16 that diverged): the smallest p-value at 1 - 0.05/2
+    half = student_t.ppf(1 - 0.05 / 4, 2) * statistics.stdev(logs) / math.sqrt(3)
+    assert summary["report/bf16-mixed/speedup"] == pytest.approx(math.exp(statistics.fmean(logs)))
+    assert summary["report/bf16-mixed/speedup_low"] == pytest.approx(math.exp(statistics.fmean(logs) - half), rel=1e-4)
     assert (
         summary["report/bf16-mixed/ttq_time_s"] == pytest.approx(1.0) and summary["report/bf16-mixed/ttq_steps"] == 20
     )
@@ -242,8 +248,10 @@ def test_report_summary_holds_the_answer_verdicts_intervals_and_time_to_quality(
     # nothing missing is written: no interval, no speed-up, no time to quality for the diverged run
     assert {k for k in summary if k.startswith("report/fp16-mixed/")} == {
         "report/fp16-mixed/verdict", "report/fp16-mixed/status", "report/fp16-mixed/speed_verdict",
-        "report/fp16-mixed/speed_reason",
+        "report/fp16-mixed/speed_reason", "report/fp16-mixed/eligible", "report/fp16-mixed/seeds_used",
+        "report/fp16-mixed/speed_source",
     }  # fmt: skip
+    assert summary["report/fp16-mixed/eligible"] is False and summary["report/bf16-mixed/eligible"] is True
     assert all(v is not None for v in summary.values())
     assert "report/fp32/loss_diff" not in summary and summary["report/fp32/verdict"] == "baseline"
 
@@ -276,10 +284,8 @@ def test_report_summary_gives_each_intervals_mean_and_bounds_not_the_one_seed_po
     runs += [make_result("bf16-mixed", s, tps=t, mem=60.0, evals=eval_curve(3.0, 2.02, 2.0 + 0.03 * s, step_s=0.05))
              for s, t in enumerate([2000.0, 2400.0, 1900.0, 2600.0])]  # fmt: skip
     report = build_report(runs)
-    bf16 = next(c for c in report.comparisons if c.requested == "bf16-mixed")
-    assert bf16.loss_diff.mean != pytest.approx(bf16.point_diff) and bf16.speedup.mean != pytest.approx(
-        bf16.point_speedup
-    )
+    bf16 = next(c for c in report.groups if c.requested == "bf16-mixed")
+    assert bf16.loss_diff.mean != pytest.approx(bf16.point_diff)  # the seeds' paired mean, not all runs' means
     summary = report_summary(report)
     got = {k.removeprefix("report/bf16-mixed/"): v for k, v in summary.items() if k.startswith("report/bf16-mixed/")}
     assert got["best_eval_loss"] == pytest.approx(2.015)  # per seed min(2.02, 2.0 + 0.03 * seed)
@@ -290,7 +296,7 @@ def test_report_summary_gives_each_intervals_mean_and_bounds_not_the_one_seed_po
         bf16.speedup.mean, bf16.speedup.low, bf16.speedup.high
     )  # fmt: skip
     assert got["speedup_high"] > got["speedup"] > got["speedup_low"]
-    assert got["ttq"] == bf16.ttq.format() and got["ttq"].endswith("steps")
+    assert got["ttq"] == format_ttq(bf16.ttq) and got["ttq"].endswith("steps")
     assert got["peak_memory_mb"] == 60.0 and summary["report/fp32/peak_memory_mb"] == 100.0
 
 
@@ -354,11 +360,14 @@ def test_observer_calls_without_a_started_run_are_no_ops() -> None:
 def assert_history_matches(
     record_history: list[dict[str, Any]], result: RunResult, items_per_step: int, fp16: bool
 ) -> None:
-    """Each result history row appears once in W&B, at its own step, with exactly these values."""
+    """Each result history row appears once in W&B, at its own step, with exactly these values; each eval as
+    `eval/loss` at the step it was taken after."""
     logged = {row["_step"]: row for row in record_history}
-    assert sorted(logged) == [row.step for row in result.history]
+    evals = {e.step: e.loss for e in result.evals}
+    assert sorted(logged) == sorted({row.step for row in result.history} | set(evals))
+    assert {s: logged[s]["eval/loss"] for s in evals} == pytest.approx(evals, rel=1e-12)
     for row in result.history:
-        got = logged[row.step]
+        got = {k: v for k, v in logged[row.step].items() if k != "eval/loss"}
         expected_keys = {"train/loss", "amp/skipped_steps"}
         assert got["train/loss"] == pytest.approx(row.loss, rel=1e-12)
         if row.grad_norm is not None and math.isfinite(row.grad_norm):  # an overflowed step has none
@@ -412,10 +421,11 @@ def test_fp16_run_logs_every_row_scale_and_skips_and_summary_matches_result_json
     assert record.run["run_group"] == "sweep-a"
     assert record.run["run_id"] == tracker.run_id
     assert_history_matches(record.history, result, config.batch_size * config.seq_len, fp16=True)
-    assert [r["amp/loss_scale"] for r in record.history] == scales
-    assert [r["amp/skipped_steps"] for r in record.history] == [r.skipped_steps for r in result.history]
+    rows = [r for r in record.history if "train/loss" in r]  # the eval after the last step has a row of its own
+    assert [r["amp/loss_scale"] for r in rows] == scales
+    assert [r["amp/skipped_steps"] for r in rows] == [r.skipped_steps for r in result.history]
 
-    plan = resolve_precision("16-mixed", allow_slow=True)
+    plan = resolve_precision(config.precision, allow_slow=True)  # the config's canonical name: fp16-mixed
     assert record.config == {**config.to_dict(), "plan": plan.to_dict()}
 
     summary = read_summary(tracker.run_dir)
@@ -448,7 +458,7 @@ def test_fallback_reason_is_in_run_config_and_notes(wandb_dir: Path, tiny_config
     config = tiny_config(precision="tf32", steps=2, timing_warmup_steps=1)  # no TF32 on a CPU: falls back to fp32
     tracker = WandbTracker(dir=wandb_dir)
     result = train(config, observers=[tracker])
-    reason = result.plan["fallback_reason"]
+    reason = result.plan.fallback_reason
     assert reason and "tf32" in reason
     assert tracker.run_dir is not None
     summary = read_summary(tracker.run_dir)
@@ -644,7 +654,7 @@ def test_a_sweeps_verdicts_go_to_a_wandb_run_of_their_own_read_back_from_disk(tm
     assert run_dir is not None and run_dir.is_relative_to(tmp_path)
     back = read_summary(run_dir)
     summary = back["summary"]
-    assert summary["report/answer"] == report.answer()
+    assert summary["report/answer"] == answer(report)
     assert summary["report/bf16-mixed/verdict"] == "matches fp32"
     assert summary["report/fp16-mixed/verdict"] == "diverged/failed"
     assert record_report(report, mode="disabled") is None

@@ -30,7 +30,6 @@ from amp_lib.train import (
     check_divergence,
     global_batch_config,
     make_optimizer,
-    memory_split_mb,
     rank_rows,
     scheduled_lr,
     seed_everything,
@@ -42,13 +41,16 @@ class KeepingObserver:
     """A real RunObserver that keeps what it was given."""
 
     def __init__(self):
-        self.started, self.logs, self.ended = [], [], []
+        self.started, self.logs, self.evals, self.ended = [], [], [], []
 
     def on_start(self, config, plan):
         self.started.append((config, plan))
 
     def on_log(self, rows, items_per_step):
         self.logs.append((list(rows), items_per_step))
+
+    def on_eval(self, row):
+        self.evals.append((row, len(self.ended)))  # with how many results it had seen: 0 while the run trains
 
     def on_end(self, result):
         self.ended.append(result)
@@ -93,8 +95,8 @@ def test_mixed_precision_runs_reduce_the_loss(tiny_config, precision):
     config = tiny_config(precision=precision, steps=20, lr=3e-3, log_every=5, allow_slow=True)
     result = train(config)
     assert result.status == "ok", result.error
-    assert result.plan["effective"] == precision  # allow_slow: fp16 really ran on this CPU
-    assert result.plan["fallback_reason"] is None
+    assert result.plan.effective == precision  # allow_slow: fp16 really ran on this CPU
+    assert result.plan.fallback_reason is None
     losses = [row.loss for row in result.history]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.3, losses
@@ -113,10 +115,10 @@ def test_first_step_loss_is_the_untrained_models_loss(tiny_config):
 def test_fp16_on_this_cpu_falls_back_without_allow_slow(tiny_config):
     result = train(tiny_config(precision="16-mixed", steps=3, timing_warmup_steps=1), write=False)
     assert result.status == "ok"
-    assert result.plan["requested"] == "16-mixed"
-    if not Capabilities().fp16_fast and result.plan["device_type"] == "cpu":
-        assert result.plan["effective"] == "bf16-mixed"
-        assert "fast fp16" in result.plan["fallback_reason"]
+    assert result.plan.requested == "fp16-mixed"  # the config holds the canonical name of what was asked
+    if not probe("cpu").fp16_fast and result.plan.device_type == "cpu":
+        assert result.plan.effective == "bf16-mixed"
+        assert "fast fp16" in result.plan.fallback_reason
         assert all(row.loss_scale is None for row in result.history)
 
 
@@ -125,20 +127,20 @@ def test_bf16_true_trains_bf16_parameters(tiny_config):
     config = tiny_config(precision="bf16-true", lr=3e-3, steps=10)
     result = train(config, write=False)
     assert result.status == "ok", result.error
-    assert result.plan["param_dtype"] == "bfloat16" and result.plan["autocast_dtype"] is None
+    assert result.plan.param_dtype == "bfloat16" and result.plan.autocast_dtype is None
     assert result.history[-1].loss < result.history[0].loss
     assert all(row.loss_scale is None for row in result.history)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("requested,effective", [("tf32", "fp32"), ("fp8", "bf16-mixed")])
+@pytest.mark.parametrize("requested,effective", [("tf32", "fp32"), ("fp8-rowwise", "bf16-mixed")])
 def test_fallback_is_recorded_in_the_result(tiny_config, requested, effective):
     config = tiny_config(precision=requested, steps=3, timing_warmup_steps=0)
     result = train(config)
     assert result.status == "ok", result.error
-    assert result.plan["requested"] == requested and result.plan["effective"] == effective
-    assert result.plan["fallback_reason"]
-    assert RunResult.load(config.result_path).plan["fallback_reason"] == result.plan["fallback_reason"]
+    assert result.plan.requested == requested and result.plan.effective == effective
+    assert result.plan.fallback_reason
+    assert RunResult.load(config.result_path).plan.fallback_reason == result.plan.fallback_reason
     assert result.metrics.timed_steps == 3  # timing_warmup_steps=0: every step is timed
 
 
@@ -280,9 +282,11 @@ def test_a_given_plan_is_used_instead_of_resolving_the_configs_precision(user_mo
     assert result.ok, result.error
     assert set(factories.SEEN_DTYPES) == {(torch.bfloat16, torch.bfloat16, False)}
     assert observer.started == [(config, plan)] and observer.started[0][1] is plan
-    assert result.plan == {
-        **plan.to_dict(), "torch_version": torch.__version__, "threads": torch.get_num_threads(), "concurrent_runs": 1
-    }
+    assert result.plan.to_dict() == {
+        **plan.to_dict(), "torch_version": torch.__version__, "threads": torch.get_num_threads(), "concurrent_runs": 1,
+        "machine": result.plan.machine, "executor": None,  # not run by a sweep
+    }  # fmt: skip
+    assert result.plan.machine["torch"] == torch.__version__ and result.plan.machine["device_type"] == "cpu"
     assert result.config["precision"] == "fp32"  # the config is recorded as given
 
 
@@ -292,7 +296,7 @@ def test_a_given_fp16_plan_runs_the_loss_scaler_the_config_alone_would_not(user_
     plan = resolve_precision("fp16-mixed", Capabilities(), allow_slow=True)
     result = train(config, plan=plan, write=False)
     assert result.ok, result.error
-    assert result.plan["effective"] == "fp16-mixed" and result.plan["use_loss_scaler"] is True
+    assert result.plan.effective == "fp16-mixed" and result.plan.use_loss_scaler is True
     assert [r.loss_scale for r in result.history] == [256.0] * 3  # the config's scaler settings still apply
     assert result.metrics.final_loss_scale == result.metrics.min_loss_scale == 256.0
 
@@ -345,7 +349,7 @@ def test_metrics_and_history_of_an_fp16_run(tiny_config):
     config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, timing_warmup_steps=1, growth_interval=2)
     result = train(config)
     assert result.status == "ok", result.error
-    assert result.plan["effective"] == "fp16-mixed"
+    assert result.plan.effective == "fp16-mixed"
     scales = [r.loss_scale for r in result.history]
     assert all(isinstance(s, float) and s > 0 for s in scales)
     # the scale moves only as GradScaler's rules say: halve on a skipped step, double after 2 clean ones
@@ -366,11 +370,11 @@ def test_metrics_and_history_of_an_fp16_run(tiny_config):
 
 @pytest.mark.slow
 def test_fp16_overflow_steps_are_skipped_and_counted(tiny_config):
-    # an absurd initial scale overflows fp16 at once: the first steps skip until the scale is small enough
-    config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, timing_warmup_steps=1, init_scale=2.0**60)
+    # a too large initial scale overflows fp16 at once: the first steps skip until the scale is small enough
+    config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, timing_warmup_steps=1, init_scale=2.0**20)
     result = train(config)
     assert result.status == "ok", result.error
-    assert result.history[0].skipped
+    assert result.history[0].skipped and not result.history[-1].skipped
     assert result.metrics.skipped_steps >= 1
     assert_cumulative_skips(result)
     for row, before in zip(result.history, [config.init_scale] + [r.loss_scale for r in result.history]):
@@ -411,7 +415,7 @@ def test_observers_see_start_every_flush_and_end(user_models):
     observer = KeepingObserver()
     result = train(config, [observer], write=False)
     assert len(observer.started) == 1 and observer.started[0][0] is config
-    assert observer.started[0][1].effective == result.plan["effective"]
+    assert observer.started[0][1].effective == result.plan.effective
     assert [len(rows) for rows, _ in observer.logs] == [3, 3, 1]  # flush every 3 steps and at the end
     assert [row for rows, _ in observer.logs for row in rows] == list(result.history)
     assert all(items == config.batch_size for _, items in observer.logs)
@@ -443,7 +447,7 @@ def test_result_file_is_written_and_loads_equal(user_models, tmp_path):
     assert config.result_path.exists()
     assert RunResult.load(config.result_path) == result
     assert result.config == config.to_dict()
-    assert result.plan["torch_version"] == torch.__version__
+    assert result.plan.torch_version == torch.__version__
 
 
 @pytest.mark.slow
@@ -460,6 +464,7 @@ def test_the_model_is_freed_before_observers_see_the_result(user_models):
     class FreedAtEnd:
         def on_start(self, config, plan) -> None: ...
         def on_log(self, rows, items_per_step) -> None: ...
+        def on_eval(self, row) -> None: ...
         def on_end(self, result) -> None:
             self.alive = [ref() is not None for ref in factories.BUILT_MODELS]
 
@@ -607,10 +612,19 @@ def test_a_run_that_fails_before_its_workload_exists_knows_nothing(user_models):
 
 
 @pytest.mark.slow
-def test_seq_len_beyond_block_size_fails(tiny_config):
-    result = train(tiny_config(seq_len=4096), write=False)
-    assert result.status == "failed"
-    assert "block size" in result.error
+def test_an_fp16_run_whose_every_step_was_skipped_is_diverged_not_ok(tiny_config):
+    # issue 28: -p init_scale=1e30 skipped all steps and the run said "ok" although nothing was trained
+    config = tiny_config(precision="fp16-mixed", allow_slow=True, steps=6, timing_warmup_steps=1, init_scale=1e30)
+    result = train(config, write=False)
+    assert result.status == "diverged" and all(row.skipped for row in result.history)
+    assert result.error == "the loss scaler skipped every one of the 6 steps (init_scale=1e+30): nothing was trained"
+    assert result.metrics.skipped_steps == 6 and result.evals == ()  # no eval of an untrained model
+
+
+@pytest.mark.slow
+def test_a_cpu_allocation_that_fails_ends_the_run_oom_not_failed(tiny_config, user_models):
+    result = train(tiny_config(model="user_models:build_cpu_oom"), write=False)
+    assert result.status == "oom" and result.error.startswith("out of memory: ")
 
 
 @pytest.mark.slow
@@ -713,6 +727,15 @@ def test_evals_run_every_n_steps_and_at_the_end_with_training_time_only(user_mod
     assert [e.step for e in once.evals] == [4]  # the last step's eval is not taken twice
 
 
+def test_observers_get_each_eval_as_it_is_taken_not_at_the_end(user_models) -> None:
+    """A live figure draws eval points while the run trains: every eval row reaches `on_eval` before `on_end`."""
+    observer = KeepingObserver()
+    result = train(user_run("build_ok", steps=5, eval_every=2, log_every=5), [observer], write=False)
+    assert result.ok and len(observer.ended) == 1
+    assert [(row.step, row.loss, seen) for row, seen in observer.evals] == [(e.step, e.loss, 0) for e in result.evals]
+    assert [row.step for row, _ in observer.evals] == [2, 4, 5]
+
+
 def test_time_spent_evaluating_is_not_training_time(user_models) -> None:
     """Time-to-quality counts training only: two evaluations of 4 x 0.1 s each are left out of it."""
     from user_models import EVAL_FORWARD_S  # importable once the fixture put tests/ on the path
@@ -746,23 +769,130 @@ def test_the_eval_curve_of_a_builtin_model_falls_on_held_out_text(tiny_config) -
 # --- memory split and the machine share ----------------------------------------------------------
 
 
-def test_the_memory_split_counts_parameters_gradients_and_optimizer_state(user_models) -> None:
-    result = train(user_run("build_ok", steps=2), write=False)  # nn.Linear(8, 1): 9 fp32 parameters, 36 bytes
-    m = result.metrics
-    assert m.param_memory_mb * 2**20 == 36 and m.grad_memory_mb * 2**20 == 36
-    assert 72 <= m.optimizer_memory_mb * 2**20 <= 72 + 2 * 8  # AdamW's two moments, plus a step counter per tensor
-    model = torch.nn.Linear(8, 1).to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(model.parameters())
-    assert memory_split_mb(model, optimizer) == (18 / 2**20, 18 / 2**20, 0.0)  # bf16 sizes, no state before a step
+def test_without_an_untimed_step_the_memory_split_is_the_tensor_count_with_the_reason(user_models) -> None:
+    for precision, size in (("fp32", 36), ("bf16-true", 18)):  # nn.Linear(8, 1): 9 parameters
+        result = train(user_run("build_ok", steps=2, timing_warmup_steps=0, precision=precision), write=False)
+        m = result.metrics
+        assert m.param_memory_mb * 2**20 == size and m.grad_memory_mb * 2**20 == size
+        # AdamW's two moments in the parameters' dtype, plus a step counter per tensor
+        assert 2 * size <= m.optimizer_memory_mb * 2**20 <= 2 * size + 2 * 8
+        assert result.memory.source == (
+            "tensor count (no untimed step to measure (timing_warmup_steps=0))"
+        )
+        assert not result.memory.tracked and result.memory.peak_mb is None
 
 
 def test_the_plan_records_threads_and_how_many_runs_shared_the_machine(user_models, monkeypatch) -> None:
     result = train(user_run("build_ok", steps=2), write=False)
-    assert (result.plan["threads"], result.plan["concurrent_runs"]) == (torch.get_num_threads(), 1)
+    assert (result.plan.threads, result.plan.concurrent_runs) == (torch.get_num_threads(), 1)
     monkeypatch.setenv("AMP_WORKBOOK_CONCURRENT_RUNS", "3")
-    assert train(user_run("build_ok", steps=2), write=False).plan["concurrent_runs"] == 3
+    assert train(user_run("build_ok", steps=2), write=False).plan.concurrent_runs == 3
     monkeypatch.setenv("AMP_WORKBOOK_CONCURRENT_RUNS", "many")
-    assert train(user_run("build_ok", steps=2), write=False).plan["concurrent_runs"] == 1
+    assert train(user_run("build_ok", steps=2), write=False).plan.concurrent_runs == 1
+
+
+# --- fp8 recipes, the optimizer, the memory split and energy in a run ------------------------------------
+
+FP8_RECIPES = ["fp8-tensorwise", "fp8-rowwise", "fp8-rowwise-gw-hp"]
+FP8_GPT_LINEARS = tuple(f"blocks.{b}.{n}" for b in (0, 1) for n in ("qkv", "proj", "mlp.0", "mlp.2")) + ("lm_head",)
+
+
+def fp8_gpt(**overrides) -> RunConfig:
+    """A few steps of tests/user_models.py's build_fp8_gpt: every linear can run in fp8."""
+    return user_run("build_fp8_gpt", **{"steps": 4, "timing_warmup_steps": 2, "batch_size": 2, "seq_len": 16, **overrides})
+
+
+@pytest.mark.slow  # importing torchao takes seconds
+@pytest.mark.parametrize("recipe", FP8_RECIPES)
+def test_each_fp8_recipe_trains_emulated_on_this_cpu_and_records_its_layer_plan(user_models, tmp_path, recipe):
+    config = fp8_gpt(precision=recipe, emulate_fp8=True, fp8_layers="all", out_dir=str(tmp_path))
+    result = train(config)
+    assert result.status == "ok", result.error
+    assert (result.plan.effective, result.plan.emulated, result.plan.fallback_reason) == (recipe, True, None)
+    layers = result.fp8_layers
+    assert (layers.precision, layers.emulate, layers.fp8_fqns) == (recipe, True, FP8_GPT_LINEARS)
+    assert layers.tokens_per_step == 2 * 16  # the rows of one micro-batch: batch_size x seq_len
+    assert all(math.isfinite(row.loss) for row in result.history)
+    assert result.metrics.mfu is None and result.metrics.mfu_vs_mixed_peak is None  # emulated: no claim on speed
+    assert RunResult.load(config.result_path).fp8_layers == layers  # typed again after the JSON file
+
+
+@pytest.mark.slow
+def test_fp8_layers_keeps_the_named_linears_in_high_precision_and_the_result_says_why(user_models) -> None:
+    result = train(fp8_gpt(precision="fp8-rowwise", emulate_fp8=True, fp8_layers="lm_head+blocks.0.*"), write=False)
+    assert result.status == "ok", result.error
+    layers = result.fp8_layers
+    assert set(layers.high_precision_fqns) == {"lm_head", *(n for n in FP8_GPT_LINEARS if n.startswith("blocks.0."))}
+    reasons = {d.fqn: d.reason for d in layers.decisions}
+    assert reasons["lm_head"] == "kept in high precision by pattern 'lm_head'"
+    assert reasons["blocks.0.qkv"] == "kept in high precision by pattern 'blocks.0.*'"
+    assert layers.summary == "4 of 9 linears in fp8 (fp8-rowwise, emulated, fp8_layers=lm_head,blocks.0.*; 32 tokens per step)"
+
+
+@pytest.mark.slow
+def test_an_fp8_layers_pattern_that_names_no_linear_fails_the_run_naming_the_linears(user_models) -> None:
+    result = train(fp8_gpt(precision="fp8-rowwise", emulate_fp8=True, fp8_layers="lm_haed"), write=False)
+    assert result.status == "failed"
+    assert result.error_line.startswith("ValueError: fp8_layers pattern 'lm_haed' names no linear layer of the model")
+
+
+def test_without_emulate_fp8_an_fp8_recipe_runs_bf16_here_and_says_how_to_emulate_it(user_models) -> None:
+    result = train(user_run("build_ok", precision="fp8-rowwise"), write=False)
+    assert result.status == "ok" and result.plan.effective == "bf16-mixed" and not result.plan.emulated
+    assert "emulate_fp8=True forecasts its loss in emulation" in result.plan.fallback_reason
+    assert result.fp8_layers is None
+
+
+# The optimizer state of build_fp8_gpt against fused AdamW's fp32 state, as torchao keeps it: 8-bit and fp8 codes
+# with an fp32 scale per 256, 4-bit codes two to a byte with a scale per 128; tensors under 4096 values stay plain.
+STATE_SHARE = {"adamw-8bit": (0.25, 0.35), "adamw-4bit": (0.125, 0.2), "adamw-fp8": (0.25, 0.35)}
+
+
+@pytest.mark.slow  # torchao compiles its optimizer's step: seconds to a minute on this CPU
+@pytest.mark.parametrize("optimizer", [*STATE_SHARE, "adamw-bf16"])
+def test_each_optimizer_trains_and_the_result_records_the_bytes_its_state_holds(user_models, optimizer) -> None:
+    precision = "bf16-true" if optimizer == "adamw-bf16" else "fp32"  # adamw-bf16 needs bf16 parameters
+    adamw = train(fp8_gpt(timing_warmup_steps=1), write=False)  # the report's baseline: fp32, fused AdamW
+    result = train(fp8_gpt(precision=precision, timing_warmup_steps=1, optimizer=optimizer), write=False)
+    assert result.status == adamw.status == "ok", result.error
+    assert result.config["optimizer"] == optimizer and result.row.label == f"{precision} {optimizer}"
+    assert all(math.isfinite(row.loss) for row in result.history)
+    share = result.metrics.optimizer_memory_mb / adamw.metrics.optimizer_memory_mb
+    low, high = STATE_SHARE.get(optimizer, (0.49, 0.51))  # adamw-bf16: bf16 state
+    assert low < share < high, share
+    assert result.memory.source.startswith("tensor count (torchao's ")  # its compiled step runs under no tracker
+    params = result.metrics.param_memory_mb / adamw.metrics.param_memory_mb
+    assert params == (0.5 if precision == "bf16-true" else 1.0)
+
+
+def test_the_memtracker_split_of_an_untimed_step_reaches_the_result(tiny_config) -> None:
+    config = tiny_config(steps=4, timing_warmup_steps=2)
+    result = train(config)
+    split = result.memory
+    assert (split.source, split.tracked, split.device) == ("MemTracker", True, "cpu")
+    assert sum(split.holders_mb().values()) == pytest.approx(split.peak_mb)
+    m = result.metrics  # the tensor sizes the model and optimizer hold, beside what held the peak
+    assert m.param_memory_mb * 2**20 == m.grad_memory_mb * 2**20 == 4 * m.param_count  # fp32, each parameter once
+    assert split.parameters_mb == m.param_memory_mb  # one process: every parameter is whole at the peak
+    assert split.optimizer_state_mb == pytest.approx(m.optimizer_memory_mb)  # step 1: both moments exist
+    assert split.optimizer_state_mb == pytest.approx(2 * split.parameters_mb, rel=0.01)
+    assert split.activations_mb > 0
+    # on a CPU the process holds far more than its tensors: the two are reported apart
+    assert split.process_rss_peak_mb >= split.process_rss_start_mb > split.peak_mb
+    assert RunResult.load(config.result_path).memory == split
+
+
+def test_the_memory_split_is_never_taken_on_the_profiled_step(user_models) -> None:
+    result = train(user_run("build_ok", steps=3, timing_warmup_steps=1, profile_step=True), write=False)
+    assert result.profile is not None  # step 0 was profiled: the one untimed step
+    assert result.memory.source == (
+        "tensor count (no untimed step to measure besides the profiled one (timing_warmup_steps=1))"
+    )
+
+
+def test_on_a_cpu_a_run_has_no_energy_reading_and_says_why(user_models) -> None:
+    result = train(user_run("build_ok"), write=False)
+    assert (result.energy.joules, result.energy.reason) == (None, "no NVIDIA GPU: the run is on cpu")
 
 
 # --- the recorder --------------------------------------------------------------------------------
@@ -850,7 +980,7 @@ def test_metrics_without_a_scaler_have_no_loss_scales():
     record(recorder, 1, math.nan, outcome(1.0))
     recorder.flush()
     m = recorder.metrics()
-    assert math.isnan(m.final_train_loss) and m.skipped_steps == 0
+    assert m.final_train_loss is None and m.skipped_steps == 0  # NaN is no loss: None, cleaned where it is made
     assert m.final_loss_scale is None and m.min_loss_scale is None
     assert (m.items_per_s, m.step_time_ms_median, m.eval_loss, m.timed_steps) == (None, None, None, 0)
 
@@ -869,7 +999,7 @@ def gpu_config(tmp_path, **overrides) -> RunConfig:
 def test_each_gpu_precision_trains_and_reports_cuda_memory(tmp_path, precision):
     result = train(gpu_config(tmp_path, precision=precision))
     assert result.status == "ok", result.error
-    assert result.plan["effective"] == resolve_precision(precision, probe("cuda")).effective
+    assert result.plan.effective == resolve_precision(precision, probe("cuda")).effective
     assert result.history[-1].loss < 0.9 * result.history[0].loss
     assert result.metrics.peak_memory_kind == "cuda_allocated" and result.metrics.peak_memory_mb > 0
     assert result.metrics.mfu is None or 0 < result.metrics.mfu < 1
@@ -917,10 +1047,28 @@ def test_hot_loop_adds_no_sync_per_step(tmp_path, precision):
 
 
 @pytest.mark.gpu
-def test_fp8_mixed_trains_where_the_hardware_has_it(tmp_path):
-    plan = resolve_precision("fp8-mixed", probe("cuda"))
-    if plan.effective != "fp8-mixed":
+@pytest.mark.parametrize("recipe", ["fp8-tensorwise", "fp8-rowwise", "fp8-rowwise-gw-hp"])
+def test_each_fp8_recipe_trains_where_the_hardware_has_it_with_its_mfu_against_both_peaks(tmp_path, recipe):
+    plan = resolve_precision(recipe, probe("cuda"))
+    if plan.effective != recipe:
         pytest.skip(plan.fallback_reason)
-    result = train(gpu_config(tmp_path, precision="fp8-mixed"))
+    result = train(gpu_config(tmp_path, precision=recipe, fp8_layers="all"))
     assert result.status == "ok", result.error
     assert result.history[-1].loss < 0.9 * result.history[0].loss
+    assert not result.plan.emulated and result.fp8_layers.fp8_fqns
+    m = result.metrics
+    if plan.peak_table.get("fp8"):
+        assert 0 < m.mfu_vs_mixed_peak < m.mfu_vs_bf16_peak == m.mfu < 1 and 0 < m.fp8_flop_share <= 1
+
+
+@pytest.mark.gpu
+def test_a_gpu_run_reads_its_energy_where_nvml_reports_it(tmp_path):
+    result = train(gpu_config(tmp_path, precision="bf16-mixed"))
+    assert result.status == "ok", result.error
+    energy = result.energy
+    if energy.joules is None:
+        pytest.skip(f"no energy reading: {energy.reason}")
+    timed_items = result.metrics.items_per_step * result.metrics.timed_steps
+    assert energy.joules > 0 and energy.items == timed_items
+    assert energy.joules_per_item == pytest.approx(energy.joules / timed_items)
+    assert 10 < energy.watts < 2000  # a GPU board's power, not a unit slip

@@ -42,6 +42,21 @@ def build_oom(config):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (test)")
 
 
+def build_cpu_oom(config):
+    """A model whose first forward asks the CPU for 1 PiB: torch's allocator refuses, as on a machine out of memory."""
+
+    class Greedy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + torch.empty(2**50, dtype=torch.uint8).sum()
+
+    gen = torch.Generator().manual_seed(config.seed)
+    return Greedy(), [(torch.randn(2, 4, generator=gen), torch.randn(2, 1, generator=gen))], F.mse_loss
+
+
 def build_fail(config):
     raise RuntimeError("user factory exploded on purpose")
 
@@ -298,3 +313,45 @@ def build_hook_probe(config):
         return F.mse_loss(output, target)
 
     return model, batches, loss
+
+
+def build_fails_with_half_weights(config):
+    """build_ok whose loss refuses half-precision parameters: fp32 and the mixed precisions run, a 'true' one
+    (bf16-true, fp16-true) fails on its first step, as a model with an op that has no half kernel would."""
+    model, batches = _regression(config)
+
+    def loss_fn(output, target):
+        if model.weight.dtype != torch.float32:
+            raise NotImplementedError(f"this loss has no {model.weight.dtype} kernel")
+        return F.mse_loss(output.float(), target)
+
+    return model, batches, loss_fn
+
+
+HALF_STEP_SLEEP_S = 0.02
+
+
+def build_slow_in_half(config):
+    """build_ok whose loss sleeps HALF_STEP_SLEEP_S whenever the model computed in half precision: a precision
+    that is certainly slower than fp32, for a timing that must decide."""
+    model, batches = _regression(config)
+
+    def loss_fn(output, target):
+        if output.dtype != torch.float32:
+            time.sleep(HALF_STEP_SLEEP_S)
+        return F.mse_loss(output.float(), target)
+
+    return model, batches, loss_fn
+
+
+def build_fp8_gpt(config):
+    """gpt-tiny's shape with a 64-token vocabulary on random tokens: every linear (lm_head too) has dims that are
+    multiples of 16, so each can run in fp8, and each weight has at least 4096 values (torchao's low-bit
+    optimizers quantize exactly such state)."""
+    from amp_lib.models import GPT, GPTConfig, lm_loss
+
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=64, block_size=config.seq_len))
+    gen = torch.Generator().manual_seed(config.seed)
+    tokens = torch.randint(0, 64, (4, config.batch_size, config.seq_len + 1), generator=gen)
+    return model, [(t[:, :-1], t[:, 1:]) for t in tokens], lm_loss

@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from amp_lib.config import PROJECT
+from amp_lib.details import summary_markdown
 from amp_lib.precision import parse_precision, probe, valid_precision_names
+from amp_lib.render import short_reason
 from amp_lib.report import DEFAULT_TOLERANCE, SweepReport, build_report, check_tolerance
 from amp_lib.results import MANIFEST, grid_names, load_sweep, write_json_atomic
+from amp_lib.speed import DEFAULT_BUDGET_S
 from amp_lib.sweep.execute import Executor, LocalExecutor, Outcome, Settings, error_text, outcome_line, run_sweep
-from amp_lib.sweep.grid import SweepRun, check_runs, expand_grid, parse_params
+from amp_lib.sweep.grid import SweepRun, check_runs, expand_grid, parse_params, timing_runs
 from amp_lib.sweep.lock import SweepLock
 from amp_lib.sweep.publish import mark_stale, notes_markdown, remove_partial, unmark, unmarked, write_report
 from amp_lib.sweep.ray_executor import RayExecutor, address_problems
@@ -175,6 +178,7 @@ def plan_sweep(
     tolerance: float,
     settings: Settings,
     problems: Sequence[str] = (),
+    speed_budget: float | None = None,
 ) -> SweepPlan:
     """The sweep's runs, every parameter, path, kernel and tolerance checked: raises `SweepRefused` listing every
     problem (one line each, `problems` found earlier first) before any kernel starts or anything is written."""
@@ -208,6 +212,11 @@ def plan_sweep(
         sorted_runs = check_runs(check(expand_grid, out, caps, precisions, seeds, grid) or [])
         problems += [p for p in sorted_runs.problems if p not in problems]
         runs, skipped = list(sorted_runs.runs), sorted_runs.skipped
+        budget = DEFAULT_BUDGET_S.get(caps.device_type, 60.0) if speed_budget is None else speed_budget
+        if not budget >= 0:
+            problems.append(f"invalid --speed-budget {speed_budget!r}; expected seconds >= 0 (0: no timing)")
+        else:
+            runs += timing_runs(runs, budget)
         problems += model_problems(runs, settings.workdir or os.getcwd())
         problems += [p for p in map(credentials_problem, {r.parameters.get("wandb_mode") for r in runs}) if p]
     problems += kernel_problems(settings.kernel)
@@ -218,7 +227,7 @@ def plan_sweep(
 
 
 def _report_text(report: SweepReport, notes: Sequence[str]) -> str:
-    return report.summary_markdown() + notes_markdown(notes)
+    return summary_markdown(report) + notes_markdown(notes)
 
 
 def sweep(
@@ -233,6 +242,7 @@ def sweep(
     tolerance: float = DEFAULT_TOLERANCE,
     settings: Settings | None = None,
     executor: Executor | None = None,
+    speed_budget: float | None = None,
 ) -> SweepResult:
     """Plan, run (resumably, failures isolated) and report a sweep; the Python face of the CLI.
 
@@ -249,7 +259,7 @@ def sweep(
     executor = executor if executor is not None else LocalExecutor(workers)
     settings = settings or Settings()
     settings = replace(settings, workdir=settings.workdir or os.getcwd())
-    plan = plan_sweep(out, precisions, seeds, params, tolerance, settings)
+    plan = plan_sweep(out, precisions, seeds, params, tolerance, settings, speed_budget=speed_budget)
     out_path = Path(out)
     try:
         executor.open()
@@ -401,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TOLERANCE,
         help="relative eval-loss tolerance vs fp32 for the recommendation",
     )
+    parser.add_argument(
+        "--speed-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds to time each setting's precisions against fp32 in alternating blocks (default: 20 on a CPU, "
+        "60 on a GPU; 0: no timing, speed from the training runs alone)",
+    )
     parser.add_argument("--no-report", dest="report", action="store_false", help="skip report.ipynb / report.html")
     return parser
 
@@ -475,10 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         if problems:  # refused: say everything else that is wrong too, then stop before anything runs
-            plan_sweep(args.out, args.precisions, seeds or [0], args.param, args.tolerance, settings, problems)
+            plan_sweep(args.out, args.precisions, seeds or [0], args.param, args.tolerance, settings, problems,
+                       args.speed_budget)  # fmt: skip
         result = sweep(
             args.out, args.precisions, seeds, args.param, force=args.force, report=args.report,
-            tolerance=args.tolerance, settings=settings, executor=executor,
+            tolerance=args.tolerance, settings=settings, executor=executor, speed_budget=args.speed_budget,
         )  # fmt: skip
     except ValueError as exc:
         for line in str(exc).splitlines():
@@ -487,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:  # before the runs started or after they ended: nothing is lost, the report says STALE
         print("terminated (SIGTERM): finished results are kept; run the same command again to resume", file=sys.stderr)
         return 143
+    except KeyboardInterrupt:  # Ctrl-C while connecting to an engine (the runs' own Ctrl-C is the sweep's to handle)
+        print("interrupted: nothing ran; run the same command again", file=sys.stderr)
+        return 130
     except OSError as exc:  # the folder changed under a running sweep (checked at the start): say so, no traceback
         print(f"error: {exc.strerror or exc}: {exc.filename or args.out}; finished results are kept", file=sys.stderr)
         return 1
@@ -503,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {key + ':':10} {path}")
     if result.report is not None:
         for rec in result.report.recommendations:
-            print(f"recommendation ({rec.setting}): {rec.precision or 'none'} — {rec.reason}")
+            print(f"recommendation ({rec.setting}): {rec.precision or 'none'} — {short_reason(rec)}")
     for line in result.skipped:
         print(line)
     if result.interrupted:

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from amp_lib.config import PROJECT, RunConfig, TrackingConfig, config_identity
 from amp_lib.precision import probe, resolve_precision
 from amp_lib.processes import die_with_parent, thread_share
-from amp_lib.results import RunResult, first_line, read_result, write_text_atomic
+from amp_lib.results import RunResult, TimingRecord, first_line, read_result, write_text_atomic
+from amp_lib.speed import SPEED_MARGIN, SPREAD_LIMIT
 from amp_lib.sweep.grid import SweepRun
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent.parent / "notebooks"
@@ -54,9 +55,14 @@ def same_config(run: SweepRun, result: RunResult) -> bool:
 
 
 def is_complete(run: SweepRun) -> bool:
-    """A finished result for exactly this config is on disk (so a resumed sweep skips the run)."""
+    """A finished result for exactly this config is on disk (so a resumed sweep skips the run); for a timing
+    run, a timing of the same precisions."""
     loaded = read_result(run.result_path)
-    return isinstance(loaded, RunResult) and loaded.status in COMPLETE and same_config(run, loaded)
+    if not (isinstance(loaded, RunResult) and loaded.status in COMPLETE and same_config(run, loaded)):
+        return False
+    if run.timed_precisions:
+        return loaded.timing is not None and list(loaded.timing.precisions) == list(run.timed_precisions)
+    return loaded.timing is None
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -74,6 +80,7 @@ class Settings:
     # kernels run in <out>/runs); None means the current directory when the sweep starts.
     workdir: str | None = None
     concurrent_runs: int = 1  # runs executing at once (the workers): recorded in each result's plan
+    executor: str = "local"  # local, ray or slurm: recorded in each result's plan
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,15 @@ class Outcome:
     error: str | None = None
     resumed: bool = False
     notebook: str | None = None
+
+
+def failed_run_result(run: SweepRun, error: str) -> RunResult:
+    """The `failed` result of `run` (a timing run's carries an empty timing record: the report knows it as one)."""
+    result = failed_result(run.config_values(), error)
+    if not run.timed_precisions:
+        return result
+    timing = TimingRecord(tuple(run.timed_precisions), {}, (), 0, 0.0, 0.0, "failed", SPEED_MARGIN, SPREAD_LIMIT)
+    return replace(result, timing=timing)
 
 
 def failed_result(parameters: dict[str, Any], error: str) -> RunResult:
@@ -99,7 +115,8 @@ def failed_result(parameters: dict[str, Any], error: str) -> RunResult:
     plan: dict[str, Any] = {"requested": str(config.get("precision")), "effective": None, "fallback_reason": None}
     try:
         caps = probe(config["device"])  # filled in above, from the run or the defaults
-        plan = {**resolve_precision(config["precision"], caps).to_dict(), "torch_version": torch.__version__}
+        fp8 = {k: config[k] for k in ("emulate_fp8", "fp8_layers") if k in config}
+        plan = {**resolve_precision(config["precision"], caps, **fp8).to_dict(), "torch_version": torch.__version__}
     except Exception:  # noqa: BLE001, S110 - the config itself may be what is broken: record what is known
         pass
     return RunResult(config=config, plan=plan, status="failed", error=error)
@@ -144,6 +161,7 @@ def kernel_environment(run: SweepRun, settings: Settings) -> dict[str, str]:
     workdir = settings.workdir or os.getcwd()
     path = [workdir, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != workdir)]
     env = {"PYTHONPATH": os.pathsep.join(path), CONCURRENT_RUNS_ENV: str(settings.concurrent_runs)}
+    env["AMP_WORKBOOK_EXECUTOR"] = settings.executor
     env["WANDB_RUN_ID"] = wandb_run_id(run.name)
     return env
 
@@ -197,7 +215,7 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
 
     Only `KeyboardInterrupt` escapes, and then nothing is written for the unfinished run.
     """
-    runs_dir = Path(run.parameters["out_dir"]).parent / "runs"
+    runs_dir = run.result_path.parent.parent / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     notebook = runs_dir / f"{run.name}.ipynb"
     # papermill saves the notebook after every cell: it runs in a hidden file, moved into place whole.
@@ -245,7 +263,7 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
         result = (
             loaded
             if isinstance(loaded, RunResult)
-            else failed_result(run.parameters, f"unreadable result: {loaded.reason}")
+            else failed_run_result(run, f"unreadable result: {loaded.reason}")
         )
         if not isinstance(loaded, RunResult):
             result.save(run.result_path)
@@ -253,7 +271,7 @@ def execute_run(run: SweepRun, settings: Settings) -> Outcome:
             result = replace(result, status="failed", error=f"notebook failed after the run finished: {error}")
             result.save(run.result_path)
     else:
-        result = failed_result(run.parameters, error or "the notebook finished without writing its result")
+        result = failed_run_result(run, error or "the notebook finished without writing its result")
         result.save(run.result_path)
     return Outcome(run.name, result.status, result.error, notebook=str(notebook))
 
@@ -339,7 +357,7 @@ def lost_run(run: SweepRun, reason: str, before: tuple[int, int] | None) -> Outc
         loaded = read_result(run.result_path)
         if isinstance(loaded, RunResult) and loaded.status in COMPLETE and same_config(run, loaded):
             return Outcome(run.name, loaded.status, loaded.error)
-    result = failed_result(run.parameters, reason)
+    result = failed_run_result(run, reason)
     result.save(run.result_path)
     return Outcome(run.name, result.status, result.error)
 
@@ -396,8 +414,10 @@ def run_sweep(
             outcomes[run.name] = Outcome(run.name, result.status, result.error, resumed=True)
         else:
             todo.append(run)
-    concurrent = executor.concurrency(todo)
-    settings = replace(settings, workdir=settings.workdir or os.getcwd(), concurrent_runs=concurrent)
+    training = [r for r in todo if not r.timed_precisions]
+    timing = [r for r in todo if r.timed_precisions]  # after the training runs, one at a time: timed alone
+    kind = type(executor).__name__.removesuffix("Executor").lower()
+    settings = replace(settings, workdir=settings.workdir or os.getcwd(), executor=kind)
     bar = tqdm(total=len(runs), initial=len(outcomes), unit="run", desc="sweep", file=sys.stderr, dynamic_ncols=True)
     if outcomes:
         bar.write(f"resuming: {len(outcomes)} of {len(runs)} runs already complete (--force re-runs them)")
@@ -409,7 +429,11 @@ def run_sweep(
 
     interrupted = False
     try:
-        executor.run(todo, settings, done, lambda run: bar.set_postfix_str(run.name))
+        if training:
+            concurrent = executor.concurrency(training)
+            executor.run(training, replace(settings, concurrent_runs=concurrent), done, lambda r: bar.set_postfix_str(r.name))
+        for run in timing:
+            executor.run([run], replace(settings, concurrent_runs=1), done, lambda r: bar.set_postfix_str(r.name))
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -31,6 +31,7 @@ from amp_lib.config import (
     parse_value,
 )
 from amp_lib.models import default_model_for
+from amp_lib.optim import baseline_optimizer, parse_optimizer
 from amp_lib.precision import Capabilities, native_precisions, parse_precision
 
 # What `make sweep` runs when not told otherwise: a recipe sized to finish in about a minute on a 2-core
@@ -43,6 +44,7 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
 # Values that already stand in a run's readable name (model, parallelism) or do not change the run (W&B).
 _NAMED_ELSEWHERE = ("model", "parallelism", "nproc", "reduce_dtype", *TrackingConfig.field_names())
 _MAX_READABLE = 120  # characters of a run name before its identity
+TRAIN_NOTEBOOK, SPEED_NOTEBOOK = "train.ipynb", "speed.ipynb"
 
 
 def parse_params(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -75,19 +77,36 @@ class SweepRun:
     name: str
     parameters: dict[str, Any]
     coordinates: tuple[tuple[str, Any], ...] = ()
-    notebook: str = "train.ipynb"  # in notebooks/: what papermill executes
+    notebook: str = TRAIN_NOTEBOOK  # in notebooks/: what papermill executes
 
     @property
     def result_path(self) -> Path:
-        return Path(self.parameters["out_dir"]) / f"{self.name}.json"
+        return Path(self.config_values()["out_dir"]) / f"{self.name}.json"
 
     @property
     def identity(self) -> str:
         """The identity of the config it trains (`RunConfig.identity`): the end of its name."""
         return self.name.rsplit("-", 1)[-1]
 
+    @property
+    def timed_precisions(self) -> tuple[str, ...]:
+        """The precisions a timing run (speed.ipynb) times, the baseline first; () for a training run."""
+        return tuple(self.parameters.get("precisions", ())) if self.notebook == SPEED_NOTEBOOK else ()
+
+    @property
+    def optimizer(self) -> str:
+        """The optimizer it trains with, canonical (as given where that is no optimizer: the run never starts)."""
+        value = self.config_values().get("optimizer", "adamw")
+        try:
+            return parse_optimizer(value)
+        except ValueError:
+            return str(value)
+
     def config_values(self) -> dict[str, Any]:
-        """The parameters that are `RunConfig` values (the rest are W&B settings)."""
+        """The `RunConfig` values of the run (a training run's parameters but the W&B settings; a timing run's
+        `config`)."""
+        if self.notebook == SPEED_NOTEBOOK:
+            return dict(self.parameters["config"])
         tracking = TrackingConfig.field_names()
         return {k: v for k, v in self.parameters.items() if k not in tracking}
 
@@ -188,6 +207,35 @@ def _naming(parameters: dict[str, Any], shown: Sequence[str]) -> tuple[str, str]
         identity = config_identity(values)
     readable = "-".join([_slug(head), *map(_slug, shown)])
     return readable[:_MAX_READABLE].rstrip("-"), identity
+
+
+def timing_runs(runs: Sequence[SweepRun], budget_s: float) -> list[SweepRun]:
+    """One timing run (speed.ipynb) per setting of `runs` that trains fp32 and another precision in one process:
+    the setting's precisions timed against fp32 in alternating blocks within `budget_s` seconds, on the config of
+    its first seed's fp32 run. A setting over several processes is timed by its training runs only. Where a
+    setting's runs use several optimizers, the precisions are timed with the baseline's (adamw); the rows of the
+    other optimizers are judged by their training runs' speed."""
+    if budget_s <= 0:
+        return []
+    by_setting: dict[tuple[tuple[str, str], ...], list[SweepRun]] = {}
+    apart = (*NON_SETTING_FIELDS, "optimizer")  # an optimizer is a row of the setting, as in the report
+    for run in runs:
+        key = tuple(sorted((k, repr(v)) for k, v in run.config_values().items() if k not in apart))
+        by_setting.setdefault(key, []).append(run)
+    out = []
+    for members in by_setting.values():
+        timed_optimizer = baseline_optimizer(r.optimizer for r in members)
+        members = [r for r in members if r.optimizer == timed_optimizer]
+        precisions = list(dict.fromkeys(str(r.parameters["precision"]) for r in members))
+        first_seed = min(r.parameters["seed"] for r in members)
+        base = next((r for r in members if r.parameters["precision"] == "fp32" and r.parameters["seed"] == first_seed), None)
+        if base is None or len(precisions) < 2 or RunConfig.from_dict(base.config_values()).parallelism != "none":
+            continue
+        timed = ["fp32", *(p for p in precisions if p != "fp32")]
+        config = {**base.config_values(), "run_name": f"{base.parameters['run_name']}-speed-{'+'.join(timed[1:])}"}
+        name = f"{config['run_name'][:_MAX_READABLE]}-{RunConfig.from_dict(config).identity}"
+        out.append(SweepRun(name, {"config": config, "precisions": timed, "budget_s": float(budget_s)}, (), SPEED_NOTEBOOK))
+    return out
 
 
 def timing_warmup_for(steps: int, default: int) -> int:

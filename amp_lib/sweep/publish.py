@@ -18,6 +18,7 @@ import nbformat
 import papermill as pm
 from nbconvert import HTMLExporter
 
+from amp_lib.details import summary_markdown
 from amp_lib.report import SweepReport
 from amp_lib.results import write_text_atomic
 from amp_lib.sweep.execute import KERNEL_ARGUMENTS, Settings, error_text, publish_notebook
@@ -126,7 +127,7 @@ def write_report(out: Path, report: SweepReport, settings: Settings, notes: Sequ
     """
     out = out.resolve()  # the notebook runs with cwd=out: relative paths would point elsewhere
     files = {"summary": out / "summary.md", "notebook": out / "report.ipynb", "html": out / "report.html"}
-    summary_text = report.summary_markdown() + notes_markdown(notes)
+    summary_text = summary_markdown(report) + notes_markdown(notes)
     write_text_atomic(files["summary"], summary_text)
     partial = out / ".report.partial.ipynb"
     partial.unlink(missing_ok=True)

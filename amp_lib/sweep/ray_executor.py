@@ -15,6 +15,7 @@ import importlib.util
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,16 +44,34 @@ def address_problems(address: str | None) -> list[str]:
     return problems
 
 
+CONNECT_TIMEOUT_S = 5.0  # Ray itself retries an unreachable cluster for minutes; a sweep says so in seconds
+
+
+def unreachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why nothing answers at a `host:port` or `ray://host:port` address (a TCP connection within `timeout`
+    seconds), or None; "auto" resolves through $RAY_ADDRESS when set, else Ray finds its local cluster itself."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not ADDRESS.fullmatch(address) or address == "auto":
+            return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        return f"nothing answers at {host}:{port} within {timeout:g} s ({exc.strerror or type(exc).__name__})"
+    return None
+
+
 def wants_gpus(run: SweepRun, cluster_has_gpus: bool) -> bool:
     """A run trains on a GPU: its device says cuda, or it is `auto` on a cluster that has GPUs."""
-    device = str(run.parameters.get("device", "auto"))
+    device = str(run.config_values().get("device", "auto"))
     return device.startswith("cuda") or (device == "auto" and cluster_has_gpus)
 
 
 def task_resources(run: SweepRun, cluster_has_gpus: bool) -> dict[str, Any]:
     """`.options()` of a run's task: its name (what the dashboard and `ray list tasks` show), one CPU,
     and `nproc` GPUs (one per process of the run) for a GPU run."""
-    gpus = int(run.parameters.get("nproc", 1)) if wants_gpus(run, cluster_has_gpus) else 0
+    gpus = int(run.config_values().get("nproc", 1)) if wants_gpus(run, cluster_has_gpus) else 0
     return {"name": run.name, "num_cpus": 1, "num_gpus": gpus, "max_retries": 0}
 
 
@@ -94,6 +113,8 @@ class RayExecutor:
                         _temp_dir=self._temp_dir,
                     )
                 else:
+                    if (why := unreachable(self.address)) is not None:
+                        raise ConnectionError(why)
                     ray.init(address=self.address, log_to_driver=False)
             except Exception as exc:  # Ray raises bare Exceptions too (a node that timed out starting)
                 # What did start of a local instance dies with this process (Ray fate-shares it).

@@ -80,7 +80,7 @@ def gpus_for(run: SweepRun, gpus_per_run: int | None) -> int:
     run) for a run whose device says cuda, else none (a run on `auto` needs --slurm-gpus-per-run)."""
     if gpus_per_run is not None:
         return gpus_per_run
-    return int(run.parameters.get("nproc", 1)) if str(run.parameters.get("device", "")).startswith("cuda") else 0
+    return int(run.config_values().get("nproc", 1)) if str(run.config_values().get("device", "")).startswith("cuda") else 0
 
 
 class StoppedBySlurm(BaseException):
@@ -226,7 +226,7 @@ class SlurmExecutor:
         jobs: dict[str, tuple[Any, SweepRun, tuple[int, int] | None]] = {}
         try:
             for run in todo:
-                folder = Path(run.parameters["out_dir"]).parent / "runs" / "slurm" / run.name
+                folder = run.result_path.parent.parent / "runs" / "slurm" / run.name
                 executor = submitit.SlurmExecutor(folder=folder)
                 executor.update_parameters(**self.sbatch_options(run))
                 before = stamp(run.result_path)
