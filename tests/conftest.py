@@ -4,6 +4,7 @@ files, and the `gpu` tier skipped with its reason where there is no GPU."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import sys
@@ -183,3 +184,19 @@ def environment_left_as_found() -> Iterator[None]:
             else:
                 del os.environ[k]
         pytest.fail(f"the test left these environment variables changed: {', '.join(changed)}; use monkeypatch")
+
+
+DEAD_KERNEL = "amp-dead-kernel"
+
+
+@pytest.fixture
+def dead_kernel(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A kernel spec that exists (a sweep checks that before anything runs) but whose program does not: a run
+    that is executed fails in a moment, starting no kernel. Returns its name."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / DEAD_KERNEL
+    spec.mkdir(parents=True)
+    argv = [f"/nonexistent/{DEAD_KERNEL}", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "dead", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join([str(root), *filter(None, [os.environ.get("JUPYTER_PATH")])]))
+    return DEAD_KERNEL

@@ -548,8 +548,8 @@ def test_fsdp_on_two_processes_matches_one_process_and_shards_the_memory(under_t
     # each rank holds about half of the parameters (shards are padded to equal sizes)
     assert 0.45 < run["param_memory_mb"] / reference.metrics.param_memory_mb < 0.6
     names = sorted(p.name for p in (out / "results").iterdir())  # rank 0 alone wrote, one file per run
-    assert names == sorted(f"{c.run_name}.json" for c in _scenarios(out).values())
-    saved = RunResult.load(out / "results" / "fsdp-fp32.json")
+    assert names == sorted(c.result_path.name for c in _scenarios(out).values())
+    saved = RunResult.load(_scenarios(out)["fsdp-fp32"].result_path)
     assert saved.plan.parallelism == "fsdp" and saved.metrics.items_per_step == 8 * 16
 
 
@@ -557,7 +557,7 @@ def test_fsdp_on_two_processes_matches_one_process_and_shards_the_memory(under_t
 def test_fsdp_reduces_gradients_in_the_dtype_the_plan_names(under_torchrun: Any) -> None:
     out, ranks = under_torchrun
     for name, reduce in (("fsdp-bf16-reduce-fp32", "fp32"), ("fsdp-bf16-reduce-bf16", "bf16")):
-        saved = RunResult.load(out / "results" / f"reduce-{reduce}.json")
+        saved = RunResult.load(_scenarios(out)[name].result_path)
         assert saved.ok and saved.plan.reduce_dtype == reduce and saved.plan.gather_dtype == "bfloat16"
         for rank in ranks:
             steps = rank[name]["steps_seen"]
@@ -586,7 +586,7 @@ def test_an_overflow_on_one_rank_is_skipped_on_every_rank_and_the_scale_backs_of
         assert run["rows_seen"] == [4]  # each rank computed on its half of every 8-row global batch only
     assert _agreed(runs[0]["history"]) == _agreed(runs[1]["history"])
     assert runs[0]["weight"] == runs[1]["weight"]  # the replicas (or the shards' whole) agree
-    saved = RunResult.load(out / "results" / f"{parallelism}-overflow.json")  # reported once, by rank 0
+    saved = RunResult.load(_scenarios(out)[f"{parallelism}-overflow"].result_path)  # reported once, by rank 0
     assert saved.metrics.skipped_steps == 1 and saved.metrics.min_loss_scale == 512.0
 
 
@@ -625,7 +625,7 @@ def test_a_rank_killed_mid_run_fails_the_run_and_leaves_no_process_or_folder_beh
     observer = Rows()
     result = train(config, [observer])
     assert result.status == "failed" and "exitcode" in result.error and "-9" in result.error, result.error
-    assert RunResult.load(out / "killed.json").status == "failed" and observer.calls[-1] == "end failed"
+    assert RunResult.load(config.result_path).status == "failed" and observer.calls[-1] == "end failed"
     assert finished.read_bytes() == before  # a finished result is untouched
     seen = _pids_seen(pids)  # both workers, torchrun's agent and rank 0's child
     assert len(seen) == 4

@@ -88,5 +88,5 @@ def test_examples_linear_regression_trains(tiny_config, precision):
     # eval runs over the same 8 batches the run cycles through: compare with the untrained model on them
     before = statistics.mean(initial_losses(config))
     assert result.metrics.eval_loss < 0.8 * before, (result.metrics.eval_loss, before)
-    assert config.result_path.name == "amp_lib.examples.linear_regression-" + precision + "-s0.json"
+    assert config.result_path.name == f"amp_lib.examples.linear_regression-{precision}-s0-{config.identity}.json"
     assert config.result_path.exists()

@@ -34,7 +34,7 @@ from amp_lib.report import SweepReport, build_report
 from amp_lib.results import RunResult, load_sweep
 from amp_lib.sweep.cli import SweepRefused, SweepResult, _csv, build_parser, main, make_executor, sweep
 from amp_lib.sweep.execute import LocalExecutor, Outcome, Settings
-from amp_lib.sweep.grid import SweepRun, expand_grid
+from amp_lib.sweep.grid import SweepRun, expand_grid, parse_params
 from amp_lib.sweep.lock import LOCK_NAME, FolderLocked
 from amp_lib.sweep.publish import STALE_MD
 from amp_lib.sweep.ray_executor import RayExecutor
@@ -51,14 +51,8 @@ DEAD_KERNEL_ERROR = f"FileNotFoundError: [Errno 2] No such file or directory: '/
 
 
 @pytest.fixture(autouse=True)
-def dead_kernel(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kernel spec that exists (the sweep checks that before anything runs) but whose program does not."""
-    root = tmp_path_factory.mktemp("jupyter")
-    spec = root / "kernels" / DEAD_KERNEL
-    spec.mkdir(parents=True)
-    argv = [f"/nonexistent/{DEAD_KERNEL}", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "dead", "language": "python"}))
-    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join([str(root), *filter(None, [os.environ.get("JUPYTER_PATH")])]))
+def _every_test_has_the_dead_kernel(dead_kernel: str) -> None:
+    """Every test here may name DEAD_KERNEL (see conftest.dead_kernel)."""
 
 
 def _finished_sweep(
@@ -521,7 +515,13 @@ def test_cli_without_a_baseline_recommends_none(tmp_path: Path, capsys: pytest.C
 
 TINY = ["-p", "steps=8", "-p", "timing_warmup_steps=2", "-p", "batch_size=4", "-p", "seq_len=32", "-p", "log_every=2"]
 QUIET = ["-p", "wandb_mode=disabled"]  # W&B itself is tested in test_tracking; here it would only cost time
-TWO = ["--precisions", "fp32,bf16-mixed", "--seeds", "0", "-p", "device=cpu", *TINY, *QUIET]
+TWO = ["--precisions", "fp32,bf16-mixed", "--seeds", "0", "-p", "device=cpu", *TINY, *QUIET, "--speed-budget", "0"]
+
+
+def _two_names(out: Path) -> list[str]:
+    """The run names of TWO's grid in `out`: readable, then the config's identity."""
+    grid = parse_params([*(v for v in TINY if v != "-p"), "device=cpu", "wandb_mode=disabled"])
+    return [r.name for r in expand_grid(out, CPU, ["fp32", "bf16-mixed"], [0], grid)]
 
 
 @pytest.fixture(scope="module")
@@ -541,17 +541,18 @@ def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.mark.notebook
 def test_two_precision_sweep_writes_results_notebooks_and_report(real_sweep: tuple[Path, str]) -> None:
     sweep_dir, _ = real_sweep
-    names = ["gpt-tiny-fp32-s0", "gpt-tiny-bf16-mixed-s0"]
+    names = _two_names(sweep_dir)
+    assert [n.split("-s0-")[0] for n in names] == ["gpt-tiny-fp32", "gpt-tiny-bf16-mixed"]
     for name in names:
         result = RunResult.load(sweep_dir / "results" / f"{name}.json")
-        assert result.ok and result.config["steps"] == 8 and result.config["run_name"] == name
+        assert result.ok and result.config["steps"] == 8 and name.startswith(result.config["run_name"])
         assert (sweep_dir / "runs" / f"{name}.ipynb").exists()
     assert {r.plan.effective for r in load_sweep(sweep_dir)} == {"fp32", "bf16-mixed"}
     summary = (sweep_dir / "summary.md").read_text()
     assert "| fp32 | fp32 | ok |" in summary and "| bf16-mixed | bf16-mixed | ok |" in summary
-    assert "**Recommendation (gpt-tiny):" in summary
+    assert "## Answer\n\n" in summary
     html = (sweep_dir / "report.html").read_text()
-    assert "amp-comparison" in html and "Recommendation" in html and "data:image/png;base64" in html
+    assert "amp-comparison" in html and "amp-verdicts" in html and "data:image/png;base64" in html
     report_nb = json.loads((sweep_dir / "report.ipynb").read_text())
     assert report_nb["metadata"]["papermill"]["parameters"]["sweep_dir"] == str(sweep_dir.resolve())
     assert "report_view" not in html and "Not in this report" not in html  # a report: code hidden, nothing left out
@@ -576,7 +577,7 @@ def test_the_sweep_prints_its_counts_report_files_and_recommendation(real_sweep:
         *figures,
     ]
     assert [line for line in lines[: start - 1] if line] == [
-        f"ok       {n}" for n in ("gpt-tiny-fp32-s0", "gpt-tiny-bf16-mixed-s0")
+        f"ok       {n}" for n in _two_names(sweep_dir)
     ]
     # The recommendation printed and summary.md both come from the report sweep() computes once.
     resumed = sweep(sweep_dir, ["fp32", "bf16-mixed"], [0], [*(v for v in TINY if v != "-p"), "device=cpu",
@@ -610,7 +611,8 @@ def test_a_cell_running_past_timeout_fails_its_run_with_the_limit_named(
     assert main([*argv, "--timeout", "15", "--no-report"]) == 1
     (result,) = load_sweep(tmp_path / "sw")
     assert result.status == "failed" and "timed out" in result.error and "after 15 seconds" in result.error
-    assert f"FAILED failed   {result.config['run_name']}: " in capsys.readouterr().err
+    name = re.escape(result.config["run_name"])
+    assert re.search(rf"FAILED failed   {name}-[0-9a-f]{{8}}: .*timed out", capsys.readouterr().err)
 
 
 # --- refused before any kernel starts: every problem, one line each, nothing written ---
@@ -920,7 +922,8 @@ def test_a_user_module_beside_the_user_trains_in_the_kernel_and_wandb_names_its_
     (result,) = load_sweep(tmp_path / "sw")
     assert result.ok and result.config["model"] == "my_models:build" and result.plan.concurrent_runs == 1
     (folder,) = (wandb_env / "wandb_dir" / "wandb").glob("offline-run-*")
-    assert re.fullmatch(r"offline-run-\d{8}_\d{6}-my_models_build-fp32-s0-\d{10}", folder.name)
+    # named after the run (W&B shortens a long name: its readable part, then its own id)
+    assert re.fullmatch(r"offline-run-\d{8}_\d{6}-my_models_build-fp32-s0-device_cpu-[\w-]+-\d{10}", folder.name)
     seen = json.loads((tmp_path / "kernel.json").read_text())  # what the kernel itself saw
     assert seen["cwd"] == str((tmp_path / "sw" / "runs").resolve()) and seen["concurrent"] == "1"
     assert Path(seen["tmp"]).name.startswith("amp-run-") and not Path(seen["tmp"]).exists()  # its temp folder: gone

@@ -591,20 +591,22 @@ def test_a_worker_ignores_ctrl_c_reports_its_pid_and_pins_its_gpu(monkeypatch: p
 
 @pytest.mark.slow
 def test_runs_that_cannot_start_in_worker_processes_are_reported_one_line_each_and_exit_nonzero(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dead_kernel: str
 ) -> None:
-    argv = ["--out", str(tmp_path), "--precisions", "fp32,bf16", "-p", "device=cpu", "--kernel", "no-such-kernel"]
+    argv = ["--out", str(tmp_path), "--precisions", "fp32,bf16", "-p", "device=cpu", "--kernel", dead_kernel,
+            "--speed-budget", "0"]  # fmt: skip
     assert main([*argv, *(f for p in TINY for f in ("-p", p)), "--workers", "2"]) == 1  # two workers, a run each
     err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if line.startswith("FAILED")] == [
-        f"FAILED failed   gpt-tiny-fp32-s0: {NO_KERNEL_ERROR}",
-        f"FAILED failed   gpt-tiny-bf16-mixed-s0: {NO_KERNEL_ERROR}",
-    ]
+    error = f"FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/{dead_kernel}'"
+    names = [r.name for r in expand_grid(tmp_path, CPU, ["fp32", "bf16-mixed"], [0], parse_params([*TINY, "device=cpu"]))]
+    assert sorted(line for line in err.splitlines() if line.startswith("FAILED")) == sorted(
+        f"FAILED failed   {name}: {error}" for name in names
+    )
     assert re.search(r"sweep: 100%\|[^|]*\| 2/2 \[[^],]*,[^],]*\]", err)  # the pool: the bar names no run
     assert "report failed: report notebook failed" in err
     results = load_sweep(tmp_path)
     assert {r.status for r in results} == {"failed"} and len(results) == 2
-    assert all(r.config["steps"] == 8 and r.error == NO_KERNEL_ERROR for r in results)  # written in the workers
+    assert all(r.config["steps"] == 8 and r.error == error for r in results)  # written in the workers
     assert "| failed |" in (tmp_path / "summary.md").read_text()  # written from Python even without the notebook
 
 
@@ -711,7 +713,7 @@ def _alive(pid: int, start: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.notebook
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and relies on PR_SET_PDEATHSIG")
-def test_sigkill_of_a_parallel_sweep_takes_its_workers_and_kernels_with_it(tmp_path: Path) -> None:
+def test_sigkill_of_a_parallel_sweep_takes_its_workers_and_kernels_with_it(tmp_path: Path, dead_kernel: str) -> None:
     out = tmp_path / "k"
     argv = ["--out", str(out), "--precisions", "fp32,bf16-mixed", "--seeds", "0,1", "-p", "device=cpu",
             *(f for p in [*TINY, "wandb_mode=disabled"] for f in ("-p", p)), "--no-report"]  # fmt: skip
@@ -754,7 +756,7 @@ def test_sigkill_of_a_parallel_sweep_takes_its_workers_and_kernels_with_it(tmp_p
     assert "without encryption" not in (tmp_path / "stderr.txt").read_text()  # the kernels' noise is gone
     # The killed sweep's lock blocks nothing, and what it finished is resumed, not run twice.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
-    assert main([*argv, "--kernel", "no-such-kernel"]) == 1
+    assert main([*argv, "--kernel", dead_kernel]) == 1
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
     # ...and the temp folders of the runs the kill cut short, finished ones included, are gone with it.
     grid = expand_grid(out, CPU, ["fp32", "bf16-mixed"], [0, 1], parse_params([*TINY, "device=cpu"]))

@@ -392,9 +392,21 @@ def test_each_setting_that_trains_fp32_and_another_precision_gets_one_timing_run
                 and r.parameters["lr"] == 1e-3)  # fmt: skip
     config = first.config_values()
     assert {k: v for k, v in config.items() if k != "run_name"} == {k: v for k, v in base.config_values().items() if k != "run_name"}
-    assert config["run_name"] == f"{base.parameters['run_name']}-speed-bf16-mixed"
-    assert first.name == f"{config['run_name']}-{RunConfig.from_dict(config).identity}" and first.result_path.parent == base.result_path.parent
+    assert config["run_name"] == f"speed-bf16-mixed-{base.parameters['run_name']}"
+    assert first.name == RunConfig.from_dict(config).name and first.result_path.parent == base.result_path.parent
     assert check_runs([*runs, *timed]).problems == ()  # a timing run's values are a valid config too
+
+
+def test_a_timing_run_never_shares_a_file_with_the_training_run_whose_config_it_times(tmp_path: Path) -> None:
+    """The timing run has its fp32 run's config, so the same identity: with a name long enough to be cut, the
+    readable part must still tell them apart, or the timing would overwrite that run's result."""
+    long = ["model=amp_lib.hf:gpt2_small", "steps=3", "timing_warmup_steps=1", "batch_size=2", "seq_len=16",
+            "log_every=1", "eval_batches=1", "lr=0.001", "grad_clip=0.5", "weight_decay=0.05"]  # fmt: skip
+    runs = expand_grid(tmp_path, CPU, ["fp32", "bf16"], [0], parse_params(long))
+    (timed,) = timing_runs(runs, 5.0)
+    assert len(timed.name) > 100 and timed.name not in {r.name for r in runs}
+    assert timed.result_path not in {r.result_path for r in runs}
+    assert RunConfig.from_dict(timed.config_values()).result_path == timed.result_path  # where speed.ipynb writes
 
 
 def test_no_timing_without_fp32_another_precision_a_budget_or_with_several_processes(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from amp_lib.config import RunConfig
 from amp_lib.precision import Capabilities
 from amp_lib.results import RunResult, load_sweep
 from amp_lib.sweep.cli import main, sweep
@@ -248,7 +249,8 @@ def test_a_sweep_through_submitit_records_a_timed_out_job_as_failed_and_reruns_i
     # time limits every 30 s, so this takes 60-90 s: the other run's job overlaps it).
     (tmp_path / "slow_once.py").write_text(SLOW_ONCE)
     out, settings = tmp_path / "sw", Settings(workdir=str(tmp_path))
-    names = ["slow_once.build-fp32-s0", "slow_once.build-fp32-s1"]
+    names = [r.name for r in expand_grid(out, CPU, ["fp32"], [0, 1], parse_params(PARAMS))]
+    assert [n.split("-device=")[0] for n in names] == ["slow_once.build-fp32-s0", "slow_once.build-fp32-s1"]
     start = time.monotonic()
     first = sweep(out, ["fp32"], [0, 1], PARAMS, report=False, settings=settings, executor=SlurmExecutor(time_min=1))
     assert time.monotonic() - start >= 60  # seed 1 really ran into its limit
@@ -267,7 +269,7 @@ def test_a_sweep_through_submitit_records_a_timed_out_job_as_failed_and_reruns_i
     again = sweep(out, ["fp32"], [0, 1], PARAMS, report=False, settings=settings, executor=SlurmExecutor(time_min=1))
     assert [(o.name, o.status, o.resumed) for o in again.outcomes] == [(names[0], "ok", True), (names[1], "ok", False)]
     assert (out / "results" / f"{names[0]}.json").stat().st_mtime_ns == ok_stamp  # the finished run: not re-run
-    assert {r.config["run_name"]: r.status for r in load_sweep(out)} == dict.fromkeys(names, "ok")
+    assert {RunConfig.from_dict(r.config).name: r.status for r in load_sweep(out)} == dict.fromkeys(names, "ok")
     assert _jobs_still_running(timeout=30) == ""  # each job ends soon after its run: none is left behind
     assert [
         run.name for run in expand_grid(out, CPU, ["fp32"], [0, 1], parse_params(PARAMS)) if scratch_folders(run)

@@ -232,8 +232,11 @@ def timing_runs(runs: Sequence[SweepRun], budget_s: float) -> list[SweepRun]:
         if base is None or len(precisions) < 2 or RunConfig.from_dict(base.config_values()).parallelism != "none":
             continue
         timed = ["fp32", *(p for p in precisions if p != "fp32")]
-        config = {**base.config_values(), "run_name": f"{base.parameters['run_name']}-speed-{'+'.join(timed[1:])}"}
-        name = f"{config['run_name'][:_MAX_READABLE]}-{RunConfig.from_dict(config).identity}"
+        # the fp32 run's config, so the same identity: the readable part alone tells the two files apart, and it
+        # must survive the cut at _MAX_READABLE, so "speed-" comes first
+        readable = f"speed-{'+'.join(timed[1:])}-{base.parameters['run_name']}"[:_MAX_READABLE].rstrip("-")
+        config = {**base.config_values(), "run_name": readable}
+        name = RunConfig.from_dict(config).name  # where speed.ipynb writes its result
         out.append(SweepRun(name, {"config": config, "precisions": timed, "budget_s": float(budget_s)}, (), SPEED_NOTEBOOK))
     return out
 
