@@ -342,7 +342,7 @@ def test_results_are_read_through_their_typed_records_not_raw_dicts() -> None:
 def test_the_architecture_table_lists_every_module_with_the_modules_it_imports() -> None:
     """docs/architecture.md is read to find one's way: a module missing from it, or an import it does not show,
     misleads the reader."""
-    rows = re.findall(r"^\| `([\w/]+)\.py` \| .+ \| ([^|]+) \|$", (ROOT / "docs" / "architecture.md").read_text(), re.M)
+    rows = re.findall(r"^\| `([\w/]+)\.py` \| .+ \| ([^|]+) \|$", (ROOT / "docs" / "architecture.md").read_text(), re.MULTILINE)
     documented = {path.replace("/", "."): {m.strip() for m in imports.split(",")} - {"—"} for path, imports in rows}
     graph = {
         name.removeprefix("amp_lib."): {m.removeprefix("amp_lib.") for m in imports}

@@ -292,7 +292,7 @@ def test_ctrl_c_cancels_the_outstanding_jobs_and_keeps_the_finished_results(
     finally:
         executor.close()
     assert interrupted and [(o.name, o.status) for o in outcomes] == [(grid[0].name, "ok")]
-    assert [r.config["run_name"] for r in load_sweep(out)] == [grid[0].name]  # kept; the cancelled run wrote nothing
+    assert [RunConfig.from_dict(r.config).name for r in load_sweep(out)] == [grid[0].name]  # kept; the cancelled run wrote nothing
     assert not grid[1].result_path.exists()
     assert _jobs_still_running(timeout=30) == ""  # scancel'ed: no job is left in the queue
     assert scratch_folders(grid[1]) == []  # the temp folder the cancelled job could not remove: removed
