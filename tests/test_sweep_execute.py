@@ -599,7 +599,7 @@ def test_runs_that_cannot_start_in_worker_processes_are_reported_one_line_each_a
     assert main([*argv, *(f for p in TINY for f in ("-p", p)), "--workers", "2"]) == 1  # two workers, a run each
     err = capsys.readouterr().err
     error = f"FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/{dead_kernel}'"
-    names = [r.name for r in expand_grid(tmp_path, CPU, ["fp32", "bf16-mixed"], [0], parse_params([*TINY, "device=cpu"]))]
+    names = [r.name for r in expand_grid(tmp_path, CPU, ["fp32", "bf16-mixed"], [0], parse_params(["device=cpu", *TINY]))]
     assert sorted(line for line in err.splitlines() if line.startswith("FAILED")) == sorted(
         f"FAILED failed   {name}: {error}" for name in names
     )

@@ -112,14 +112,14 @@ def test_expand_orders_grid_then_seeds_then_precisions_and_names_the_values_the_
     grid = {"lr": [0.001, 0.01], "steps": [9], "model": ["gpt-tiny"]}
     runs = expand_grid(tmp_path / "sw", CPU, ["32", "bf16"], [1, 0], grid)
     assert [readable(r) for r in runs] == [  # seed-major: drift over the sweep cannot line up with a precision
-        "gpt-tiny-fp32-s1-lr=0.001-steps=9",
-        "gpt-tiny-bf16-mixed-s1-lr=0.001-steps=9",
-        "gpt-tiny-fp32-s0-lr=0.001-steps=9",
-        "gpt-tiny-bf16-mixed-s0-lr=0.001-steps=9",
-        "gpt-tiny-fp32-s1-lr=0.01-steps=9",
-        "gpt-tiny-bf16-mixed-s1-lr=0.01-steps=9",
-        "gpt-tiny-fp32-s0-lr=0.01-steps=9",
-        "gpt-tiny-bf16-mixed-s0-lr=0.01-steps=9",
+        "gpt-tiny-fp32-s1-steps=9-lr=0.001",
+        "gpt-tiny-bf16-mixed-s1-steps=9-lr=0.001",
+        "gpt-tiny-fp32-s0-steps=9-lr=0.001",
+        "gpt-tiny-bf16-mixed-s0-steps=9-lr=0.001",
+        "gpt-tiny-fp32-s1-steps=9-lr=0.01",
+        "gpt-tiny-bf16-mixed-s1-steps=9-lr=0.01",
+        "gpt-tiny-fp32-s0-steps=9-lr=0.01",
+        "gpt-tiny-bf16-mixed-s0-steps=9-lr=0.01",
     ]
     assert runs[0].coordinates == (("precision", "fp32"), ("seed", 1), ("lr", 0.001))
     first = runs[0].parameters
@@ -133,7 +133,7 @@ def test_expand_orders_grid_then_seeds_then_precisions_and_names_the_values_the_
         "lr": 0.001,
         "precision": "fp32",
         "seed": 1,
-        "run_name": "gpt-tiny-fp32-s1-lr=0.001-steps=9",
+        "run_name": "gpt-tiny-fp32-s1-steps=9-lr=0.001",
         "out_dir": str((tmp_path / "sw").resolve() / "results"),
         "wandb_group": "sw",
     }
@@ -454,3 +454,11 @@ def test_emulated_fp8_and_its_layer_selection_are_values_of_every_run_of_the_set
     assert {config_of(r).fp8_layers for r in runs} == {"lm_head,blocks.0.*"}
     (timed,) = timing_runs(runs, 15.0)  # speed.ipynb leaves the emulated recipe out of its timing (test_speed)
     assert timed.timed_precisions == ("fp32", "fp8-tensorwise")
+
+
+def test_the_order_of_the_options_never_changes_a_runs_name(tmp_path: Path) -> None:
+    """The same config given in another order is the same run: resumed, never re-run under a second name."""
+    one = expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["device=cpu", "steps=8", "lr=0.002"]))
+    other = expand_grid(tmp_path, CPU, ["fp32"], [0], parse_params(["lr=0.002", "steps=8", "device=cpu"]))
+    assert [r.name for r in one] == [r.name for r in other]
+    assert one[0].name.startswith("gpt-tiny-fp32-s0-steps=8-lr=0.002-device=cpu-")  # RunConfig's field order

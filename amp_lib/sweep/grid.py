@@ -12,6 +12,7 @@ combinations that cannot (skipped, one line each) and values that are simply wro
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -171,10 +172,10 @@ def expand_grid(
             # A default that depends on a value the user set: -p steps=5 must not fail on a warm-up of 8.
             default = values.get("timing_warmup_steps", unset.timing_warmup_steps)
             values["timing_warmup_steps"] = timing_warmup_for(values["steps"], default)
-        shown = [
-            f"{k}={v}"
-            for k, v in user.items()
-            if k not in _NAMED_ELSEWHERE and v != before_user.get(k, getattr(unset, k, None))
+        shown = [  # in RunConfig's field order, so the order of the -p options never changes a run's name
+            f"{k}={user[k]}"
+            for k in sorted(user, key=lambda k: _FIELD_ORDER.get(k, len(_FIELD_ORDER)))
+            if k not in _NAMED_ELSEWHERE and user[k] != before_user.get(k, getattr(unset, k, None))
         ]
         for seed, precision in itertools.product(seeds, precisions):
             parameters = {
@@ -192,6 +193,9 @@ def expand_grid(
     if len(set(names)) != len(names):
         raise ValueError(f"run names collide: {sorted({n for n in names if names.count(n) > 1})}")
     return runs
+
+
+_FIELD_ORDER = {f.name: i for i, f in enumerate(dataclasses.fields(RunConfig))}
 
 
 def _naming(parameters: dict[str, Any], shown: Sequence[str]) -> tuple[str, str]:
