@@ -237,7 +237,6 @@ def time_precisions(
     # emulated fp8 forecasts fp8's loss; its time says nothing about fp8's speed: not timed
     failed = {p: str(plans[p].emulation_note) for p in names if plans[p].emulated}
     steppers = {}
-    began = clock()
     for p in names:
         if p in failed:
             continue
@@ -250,6 +249,7 @@ def time_precisions(
     ok = names[0] in steppers and len(steppers) >= 2
     timed = [p for p in names if p in steppers] if ok else []  # nothing to compare with: no block, no budget spent
     probe_ms = {p: statistics.median(steppers[p].run(3, timed=True)) for p in timed}
+    began = clock()  # the budget is for timed rounds: building and warming up (slow on a busy machine) is not in it
     block_steps = max(3, min(50, round(block_s * 1e3 / max(max(probe_ms.values(), default=1.0), 1e-3))))
     blocks: list[TimingBlock] = []
     stopped = "rounds"

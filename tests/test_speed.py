@@ -432,6 +432,16 @@ def test_timing_stops_at_its_budget_after_whole_abba_rounds(user_models) -> None
     assert timing.effective == {"fp32": "fp32", "bf16-mixed": "bf16-mixed"}
 
 
+def test_the_budget_counts_timed_rounds_not_building_and_warming_up(user_models) -> None:
+    """On a busy machine the set-up alone can take the whole budget: it must not leave the timing one round."""
+    from user_models import BUILD_SLEEP_S
+
+    config = replace(tiny(), model="user_models:build_slow_to_build")
+    result = time_precisions(config, ["fp32", "bf16-mixed"], budget_s=BUILD_SLEEP_S / 2, block_s=0.001, max_rounds=4)
+    assert result.ok and len(rounds_of(result.timing)) == 4 and result.timing.stopped == "rounds"
+    assert result.timing.elapsed_s < BUILD_SLEEP_S  # two builds took 2 s: not in the timing's seconds
+
+
 def test_timing_stops_after_max_rounds_and_alternates_three_precisions(user_models) -> None:
     result = time_precisions(tiny(), ["fp32", "bf16", "bf16-true"], block_s=0.001, min_rounds=10, max_rounds=3)
     assert result.ok and result.timing.stopped == "rounds"

@@ -355,3 +355,13 @@ def build_fp8_gpt(config):
     gen = torch.Generator().manual_seed(config.seed)
     tokens = torch.randint(0, 64, (4, config.batch_size, config.seq_len + 1), generator=gen)
     return model, [(t[:, :-1], t[:, 1:]) for t in tokens], lm_loss
+
+
+BUILD_SLEEP_S = 1.0
+
+
+def build_slow_to_build(config):
+    """build_ok that takes BUILD_SLEEP_S to build: setting up a timing on a busy machine, which its budget
+    must not count."""
+    time.sleep(BUILD_SLEEP_S)
+    return build_ok(config)
