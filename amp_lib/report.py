@@ -1,10 +1,6 @@
 """The comparison against FP32, as data: one `Group` per setting × precision, its verdicts, the
-recommendation. Text (tables, the answer, summary.md) is `amp_lib.render`'s; figures are `plots`'.
-
-    from amp_lib.results import load_sweep
-    from amp_lib.report import build_report
-    from amp_lib.details import summary_markdown
-    print(summary_markdown(build_report(load_sweep("sweeps/default"))))
+recommendation. Text (tables, the answer) is `amp_lib.render`'s, the details and summary.md
+`amp_lib.details`' (`summary_markdown(build_report(load_sweep("sweeps/default")))`); figures are `plots`'.
 
 Each run is compared with the FP32 run of the same setting (every config value except precision,
 seed, run_name and out_dir) and, where there is one, the same seed; the seeds of one precision are one
