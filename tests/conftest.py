@@ -200,3 +200,18 @@ def dead_kernel(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "dead", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join([str(root), *filter(None, [os.environ.get("JUPYTER_PATH")])]))
     return DEAD_KERNEL
+
+
+@pytest.fixture
+def one_rank_group() -> Iterator[None]:
+    """A real gloo process group of one rank, in this process: gradients and parameters can be DTensor shards
+    as under FSDP2 (tests of the scaler's norm and of FSDPMemTracker)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch has no gloo")
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -224,21 +224,6 @@ def test_torchaos_optimizers_are_counted_by_hand_with_their_quantized_state():
 # --- FSDP2: FSDPMemTracker --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_rank_group():
-    """A real gloo process group of one rank, in this process: FSDP2 shards over it as over several."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("this torch has no gloo")
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_an_fsdp2_model_is_tracked_by_fsdp_mem_tracker(one_rank_group):
     from amp_lib.distributed import wrap_model

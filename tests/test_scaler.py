@@ -396,20 +396,6 @@ def test_a_disabled_scalers_outcome_is_on_the_gradients_device():
     assert outcome.grad_norm.device.type == outcome.skipped.device.type == "meta"
 
 
-@pytest.fixture
-def one_rank_group():
-    """A real gloo process group of one rank (in this process), so gradients can be DTensor shards as under FSDP2."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("this torch has no gloo")
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("max_grad_norm", [None, 100.0])
 def test_sharded_gradients_give_a_plain_tensor_of_the_whole_norm(one_rank_group, max_grad_norm):
     from torch.distributed.device_mesh import init_device_mesh
