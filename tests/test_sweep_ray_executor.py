@@ -63,16 +63,18 @@ def test_the_command_refuses_ray_options_with_another_executor_and_writes_nothin
 def test_a_cluster_address_nothing_answers_at_is_refused_in_seconds_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+    # A port this test holds bound but not listening: a connection is refused, and no other process (a Ray cluster
+    # started by a test beside this one) can take it while the sweep probes it.
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    assert unreachable(f"ray://127.0.0.1:{port}", timeout=1.0) == (
-        f"nothing answers at 127.0.0.1:{port} within 1 s (Connection refused)"
-    )
-    started = time.monotonic()
-    argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "--speed-budget", "0", "-p", "device=cpu"]
-    assert main([*argv, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"]) == 2
-    assert time.monotonic() - started < 30  # Ray alone retries for minutes
+        assert unreachable(f"ray://127.0.0.1:{port}", timeout=1.0) == (
+            f"nothing answers at 127.0.0.1:{port} within 1 s (Connection refused)"
+        )
+        started = time.monotonic()
+        argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "--speed-budget", "0", "-p", "device=cpu"]
+        assert main([*argv, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"]) == 2
+        assert time.monotonic() - started < 30  # Ray alone retries for minutes
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: --ray-address 127.0.0.1:{port}: cannot connect to Ray") and "nothing answers" in line
     assert not (tmp_path / "sw").exists()
