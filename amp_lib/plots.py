@@ -1,13 +1,11 @@
-"""Matplotlib figures for one run and for a sweep report, always saved as PNG too.
+"""Matplotlib figures for one run, for a sweep report and for an explorer view, always saved as PNG too.
 
-Figures are built on `matplotlib.figure.Figure` (Agg canvas), never through pyplot, so they hold no
-global state, need no display and are freed when dropped; notebooks show the saved PNG.
+Figures are built on `matplotlib.figure.Figure` (Agg canvas, `figstyle.new_figure`), never through pyplot, so
+they hold no global state, need no display and are freed when dropped; notebooks show the saved PNG.
 
 Every figure is at least 900 px wide at `DPI` with legend text of 10 px or more, and every series it lists
-can be seen: each precision has its colour and its marker (staggered along the line, so a series that
-tracks another still shows), fp32 is drawn on top, narrower, with hollow markers (and dashed where line
-styles do not stand for seeds), several seeds are thin lines under their mean, tensor memory has an axis of
-its own beside a peak that dwarfs it, and labels sit above the error bars, never across them.
+can be seen (the house style is `figstyle`'s): several seeds are thin lines under their mean, tensor memory has
+an axis of its own beside a peak that dwarfs it, and labels sit above the error bars, never across them.
 """
 
 from __future__ import annotations
@@ -21,79 +19,34 @@ from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import to_rgb, to_rgba
 from matplotlib.figure import Figure
 
 from amp_lib.explore import FigureData, scales_in_use
+from amp_lib.figstyle import (
+    DPI,
+    LEGEND_PT,
+    SEED_STYLES,
+    UNSURE_RED,
+    bar_ticks,
+    bars_width,
+    bars_with_spread,
+    labels_above,
+    legend,
+    line_style,
+    new_figure,
+    precision_color,
+    say,
+    seed_color,
+    two_bar_panels,
+)
 from amp_lib.headroom import headroom_doublings
 from amp_lib.render import memory_text
 from amp_lib.report import Group, SweepReport
 from amp_lib.results import RunResult
 from amp_lib.speed import UNDECIDED, UNRELIABLE
-from amp_lib.table import BASELINE, results_by_precision
+from amp_lib.table import results_by_precision
 
-DPI = 100  # every PNG: a figure's inches times this is its size in pixels
-LEGEND_PT = 10.0  # 13.9 px at DPI: still 10 px in a notebook that shows a figure at 72% of its size
-NOTE_PT = 12.0
-_COLORS = {"fp32": "tab:blue", "tf32": "tab:cyan", "fp16-mixed": "tab:red", "bf16-mixed": "tab:green",
-           "fp16-true": "tab:orange", "bf16-true": "tab:olive", "fp8-tensorwise": "tab:purple",
-           "fp8-rowwise": "tab:pink", "fp8-rowwise-gw-hp": "tab:brown"}  # fmt: skip
-_MARKERS = {"fp32": "o", "tf32": "v", "fp16-mixed": "s", "bf16-mixed": "^", "fp16-true": "D", "bf16-true": "P",
-            "fp8-tensorwise": "X", "fp8-rowwise": "p", "fp8-rowwise-gw-hp": "h"}  # fmt: skip
-_BASELINE_DASHES = (0, (6, 3))
-_SEED_STYLES = ("-", "--", "-.", (0, (5, 1.5, 1, 1.5, 1, 1.5)))  # dotted (":") is a run that did not end ok
 _UNSURE = (UNRELIABLE, UNDECIDED)  # speed verdicts that decide nothing: marked on the chart
-_UNSURE_RED = "#b00020"
-
-
-def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (10.0, 4.5)) -> tuple[Figure, list[Axes]]:
-    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, [ax for line in axes for ax in line]
-
-
-def _color(precision: str | None) -> str:
-    return _COLORS.get(str(precision), "tab:gray")
-
-
-def _seed_color(precision: str | None, index: int) -> tuple[float, float, float]:
-    """The precision's colour for its `index`-th seed: itself, darker, lighter, darker still, so seeds that
-    share a curve still show as two lines."""
-    base = np.array(to_rgb(_color(precision)))
-    toward, share = ((0.0, 0.0), (0.0, 0.4), (1.0, 0.45), (0.0, 0.65))[index % 4]
-    return tuple(float(c) for c in base + (toward - base) * share)  # type: ignore[return-value]
-
-
-def _legend(ax: Axes, outside: bool = False) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        where = {"loc": "upper left", "bbox_to_anchor": (1.0, 1.0)} if outside else {}
-        ax.legend(fontsize=LEGEND_PT, **where)
-
-
-def _say(ax: Axes, text: str) -> None:
-    """An empty panel: the reason in words, and no empty axes."""
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=NOTE_PT, wrap=True)
-    ax.set_axis_off()
-
-
-def _line_style(precision: str, index: int, count: int, points: int) -> dict[str, Any]:
-    """A precision's mean line: its colour and marker (placed every few points, offset per series so two
-    series on the same points both show); fp32 dashed, hollow-marked and on top."""
-    every = max(1, points // 8)
-    style: dict[str, Any] = {
-        "color": _color(precision),
-        "marker": _MARKERS.get(precision, "*"),
-        "markersize": 7.0,
-        "linewidth": 2.6,
-        "markevery": (index * every // max(count, 1) % every, every),
-        "zorder": 2.5,
-    }
-    if precision == BASELINE:  # narrower than the others, so one that runs along it shows at its edges
-        style.update(linestyle=_BASELINE_DASHES, linewidth=1.8, markerfacecolor="none", markeredgewidth=1.8, zorder=3)
-    return style
-
 
 def _seed_label(result: RunResult) -> str:
     return result.label + ("" if result.seed is None else f" s{result.seed}")
@@ -109,7 +62,7 @@ def _curves(ax: Axes, groups: Sequence[tuple[str, str, list[dict[int, float]]]],
     drawn = [(label, precision, [c for c in curves if c]) for label, precision, curves in drawn]
     drawn = [d for d in drawn if d[2]]
     for index, (label, precision, curves) in enumerate(drawn):
-        color = _color(precision)
+        color = precision_color(precision)
         if len(curves) > 1:
             for curve in curves:
                 steps = sorted(curve)
@@ -117,7 +70,7 @@ def _curves(ax: Axes, groups: Sequence[tuple[str, str, list[dict[int, float]]]],
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         mean = [sum(c[s] for c in curves) / len(curves) for s in steps]
         name = f"{label}: mean of {len(curves)} seeds" if len(curves) > 1 else label
-        ax.plot(steps, mean, label=name, **_line_style(precision, index, len(drawn), len(steps)))
+        ax.plot(steps, mean, label=name, **line_style(precision, index, len(drawn), len(steps)))
     return bool(drawn)
 
 
@@ -134,7 +87,7 @@ def loss_figure(results: Sequence[RunResult]) -> Figure:
     """Train loss vs step, one panel per setting: per precision the mean over its ok seeds (each seed a thin
     line beneath); a run that did not finish ok dotted, crossed where it stopped and named with its status."""
     settings = _settings(results)
-    fig, axes = _figure(max(1, len(settings)), 1, (10.0, 4.5 * max(1, len(settings))))
+    fig, axes = new_figure(max(1, len(settings)), 1, (10.0, 4.5 * max(1, len(settings))))
     for ax, (setting, rows) in zip(axes, settings.items()):
         groups = []
         for label, precision, group in rows:
@@ -146,7 +99,7 @@ def loss_figure(results: Sequence[RunResult]) -> Figure:
                 steps = [h.step for h in r.history if h.loss is not None]
                 losses = [h.loss for h in r.history if h.loss is not None]
                 if steps:
-                    ax.plot(steps, losses, ":", color=_color(precision), linewidth=1.6,
+                    ax.plot(steps, losses, ":", color=precision_color(precision), linewidth=1.6,
                             label=f"{_seed_label(r)} [{r.status}]")  # fmt: skip
                     ax.plot(steps[-1], losses[-1], "x", color="black", markersize=9, markeredgewidth=2, zorder=4)
                     drawn = True
@@ -156,11 +109,11 @@ def loss_figure(results: Sequence[RunResult]) -> Figure:
         ax.set_xlabel("step")
         ax.set_ylabel("train loss")
         if drawn:
-            _legend(ax)
+            legend(ax)
         else:
-            _say(ax, "no loss recorded: no run got to its first logged step")
+            say(ax, "no loss recorded: no run got to its first logged step")
     if not settings:
-        _say(axes[0], "no loss recorded: no runs")
+        say(axes[0], "no loss recorded: no runs")
     return fig
 
 
@@ -169,7 +122,7 @@ def eval_curves_figure(report: SweepReport) -> Figure:
     time-to-quality target (fp32's mean best eval loss + tolerance) dotted. One row per setting: the whole
     run, and its second half zoomed in (where the precisions' differences show)."""
     settings = list(dict.fromkeys(g.setting for g in report.groups)) or [""]
-    fig, axes = _figure(len(settings), 2, (13.0, 4.5 * len(settings)))
+    fig, axes = new_figure(len(settings), 2, (13.0, 4.5 * len(settings)))
     for row, setting in enumerate(settings):
         groups = []
         for g in (g for g in report.groups if g.setting == setting):
@@ -188,65 +141,13 @@ def eval_curves_figure(report: SweepReport) -> Figure:
             ax.set_ylabel("eval loss")
             ax.set_title(title)
             if not _curves(ax, groups, first):
-                _say(ax, "no eval recorded: no run got to its first eval")
+                say(ax, "no eval recorded: no run got to its first eval")
                 continue
             if target is not None:
                 ax.axhline(target, linestyle=":", color="black", linewidth=1.4, zorder=1.8,
                            label=f"quality target {target:.4f} (fp32's best + tolerance)")  # fmt: skip
-            _legend(ax)
+            legend(ax)
     return fig
-
-
-# -- bars --------------------------------------------------------------------------------------------
-
-
-def _bars_with_spread(ax: Axes, means: Sequence[float | None], stds: Sequence[float | None], colors: Sequence[str],
-                      unsure: Sequence[bool] = ()) -> list[float]:  # fmt: skip
-    """Bars (none where the mean is None), error bars of one std where there is a spread, and hatched, pale
-    bars where `unsure`; returns the top of each bar's error bar, where its label goes."""
-    xs = range(len(means))
-    heights = [m or 0.0 for m in means]
-    for x, height, color, pale in zip(xs, heights, colors, [*unsure, *[False] * len(means)]):
-        if pale:
-            ax.bar(x, height, color=to_rgba(color, 0.35), edgecolor=color, hatch="//", linewidth=1.5)
-        else:
-            ax.bar(x, height, color=color)
-    spread = [(x, h, s) for x, h, s in zip(xs, heights, stds) if s]
-    if spread:
-        ax.errorbar([x for x, _, _ in spread], [h for _, h, _ in spread], yerr=[s for _, _, s in spread],
-                    fmt="none", ecolor="black", elinewidth=1.3, capsize=5, zorder=3)  # fmt: skip
-    return [h + (s or 0.0) for h, s in zip(heights, stds)]
-
-
-def _labels_above(ax: Axes, tops: Sequence[float], texts: Sequence[str], colors: Sequence[str] = ()) -> None:
-    """Each text just above its bar's error bar (never across it), with room kept for it under the frame."""
-    colors = [*colors, *["black"] * len(texts)]
-    for x, (top, text, color) in enumerate(zip(tops, texts, colors)):
-        if text:
-            ax.annotate(text, (x, top), xytext=(0, 5), textcoords="offset points", ha="center", va="bottom",
-                        fontsize=LEGEND_PT, color=color, fontweight="bold" if color != "black" else "normal")  # fmt: skip
-    lines = max((t.count("\n") + 1 for t in texts if t), default=0)
-    if tops and max(tops) > 0:
-        ax.set_ylim(0, max(tops) * (1.12 + 0.1 * lines))
-
-
-def _bars_width(labels: Sequence[str], least: float = 9.5) -> float:
-    """A panel of bars wide enough, in inches, for each bar's tick label side by side (about 0.08 in a character
-    of its longest line at LEGEND_PT), and at least `least`."""
-    longest = max((len(line) for label in labels for line in label.split("\n")), default=0)
-    return max(least, len(labels) * (0.08 * longest + 0.25) + 1.2)
-
-
-def _two_bar_panels(labels: Sequence[str], least: float = 12.0) -> tuple[Figure, list[Axes]]:
-    """Two panels of the same bars: side by side, or one above the other when side by side would be too wide."""
-    width = _bars_width(labels, least / 2)
-    if 2 * width <= 16.0:
-        return _figure(1, 2, (max(least, 2 * width), 4.8))
-    return _figure(2, 1, (max(least, width), 9.6))
-
-
-def _ticks(ax: Axes, labels: Sequence[str]) -> None:
-    ax.set_xticks(range(len(labels)), labels, fontsize=LEGEND_PT)
 
 
 def _group_labels(groups: Sequence[Group]) -> list[str]:
@@ -289,15 +190,15 @@ def throughput_memory_figure(groups: Sequence[Group]) -> Figure:
     units = sorted({g.measurements.throughput_unit for g in groups})
     if len(units) > 1:
         labels = [f"{label}\n({g.measurements.throughput_unit}/s)" for label, g in zip(labels, groups)]
-    fig, (left, right) = _two_bar_panels(labels, 13.0)
+    fig, (left, right) = two_bar_panels(labels, 13.0)
     if len(units) > 1:
         left.set_title(f"throughput (mixed units: {' and '.join(f'{u}/s' for u in units)})")
     else:
         left.set_title(f"throughput ({units[0] if units else 'tokens'}/s), ± std over seeds")
-    colors = [_color(g.effective) for g in groups]
+    colors = [precision_color(g.effective) for g in groups]
     speed = [g.measurements.items_per_s for g in groups]
     unsure = [_unsure(g) for g in groups]
-    tops = _bars_with_spread(left, [s.mean if s else None for s in speed], [s.std if s else None for s in speed],
+    tops = bars_with_spread(left, [s.mean if s else None for s in speed], [s.std if s else None for s in speed],
                              colors, unsure)  # fmt: skip
     words = []
     for g, pale in zip(groups, unsure):
@@ -308,17 +209,17 @@ def throughput_memory_figure(groups: Sequence[Group]) -> Figure:
         else:
             ratio = f"{g.point_speedup:.2f}x fp32" if g.point_speedup is not None else "no fp32 to compare"
             words.append(f"{ratio}\n{g.speed_verdict}")
-    _labels_above(left, tops, words, [_UNSURE_RED if pale else "black" for pale in unsure])
+    labels_above(left, tops, words, [UNSURE_RED if pale else "black" for pale in unsure])
     memory = [g.measurements.peak_memory_mb for g in groups]
-    tops = _bars_with_spread(right, [m.mean if m else None for m in memory], [m.std if m else None for m in memory],
+    tops = bars_with_spread(right, [m.mean if m else None for m in memory], [m.std if m else None for m in memory],
                              colors)  # fmt: skip
-    _labels_above(right, tops, [g.status if m is None else _memory_label(g) for g, m in zip(groups, memory)])
+    labels_above(right, tops, [g.status if m is None else _memory_label(g) for g, m in zip(groups, memory)])
     right.set_title(_memory_title({g.memory.kind for g in groups if g.memory and g.memory.kind}))
     for ax in (left, right):
-        _ticks(ax, labels)
+        bar_ticks(ax, labels)
     if not groups:
-        _say(left, "no throughput recorded: no runs")
-        _say(right, "no memory recorded: no runs")
+        say(left, "no throughput recorded: no runs")
+        say(right, "no memory recorded: no runs")
     return fig
 
 
@@ -327,12 +228,12 @@ def time_to_quality_figure(report: SweepReport) -> Figure:
     mean over seeds with the spread as an error bar, labelled with the speed-up; "never reached" where no seed
     got there; hatched where the timing was unreliable."""
     groups = [g for g in report.groups if g.ttq is not None]
-    fig, (ax,) = _figure(1, 1, (_bars_width(_group_labels(groups)), 4.8))
+    fig, (ax,) = new_figure(1, 1, (bars_width(_group_labels(groups)), 4.8))
     times = [g.ttq.time_s if g.ttq else None for g in groups]
     # wall time: unreliable where the timing was (an undecided speed-up leaves it as it is)
     unsure = [_timing_unreliable(g) and t is not None for g, t in zip(groups, times)]
-    tops = _bars_with_spread(ax, [t.mean if t else None for t in times], [t.std if t else None for t in times],
-                             [_color(g.effective) for g in groups], unsure)  # fmt: skip
+    tops = bars_with_spread(ax, [t.mean if t else None for t in times], [t.std if t else None for t in times],
+                             [precision_color(g.effective) for g in groups], unsure)  # fmt: skip
     words = []
     for g, pale in zip(groups, unsure):
         assert g.ttq is not None
@@ -345,12 +246,12 @@ def time_to_quality_figure(report: SweepReport) -> Figure:
         else:
             text = "baseline" if g.is_baseline else ""
         words.append(text + ("\ntiming unreliable" if pale else ""))
-    _labels_above(ax, tops, words, [_UNSURE_RED if pale else "black" for pale in unsure])
-    _ticks(ax, _group_labels(groups))
+    labels_above(ax, tops, words, [UNSURE_RED if pale else "black" for pale in unsure])
+    bar_ticks(ax, _group_labels(groups))
     ax.set_ylabel("training seconds (evals excluded)")
     ax.set_title("time to fp32's quality (its mean best eval loss + tolerance)")
     if not groups:
-        _say(ax, "no eval recorded: no time to quality to show")
+        say(ax, "no eval recorded: no time to quality to show")
     return fig
 
 
@@ -386,7 +287,7 @@ def _tensor_panel(ax: Axes, parts: Sequence[dict[str, float] | None]) -> None:
                         va="bottom", fontsize=LEGEND_PT)  # fmt: skip
     ax.set_title("tensor memory (MB), by what holds it")
     ax.set_ylabel("MB")
-    _legend(ax)
+    legend(ax)
 
 
 def memory_split_figure(report: SweepReport) -> Figure:
@@ -394,19 +295,19 @@ def memory_split_figure(report: SweepReport) -> Figure:
     state, stacked) and the peak (on a CPU the whole process's resident set, which dwarfs the tensors),
     labelled with what it uses against fp32, in words."""
     groups = [g for g in report.groups if g.memory is not None and g.memory.peak_mb is not None]
-    fig, (tensors, peak) = _two_bar_panels(_group_labels(groups))
+    fig, (tensors, peak) = two_bar_panels(_group_labels(groups))
     _tensor_panel(tensors, [{name: getattr(g.memory, attr) or 0.0 for attr, name in MEMORY_PARTS}
                             if g.memory is not None and g.memory.rest_mb is not None else None for g in groups])  # fmt: skip
     heights = [g.memory.peak_mb if g.memory else None for g in groups]
-    tops = _bars_with_spread(peak, heights, [None] * len(groups), [_color(g.effective) for g in groups])
-    _labels_above(peak, tops, [_memory_label(g) for g in groups])
+    tops = bars_with_spread(peak, heights, [None] * len(groups), [precision_color(g.effective) for g in groups])
+    labels_above(peak, tops, [_memory_label(g) for g in groups])
     peak.set_title(_memory_title({g.memory.kind for g in groups if g.memory and g.memory.kind}))
     peak.set_ylabel("MB")
     for ax in (tensors, peak):
-        _ticks(ax, _group_labels(groups))
+        bar_ticks(ax, _group_labels(groups))
     if not groups:
-        _say(tensors, "no memory recorded")
-        _say(peak, "no memory recorded")
+        say(tensors, "no memory recorded")
+        say(peak, "no memory recorded")
     return fig
 
 
@@ -423,8 +324,8 @@ def _plot_scale(ax: Axes, runs: Sequence[tuple[str, str, RunResult]]) -> bool:
         if not trace:
             continue
         index = seen[precision] = seen.get(precision, -1) + 1
-        ax.plot([s for s, _, _ in trace], [v for _, v, _ in trace], color=_seed_color(precision, index), label=label,
-                linestyle=_SEED_STYLES[index % len(_SEED_STYLES)], linewidth=1.8, drawstyle="steps-post")  # fmt: skip
+        ax.plot([s for s, _, _ in trace], [v for _, v, _ in trace], color=seed_color(precision, index), label=label,
+                linestyle=SEED_STYLES[index % len(SEED_STYLES)], linewidth=1.8, drawstyle="steps-post")  # fmt: skip
         skips += [(s, v) for s, v, skipped in trace if skipped]
     if skips:
         ax.plot([s for s, _ in skips], [v for _, v in skips], "x", color="black", markersize=8, markeredgewidth=1.8,
@@ -435,18 +336,18 @@ def _plot_scale(ax: Axes, runs: Sequence[tuple[str, str, RunResult]]) -> bool:
     ax.set_title("loss scale vs step (x = skipped step)")
     if drawn:
         ax.set_yscale("log", base=2)
-        _legend(ax)
+        legend(ax)
     return drawn
 
 
 def loss_scale_figure(results: Sequence[RunResult]) -> Figure:
     """Loss scale vs step for the runs that used a scaler, skipped steps marked with x."""
-    fig, (ax,) = _figure()
+    fig, (ax,) = new_figure()
     settings = _settings(results)
     runs = [(_seed_label(r) + (f" — {setting}" if len(settings) > 1 else ""), precision, r)
             for setting, rows in settings.items() for _, precision, group in rows for r in group]  # fmt: skip
     if not _plot_scale(ax, runs):
-        _say(ax, "no run used a loss scaler (only fp16-mixed does): no loss scale to show")
+        say(ax, "no run used a loss scaler (only fp16-mixed does): no loss scale to show")
     return fig
 
 
@@ -462,28 +363,28 @@ def run_figure(result: RunResult, *, steps: int | None = None, state: str | None
     steps. `steps` fixes the x axis to the whole run, so a live figure does not rescale as rows arrive;
     `state` (a run still going, e.g. "training") replaces the status in the title."""
     panels = 2 if _uses_scaler(result) else 1
-    fig, axes = _figure(1, panels, (12.0 if panels == 2 else 9.6, 4.4))
+    fig, axes = new_figure(1, panels, (12.0 if panels == 2 else 9.6, 4.4))
     loss_ax = axes[0]
     precision = str(result.effective)
     finished_badly = state is None and not result.ok
     rows = [h for h in result.history if h.loss is not None]
     if rows:
         loss_ax.plot([h.step for h in rows], [h.loss for h in rows], ":" if finished_badly else "-",
-                     color=_color(precision), linewidth=1.6, label="train loss")  # fmt: skip
+                     color=precision_color(precision), linewidth=1.6, label="train loss")  # fmt: skip
         if finished_badly:
             loss_ax.plot(rows[-1].step, rows[-1].loss, "x", color="black", markersize=9, markeredgewidth=2,
                          label=f"stopped: {result.status}")  # fmt: skip
     evals = [e for e in result.evals if e.loss is not None]
     if evals:
         loss_ax.plot([e.step for e in evals], [e.loss for e in evals], linestyle="none", marker="o", markersize=8,
-                     color="black", markerfacecolor=_color(precision), zorder=3, label="eval loss")  # fmt: skip
+                     color="black", markerfacecolor=precision_color(precision), zorder=3, label="eval loss")  # fmt: skip
     loss_ax.set_title("loss vs step")
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss")
     if rows or evals:
-        _legend(loss_ax)
+        legend(loss_ax)
     elif state is None:
-        _say(loss_ax, f"no loss recorded: the run ended ({result.status}) before its first logged step")
+        say(loss_ax, f"no loss recorded: the run ended ({result.status}) before its first logged step")
     if panels == 2:
         _plot_scale(axes[1], [("loss scale", precision, result)])
     if steps:
@@ -504,18 +405,18 @@ def explore_figure(data: FigureData) -> Figure:
     hollow markers, on top; x = a marked point such as a skipped step), or for memory a bar per run in two panels: its tensors, stacked,
     and its peak. With nothing to draw, the note in words on a blank figure."""
     if data.note:
-        fig, (ax,) = _figure(1, 1, (10.0, 2.4))
+        fig, (ax,) = new_figure(1, 1, (10.0, 2.4))
         ax.set_title(data.view)
-        _say(ax, data.note)
+        say(ax, data.note)
         return fig
     if data.bars:
         return _explore_bars(data)
-    fig, (ax,) = _figure(1, 1, (11.0, 4.8))
+    fig, (ax,) = new_figure(1, 1, (11.0, 4.8))
     seeds = list(dict.fromkeys(line.seed for line in data.lines))
     for index, line in enumerate(data.lines):
-        style = _line_style(line.precision, index, len(data.lines), len(line.x))
+        style = line_style(line.precision, index, len(data.lines), len(line.x))
         seed = seeds.index(line.seed)  # a seed: its line style and shade (fp32: narrower, on top)
-        style.update(linestyle=_SEED_STYLES[seed % len(_SEED_STYLES)], color=_seed_color(line.precision, seed))
+        style.update(linestyle=SEED_STYLES[seed % len(SEED_STYLES)], color=seed_color(line.precision, seed))
         if not line.ok:
             style.update(linestyle=":", linewidth=1.6)
         if data.log_y:
@@ -529,19 +430,20 @@ def explore_figure(data: FigureData) -> Figure:
     ax.set_title(data.view + " (colour and marker: precision, line style and shade: seed; fp32 narrower, on top)")
     if data.log_y:
         ax.set_yscale("log", base=2)
-    _legend(ax, outside=True)
+    legend(ax, outside=True)
     return fig
 
 
 def _explore_bars(data: FigureData) -> Figure:
     labels = [bar.label.replace(" ", "\n", 1) for bar in data.bars]  # "fp16-mixed\ns0": side by side
-    fig, (tensors, peak) = _two_bar_panels(labels)
+    fig, (tensors, peak) = two_bar_panels(labels)
     _tensor_panel(tensors, [{k: v for k, v in bar.parts if k != "rest"} or None for bar in data.bars])
-    peak.bar(range(len(data.bars)), [bar.total for bar in data.bars], color=[_color(b.precision) for b in data.bars])
+    colors = [precision_color(bar.precision) for bar in data.bars]
+    peak.bar(range(len(data.bars)), [bar.total for bar in data.bars], color=colors)
     peak.set_title(data.ylabel)
     peak.set_ylabel("MB")
     for ax in (tensors, peak):
-        _ticks(ax, labels)
+        bar_ticks(ax, labels)
     return fig
 
 
@@ -589,7 +491,7 @@ def headroom_figure(headroom: dict[str, Any]) -> Figure:
     names = list(headroom.get("modules", []))
     samples = list(headroom.get("samples", []))
     steps = [s["step"] for s in samples]
-    fig, axes = _figure(1, 2, (12.0, max(3.0, 0.25 * len(names) + 1.5)))
+    fig, axes = new_figure(1, 2, (12.0, max(3.0, 0.25 * len(names) + 1.5)))
     for ax, kind, key in ((axes[0], "activation", "max_abs"), (axes[1], "gradient", "max_abs_scaled")):
         grid = np.full((len(names), len(samples)), np.nan)
         for j, sample in enumerate(samples):

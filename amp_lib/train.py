@@ -50,16 +50,16 @@ from amp_lib.distributed import (
     worker_device,
     wrap_model,
 )
-from amp_lib.energy import EnergyMeter, EnergyReading
-from amp_lib.fp8 import LayerPlan, gemm_rows
+from amp_lib.energy import EnergyMeter
+from amp_lib.fp8 import gemm_rows
 from amp_lib.headroom import HeadroomProbe
 from amp_lib.measure import PeakMemory, StepTimer, percentile
-from amp_lib.memtrack import MemorySplit, StepMemoryProbe
+from amp_lib.memtrack import StepMemoryProbe
 from amp_lib.models import Workload, build_workload
 from amp_lib.optim import make_optimizer as make_named_optimizer
 from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
+from amp_lib.record import Diverged, Recorder, check_divergence
 from amp_lib.results import EvalRow, HistoryRow, Metrics, RunResult
-from amp_lib.scaler import COLLAPSED_SCALE, StepOutcome
 
 
 class RunObserver(Protocol):
@@ -73,10 +73,6 @@ class RunObserver(Protocol):
     def on_eval(self, row: EvalRow) -> None: ...
 
     def on_end(self, result: RunResult) -> None: ...
-
-
-class Diverged(RuntimeError):
-    pass
 
 
 def seed_everything(seed: int) -> None:
@@ -119,104 +115,6 @@ def evaluate(model: torch.nn.Module, workload: Workload, plan: PrecisionPlan) ->
             losses.append(workload.loss_fn(model(plan.convert_input(x)), y).float())
     model.train()
     return mean_over_ranks(torch.stack(losses).mean()).item()
-
-
-class Recorder:
-    """Owns the run's history: per-step device tensors, turned into host rows every `log_every` steps."""
-
-    def __init__(self, timer: StepTimer, item_unit: str = "tokens", constant_lr: float | None = None) -> None:
-        self.timer, self.item_unit, self.constant_lr = timer, item_unit, constant_lr
-        self.headroom: dict[str, Any] | None = None  # the fp16 headroom map, when it was on
-        self.over_ranks = False  # several processes: the logged loss is the mean of every rank's
-        self.profile: dict[str, Any] | None = None  # the profiled step's summary, when asked for
-        self.fp8_layers: LayerPlan | None = None  # an fp8 run's linears: which ran in fp8, and why not the others
-        self.memory: MemorySplit | None = None  # what held the memory at one untimed step's peak
-        self.energy: EnergyReading | None = None  # the timed steps' energy (None with the reason where not read)
-        self.machine: dict[str, Any] = {}  # where the run ran (amp_lib.diagnose.machine_context)
-        self.history: list[HistoryRow] = []
-        self.evals: list[EvalRow] = []
-        self.timed_ms: list[float] = []
-        self._steps: list[int] = []
-        self._losses: list[torch.Tensor] = []
-        self._outcomes: list[StepOutcome] = []
-        self._lrs: list[torch.Tensor] = []
-        self._timed_steps: list[int] = []
-
-    def record(
-        self, step: int, loss: torch.Tensor, outcome: StepOutcome, timed: bool, lr: torch.Tensor | None = None
-    ) -> None:
-        """Keep one step's device tensors; `lr` is the scheduled learning rate (None: `constant_lr`)."""
-        self._steps.append(step)
-        self._losses.append(loss)
-        self._outcomes.append(outcome)
-        if lr is not None:
-            self._lrs.append(lr)
-        if timed:
-            self._timed_steps.append(step)
-
-    def flush(self) -> list[HistoryRow]:
-        """The pending steps as history rows: the one host-device transfer per log interval."""
-        if not self._steps:
-            return []
-        nan = torch.full_like(self._outcomes[0].grad_norm, math.nan)
-        losses = torch.stack(self._losses).float()
-        columns = [
-            mean_over_ranks(losses) if self.over_ranks else losses,  # one collective per log interval
-            torch.stack([o.grad_norm.float() for o in self._outcomes]),
-            torch.stack([o.skipped.float() for o in self._outcomes]),
-            torch.stack([(o.scale if o.scale is not None else nan).float() for o in self._outcomes]),
-        ]
-        if self._lrs:
-            columns.append(torch.stack(self._lrs).float().to(columns[0].device))
-        table = torch.stack(columns).tolist()  # the one host-device transfer per log interval
-        losses, grad_norms, skipped, scales = table[:4]
-        lrs = table[4] if self._lrs else [self.constant_lr] * len(self._steps)
-        step_ms = dict(zip(self._timed_steps, self.timer.read_ms()))
-        self.timed_ms.extend(step_ms.values())
-        cumulative = self.history[-1].skipped_steps if self.history else 0
-        rows = []
-        for i, step in enumerate(self._steps):
-            cumulative += bool(skipped[i])
-            rows.append(
-                HistoryRow(
-                    step=step,
-                    loss=losses[i],
-                    loss_scale=None if math.isnan(scales[i]) else scales[i],
-                    grad_norm=grad_norms[i],
-                    step_time_ms=step_ms.get(step),
-                    skipped=bool(skipped[i]),
-                    skipped_steps=cumulative,
-                    lr=lrs[i],
-                )
-            )
-        self.history.extend(rows)
-        self._steps, self._losses, self._outcomes, self._lrs, self._timed_steps = [], [], [], [], []
-        return rows
-
-    def metrics(self) -> Metrics:
-        """What the history says: losses, skipped steps and loss scales (all a run cut short has)."""
-        scales = [r.loss_scale for r in self.history if r.loss_scale is not None]
-        eval_losses = [e.loss for e in self.evals if e.loss is not None]
-        return Metrics(
-            throughput_unit=self.item_unit,
-            best_eval_loss=min(eval_losses) if eval_losses else None,
-            final_train_loss=self.history[-1].loss if self.history else None,
-            skipped_steps=self.history[-1].skipped_steps if self.history else 0,
-            final_loss_scale=scales[-1] if scales else None,
-            min_loss_scale=min(scales) if scales else None,
-        )
-
-
-def check_divergence(rows: Sequence[HistoryRow], use_scaler: bool) -> None:
-    """Raise `Diverged` on a non-finite loss the scaler did not skip, or a collapsed loss scale."""
-    for row in rows:
-        loss_ok = row.loss is not None and math.isfinite(row.loss)
-        if not loss_ok and not (use_scaler and row.skipped):
-            raise Diverged(f"loss became {row.loss} at step {row.step}")
-        if use_scaler and row.loss_scale is not None and row.loss_scale < COLLAPSED_SCALE:
-            raise Diverged(
-                f"loss scale collapsed to {row.loss_scale:g} at step {row.step}: fp16 overflows on every step"
-            )
 
 
 def resolve_plan(config: RunConfig, device: torch.device) -> PrecisionPlan:
@@ -360,7 +258,9 @@ def rank_rows(workload: Workload, ranks: Ranks) -> Workload:
     if ranks.world_size == 1:
         return workload
     return replace(
-        workload, train_batches=RankSlice(workload.train_batches, ranks), eval_batches=RankSlice(workload.eval_batches, ranks)
+        workload,
+        train_batches=RankSlice(workload.train_batches, ranks),
+        eval_batches=RankSlice(workload.eval_batches, ranks),
     )
 
 
@@ -402,7 +302,9 @@ def _probes(config: RunConfig, plan: PrecisionPlan, model: torch.nn.Module, opti
     why_not += f" (timing_warmup_steps={config.timing_warmup_steps})"
     probes: dict[str, Any] = {"memory": StepMemoryProbe(model, optimizer, device, step, clock.exclude, why_not)}
     if config.headroom_every:
-        probes["headroom"] = HeadroomProbe(model, config.headroom_every, config.init_scale if plan.use_loss_scaler else None)
+        probes["headroom"] = HeadroomProbe(
+            model, config.headroom_every, config.init_scale if plan.use_loss_scaler else None
+        )
     if profiled is not None:  # the last untimed step, so the profiler's overhead stays out of the timings
         probes["profile"] = ProfileProbe(device, profiled, plan.effective, probe(device))
     return probes
@@ -418,7 +320,10 @@ def _run(
 ) -> Metrics:
     seed_everything(config.seed)  # the same on every rank: FSDP shards one model, DDP checks it is one
     world = ranks.world_size
-    recorder.machine = {**machine_context(probe(device)), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    recorder.machine = {
+        **machine_context(probe(device)),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     workload = rank_rows(build_workload(global_batch_config(config, world), device), ranks)
     recorder.over_ranks = world > 1  # the history's loss is the mean over the ranks' rows
     param_count = sum(p.numel() for p in workload.model.parameters())
@@ -590,10 +495,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m amp_lib.train", description="Train one run; write its result JSON.")
+    parser = argparse.ArgumentParser(
+        prog="python -m amp_lib.train", description="Train one run; write its result JSON."
+    )
     parser.add_argument("--config", help="a JSON file of RunConfig values")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a RunConfig value (wins over --config)")
-    parser.add_argument("--plan", help="a JSON file of the precision plan to run (a launcher's); default: resolved here")
+    parser.add_argument(
+        "-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a RunConfig value (wins over --config)"
+    )
+    parser.add_argument(
+        "--plan", help="a JSON file of the precision plan to run (a launcher's); default: resolved here"
+    )
     parser.add_argument("--result", help="where rank 0 writes the result (default: <out_dir>/<run name>.json)")
     args = parser.parse_args(argv)
     try:

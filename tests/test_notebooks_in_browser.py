@@ -28,7 +28,7 @@ import nbformat
 import pytest
 from factories import eval_curve, history, make_result
 
-from amp_lib import explore, plots
+from amp_lib import explore, figstyle
 
 pytestmark = pytest.mark.slow
 
@@ -304,9 +304,9 @@ def image_widths(browser: Any, css: str) -> list[tuple[int, int]]:
 
 def assert_shown_readable(width: tuple[int, int], what: str) -> None:
     """A figure's PNG is at least 900 px wide, the page shows it at least 900 px wide, and not so much smaller than
-    its own size that its legend text (`plots.LEGEND_PT` at `plots.DPI`) falls under 10 px."""
+    its own size that its legend text (`figstyle.LEGEND_PT` at `figstyle.DPI`) falls under 10 px."""
     natural, shown = width
-    legend_px = plots.LEGEND_PT * plots.DPI / 72 * shown / natural
+    legend_px = figstyle.LEGEND_PT * figstyle.DPI / 72 * shown / natural
     assert natural >= 900 and shown >= 900 and legend_px >= 10, (
         f"{what} is {natural} px, shown at {shown} px: legend text {legend_px:.1f} px"
     )

@@ -323,7 +323,7 @@ def test_data_flows_one_way_the_core_never_imports_the_layers_above_it() -> None
 def test_no_module_of_the_library_outgrows_one_job() -> None:
     sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in (ROOT / "amp_lib").rglob("*.py")}
     assert len(sizes) > 20
-    assert {path: n for path, n in sizes.items() if n > 620} == {}
+    assert {path: n for path, n in sizes.items() if n > 600} == {}
 
 
 def test_results_are_read_through_their_typed_records_not_raw_dicts() -> None:

@@ -25,9 +25,9 @@ from matplotlib.path import Path as MplPath
 from matplotlib.transforms import Bbox
 
 from amp_lib.explore import VIEWS, Bar, Explorer, FigureData, Line, Selection
+from amp_lib.figstyle import DPI
 from amp_lib.memtrack import MemorySplit as MemtrackSplit
 from amp_lib.plots import (
-    DPI,
     eval_curves_figure,
     explore_figure,
     figure_png,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from amp_lib.record import Diverged, check_divergence
 from amp_lib.results import HistoryRow
 from amp_lib.scaler import (
     COLLAPSED_SCALE,
@@ -22,7 +23,6 @@ from amp_lib.scaler import (
     scale_tensor,
     total_grad_norm,
 )
-from amp_lib.train import Diverged, check_divergence
 
 DEFAULT_INIT = 2.0**16
 
