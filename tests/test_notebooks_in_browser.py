@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -446,3 +447,82 @@ def test_the_explorer_redraws_its_view_when_the_selection_changes(
     wait_for(lambda: texts(browser, caption) == ["loss scale · gpt-tiny · 0 runs selected"], 30, "the empty selection")
     assert texts(browser, note) == [explore.NOTHING_SELECTED]  # the reason, not "no eval recorded"
     screenshot("5-nothing-selected", ".amp-explore")
+
+
+# --- report.html: the sweep's report as a reader opens it ----------------------------------------------
+
+# A small real sweep: two precisions, two seeds, a timing run; a short speed budget so the speed cell has an interval.
+REPORT_SWEEP = [
+    "--precisions", "fp32,bf16-mixed", "--seeds", "0,1", "--speed-budget", "3", "-p", "device=cpu",
+    "-p", "steps=8", "-p", "timing_warmup_steps=2", "-p", "batch_size=4", "-p", "seq_len=32", "-p", "log_every=2",
+    "-p", "eval_every=4", "-p", "wandb_mode=disabled",
+]  # fmt: skip
+CONTEXT_KEYS = ["Machine", "Versions", "Date", "Model", "Training", "Seeds", "Tolerance", "Runs"]
+NEGATIVE_RATIO = re.compile(r"(?<![\w.])[-−]\d+(?:\.\d+)?x\b")  # "-1.14x": a ratio below zero cannot be
+
+
+def wrapped(browser: Any, css: str) -> list[str]:
+    """The text of each element matching `css` that the page breaks onto more than one line."""
+    return browser.execute_script(
+        """
+        return [...document.querySelectorAll(arguments[0])].filter(cell => {
+            const range = document.createRange();
+            range.selectNodeContents(cell);
+            const tops = new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top)));
+            return tops.size > 1;
+        }).map(cell => cell.textContent);
+        """,
+        css,
+    )
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from amp_lib.sweep.cli import main
+
+    out = tmp_path_factory.mktemp("report") / "sweep"
+    assert main(["--out", str(out), *REPORT_SWEEP]) == 0
+    return out
+
+
+def test_the_report_opens_with_its_context_and_answer_and_every_verdict_cell_on_one_short_line(
+    swept: Path, browser: Any, screenshot: Callable[..., Path]
+) -> None:
+    from amp_lib.render import context
+    from amp_lib.report import build_report
+    from amp_lib.results import load_sweep
+
+    results = [json.loads(p.read_text()) for p in sorted((swept / "results").glob("*.json"))]
+    browser.get((swept / "report.html").as_uri())
+    wait_for(lambda: texts(browser, ".amp-context li"), 30, "the report's header")
+    assert browser.execute_script("return window.innerWidth") == 1400
+    screenshot("1-top")
+
+    # The header: every fact a reader needs before the answer, each as the result files say it.
+    facts = dict(fact.split(": ", 1) for fact in texts(browser, ".amp-context li"))
+    assert [k for k in facts if k in CONTEXT_KEYS] == CONTEXT_KEYS
+    assert facts == dict(context(build_report(load_sweep(swept))))  # the page shows what the library computes
+    timing = [r for r in results if r.get("timing")]
+    training = [r for r in results if not r.get("timing")]
+    assert len(training) == 4 and len(timing) == 1
+    assert facts["Seeds"] == "0, 1" == ", ".join(str(s) for s in sorted({r["config"]["seed"] for r in training}))
+    assert {f"torch {r['plan']['torch_version']}" for r in training} == {facts["Versions"].split(",")[0]}
+    params = {r["metrics"]["param_count"] for r in training}
+    assert facts["Model"] == f"gpt-tiny ({params.pop() / 1e6:.2f}M parameters)" and not params
+    assert "steps=8, batch_size=4, seq_len=32" in facts["Training"]
+    assert facts["Tolerance"].startswith("best eval loss within ±")
+    assert facts["Runs"].endswith("speed timed in 1 interleaved measurement(s)")
+    answer = "".join(texts(browser, ".amp-answer"))
+    assert answer.startswith("Answer:") and "bf16-mixed" in answer
+
+    # The verdict table: one short line per cell, and no ratio below zero anywhere on the page.
+    for element in browser.find_elements("css selector", ".amp-verdicts")[:1]:
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'});", element)
+    screenshot("2-verdicts")
+    cells = texts(browser, ".amp-verdicts td")
+    assert cells, "no verdict table"
+    assert max(map(len, cells)) <= 60, f"a verdict cell is a wall of text: {max(cells, key=len)!r}"
+    assert wrapped(browser, ".amp-verdicts td") == [], "verdict cells that wrap onto a second line at 1400 px"
+    page = browser.find_element("css selector", "body").text
+    assert NEGATIVE_RATIO.findall(page) == []
+    assert re.search(r"\d\.\d\dx \[\d\.\d\dx, \d\.\d\dx\]", " ".join(cells)), "the speed-up has no interval"

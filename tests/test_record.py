@@ -11,7 +11,7 @@ import torch
 
 from amp_lib.measure import StepTimer
 from amp_lib.record import Diverged, Recorder, check_divergence
-from amp_lib.results import HistoryRow, Metrics
+from amp_lib.results import EvalRow, HistoryRow, Metrics
 from amp_lib.scaler import COLLAPSED_SCALE, StepOutcome
 
 # --- divergence ----------------------------------------------------------------------------------
@@ -126,3 +126,39 @@ def test_metrics_without_a_scaler_have_no_loss_scales():
     assert m.final_train_loss is None and m.skipped_steps == 0  # NaN is no loss: None, cleaned where it is made
     assert m.final_loss_scale is None and m.min_loss_scale is None
     assert (m.items_per_s, m.step_time_ms_median, m.eval_loss, m.timed_steps) == (None, None, None, 0)
+
+
+def test_a_new_recorder_holds_no_instrument_reading_and_averages_over_no_ranks():
+    recorder = Recorder(ticking_timer())
+    assert (recorder.headroom, recorder.profile, recorder.fp8_layers, recorder.memory, recorder.energy) == (None,) * 5
+    assert recorder.machine == {} and recorder.over_ranks is False and recorder.evals == []
+
+
+def test_scheduled_learning_rates_are_recorded_per_step_and_a_constant_one_otherwise():
+    scheduled = Recorder(ticking_timer(), constant_lr=1.0)
+    for step, lr in enumerate((1e-4, 2e-4, 3e-4)):
+        scheduled.record(step, torch.tensor(2.0), outcome(1.0), False, torch.tensor(lr))
+    assert [row.lr for row in scheduled.flush()] == pytest.approx([1e-4, 2e-4, 3e-4])
+    constant = Recorder(ticking_timer(), constant_lr=6e-4)
+    record(constant, 0, 2.0, outcome(1.0), timed=False)
+    record(constant, 1, 1.9, outcome(1.0), timed=False)
+    assert [row.lr for row in constant.flush()] == [6e-4, 6e-4]
+
+
+def test_over_several_ranks_the_logged_loss_is_averaged_and_in_one_process_it_is_the_loss_itself():
+    recorder = Recorder(ticking_timer())
+    recorder.over_ranks = True  # the collective is a no-op without a process group of several ranks
+    record(recorder, 0, 2.5, outcome(1.0), timed=False)
+    assert [row.loss for row in recorder.flush()] == [2.5]
+
+
+def test_skips_and_the_metrics_count_every_flush_and_the_best_eval_leaves_out_evals_without_a_loss():
+    recorder = Recorder(ticking_timer())
+    for step in range(6):  # three flushes of two steps, the last of each skipped
+        record(recorder, step, 3.0 - step / 10, outcome(1.0, skipped=step % 2 == 1, scale=2.0**10), timed=False)
+        if step % 2:
+            recorder.flush()
+    assert [row.skipped_steps for row in recorder.history] == [0, 1, 1, 2, 2, 3]
+    recorder.evals = [EvalRow(2, 2.4, 1.0), EvalRow(4, None, 2.0), EvalRow(6, 2.6, 3.0)]
+    metrics = recorder.metrics()
+    assert (metrics.skipped_steps, metrics.best_eval_loss, metrics.final_train_loss) == (3, 2.4, pytest.approx(2.5))
