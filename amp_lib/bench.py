@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from amp_lib.config import BUILTIN_MODELS, RunConfig
+from amp_lib.diagnose import cpu_model
 from amp_lib.measure import PeakMemory, StepTimer
 from amp_lib.models import build_workload, default_model_for
-from amp_lib.precision import PrecisionPlan, probe, resolve_device, resolve_precision
+from amp_lib.precision import Capabilities, PrecisionPlan, probe, resolve_device, resolve_precision
 from amp_lib.speed import speed_verdicts, time_precisions, timing_reason
 from amp_lib.train import make_optimizer, seed_everything, train
 
@@ -174,6 +175,14 @@ def format_headroom_table(rows: Sequence[HeadroomCost], every: int) -> str:
     return "\n".join(lines)
 
 
+def device_label(caps: Capabilities, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The device as the table's header names it: the GPU's name, or the CPU's model and the instruction set
+    torch dispatches to (`AVX512`, `AVX2`...), which decides whether half precision can be fast."""
+    if caps.device_type == "cuda":
+        return caps.device_name
+    return f"{cpu_model(cpuinfo) or 'CPU'} (torch's CPU capability: {caps.device_name})"
+
+
 def format_bench_table(rows: Sequence[BenchRow], device_name: str) -> str:
     fp32 = next((r for r in rows if r.effective == "fp32"), None)
     unit = rows[0].unit if rows else "tokens"
@@ -262,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(torch.cuda.is_available()).parse_args(argv)
     base = base_config(args)
     rows = bench(base, args.precisions, args.repeats)
-    print(format_bench_table(rows, probe(resolve_device(base.device)).device_name))
+    print(format_bench_table(rows, device_label(probe(resolve_device(base.device)))))
     if args.speed_budget > 0 and len(args.precisions) > 1:
         print("\n" + format_interleaved(base, args.precisions, args.speed_budget))
     if args.headroom_every > 0:

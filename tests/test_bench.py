@@ -17,6 +17,7 @@ from amp_lib.bench import (
     base_config,
     bench,
     build_parser,
+    device_label,
     format_bench_table,
     format_headroom_table,
     format_interleaved,
@@ -24,7 +25,7 @@ from amp_lib.bench import (
     main,
 )
 from amp_lib.config import BUILTIN_MODELS, RunConfig
-from amp_lib.precision import probe, resolve_precision
+from amp_lib.precision import Capabilities, probe, resolve_precision
 from amp_lib.train import train
 
 
@@ -241,6 +242,16 @@ def test_format_bench_table_lines() -> None:
     assert lines[4] == "| bf16-mixed | bf16-mixed | 2.10 | 2,500 | 2.50x | 50 | 0.25x | 1.2346 | +5.0% |"
     assert lines[5] == "| fp16-mixed | bf16-mixed | 2.00 | 3,000 | 3.00x | 0 | n/a | 1.2346 | +0.0% |"
     assert lines[6:] == ["", "fallbacks:", "- fp16-mixed: no fast fp16"]
+
+
+def test_the_header_names_the_gpu_or_the_cpus_model_and_the_instruction_set_torch_uses(tmp_path: Path) -> None:
+    h100 = Capabilities("cuda", True, "NVIDIA H100 80GB HBM3", (9, 0))
+    assert device_label(h100) == "NVIDIA H100 80GB HBM3"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: avx2\n")
+    cpu = Capabilities("cpu", device_name="AVX512")
+    assert device_label(cpu, str(cpuinfo)) == "Intel(R) Xeon(R) Platinum 8481C (torch's CPU capability: AVX512)"
+    assert device_label(cpu, str(tmp_path / "none")) == "CPU (torch's CPU capability: AVX512)"  # no /proc/cpuinfo
 
 
 def test_format_bench_table_without_an_fp32_row_has_no_ratios() -> None:
