@@ -335,7 +335,7 @@ def test_bench_cli_writes_json(tmp_path, capsys) -> None:
     assert row["precision"] == row["effective"] == "fp32" and row["unit"] == "samples"
     assert row["overhead"] == pytest.approx(row["step_ms"] / row["bare_step_ms"] - 1)
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == f"device: {probe(torch.device('cpu')).device_name}, torch {torch.__version__}"
+    assert printed[0] == f"device: {device_label(probe(torch.device('cpu')))}, torch {torch.__version__}"
     assert printed[3].startswith("| fp32 | fp32 |")
     assert not any(line.startswith("interleaved timing") for line in printed)  # one precision: nothing to pair
     assert out.read_text() == json.dumps(json.loads(out.read_text()), indent=2)  # readable, two-space indent
