@@ -82,7 +82,8 @@ def _model(report: SweepReport) -> str:
 def _training(report: SweepReport) -> str:
     first = report.results[0].config
     name, changed = recipe_of(first)
-    values = ", ".join(f"{k}={first.get(k)}" for k in ("steps", "batch_size", "seq_len", "grad_accum") if k in first)
+    keys = [k for k in ("steps", "batch_size", "seq_len", "grad_accum") if k in first and k not in changed]
+    values = ", ".join(f"{k}={first.get(k)}" for k in keys)  # each value once: a changed one is named with the recipe
     recipe = f"recipe {name}" + (f" with {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else "")
     return "; ".join(part for part in (recipe if name else "", values) if part)
 

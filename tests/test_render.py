@@ -7,6 +7,7 @@ import pytest
 from factories import FP16_SCALED, SWEEP, THREE, make_result
 
 from amp_lib import render as T
+from amp_lib.config import RECIPES
 from amp_lib.details import memory_markdown, verdict_markdown
 from amp_lib.render import format_memory, format_table, format_verdicts
 from amp_lib.report import build_report, comparison_table, run_table
@@ -106,3 +107,23 @@ def test_golden_verdict_and_memory_tables_of_a_three_seed_sweep(golden) -> None:
         format_verdicts(report.groups, "csv")
     cells = [get(g) for g in report.groups for _, get in T.VERDICT_COLUMNS]
     assert max(map(len, cells)) <= T.CELL_LIMIT  # one short line per cell: the details come later
+
+
+# --- the context ---------------------------------------------------------------------------------
+
+
+def test_the_training_line_names_the_recipe_its_changes_and_the_other_values_each_once() -> None:
+    recipe = {k: v for k, v in RECIPES["shakespeare-char-tiny"].items() if k != "model"}
+    as_made = [make_result(p, s, **recipe, grad_accum=1) for p in ("fp32", "bf16-mixed") for s in (0, 1)]
+    (training,) = [v for k, v in T.context(build_report(as_made)) if k == "Training"]
+    assert training == "recipe shakespeare-char-tiny; steps=60, batch_size=8, seq_len=64, grad_accum=1"
+    shorter = {**recipe, "steps": 40, "lr_decay_steps": 40}
+    changed = [make_result(p, s, **shorter, grad_accum=1) for p in ("fp32", "bf16-mixed") for s in (0, 1)]
+    (training,) = [v for k, v in T.context(build_report(changed)) if k == "Training"]
+    assert (
+        training
+        == "recipe shakespeare-char-tiny with lr_decay_steps=40, steps=40; batch_size=8, seq_len=64, grad_accum=1"
+    )
+    no_recipe = [make_result(p, s, steps=7) for p in ("fp32", "bf16-mixed") for s in (0, 1)]
+    (training,) = [v for k, v in T.context(build_report(no_recipe)) if k == "Training"]
+    assert training.startswith("steps=7") and "recipe" not in training
