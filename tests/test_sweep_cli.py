@@ -397,6 +397,12 @@ def test_ctrl_c_exits_130_keeps_finished_runs_and_writes_no_report(
     err = capsys.readouterr().err
     assert "interrupted: finished results are kept; run the same command again to resume\n" in err
     assert "report failed" not in err and f"FAILED failed   {first.name}: {DEAD_KERNEL_ERROR}" in err
+    monkeypatch.setattr(sys, "stdout", ctrl_c_stdout(first.name))  # forced: the same command would start over
+    assert main([*argv, "--force"]) == 130
+    assert (
+        "interrupted: finished results are kept; run the same command without --force to resume (with it, every run"
+        " starts again)\n"
+    ) in capsys.readouterr().err
 
 
 

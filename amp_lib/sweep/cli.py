@@ -466,6 +466,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, stopping the sweep as Ctrl-C does (exit 143 instead of 130)."""
 
 
+
+def _resume_hint(force: bool) -> str:
+    """How to go on after an interrupted sweep: the same command resumes it, unless it forced every run again."""
+    if force:
+        return "run the same command without --force to resume (with it, every run starts again)"
+    return "run the same command again to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     problems: list[str] = []  # every problem of the command line, reported together with the plan's
@@ -504,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except Terminated:  # before the runs started or after they ended: nothing is lost, the report says STALE
-        print("terminated (SIGTERM): finished results are kept; run the same command again to resume", file=sys.stderr)
+        print(f"terminated (SIGTERM): finished results are kept; {_resume_hint(args.force)}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:  # Ctrl-C while connecting to an engine (the runs' own Ctrl-C is the sweep's to handle)
         print("interrupted: nothing ran; run the same command again", file=sys.stderr)
@@ -530,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     if result.interrupted:
         how = "terminated (SIGTERM)" if terminated else "interrupted"
-        print(f"{how}: finished results are kept; run the same command again to resume", file=sys.stderr)
+        print(f"{how}: finished results are kept; {_resume_hint(args.force)}", file=sys.stderr)
     if result.report_error:
         print(f"report failed: {result.report_error}", file=sys.stderr)
     for outcome in result.failed:
