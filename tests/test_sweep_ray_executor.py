@@ -9,6 +9,8 @@ import io
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,11 +62,10 @@ def test_the_command_refuses_ray_options_with_another_executor_and_writes_nothin
     assert not (tmp_path / "sw").exists()
 
 
-def test_a_cluster_address_nothing_answers_at_is_refused_in_seconds_and_writes_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # A port this test holds bound but not listening: a connection is refused, and no other process (a Ray cluster
-    # started by a test beside this one) can take it while the sweep probes it.
+def test_a_cluster_address_nothing_answers_at_is_refused_in_seconds_and_writes_nothing(tmp_path: Path) -> None:
+    # The sweep as a user starts it, in a process of its own: this module's Ray instance, which another test may
+    # have started in this process, is not there. The port is held bound, not listening: a connection is
+    # refused, and no other process can take the port while the sweep probes it.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -73,11 +74,42 @@ def test_a_cluster_address_nothing_answers_at_is_refused_in_seconds_and_writes_n
         )
         started = time.monotonic()
         argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "--speed-budget", "0", "-p", "device=cpu"]
-        assert main([*argv, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"]) == 2
-        assert time.monotonic() - started < 30  # Ray alone retries for minutes
-    (line,) = capsys.readouterr().err.splitlines()
+        done = subprocess.run(
+            [sys.executable, "-m", "amp_lib.sweep", *argv, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert time.monotonic() - started < 60  # Ray alone retries for minutes (this includes starting Python)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
     assert line.startswith(f"error: --ray-address 127.0.0.1:{port}: cannot connect to Ray") and "nothing answers" in line
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.slow
+def test_an_address_of_another_cluster_is_refused_where_ray_is_already_initialised(
+    ray_instance: RayExecutor, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    current = ray.get_runtime_context().gcs_address
+    port = int(current.rpartition(":")[2])
+    other = f"127.0.0.1:{port + 1 if port < 65535 else port - 1}"
+    argv = ["--out", str(tmp_path / "sw"), "--precisions", "fp32", "--speed-budget", "0", "-p", "device=cpu"]
+    assert main([*argv, "--executor", "ray", "--ray-address", other]) == 2
+    refusal = (
+        f"error: --ray-address {other}: Ray is already initialised in this process, connected to {current}; call"
+        " ray.shutdown() first, or leave --ray-address out to use that cluster"
+    )
+    assert capsys.readouterr().err.splitlines() == [refusal]
+    assert not (tmp_path / "sw").exists() and ray_is_running()
+    same = RayExecutor(address=f"ray://localhost:{port}")  # the same cluster (its port): used, and left running
+    same.open()
+    same.close()
+    assert ray_is_running()
+    auto = RayExecutor(address="auto")
+    auto.open()
+    auto.close()
+    assert ray_is_running()
 
 
 def test_without_ray_installed_the_sweep_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,6 +62,21 @@ def unreachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
     return None
 
 
+def _another_cluster(address: str | None) -> str | None:
+    """The GCS address this process's Ray is connected to, when `address` names another cluster (its port
+    differs); None when no address was asked for, "auto", or the same port."""
+    if address is None or address == "auto":
+        return None
+    import ray
+
+    try:
+        current = ray.get_runtime_context().gcs_address
+    except (AttributeError, ray.exceptions.RaySystemError):  # a Ray Client connection has no GCS client here
+        return None
+    same = str(current).rpartition(":")[2] == address.removeprefix("ray://").rpartition(":")[2]
+    return None if same else str(current)
+
+
 def wants_gpus(run: SweepRun, cluster_has_gpus: bool) -> bool:
     """A run trains on a GPU: its device says cuda, or it is `auto` on a cluster that has GPUs."""
     device = str(run.config_values().get("device", "auto"))
@@ -84,7 +99,8 @@ def _task(run: SweepRun, settings: Settings) -> Outcome:
 class RayExecutor:
     """Runs on Ray. `address` None starts a local instance (`num_cpus`, default this machine's cores; no
     dashboard unless `dashboard`) for the sweep and stops it at `close()`; a sweep that finds Ray already
-    initialised in its process uses that instance and leaves it running."""
+    initialised in its process uses that instance and leaves it running, unless `address` names another
+    cluster (then it refuses: running on the one it found would mislabel where the runs ran)."""
 
     address: str | None = None
     dashboard: bool = False
@@ -101,6 +117,11 @@ class RayExecutor:
             raise ValueError("\n".join(problems))
         import ray
 
+        if ray.is_initialized() and (other := _another_cluster(self.address)):
+            raise ValueError(
+                f"--ray-address {self.address}: Ray is already initialised in this process, connected to {other};"
+                " call ray.shutdown() first, or leave --ray-address out to use that cluster"
+            )
         if not ray.is_initialized():
             try:
                 if self.address is None:
