@@ -466,7 +466,6 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, stopping the sweep as Ctrl-C does (exit 143 instead of 130)."""
 
 
-
 def _resume_hint(force: bool) -> str:
     """How to go on after an interrupted sweep: the same command resumes it, unless it forced every run again."""
     if force:
